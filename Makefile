@@ -1,0 +1,33 @@
+# Every target sets up .venv (CPU install) first when needed; all are idempotent.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PIP_QUIET := --quiet --disable-pip-version-check
+
+.PHONY: setup smoke test test-gpu bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints-cpu.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install $(PIP_QUIET) -c constraints-cpu.txt torch==2.13.0 2>&1 | grep -v "is ignored: it is neither" || true
+	$(PY) -m pip install $(PIP_QUIET) -c constraints-cpu.txt -e '.[dev]' 2>&1 | grep -v "is ignored: it is neither" || true
+	$(PY) -c "import torch, hydra, webdataset, decord, av, transformers, tokenizers" 
+	touch $(STAMP)
+
+# The main job: all five stages on CPU with the tiny model and the embedded synthetic data.
+smoke: setup
+	$(PY) -m train.pipeline smoke=cpu run.dir=runs/smoke
+
+test: setup
+	$(PY) -m pytest -q
+
+test-gpu: setup
+	$(PY) -m pytest -q -m gpu tests/gpu
+
+bench: setup
+	$(PY) -m tests.bench.run_all
+
+clean:
+	rm -rf runs

@@ -1,0 +1,166 @@
+"""Conversations -> token ids + labels, with media placeholders expanded to media tokens.
+
+The format is ChatML (`<|im_start|>role\\n ... <|im_end|>\\n`), the format of the tokenizers this
+project trains and of the released Nemotron Nano V2 tokenizer. Loss falls on assistant turns only
+(their content and closing `<|im_end|>`); everything else is labelled -100.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from data_pipelines import special_tokens as st
+
+IGNORE_INDEX = -100
+ROLES = ("system", "user", "assistant")
+_PLACEHOLDER = re.compile(f"({re.escape(st.IMAGE_PLACEHOLDER)}|{re.escape(st.VIDEO_PLACEHOLDER)})")
+
+
+class SampleError(ValueError):
+    """A sample that must be skipped; `reason` is the skip-counter key."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class MediaSlot:
+    """What one placeholder expands to: `tokens_per_item` context tokens for each item (tile or
+    frame), and for videos a text label before each frame."""
+
+    kind: str  # "image" | "video"
+    num_items: int
+    tokens_per_item: int
+    frame_labels: tuple[str, ...] = ()
+
+
+def parse_messages(doc: dict) -> list[Message]:
+    """Validate the JSON schema; raises SampleError with a counted reason."""
+    messages = doc.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise SampleError("empty_conversation")
+    parsed = []
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+            raise SampleError("malformed_json", "message without string content")
+        if m.get("role") not in ROLES:
+            raise SampleError("bad_role", str(m.get("role")))
+        parsed.append(Message(m["role"], m["content"]))
+    if not any(m.role == "assistant" and m.content.strip() for m in parsed):
+        raise SampleError("empty_conversation", "no assistant answer")
+    return parsed
+
+
+def placeholder_order(messages: Sequence[Message]) -> list[str]:
+    """Kinds ("image" | "video") of the media placeholders in user turns, in order."""
+    return [
+        "image" if p == st.IMAGE_PLACEHOLDER else "video"
+        for m in messages if m.role == "user" for p in _PLACEHOLDER.findall(m.content)
+    ]
+
+
+def apply_reasoning_mode(messages: list[Message], reasoning_on_ratio: float, rng: random.Random) -> list[Message]:
+    """Make the reasoning mode explicit: `/think` or `/no_think` in the system prompt, and an empty
+    `<think></think>` at the start of every answer when reasoning is off.
+
+    A conversation without a marker gets reasoning on with probability `reasoning_on_ratio`; one
+    whose answers already carry a non-empty think block is reasoning-on regardless.
+    """
+    system = next((m for m in messages if m.role == "system"), None)
+    text = system.content if system else ""
+    if st.REASONING_OFF in text:
+        reasoning_on = False
+    elif st.REASONING_ON in text:
+        reasoning_on = True
+    else:
+        has_thoughts = any(m.role == "assistant" and _has_nonempty_think(m.content) for m in messages)
+        reasoning_on = has_thoughts or rng.random() < reasoning_on_ratio
+        marker = st.REASONING_ON if reasoning_on else st.REASONING_OFF
+        new_system = Message("system", f"{text}\n{marker}".strip())
+        messages = [new_system] + [m for m in messages if m is not system]
+    if reasoning_on:
+        return messages
+    empty = f"{st.THINK_OPEN}{st.THINK_CLOSE}"
+    return [
+        Message(m.role, m.content if m.content.lstrip().startswith(st.THINK_OPEN) else empty + m.content)
+        if m.role == "assistant" else m
+        for m in messages
+    ]
+
+
+def _has_nonempty_think(content: str) -> bool:
+    stripped = content.lstrip()
+    if not stripped.startswith(st.THINK_OPEN):
+        return False
+    inner = stripped[len(st.THINK_OPEN):].split(st.THINK_CLOSE, 1)[0]
+    return bool(inner.strip())
+
+
+def tokenize_conversation(
+    messages: Sequence[Message],
+    media: Sequence[MediaSlot],
+    encode: Callable[[str], list[int]],
+    special_ids: dict[str, int],
+) -> tuple[list[int], list[int]]:
+    """Render and tokenize; returns (input_ids, labels) of equal length.
+
+    `media[k]` is what the k-th placeholder (over all user turns, in order) expands to.
+    """
+    ids: list[int] = []
+    labels: list[int] = []
+    media_iter = iter(media)
+
+    def emit(tokens: list[int], supervised: bool) -> None:
+        ids.extend(tokens)
+        labels.extend(tokens if supervised else [IGNORE_INDEX] * len(tokens))
+
+    for message in messages:
+        emit([special_ids[st.IM_START]] + encode(f"{message.role}\n"), False)
+        supervised = message.role == "assistant"
+        if message.role == "user":
+            for part in _PLACEHOLDER.split(message.content):
+                if part in (st.IMAGE_PLACEHOLDER, st.VIDEO_PLACEHOLDER):
+                    slot = next(media_iter)
+                    emit(_media_tokens(slot, encode, special_ids), False)
+                elif part:
+                    emit(encode(part), False)
+        elif message.content:
+            emit(encode(message.content), supervised)
+        emit([special_ids[st.IM_END]], supervised)
+        emit(encode("\n"), False)
+    return ids, labels
+
+
+def _media_tokens(slot: MediaSlot, encode: Callable[[str], list[int]], special_ids: dict[str, int]) -> list[int]:
+    def block(num_context: int) -> list[int]:
+        return [special_ids[st.IMG_START]] + [special_ids[st.IMG_CONTEXT]] * num_context + [special_ids[st.IMG_END]]
+
+    if slot.kind == "image":
+        # All tiles of one image (thumbnail last) share one block.
+        return block(slot.tokens_per_item * slot.num_items)
+    tokens: list[int] = []
+    for label in slot.frame_labels:
+        tokens += encode(label) + block(slot.tokens_per_item)
+    return tokens
+
+
+def media_token_count(slot: MediaSlot, encode: Callable[[str], list[int]]) -> int:
+    """Tokens a placeholder expands to, without building them (for the token budget)."""
+    if slot.kind == "image":
+        return slot.tokens_per_item * slot.num_items + 2
+    return sum(len(encode(label)) for label in slot.frame_labels) + (slot.tokens_per_item + 2) * slot.num_items
+
+
+def frame_label(index: int, timestamp: float) -> str:
+    """Text before each video frame, giving the model the frame's time."""
+    return f"Frame {index + 1} sampled at {timestamp:.2f} seconds: "

@@ -1,0 +1,109 @@
+"""Webdataset tar shards: find them, and read raw samples by (shard, index) position.
+
+Only raw bytes leave this module: nothing is unpickled and no member is decoded here, so a
+hostile shard can at worst be skipped. Member names with `..` or absolute paths are rejected.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from braceexpand import braceexpand
+
+
+@dataclass
+class RawSample:
+    """One sample's members as bytes, keyed by suffix (`json`, `img0.jpg`, `vid0.mp4`)."""
+
+    key: str
+    shard: str
+    index: int  # position of the sample inside its shard
+    members: dict[str, bytes] = field(default_factory=dict)
+
+
+def expand_shard_paths(pattern: str) -> list[str]:
+    """A shard directory or a brace pattern (`/d/shard-{000..009}.tar`) -> sorted existing .tar paths."""
+    if os.path.isdir(pattern):
+        paths = sorted(glob.glob(os.path.join(pattern, "*.tar")))
+        if not paths:
+            raise FileNotFoundError(f"shard directory {pattern!r} holds no .tar files")
+        return paths
+    paths = sorted({p for expanded in braceexpand(pattern) for p in (glob.glob(expanded) or [expanded])})
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(f"shard path {missing[0]!r} does not exist (from {pattern!r})")
+    return paths
+
+
+def _split_member_name(name: str) -> tuple[str, str]:
+    """`dir/KEY.img0.jpg` -> (`dir/KEY`, `img0.jpg`), webdataset's convention (key ends at the first dot
+    of the base name)."""
+    if name.startswith("/") or ".." in Path(name).parts:
+        raise ValueError(f"unsafe tar member name {name!r}")
+    head, base = os.path.split(name)
+    stem, _, suffix = base.partition(".")
+    return (f"{head}/{stem}" if head else stem), suffix.lower()
+
+
+def iter_shard(shard: str, start: int = 0) -> Iterator[RawSample]:
+    """Yield the samples of one shard from sample index `start` on.
+
+    Samples before `start` are skipped by tar headers only (their payloads are never read), so
+    resuming mid-shard costs a header scan, not a decode.
+    """
+    current: RawSample | None = None
+    index = -1
+    with tarfile.open(shard, mode="r:") as tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            try:
+                key, suffix = _split_member_name(info.name)
+            except ValueError:
+                # Unsafe names are never extracted; the sample they belong to is dropped by the
+                # caller when its json is missing, so it is still counted.
+                continue
+            if current is None or key != current.key:
+                if current is not None and index >= start:
+                    yield current
+                index += 1
+                current = RawSample(key=key, shard=shard, index=index)
+            if index >= start:
+                fileobj = tar.extractfile(info)
+                current.members[suffix] = fileobj.read() if fileobj else b""
+    if current is not None and index >= start:
+        yield current
+
+
+def count_samples(shard: str) -> int:
+    """Number of samples in a shard (header scan only)."""
+    keys = []
+    with tarfile.open(shard, mode="r:") as tar:
+        for info in tar:
+            if info.isfile():
+                try:
+                    key, _ = _split_member_name(info.name)
+                except ValueError:
+                    continue
+                if not keys or keys[-1] != key:
+                    keys.append(key)
+    return len(keys)
+
+
+def parse_json_member(raw: RawSample) -> dict:
+    """The sample's JSON document; ValueError when missing or malformed."""
+    if "json" not in raw.members:
+        raise ValueError("missing_json")
+    try:
+        doc = json.loads(raw.members["json"].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ValueError("malformed_json") from None
+    if not isinstance(doc, dict):
+        raise ValueError("malformed_json")
+    return doc

@@ -1,0 +1,34 @@
+"""`python -m train --config-name <recipe> [hydra overrides]`: train one stage."""
+
+from __future__ import annotations
+
+import sys
+
+from train.cli import split_args
+from train.compose import list_recipes, load_config
+from train.config import ConfigError
+
+USAGE = (
+    "usage: python -m train --config-name <recipe> [overrides...]\n"
+    f"recipes: {', '.join(list_recipes())}\n"
+    "examples:\n"
+    "  python -m train --config-name stage1_image_sft smoke=cpu run.dir=/tmp/x\n"
+    "  python -m train --config-name stage2_video_sft data.sources=[{name:mine,path:/data/shards,weight:1.0}]"
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    name, overrides = split_args(sys.argv[1:] if argv is None else argv, USAGE)
+    try:
+        cfg = load_config(name, overrides)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    from train.trainer import run_stage
+
+    run_stage(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

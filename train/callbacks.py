@@ -1,0 +1,73 @@
+"""Things that watch the loop: metrics file, progress output, wandb. Rank 0 only."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import zlib
+from pathlib import Path
+
+from tqdm import tqdm
+
+
+class MetricsFile:
+    """`metrics.jsonl`, one JSON object per logged step. On resume, lines past the resumed step
+    (logged after the checkpoint, before a crash) are dropped so no step appears twice."""
+
+    def __init__(self, path: Path, resumed_step: int):
+        self.path = path
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resumed_step]
+            path.write_text("".join(line + "\n" for line in kept))
+
+    def log(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+class Progress:
+    """A tqdm bar on a terminal; plain lines (loss, tokens/s, ETA) when output is a file or CI log."""
+
+    def __init__(self, stage: str, start_step: int, max_steps: int, enabled: bool):
+        self.interactive = enabled and sys.stderr.isatty()
+        self.stage, self.max_steps = stage, max_steps
+        self.start_step, self.started = start_step, time.monotonic()
+        self.bar = tqdm(total=max_steps, initial=start_step, desc=stage, dynamic_ncols=True) if self.interactive else None
+
+    def update(self, step: int, loss: float, tokens_per_s: float) -> None:
+        done = step - self.start_step
+        eta = (time.monotonic() - self.started) / max(done, 1) * (self.max_steps - step)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+        else:
+            print(f"[{self.stage}] step {step}/{self.max_steps} loss {loss:.4f} "
+                  f"tok/s {tokens_per_s:,.0f} eta {eta:.0f}s", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class WandbLogger:
+    """wandb in the configured mode (offline by default; never a key in config or logs)."""
+
+    def __init__(self, mode: str, project: str, entity: str | None, run_dir: Path, stage: str, config: dict):
+        self.run = None
+        if mode == "disabled":
+            return
+        import wandb
+
+        run_id = f"{stage}-{zlib.crc32(str(run_dir.resolve()).encode()):08x}"
+        self.run = wandb.init(mode=mode, project=project, entity=entity, dir=str(run_dir), name=stage,
+                              id=run_id, resume="allow", config=config)
+
+    def log(self, record: dict) -> None:
+        if self.run is not None:
+            self.run.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
+
+    def close(self) -> None:
+        if self.run is not None:
+            self.run.finish()

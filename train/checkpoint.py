@@ -1,0 +1,154 @@
+"""Atomic checkpoints with torch.distributed.checkpoint (sharded per rank).
+
+Layout: `checkpoints/step_NNNNNNN/` holds the DCP shards (model, optimizer) plus one
+`rank_R.json` per rank (counters, data position, RNG) and `COMPLETE`. A checkpoint is written
+to `.tmp_step_NNNNNNN`, fsynced, renamed into place, and only then named in `checkpoints/latest`,
+so a crash at any point leaves the previous checkpoint as `latest`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions, get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict,
+)
+
+COMPLETE_MARKER = "COMPLETE"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _fsync_tree(path: Path) -> None:
+    for root, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json_atomic(path: Path, payload: dict | str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(payload if isinstance(payload, str) else json.dumps(payload))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    return {
+        "torch": torch.get_rng_state().tolist(),
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    n = state["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
+    p = state["python"]
+    random.setstate((p[0], tuple(p[1]), p[2]))
+
+
+def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    rank_state: dict, keep_last: int) -> Path:
+    """Write step `step` atomically and point `latest` at it; prune to `keep_last` complete ones."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / step_dir_name(step)
+    tmp = root / f".tmp_{step_dir_name(step)}"
+    if _rank() == 0 and tmp.exists():
+        shutil.rmtree(tmp)
+    _barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    _write_json_atomic(tmp / f"rank_{_rank()}.json", {**rank_state, "rng": rng_state()})
+    _barrier()
+    if _rank() == 0:
+        (tmp / COMPLETE_MARKER).write_text(json.dumps({"step": step}))
+        _fsync_tree(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_json_atomic(root / "latest", final.name + "\n")
+        prune_checkpoints(root, keep_last)
+    _barrier()
+    return final
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoint dirs, oldest first."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step_*") if (p / COMPLETE_MARKER).exists() and (p / ".metadata").exists())
+
+
+def prune_checkpoints(root: Path, keep_last: int) -> None:
+    complete = complete_checkpoints(root)
+    for old in complete[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def find_latest(root: Path) -> Path | None:
+    """The checkpoint named by `latest`; if that is missing or incomplete, the newest complete one
+    (with a warning). None only when no complete checkpoint exists."""
+    complete = complete_checkpoints(root)
+    latest_file = root / "latest"
+    if latest_file.exists():
+        named = root / latest_file.read_text().strip()
+        if named in complete:
+            return named
+        if complete:
+            warnings.warn(f"{latest_file} names {named.name}, which is not a complete checkpoint; "
+                          f"resuming from {complete[-1].name} instead")
+    elif complete:
+        warnings.warn(f"{latest_file} is missing; resuming from {complete[-1].name}")
+    return complete[-1] if complete else None
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Restore model, optimizer and RNG in place; returns this rank's saved state."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    rank_file = path / f"rank_{_rank()}.json"
+    if not rank_file.exists():  # resumed with more ranks than saved: take rank 0's counters
+        rank_file = path / "rank_0.json"
+    saved = json.loads(rank_file.read_text())
+    set_rng_state(saved.pop("rng"))
+    return saved
+
+
+def load_model_weights(path: Path, model: torch.nn.Module) -> None:
+    """Only the model weights (stage hand-off: fresh optimizer and schedule)."""
+    state = {"model": get_model_state_dict(model)}
+    dcp.load(state, checkpoint_id=str(path))
+    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=True))

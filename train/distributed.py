@@ -1,0 +1,63 @@
+"""Process group from the torchrun environment (gloo on CPU, nccl on GPU) and the DP wrapper."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from train.config import ParallelConfig
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(parallel: ParallelConfig, device_name: str) -> DistInfo:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
+    if device_name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("trainer.device=cuda but CUDA is not available; set trainer.device=cpu")
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        backend = parallel.backend if parallel.backend != "auto" else ("nccl" if use_cuda else "gloo")
+        dist.init_process_group(backend=backend)
+    return DistInfo(rank, world_size, local_rank, device)
+
+
+def wrap_data_parallel(model: nn.Module, parallel: ParallelConfig, info: DistInfo) -> nn.Module:
+    """DDP over the trainable parameters (FSDP2 arrives with the checkpoint resharding work)."""
+    if info.world_size == 1:
+        return model
+    if parallel.data_parallel == "fsdp":
+        raise NotImplementedError("parallel.data_parallel=fsdp is not available yet; use parallel.data_parallel=ddp")
+    device_ids = [info.local_rank] if info.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def all_reduce_sum(value: float, info: DistInfo) -> float:
+    if info.world_size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=info.device if info.device.type == "cuda" else "cpu")
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

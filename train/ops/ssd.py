@@ -1,0 +1,344 @@
+"""Mamba2 SSD (state space duality) scan: pure-torch reference twins.
+
+Three views of one recurrence, per head ``h`` with a ``(p, n)`` state::
+
+    dt_t  = clamp(softplus?(dt_t + dt_bias), *dt_limit)
+    S_t   = exp(dt_t * A) * S_{t-1} + dt_t * x_t B_t^T        # (p, n)
+    y_t   = S_t C_t + D * x_t ;  y_t *= silu(z_t)  (when z is given)
+
+- :func:`ssd_scan_ref` is the chunked SSD form (quadratic inside a chunk, state
+  passing between chunks) that the model uses on CPU. Its signature mirrors
+  ``mamba_ssm.ops.triton.ssd_combined.mamba_chunk_scan_combined`` so the Triton
+  kernel can be swapped in by config.
+- :func:`ssd_recurrent_ref` is the plain token-by-token loop: slow, obviously
+  right, the ground truth for tests.
+- :func:`ssd_step_ref` advances a cached state by one token for generation
+  (the counterpart of ``selective_state_update``).
+
+Packed sequences ("Packing never leaks"): ``seq_idx`` (b, l) gives the sample
+index of each token (non-decreasing along a row). The state is reset to zero
+at every change of ``seq_idx``, including changes inside a chunk, so a packed
+row computes exactly what each sample would compute alone. ``initial_states``
+belongs to the first sample of a row only, as in mamba_ssm.
+
+All math runs in float32 (float64 when the inputs are float64, so gradcheck
+works); ``y`` comes back in ``x.dtype``; final states stay in the compute dtype
+because a recurrent state rounded to bf16 drifts over long generations.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["ssd_scan_ref", "ssd_recurrent_ref", "ssd_step_ref"]
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """float64 stays float64 (gradcheck); everything else computes in float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _discretize_dt(
+    dt: Tensor,
+    dt_bias: Tensor | None,
+    dt_softplus: bool,
+    dt_limit: tuple[float, float],
+    dtype: torch.dtype,
+) -> Tensor:
+    """Bias, softplus, clamp -- in that order, as mamba_ssm's chunk-cumsum kernel.
+
+    The clamp is applied unconditionally (like the kernel), so with the default
+    limit ``(0, inf)`` a negative raw ``dt`` without softplus becomes 0.
+    """
+    dt = dt.to(dtype)
+    if dt_bias is not None:
+        dt = dt + dt_bias.to(dtype)
+    if dt_softplus:
+        # threshold=20 matches the kernel's `where(dt <= 20, softplus(dt), dt)`.
+        dt = F.softplus(dt, beta=1.0, threshold=20.0)
+    lo, hi = dt_limit
+    if lo > -math.inf or hi < math.inf:
+        dt = dt.clamp(min=lo if lo > -math.inf else None, max=hi if hi < math.inf else None)
+    return dt
+
+
+def _check_shapes(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> tuple[int, int, int, int, int, int]:
+    if x.ndim != 4:
+        raise ValueError(f"x must be (batch, seqlen, nheads, headdim), got {tuple(x.shape)}")
+    b, l, h, p = x.shape
+    if B.ndim != 4 or B.shape[:2] != (b, l) or C.shape != B.shape:
+        raise ValueError(
+            f"B and C must both be (batch={b}, seqlen={l}, ngroups, dstate), got {tuple(B.shape)} and {tuple(C.shape)}"
+        )
+    g, n = B.shape[2], B.shape[3]
+    if h % g != 0:
+        raise ValueError(f"nheads ({h}) must be a multiple of ngroups ({g})")
+    if dt.shape != (b, l, h):
+        raise ValueError(f"dt must be (batch, seqlen, nheads) = {(b, l, h)}, got {tuple(dt.shape)}")
+    if A.shape != (h,):
+        raise ValueError(f"A must be (nheads,) = ({h},), got {tuple(A.shape)}")
+    return b, l, h, p, g, n
+
+
+def _skip_and_gate(y: Tensor, x: Tensor, D: Tensor | None, z: Tensor | None) -> Tensor:
+    """y + D*x, then y * silu(z): the order of mamba_chunk_scan_combined.
+
+    Works for any leading dims as long as the last two are (h, p).
+    """
+    if D is not None:
+        Df = D.to(y.dtype)
+        y = y + x.to(y.dtype) * (Df if Df.ndim == 2 else Df[:, None])  # D (h,) or (h, p)
+    if z is not None:
+        y = y * F.silu(z.to(y.dtype))
+    return y
+
+
+def _segsum(a: Tensor) -> Tensor:
+    """Stable segment sums of the last dim: out[..., i, j] = sum_{j < k <= i} a[..., k].
+
+    Upper triangle (j > i) is -inf so that exp() gives the causal decay matrix.
+    Summing the masked copies directly (rather than cumsum[i] - cumsum[j])
+    avoids cancellation when the cumulative log-decay is large.
+
+    a: (..., T) -> (..., T, T)
+    """
+    T = a.shape[-1]
+    strict = torch.ones(T, T, dtype=torch.bool, device=a.device).tril(-1)
+    rep = a.unsqueeze(-1).expand(*a.shape, T)  # rep[..., i, j] = a[..., i]
+    seg = rep.masked_fill(~strict, 0.0).cumsum(dim=-2)  # (..., T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=a.device).tril(0)
+    return seg.masked_fill(~causal, -math.inf)
+
+
+def ssd_scan_ref(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    chunk_size: int,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    dt_bias: Tensor | None = None,
+    *,
+    initial_states: Tensor | None = None,
+    seq_idx: Tensor | None = None,
+    dt_softplus: bool = False,
+    dt_limit: tuple[float, float] = (0.0, float("inf")),
+    return_final_states: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Chunked SSD scan (reference for ``mamba_chunk_scan_combined``).
+
+    Arguments after ``dt_bias`` are keyword-only: mamba_ssm's positional order
+    for them differs between versions, so naming them keeps a kernel swap safe.
+
+    Args:
+        x: (b, l, h, p) inputs.
+        dt: (b, l, h) raw time steps (bias/softplus/clamp applied here).
+        A: (h,) negative decay rates.
+        B, C: (b, l, g, n), h % g == 0; head ``i`` uses group ``i // (h // g)``.
+        chunk_size: chunk length; ``l`` need not be a multiple (padded internally
+            with dt = 0, which is an identity step).
+        D: (h,) or (h, p) skip connection.
+        z: (b, l, h, p) gate: ``y *= silu(z)`` after the skip.
+        dt_bias: (h,).
+        initial_states: (b, h, p, n) state before the first token (first sample only).
+        seq_idx: (b, l) int sample index per token, non-decreasing along a row;
+            the state is reset at every change.
+        dt_softplus, dt_limit: see :func:`_discretize_dt`.
+        return_final_states: also return the state after the last token.
+
+    Returns:
+        y (b, l, h, p) in ``x.dtype``; with ``return_final_states`` also
+        final_states (b, h, p, n) in float32 (float64 for float64 inputs).
+    """
+    b, l, h, p, g, n = _check_shapes(x, dt, A, B, C)
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    r = h // g  # heads per group
+    cdt = _compute_dtype(x)
+    cl = chunk_size
+    pad = (-l) % cl
+    nc = (l + pad) // cl
+
+    dtf = _discretize_dt(dt, dt_bias, dt_softplus, dt_limit, cdt)  # (b, l, h)
+    xf, Bf, Cf = x.to(cdt), B.to(cdt), C.to(cdt)
+    if pad:
+        # Zero dt means decay exp(0) = 1 and no input: padded steps leave the
+        # state untouched, so the final state is the one after token l-1.
+        xf = F.pad(xf, (0, 0, 0, 0, 0, pad))
+        dtf = F.pad(dtf, (0, 0, 0, pad))
+        Bf = F.pad(Bf, (0, 0, 0, 0, 0, pad))
+        Cf = F.pad(Cf, (0, 0, 0, 0, 0, pad))
+    seq: Tensor | None = None
+    if seq_idx is not None:
+        if seq_idx.shape != (b, l):
+            raise ValueError(f"seq_idx must be (batch, seqlen) = {(b, l)}, got {tuple(seq_idx.shape)}")
+        seq = seq_idx.long()
+        if pad:
+            # Padding continues the last sample so it never triggers a reset.
+            seq = torch.cat([seq, seq[:, -1:].expand(b, pad)], dim=1)
+        seq = seq.reshape(b, nc, cl)  # (b, c, cl)
+
+    x_c = xf.reshape(b, nc, cl, g, r, p)  # (b, c, cl, g, r, p)
+    B_c = Bf.reshape(b, nc, cl, g, n)  # (b, c, cl, g, n)
+    C_c = Cf.reshape(b, nc, cl, g, n)  # (b, c, cl, g, n)
+    dt_c = dtf.reshape(b, nc, cl, g, r).permute(0, 1, 3, 4, 2)  # (b, c, g, r, cl)
+    dA = dt_c * A.to(cdt).reshape(g, r, 1)  # (b, c, g, r, cl)
+    dA_cs = dA.cumsum(dim=-1)  # (b, c, g, r, cl) log-decay from chunk start to t (inclusive)
+
+    # --- intra-chunk (diagonal blocks): y_i = sum_{j<=i} C_i.B_j * decay(j->i) * dt_j * x_j
+    seg = _segsum(dA)  # (b, c, g, r, cl, cl)
+    if seq is not None:
+        same = seq.unsqueeze(-1) == seq.unsqueeze(-2)  # (b, c, cl, cl)
+        seg = seg.masked_fill(~same[:, :, None, None], -math.inf)
+    decay = torch.exp(seg)  # (b, c, g, r, cl, cl); exactly 0 across samples / acausal
+    CB = torch.einsum("bcign,bcjgn->bcgij", C_c, B_c)  # (b, c, g, cl, cl)
+    W = CB.unsqueeze(3) * decay * dt_c.unsqueeze(-2)  # (b, c, g, r, cl_i, cl_j)
+    y_diag = torch.einsum("bcgrij,bcjgrp->bcigrp", W, x_c)  # (b, c, cl, g, r, p)
+
+    # --- chunk-end states from each chunk's own inputs. decay[..., -1, j] is the
+    # decay from j to the chunk's last token, already 0 for tokens of an earlier
+    # sample than the last token's, so those never enter the carried state.
+    w_end = decay[..., -1, :] * dt_c  # (b, c, g, r, cl)
+    chunk_states = torch.einsum("bcgrj,bcjgn,bcjgrp->bcgrpn", w_end, B_c, x_c)  # (b, c, g, r, p, n)
+    chunk_decay = torch.exp(dA_cs[..., -1])  # (b, c, g, r) total decay over each chunk
+
+    # --- inter-chunk state passing (sequential over chunks: linear in l).
+    if initial_states is not None:
+        if initial_states.shape != (b, h, p, n):
+            raise ValueError(
+                f"initial_states must be (batch, nheads, headdim, dstate) = {(b, h, p, n)}, "
+                f"got {tuple(initial_states.shape)}"
+            )
+        state = initial_states.to(cdt).reshape(b, g, r, p, n)
+    else:
+        state = xf.new_zeros(b, g, r, p, n)
+    # Sample the carried state belongs to; the initial state is the first sample's.
+    state_sid = seq[:, 0, 0] if seq is not None else None  # (b,)
+    start_states = []
+    start_sids = []
+    for ci in range(nc):
+        start_states.append(state)
+        if seq is not None:
+            start_sids.append(state_sid)
+            end_sid = seq[:, ci, -1]  # (b,)
+            # The carried state survives the chunk only if no boundary lies in it.
+            keep = (end_sid == state_sid).to(cdt).reshape(b, 1, 1, 1, 1)
+            state = keep * chunk_decay[:, ci, :, :, None, None] * state + chunk_states[:, ci]
+            state_sid = end_sid
+        else:
+            state = chunk_decay[:, ci, :, :, None, None] * state + chunk_states[:, ci]
+    final_state = state  # (b, g, r, p, n)
+    prev = torch.stack(start_states, dim=1)  # (b, c, g, r, p, n) state entering each chunk
+
+    # --- carried state -> outputs: y_i += exp(dA_cs[i]) * C_i . S_start,
+    # zeroed for tokens of a later sample than the one the state belongs to.
+    in_decay = torch.exp(dA_cs)  # (b, c, g, r, cl)
+    if seq is not None:
+        sids = torch.stack(start_sids, dim=1)  # (b, c)
+        from_prev = (seq == sids.unsqueeze(-1)).to(cdt)  # (b, c, cl)
+        in_decay = in_decay * from_prev[:, :, None, None, :]
+    y_off = torch.einsum("bcign,bcgrpn->bcigrp", C_c, prev)  # (b, c, cl, g, r, p)
+    y_off = y_off * in_decay.permute(0, 1, 4, 2, 3).unsqueeze(-1)
+
+    y = (y_diag + y_off).reshape(b, nc * cl, h, p)[:, :l]  # (b, l, h, p)
+    y = _skip_and_gate(y, x, D, z)
+    y = y.to(x.dtype)
+    if return_final_states:
+        return y, final_state.reshape(b, h, p, n)
+    return y
+
+
+def ssd_recurrent_ref(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    chunk_size: int | None = None,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    dt_bias: Tensor | None = None,
+    *,
+    initial_states: Tensor | None = None,
+    seq_idx: Tensor | None = None,
+    dt_softplus: bool = False,
+    dt_limit: tuple[float, float] = (0.0, float("inf")),
+    return_final_states: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Token-by-token recurrence; same arguments and results as :func:`ssd_scan_ref`.
+
+    ``chunk_size`` is accepted (and ignored) so the two are drop-in twins.
+    Deliberately naive -- O(l) Python steps -- because it is the ground truth.
+    """
+    del chunk_size
+    b, l, h, p, g, n = _check_shapes(x, dt, A, B, C)
+    cdt = _compute_dtype(x)
+    r = h // g
+    dtf = _discretize_dt(dt, dt_bias, dt_softplus, dt_limit, cdt)  # (b, l, h)
+    Af = A.to(cdt)
+    Bh = B.to(cdt).repeat_interleave(r, dim=2)  # (b, l, h, n)
+    Ch = C.to(cdt).repeat_interleave(r, dim=2)  # (b, l, h, n)
+    xf = x.to(cdt)
+    state = initial_states.to(cdt) if initial_states is not None else xf.new_zeros(b, h, p, n)
+    ys = []
+    for t in range(l):
+        if seq_idx is not None and t > 0:
+            new_sample = (seq_idx[:, t] != seq_idx[:, t - 1]).reshape(b, 1, 1, 1)
+            state = torch.where(new_sample, torch.zeros_like(state), state)
+        dA = torch.exp(dtf[:, t] * Af)  # (b, h)
+        dBx = (dtf[:, t, :, None] * xf[:, t]).unsqueeze(-1) * Bh[:, t, :, None, :]  # (b, h, p, n)
+        state = dA[:, :, None, None] * state + dBx
+        ys.append(torch.einsum("bhpn,bhn->bhp", state, Ch[:, t]))
+    y = torch.stack(ys, dim=1) if ys else xf.new_zeros(b, 0, h, p)  # (b, l, h, p)
+    y = _skip_and_gate(y, x, D, z).to(x.dtype)
+    if return_final_states:
+        return y, state
+    return y
+
+
+def ssd_step_ref(
+    state: Tensor,
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    dt_bias: Tensor | None = None,
+    dt_softplus: bool = False,
+    *,
+    dt_limit: tuple[float, float] = (0.0, float("inf")),
+) -> tuple[Tensor, Tensor]:
+    """One decoding step (reference for ``selective_state_update``), functional.
+
+    Args:
+        state: (b, h, p, n) cached SSM state.
+        x: (b, h, p); dt: (b, h); A: (h,); B, C: (b, g, n); D: (h,) or (h, p);
+        z: (b, h, p); dt_bias: (h,).
+        dt_limit: keyword-only extra (the kernel lacks it) so decoding applies
+            the same clamp as the training scan.
+
+    Returns:
+        y (b, h, p) in ``x.dtype`` and the new state in ``state.dtype``.
+    """
+    b, h, p, n = state.shape
+    g = B.shape[1]
+    if h % g != 0:
+        raise ValueError(f"nheads ({h}) must be a multiple of ngroups ({g})")
+    cdt = _compute_dtype(state if state.dtype == torch.float64 else x)
+    dtf = _discretize_dt(dt, dt_bias, dt_softplus, dt_limit, cdt)  # (b, h)
+    Bh = B.to(cdt).repeat_interleave(h // g, dim=1)  # (b, h, n)
+    Ch = C.to(cdt).repeat_interleave(h // g, dim=1)  # (b, h, n)
+    dA = torch.exp(dtf * A.to(cdt))  # (b, h)
+    dBx = (dtf[:, :, None] * x.to(cdt)).unsqueeze(-1) * Bh[:, :, None, :]  # (b, h, p, n)
+    new_state = dA[:, :, None, None] * state.to(cdt) + dBx
+    y = torch.einsum("bhpn,bhn->bhp", new_state, Ch)  # (b, h, p)
+    y = _skip_and_gate(y, x, D, z)
+    return y.to(x.dtype), new_state.to(state.dtype)

@@ -1,0 +1,107 @@
+"""One optimizer step: forward/backward over the micro-batches, loss normalisation, clipping, AdamW.
+
+The loss of a step is the mean over every supervised token of the global batch (all
+micro-batches and data-parallel ranks): each micro-batch's summed loss is divided by the global
+token count, so packing and accumulation never change a token's weight.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from data_pipelines.packing import PackedBatch
+from train.config import Config, OptimConfig, TrainableConfig
+from train.distributed import DistInfo, all_reduce_sum
+from train.model.vlm import VisionLanguageModel
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    lr: float
+    real_tokens: int  # global, this step
+    supervised_tokens: int  # global, this step
+    slots: int  # global token slots (real + padding), this step
+    samples: int  # global, this step
+
+
+def apply_trainable(model: VisionLanguageModel, trainable: TrainableConfig) -> None:
+    for part, flag in (("language_model", trainable.language_model), ("vision_model", trainable.vision_model),
+                       ("projector", trainable.projector)):
+        getattr(model, part).requires_grad_(flag)
+
+
+def learning_rate(step: int, cfg: OptimConfig, max_steps: int) -> float:
+    """LR for optimizer step `step` (0-based): linear warmup, then cosine (or constant) to min_lr."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    progress = (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    params = [p for p in model.parameters() if p.requires_grad]
+    # No weight decay on norms, biases and 1-d SSM parameters (A_log, D, dt_bias).
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+    )
+
+
+class TrainModule:
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, info: DistInfo):
+        self.model = model  # possibly DDP-wrapped
+        self.optimizer = optimizer
+        self.cfg = cfg
+        self.info = info
+        self.autocast = (torch.autocast(info.device.type, dtype=torch.bfloat16)
+                         if cfg.precision.name == "bf16" else contextlib.nullcontext())
+
+    def _loss(self, batch: PackedBatch) -> tuple[torch.Tensor, int]:
+        d = self.info.device
+        with self.autocast:
+            return self.model(batch.input_ids.to(d), batch.labels.to(d), batch.tiles.to(d),
+                              batch.seq_idx.to(d), batch.cu_seqlens.to(d))
+
+    def train_step(self, micro_batches: list[PackedBatch], step: int) -> StepResult:
+        lr = learning_rate(step, self.cfg.optim, self.cfg.trainer.max_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        local_supervised = sum(b.num_supervised_tokens for b in micro_batches)
+        global_supervised = all_reduce_sum(local_supervised, self.info)
+        if global_supervised == 0:
+            raise RuntimeError("a whole global batch has no supervised token; check the data's assistant turns")
+        # DDP averages gradients over ranks; scale so the result is sum / global_count.
+        scale = self.info.world_size / global_supervised
+        loss_sum = 0.0
+        self.optimizer.zero_grad(set_to_none=True)
+        for i, batch in enumerate(micro_batches):
+            sync = i == len(micro_batches) - 1
+            no_sync = getattr(self.model, "no_sync", None)
+            with contextlib.nullcontext() if (sync or no_sync is None) else no_sync():
+                loss, _ = self._loss(batch)
+                (loss * scale).backward()
+            loss_sum += float(loss.detach())
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        clip = self.cfg.optim.clip_grad if self.cfg.optim.clip_grad > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+        self.optimizer.step()
+        return StepResult(
+            loss=all_reduce_sum(loss_sum, self.info) / global_supervised,
+            grad_norm=grad_norm,
+            lr=lr,
+            real_tokens=int(all_reduce_sum(sum(b.num_real_tokens for b in micro_batches), self.info)),
+            supervised_tokens=int(global_supervised),
+            slots=int(all_reduce_sum(sum(b.input_ids.numel() for b in micro_batches), self.info)),
+            samples=int(all_reduce_sum(sum(b.num_samples for b in micro_batches), self.info)),
+        )

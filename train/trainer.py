@@ -1,0 +1,175 @@
+"""Run one stage: build data, model and optimizer from the config, resume if possible, loop.
+
+The loop itself (`Trainer.fit`) fits on one screen; building and bookkeeping live in helpers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from data_pipelines import special_tokens as st
+from data_pipelines.loader import PackedBatchStream, Source
+from data_pipelines.samples import SampleSpec, Tokenizer
+from data_pipelines.tiling import TilingConfig
+from train.callbacks import MetricsFile, Progress, WandbLogger
+from train.checkpoint import find_latest, load_checkpoint, load_model_weights, save_checkpoint
+from train.config import Config, ConfigError
+from train.distributed import DistInfo, init_distributed, shutdown, wrap_data_parallel
+from train.model.vlm import VisionLanguageModel
+from train.train_module import TrainModule, apply_trainable, build_optimizer
+
+
+def prepare_data_files(cfg: Config) -> None:
+    """Generate the embedded synthetic data when the recipe asks for it (smoke runs)."""
+    if cfg.data.synth_dir is None:
+        return
+    from data_pipelines.synth import ensure_embedded_data
+
+    ensure_embedded_data(Path(cfg.data.synth_dir), seed=0, vocab_size=cfg.model.language_model.vocab_size)
+
+
+def build_data(cfg: Config, tokenizer: Tokenizer, info: DistInfo) -> PackedBatchStream:
+    d = cfg.data
+    spec = SampleSpec(
+        seq_length=d.seq_length,
+        tokens_per_tile=cfg.model.tokens_per_tile,
+        tiling=TilingConfig(tile_size=d.tile_size, min_tiles=d.min_tiles, max_tiles=d.max_tiles,
+                            use_thumbnail=d.use_thumbnail),
+        video_fps=d.video_fps, max_frames=d.max_frames, reasoning_on_ratio=d.reasoning_on_ratio, seed=cfg.seed,
+    )
+    sources = [Source(s.name, s.path, s.weight) for s in d.sources]
+    return PackedBatchStream(sources, spec, tokenizer, micro_batch_size=cfg.trainer.micro_batch_size,
+                             pack_buffer=d.pack_buffer, max_samples_per_pack=d.max_samples_per_pack,
+                             rank=info.rank, world_size=info.world_size)
+
+
+def build_model(cfg: Config, tokenizer: Tokenizer) -> VisionLanguageModel:
+    if tokenizer.vocab_size > cfg.model.language_model.vocab_size:
+        raise ConfigError(f"model.language_model.vocab_size={cfg.model.language_model.vocab_size} is smaller than the "
+                          f"tokenizer's {tokenizer.vocab_size} tokens: raise it")
+    model = VisionLanguageModel(cfg.model, image_token_id=tokenizer.special_ids[st.IMG_CONTEXT])
+    model.reset_parameters(cfg.seed)
+    if cfg.init.from_checkpoint:
+        load_model_weights(Path(cfg.init.from_checkpoint), model)
+    apply_trainable(model, cfg.trainable)
+    return model
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, info: DistInfo):
+        self.cfg, self.info = cfg, info
+        self.run_dir = Path(cfg.run.dir)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        tokenizer = Tokenizer.load(cfg.data.tokenizer)
+        self.model = build_model(cfg, tokenizer).to(info.device)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.data = build_data(cfg, tokenizer, info)
+        self.step, self.tokens = 0, 0
+        latest = find_latest(self.ckpt_root)
+        if latest is not None:
+            saved = load_checkpoint(latest, self.model, self.optimizer)
+            self.step, self.tokens = saved["step"], saved["tokens"]
+            self.data.load_state_dict(saved["data"])
+            self._log(f"resumed from {latest} at step {self.step}")
+        self.train_module = TrainModule(wrap_data_parallel(self.model, cfg.parallel, info), self.optimizer, cfg, info)
+
+    def _log(self, message: str) -> None:
+        if self.info.is_main:
+            print(f"[{self.cfg.stage}] {message}", flush=True)
+
+    def fit(self) -> dict:
+        cfg, t = self.cfg, self.cfg.trainer
+        metrics = MetricsFile(self.run_dir / "metrics.jsonl", self.step) if self.info.is_main else None
+        progress = Progress(cfg.stage, self.step, t.max_steps, cfg.logger.progress_bar and self.info.is_main)
+        wandb = WandbLogger(cfg.logger.wandb.mode, cfg.logger.wandb.project, cfg.logger.wandb.entity, self.run_dir,
+                            cfg.stage, dataclasses.asdict(cfg)) if self.info.is_main else None
+        last_loss = float("nan")
+        while self.step < t.max_steps:
+            started = time.monotonic()
+            result = self.train_module.train_step([self.data.next_batch() for _ in range(t.grad_accum_steps)], self.step)
+            self.step += 1
+            self.tokens += result.real_tokens
+            last_loss = result.loss
+            elapsed = time.monotonic() - started
+            if self.info.is_main and (self.step % t.log_every == 0 or self.step == t.max_steps):
+                record = {
+                    "stage": cfg.stage, "step": self.step, "loss": result.loss, "lr": result.lr,
+                    "tokens": self.tokens, "grad_norm": result.grad_norm, "step_time_s": elapsed,
+                    "packing_efficiency": result.real_tokens / result.slots, "samples": result.samples,
+                    "supervised_tokens": result.supervised_tokens, "epochs": round(self.data.epochs, 4),
+                    "skipped": dict(self.data.skipped),
+                }
+                metrics.log(record)
+                wandb.log(record)
+                progress.update(self.step, result.loss, result.real_tokens / elapsed)
+            if self.step % t.save_every == 0 or self.step == t.max_steps:
+                self._save()
+        progress.close()
+        if wandb is not None:
+            wandb.close()
+        return self._write_summary(last_loss)
+
+    def _save(self) -> Path:
+        state = {"step": self.step, "tokens": self.tokens, "data": self.data.state_dict()}
+        return save_checkpoint(self.ckpt_root, self.step, self.model, self.optimizer, state, self.cfg.trainer.keep_last)
+
+    def _write_summary(self, last_loss: float) -> dict:
+        latest = find_latest(self.ckpt_root)
+        summary = {
+            "stage": self.cfg.stage, "steps": self.step, "final_loss": last_loss, "tokens": self.tokens,
+            "epochs": round(self.data.epochs, 4), "skipped": dict(self.data.skipped),
+            "skipped_by_source": dict(self.data.skipped_by_source),
+            "samples_by_source": dict(self.data.samples_by_source),
+            "checkpoint": str(latest) if latest else None,
+        }
+        if self.info.is_main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            self._log(f"done: {self.step} steps, final loss {last_loss:.4f}, checkpoint {summary['checkpoint']}")
+        return summary
+
+
+def stage_finished(cfg: Config) -> dict | None:
+    """The summary of a finished stage in cfg.run.dir, or None when it still has steps to run."""
+    path = Path(cfg.run.dir) / "summary.json"
+    if not path.exists():
+        return None
+    summary = json.loads(path.read_text())
+    return summary if summary.get("steps") == cfg.trainer.max_steps else None
+
+
+def run_stage(cfg: Config) -> dict:
+    """Train one stage to cfg.trainer.max_steps (resuming from the run dir when possible)."""
+    done = stage_finished(cfg)
+    if done is not None:
+        print(f"[{cfg.stage}] already finished ({done['steps']} steps) in {cfg.run.dir}; nothing to do", flush=True)
+        return done
+    info = init_distributed(cfg.parallel, cfg.trainer.device)
+    try:
+        if info.is_main:
+            prepare_data_files(cfg)
+        if info.world_size > 1:
+            torch.distributed.barrier()
+        run_dir = Path(cfg.run.dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if info.is_main:
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+        if cfg.trainer.deterministic:
+            torch.use_deterministic_algorithms(True)
+        seed_everything(cfg.seed + info.rank)
+        return Trainer(cfg, info).fit()
+    finally:
+        shutdown()
