@@ -8,6 +8,7 @@ so a crash at any point leaves the previous checkpoint as `latest`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -24,6 +25,14 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 COMPLETE_MARKER = "COMPLETE"
+
+
+@contextlib.contextmanager
+def _dcp_quietly():
+    """DCP warns on every single-process save/load; that is our normal CPU case, not news."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def step_dir_name(step: int) -> str:
@@ -88,7 +97,8 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: to
         shutil.rmtree(tmp)
     _barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    with _dcp_quietly():
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
     _write_json_atomic(tmp / f"rank_{_rank()}.json", {**rank_state, "rng": rng_state()})
     _barrier()
     if _rank() == 0:
@@ -137,7 +147,8 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     """Restore model, optimizer and RNG in place; returns this rank's saved state."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(path))
+    with _dcp_quietly():
+        dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rank_file = path / f"rank_{_rank()}.json"
     if not rank_file.exists():  # resumed with more ranks than saved: take rank 0's counters
@@ -150,5 +161,6 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
 def load_model_weights(path: Path, model: torch.nn.Module) -> None:
     """Only the model weights (stage hand-off: fresh optimizer and schedule)."""
     state = {"model": get_model_state_dict(model)}
-    dcp.load(state, checkpoint_id=str(path))
+    with _dcp_quietly():
+        dcp.load(state, checkpoint_id=str(path))
     set_model_state_dict(model, state["model"], options=StateDictOptions(strict=True))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -35,4 +36,14 @@ def compose_raw(config_name: str, overrides: list[str] | None = None) -> dict:
 
 
 def load_config(config_name: str, overrides: list[str] | None = None) -> Config:
-    return build_config(compose_raw(config_name, overrides))
+    """Composed, validated config; data paths made absolute (relative to the working directory)
+    so the saved config.yaml means the same thing from anywhere."""
+    raw = compose_raw(config_name, overrides)
+    data = raw.get("data", {})
+    for key in ("synth_dir", "tokenizer"):
+        if data.get(key):
+            data[key] = os.path.abspath(data[key])
+    for source in data.get("sources", []) if isinstance(data.get("sources"), list) else []:
+        if isinstance(source, dict) and source.get("path"):
+            source["path"] = os.path.abspath(source["path"])
+    return build_config(raw)

@@ -48,10 +48,10 @@ class Mamba2Mixer(nn.Module):
         self.out_proj = nn.Linear(self.inner, cfg.hidden_size, bias=False)
 
     @torch.no_grad()
-    def reset_ssm_parameters(self) -> None:
+    def reset_ssm_parameters(self, generator: torch.Generator | None = None) -> None:
         cfg = self.cfg
         # dt drawn log-uniformly in [time_step_min, time_step_max]; dt_bias = softplus^-1(dt).
-        dt = torch.exp(torch.rand(self.num_heads) * (math.log(cfg.time_step_max) - math.log(cfg.time_step_min))
+        dt = torch.exp(torch.rand(self.num_heads, generator=generator) * (math.log(cfg.time_step_max) - math.log(cfg.time_step_min))
                        + math.log(cfg.time_step_min)).clamp(min=cfg.time_step_floor)
         self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
         self.A_log.copy_(torch.log(torch.arange(1, self.num_heads + 1, dtype=torch.float32)))
@@ -153,11 +153,14 @@ class HybridLanguageModel(nn.Module):
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Conv1d):
-                module.reset_parameters()
+                # torch's default conv init, drawn from our generator so init depends on the seed only.
+                bound = 1 / math.sqrt(module.weight[0].numel())
+                nn.init.uniform_(module.weight, -bound, bound, generator=generator)
+                nn.init.uniform_(module.bias, -bound, bound, generator=generator)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
             if isinstance(module, Mamba2Mixer):
-                module.reset_ssm_parameters()
+                module.reset_ssm_parameters(generator)
         # Scale residual output projections by depth (GPT-2 style) for a stable start.
         for layer in self.backbone.layers:
             for name in ("out_proj", "o_proj", "down_proj"):

@@ -86,7 +86,7 @@ def chunked_cross_entropy(hidden: Tensor, targets: Tensor, head_weight: Tensor, 
     Each chunk is recomputed in backward (activation checkpointing), so at most one chunk of
     logits (chunk_size x V) exists at a time instead of L x V.
     """
-    total = hidden.new_zeros((), dtype=torch.float32)
+    total = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
     for start in range(0, hidden.shape[0], chunk_size):
         h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
         total = total + checkpoint(_chunk_ce, h, t, head_weight, use_reentrant=False)
@@ -95,4 +95,5 @@ def chunked_cross_entropy(hidden: Tensor, targets: Tensor, head_weight: Tensor, 
 
 def _chunk_ce(hidden: Tensor, targets: Tensor, head_weight: Tensor) -> Tensor:
     logits = hidden @ head_weight.t()
-    return F.cross_entropy(logits.float(), targets, reduction="sum")
+    # bf16 logits lose too much in the softmax: accumulate in at least fp32.
+    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets, reduction="sum")

@@ -1,0 +1,76 @@
+"""The main job end to end: `python -m train.pipeline smoke=cpu` over all five stages."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.integration.helpers import load_stage_model, read_metrics, run_module, same, state_of
+
+STAGES = ["stage0_projector_warmup", "stage1_image_sft", "stage2_video_sft", "stage3_text_recovery",
+          "stage4_long_context"]
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("pipeline")
+    result = run_module(["train.pipeline", "smoke=cpu", "run.dir=runs/smoke"], cwd)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return cwd, cwd / "runs" / "smoke", result
+
+
+def test_every_stage_leaves_the_run_directory_contract(pipeline_run):
+    _, root, _ = pipeline_run
+    for stage in STAGES:
+        run_dir = root / stage
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert set(summary) >= {"stage", "steps", "final_loss", "tokens", "epochs", "skipped", "checkpoint"}
+        assert summary["stage"] == stage and summary["steps"] == 24 and summary["skipped"] == {}
+        latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+        assert (run_dir / "checkpoints" / latest / "COMPLETE").exists()
+        assert (run_dir / "config.yaml").exists()
+        metrics = read_metrics(run_dir)
+        assert [m["step"] for m in metrics] == list(range(1, 25))
+        for key in ("stage", "step", "loss", "lr", "tokens", "grad_norm", "step_time_s", "packing_efficiency"):
+            assert key in metrics[0]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_loss_falls_in_every_stage(pipeline_run, stage):
+    _, root, _ = pipeline_run
+    losses = [m["loss"] for m in read_metrics(root / stage)]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+
+
+def test_stage0_trains_only_the_projector(pipeline_run):
+    cwd, root, _ = pipeline_run
+    initial = load_stage_model(root / STAGES[0], checkpoint=False)  # seeded init, what stage 0 started from
+    final = load_stage_model(root / STAGES[0])
+    assert same(state_of(initial.language_model), state_of(final.language_model))
+    assert same(state_of(initial.vision_model), state_of(final.vision_model))
+    assert not same(state_of(initial.projector), state_of(final.projector))
+
+
+def test_stage3_leaves_vision_and_projector_as_stage2_left_them(pipeline_run):
+    _, root, _ = pipeline_run
+    stage2 = load_stage_model(root / STAGES[2])
+    stage3 = load_stage_model(root / STAGES[3])
+    assert same(state_of(stage2.vision_model), state_of(stage3.vision_model))
+    assert same(state_of(stage2.projector), state_of(stage3.projector))
+    assert not same(state_of(stage2.language_model), state_of(stage3.language_model))
+
+
+def test_stage1_starts_from_stage0_weights(pipeline_run):
+    _, root, _ = pipeline_run
+    config = (root / STAGES[1] / "config.yaml").read_text()
+    assert "stage0_projector_warmup/checkpoints/step_0000024" in config
+
+
+def test_rerun_skips_finished_stages(pipeline_run):
+    cwd, root, _ = pipeline_run
+    before = (root / STAGES[4] / "metrics.jsonl").read_text()
+    result = run_module(["train.pipeline", "smoke=cpu", "run.dir=runs/smoke"], cwd)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("already finished") == 5
+    assert (root / STAGES[4] / "metrics.jsonl").read_text() == before

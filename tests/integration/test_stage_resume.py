@@ -1,0 +1,44 @@
+"""One stage alone: kill it mid-run, rerun the same command, and it continues where it stopped."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+from tests.integration.helpers import env, read_metrics, run_module
+
+ARGS = ["train", "--config-name", "stage1_image_sft", "smoke=cpu", "trainer.max_steps=12", "trainer.save_every=4"]
+
+
+def test_killed_stage_resumes_from_latest_checkpoint(tmp_path):
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    proc = subprocess.Popen([sys.executable, "-m", *ARGS, f"run.dir={killed}"], cwd=tmp_path, env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if (killed / "metrics.jsonl").exists() and len(read_metrics(killed)) >= 6:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (killed / "checkpoints" / "latest").read_text().strip() == "step_0000004"
+
+    resumed = run_module([*ARGS, f"run.dir={killed}"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and "at step 4" in resumed.stdout
+    steps = [m["step"] for m in read_metrics(killed)]
+    assert steps == list(range(1, 13))  # continues, no step repeated
+
+    reference = run_module([*ARGS, f"run.dir={clean}"], tmp_path)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    assert [m["loss"] for m in read_metrics(killed)] == [m["loss"] for m in read_metrics(clean)]
+
+
+def test_invalid_override_fails_before_compute(tmp_path):
+    result = run_module(["train", "--config-name", "stage1_image_sft", "smoke=cpu", "optim.lr=-0.1",
+                         f"run.dir={tmp_path / 'x'}"], tmp_path, timeout=120)
+    assert result.returncode == 2
+    assert "optim.lr" in result.stderr
+    assert not (tmp_path / "x").exists()

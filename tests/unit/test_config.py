@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+import pytest
+
+from train.compose import list_recipes, load_config
+from train.config import ConfigError
+
+RECIPES = ["stage0_projector_warmup", "stage1_image_sft", "stage2_video_sft", "stage3_text_recovery",
+           "stage4_long_context"]
+
+
+def test_all_five_recipes_exist():
+    assert list_recipes() == RECIPES
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("smoke", ["cpu", "gpu"])
+def test_every_recipe_composes_with_smoke(recipe, smoke):
+    cfg = load_config(recipe, [f"smoke={smoke}"])
+    assert cfg.stage == recipe
+    assert cfg.model.name == "tiny"
+    assert cfg.data.synth_dir and all("synth" in s.path for s in cfg.data.sources)
+    assert cfg.precision.name == ("fp32" if smoke == "cpu" else "bf16")
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_real_recipe_without_data_names_the_missing_path(recipe, tmp_path, monkeypatch):
+    monkeypatch.setenv("HVL_DATA_ROOT", str(tmp_path / "nowhere"))
+    with pytest.raises(ConfigError, match=r"data\.sources\[0\]\.path"):
+        load_config(recipe)
+
+
+def test_real_recipes_carry_published_settings(tmp_path, monkeypatch):
+    from train.compose import compose_raw
+
+    raw = {r: compose_raw(r) for r in RECIPES}
+    assert [raw[r]["data"]["seq_length"] for r in RECIPES] == [16384, 16384, 49152, 49152, 311296]
+    lm = raw["stage1_image_sft"]["model"]["language_model"]
+    assert len(lm["pattern"]) == 62
+    assert (lm["pattern"].count("M"), lm["pattern"].count("-"), lm["pattern"].count("*")) == (28, 28, 6)
+    assert (lm["hidden_size"], lm["num_attention_heads"], lm["num_key_value_heads"], lm["head_dim"]) == (5120, 40, 8, 128)
+    assert (lm["mamba_num_heads"], lm["mamba_head_dim"], lm["ssm_state_size"], lm["n_groups"]) == (128, 80, 128, 8)
+    assert lm["mlp_hidden_size"] == 20480
+    data2 = raw["stage2_video_sft"]["data"]
+    assert (data2["tile_size"], data2["max_tiles"], data2["video_fps"], data2["max_frames"]) == (512, 12, 2.0, 128)
+    trainable = {r: raw[r]["trainable"] for r in RECIPES}
+    assert trainable["stage0_projector_warmup"] == {"language_model": False, "vision_model": False, "projector": True}
+    assert trainable["stage3_text_recovery"] == {"language_model": True, "vision_model": False, "projector": False}
+    assert all(raw[r]["optim"]["warmup_steps"] > 0 for r in RECIPES)
+
+
+def test_nano12b_tokens_per_tile_and_projector_width():
+    from train.config import ModelConfig, from_dict
+    from train.compose import compose_raw
+
+    model = from_dict(ModelConfig, compose_raw("stage1_image_sft")["model"])
+    assert model.vision.patches_per_side ** 2 == 1024
+    assert model.tokens_per_tile == 256
+
+
+@pytest.mark.parametrize("override, field", [
+    ("+model.language_model.nonsense=3", "model.language_model.nonsense"),
+    ("optim.lr=-1", "optim.lr"),
+    ("trainer.max_steps=0", "trainer.max_steps"),
+    ("model.language_model.pattern=MX", "model.language_model.pattern"),
+    ("optim.schedule=linear", "optim.schedule"),
+    ("trainer.micro_batch_size=two", "trainer.micro_batch_size"),
+    ("data.max_tiles=0", "data.max_tiles"),
+])
+def test_invalid_override_names_the_field(override, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_config("stage1_image_sft", ["smoke=cpu", override])
+
+
+def test_nonexistent_data_path_fails_before_compute():
+    with pytest.raises(ConfigError, match=r"data\.sources\[0\]\.path.*does not exist"):
+        load_config("stage1_image_sft", ["smoke=cpu", "data.synth_dir=null", "data.tokenizer=/",
+                                         "data.sources=[{name:mine,path:/no/such/shards,weight:1.0}]"])
+
+
+def test_unknown_recipe():
+    with pytest.raises(ConfigError, match="no recipe named"):
+        load_config("stage9")

@@ -1,0 +1,150 @@
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data_pipelines import special_tokens as st
+from data_pipelines.conversation import IGNORE_INDEX, SampleError
+from data_pipelines.loader import PackedBatchStream, Source
+from data_pipelines.packing import Packer, collate_rows
+from data_pipelines.samples import Sample, SampleSpec, build_sample
+from data_pipelines.shards import RawSample, expand_shard_paths, iter_shard
+from data_pipelines.tiling import TilingConfig
+
+
+def spec(seq_length=2048, max_tiles=4, tile=64, tpt=4) -> SampleSpec:
+    return SampleSpec(seq_length=seq_length, tokens_per_tile=tpt,
+                      tiling=TilingConfig(tile_size=tile, max_tiles=max_tiles), video_fps=2.0, max_frames=8)
+
+
+def jpeg(w, h) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (200, 10, 10)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def raw(messages, **members) -> RawSample:
+    sample = RawSample(key="k", shard="s.tar", index=0)
+    sample.members["json"] = json.dumps({"messages": messages, "source": "t"}).encode()
+    sample.members.update({k.replace("_", "."): v for k, v in members.items()})
+    return sample
+
+
+QA = [{"role": "user", "content": "<image> What colour?"}, {"role": "assistant", "content": "Red."}]
+
+
+def test_image_sample_tokens_match_tiles(tokenizer):
+    sample = build_sample(raw(QA, img0_jpg=jpeg(256, 128)), "t", spec(), tokenizer)
+    # 256x128 at tile 64, max 4 -> 2x1 grid + thumbnail = 3 tiles of 4 tokens.
+    assert sample.tiles.shape == (3, 3, 64, 64) and sample.tiles.dtype == torch.uint8
+    assert int((sample.input_ids == tokenizer.special_ids[st.IMG_CONTEXT]).sum()) == 12
+    assert sample.labels.shape == sample.input_ids.shape
+
+
+def test_budget_degrades_tiles_then_skips(tokenizer):
+    big = raw(QA, img0_jpg=jpeg(1024, 1024))
+    full = build_sample(big, "t", spec(seq_length=4096, max_tiles=12, tpt=64), tokenizer)
+    assert full.tiles.shape[0] == 10  # square image: the 3x3 grid (largest square <= 12) + thumbnail
+    tight = build_sample(big, "t", spec(seq_length=full.length - 64 * 4, max_tiles=12, tpt=64), tokenizer)
+    assert tight.tiles.shape[0] < full.tiles.shape[0] and tight.length <= full.length - 64 * 4
+    with pytest.raises(SampleError) as err:
+        build_sample(big, "t", spec(seq_length=40, max_tiles=12, tpt=64), tokenizer)
+    assert err.value.reason == "too_long"
+
+
+def test_placeholder_mismatch_and_missing_member(tokenizer):
+    with pytest.raises(SampleError) as err:
+        build_sample(raw(QA), "t", spec(), tokenizer)
+    assert err.value.reason == "placeholder_mismatch"
+    with pytest.raises(SampleError) as err:
+        build_sample(raw(QA, img1_jpg=jpeg(64, 64)), "t", spec(), tokenizer)
+    assert err.value.reason == "missing_member"
+
+
+def test_corrupt_image_raises_counted_reason(tokenizer):
+    from data_pipelines.decode import MediaDecodeError
+
+    with pytest.raises(MediaDecodeError) as err:
+        build_sample(raw(QA, img0_jpg=jpeg(64, 64)[:200]), "t", spec(), tokenizer)
+    assert err.value.reason == "corrupt_image"
+
+
+def test_video_sample_from_synth_shards(synth_data, tokenizer):
+    shard = expand_shard_paths(str(synth_data.shard_dirs["video"]))[0]
+    sample = build_sample(next(iter_shard(shard)), "v", spec(), tokenizer)
+    frames = sample.tiles.shape[0]
+    assert 1 <= frames <= 8
+    assert int((sample.input_ids == tokenizer.special_ids[st.IMG_START]).sum()) == frames
+    assert (sample.labels != IGNORE_INDEX).any()
+
+
+def _sample(n: int, key: str = "s") -> Sample:
+    ids = np.arange(n, dtype=np.int64) % 50 + 20
+    return Sample(ids, ids.copy(), torch.zeros(0, 3, 8, 8, dtype=torch.uint8), "t", key)
+
+
+def test_packer_oldest_first_then_best_fit():
+    packer = Packer(seq_length=100)
+    for n, key in [(60, "a"), (50, "b"), (30, "c"), (10, "d"), (45, "e")]:
+        packer.add(_sample(n, key))
+    assert [s.key for s in packer.pop_row()] == ["a", "c", "d"]
+    assert [s.key for s in packer.pop_row()] == ["b", "e"]
+    with pytest.raises(ValueError):
+        packer.add(_sample(101))
+
+
+def test_collate_boundaries_positions_and_padding():
+    batch = collate_rows([[_sample(5), _sample(3)], [_sample(8)]], seq_length=10, pad_id=3)
+    assert batch.cu_seqlens.tolist() == [0, 5, 8, 10, 18, 20]
+    assert batch.position_ids[0].tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 0, 1]
+    assert batch.seq_idx.tolist() == [[0] * 5 + [1] * 3 + [2] * 2, [3] * 8 + [4] * 2]
+    assert batch.labels[0, 8:].tolist() == [IGNORE_INDEX] * 2 and batch.input_ids[1, 8:].tolist() == [3, 3]
+    assert batch.num_real_tokens == 16 and batch.num_samples == 3
+
+
+def _stream(synth_data, tokenizer, rank=0, world=1):
+    sources = [Source("img", str(synth_data.shard_dirs["image"]), 1.0),
+               Source("txt", str(synth_data.shard_dirs["text"]), 1.0)]
+    return PackedBatchStream(sources, spec(seq_length=512), tokenizer, micro_batch_size=2, pack_buffer=8,
+                             rank=rank, world_size=world)
+
+
+def _keys(batch):
+    return batch.input_ids.sum().item(), batch.cu_seqlens.tolist()
+
+
+def test_stream_is_deterministic_and_resumes_exactly(synth_data, tokenizer):
+    a = _stream(synth_data, tokenizer)
+    first = [_keys(a.next_batch()) for _ in range(3)]
+    state = json.loads(json.dumps(a.state_dict()))  # must survive JSON
+    rest = [_keys(a.next_batch()) for _ in range(3)]
+    b = _stream(synth_data, tokenizer)
+    assert [_keys(b.next_batch()) for _ in range(3)] == first
+    c = _stream(synth_data, tokenizer)
+    c.load_state_dict(state)
+    assert [_keys(c.next_batch()) for _ in range(3)] == rest
+
+
+def test_ranks_draw_disjoint_samples(synth_data, tokenizer):
+    positions = []
+    for rank in range(2):
+        stream = _stream(synth_data, tokenizer, rank=rank, world=2)
+        positions.append({stream._next_own_position() for _ in range(20)})
+    assert len(positions[0]) == len(positions[1]) == 20
+    assert not positions[0] & positions[1]
+
+
+def test_unsafe_member_names_are_never_read(tmp_path):
+    path = tmp_path / "evil.tar"
+    with tarfile.open(path, "w") as tar:
+        for name, data in [("../etc.json", b"{}"), ("ok.json", b'{"messages": []}')]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    assert [s.key for s in iter_shard(str(path))] == ["ok"]
