@@ -1,9 +1,13 @@
 # Every target sets up .venv (CPU install) first when needed; all are idempotent.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PIP_QUIET := --quiet --disable-pip-version-check
+# pip's local index mirrors print one harmless "is ignored" line per package: hide only those.
+PIP_FILTER := { grep -v "is ignored: it is neither" || true; }
 
 .PHONY: setup smoke test test-gpu bench clean
 
@@ -11,9 +15,9 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install $(PIP_QUIET) -c constraints-cpu.txt torch==2.13.0 2>&1 | grep -v "is ignored: it is neither" || true
-	$(PY) -m pip install $(PIP_QUIET) -c constraints-cpu.txt -e '.[dev]' 2>&1 | grep -v "is ignored: it is neither" || true
-	$(PY) -c "import torch, hydra, webdataset, decord, av, transformers, tokenizers" 
+	$(PY) -m pip install $(PIP_QUIET) -c constraints-cpu.txt torch==2.13.0 2>&1 | $(PIP_FILTER)
+	$(PY) -m pip install $(PIP_QUIET) -c constraints-cpu.txt -e '.[dev]' 2>&1 | $(PIP_FILTER)
+	$(PY) -c "import torch, hydra, webdataset, decord, av, transformers, tokenizers"
 	touch $(STAMP)
 
 # The main job: all five stages on CPU with the tiny model and the embedded synthetic data.

@@ -1,0 +1,1 @@
+"""Launchers: render the command lines that start training (torchrun now; slurm later)."""
