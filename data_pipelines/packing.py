@@ -1,7 +1,8 @@
 """Pack variable-length samples into fixed-length rows, and collate rows into a batch.
 
 The packer keeps a buffer of built samples and emits one row at a time: the oldest sample
-first (so nothing waits long), then the largest buffered samples that still fit (best fit).
+first (so nothing waits long), then the buffered samples that fill the row best (an exact
+subset-sum that prefers older samples); the buffer refills after every row.
 Each row is padded to `seq_length`; the batch describes sample boundaries with `cu_seqlens`
 and `seq_idx` so attention and Mamba state never cross them.
 """
@@ -35,34 +36,137 @@ class PackedBatch:
 
 
 class Packer:
-    """Buffered best-fit packer emitting one well-filled row at a time."""
+    """Continuous-buffer packer: each row is the oldest sample plus the buffered samples that
+    fill the rest of the row best.
 
-    def __init__(self, seq_length: int, max_samples_per_pack: int = 0):
+    Why this shape: a buffer that is emptied whole (Megatron-Energon's greedy knapsack) must
+    also emit its poorly filled leftover packs; here the buffer refills after every row, so
+    leftovers wait for partners instead. Forcing the oldest sample into every row keeps the
+    buffer FIFO-like (waits stay near the Little's-law floor of pack_buffer / samples-per-row
+    rows), and the rest of the row is an exact subset-sum fill (`best_fill_subset`) that
+    prefers older samples, because greedy largest-first leaves gaps that a better combination
+    of the same buffer closes (e.g. a video capped just under seq_length plus a short text).
+    `max_wait_rows` > 0 additionally forces every sample that has waited that many rows into
+    the next row (oldest first, while they fit); see `_forced`.
+
+    Decisions depend only on `buffer` order and lengths (and, with `max_wait_rows`, on waits),
+    so a loader that saves the buffer order resumes exactly.
+    """
+
+    def __init__(self, seq_length: int, max_samples_per_pack: int = 0, max_wait_rows: int = 0):
         self.seq_length = seq_length
         self.max_samples_per_pack = max_samples_per_pack
+        self.max_wait_rows = max_wait_rows
         self.buffer: list[Sample] = []
+        self.rows_emitted = 0
+        # id(sample) -> (sample, rows_emitted when it arrived); holding the sample keeps the id
+        # from being reused by another object while the entry lives.
+        self._arrivals: dict[int, tuple[Sample, int]] = {}
 
     def add(self, sample: Sample) -> None:
         if sample.length > self.seq_length:
-            raise ValueError(f"sample {sample.key} has {sample.length} tokens > seq_length {self.seq_length}")
+            raise ValueError(f"sample {getattr(sample, 'key', '?')} has {sample.length} tokens "
+                             f"> seq_length {self.seq_length}")
         self.buffer.append(sample)
+        self._arrivals[id(sample)] = (sample, self.rows_emitted)
 
     def pop_row(self) -> list[Sample]:
-        """Remove and return the samples of the next row (oldest first, then best fit)."""
+        """Remove and return the next row's samples, in arrival order (the oldest first)."""
         if not self.buffer:
             raise IndexError("packer buffer is empty")
-        row = [self.buffer.pop(0)]
-        free = self.seq_length - row[0].length
-        limit = self.max_samples_per_pack or len(self.buffer) + 1
-        while len(row) < limit:
-            best = max((i for i, s in enumerate(self.buffer) if s.length <= free),
-                       key=lambda i: self.buffer[i].length, default=None)
-            if best is None:
-                break
-            sample = self.buffer.pop(best)
-            row.append(sample)
-            free -= sample.length
+        waits = self.waits()
+        forced = self._forced(waits)
+        free = self.seq_length - sum(self.buffer[i].length for i in forced)
+        taken = set(forced) | set(self._fill(set(forced), free))
+        row = [s for i, s in enumerate(self.buffer) if i in taken]
+        kept = [(s, w) for i, (s, w) in enumerate(zip(self.buffer, waits)) if i not in taken]
+        self.buffer = [s for s, _ in kept]
+        self.rows_emitted += 1
+        self._arrivals = {id(s): (s, self.rows_emitted - 1 - w) for s, w in kept}
         return row
+
+    def waits(self) -> list[int]:
+        """Rows each buffered sample has waited so far, aligned with `buffer`.
+
+        A sample put into `buffer` directly (as a resumed loader does) counts as arriving now;
+        save these next to the buffer order and `set_waits` them on resume to keep waits exact.
+        """
+        waits = []
+        for s in self.buffer:
+            entry = self._arrivals.get(id(s))
+            if entry is None or entry[0] is not s:
+                entry = self._arrivals[id(s)] = (s, self.rows_emitted)
+            waits.append(self.rows_emitted - entry[1])
+        return waits
+
+    def set_waits(self, waits: Sequence[int]) -> None:
+        """Restore `waits()` (aligned with `buffer`), e.g. after a resume rebuilt the buffer."""
+        if len(waits) != len(self.buffer):
+            raise ValueError(f"{len(waits)} waits for {len(self.buffer)} buffered samples")
+        self._arrivals = {id(s): (s, self.rows_emitted - int(w)) for s, w in zip(self.buffer, waits)}
+
+    def _forced(self, waits: list[int]) -> list[int]:
+        """Buffer positions that must go into this row: the oldest, then overdue samples.
+
+        An overdue sample (waited `max_wait_rows` rows) goes in oldest first while it fits.
+        The bound therefore holds while the overdue samples of any one row fit in it, which
+        needs `max_wait_rows` above the mean wait, about pack_buffer / samples-per-row rows
+        (Little's law: the buffer holds that many rows of tokens and drains one per row).
+        """
+        forced = [0]
+        if not self.max_wait_rows:
+            return forced
+        free = self.seq_length - self.buffer[0].length
+        limit = self.max_samples_per_pack or len(self.buffer)
+        for i in range(1, len(self.buffer)):
+            if len(forced) == limit:
+                break
+            if waits[i] >= self.max_wait_rows and self.buffer[i].length <= free:
+                forced.append(i)
+                free -= self.buffer[i].length
+        return forced
+
+    def _fill(self, forced: set[int], free: int) -> list[int]:
+        """Positions of the samples that best fill `free` tokens, older samples preferred."""
+        candidates = [i for i, s in enumerate(self.buffer) if i not in forced and s.length <= free]
+        lengths = [self.buffer[i].length for i in candidates]
+        chosen = [candidates[p] for p in best_fill_subset(lengths, free)]
+        room = self.max_samples_per_pack - len(forced) if self.max_samples_per_pack else len(chosen)
+        if len(chosen) <= room:
+            return chosen
+        # Subset-sum ignores the sample-count cap; largest-first fills most with fewest samples.
+        chosen, by_size = [], sorted(candidates, key=lambda i: -self.buffer[i].length)
+        for i in by_size:
+            if len(chosen) < room and self.buffer[i].length <= free:
+                chosen.append(i)
+                free -= self.buffer[i].length
+        return chosen
+
+
+def best_fill_subset(lengths: Sequence[int], capacity: int) -> list[int]:
+    """Positions of a subset of `lengths` whose sum is the largest one <= `capacity`.
+
+    Exact subset-sum over a Python-int bitset (bit t set = total t reachable): one shift-or per
+    item, so O(len(lengths) * capacity / 64) word operations, stopping at the first item that
+    makes `capacity` reachable. Among equally full subsets it leaves out later positions when
+    it can, so callers list the samples they prefer to emit (older ones) first. Keeps one
+    bitset per item for the backtrack: len(lengths) * capacity / 8 bytes transiently.
+    """
+    if capacity <= 0 or not lengths:
+        return []
+    mask = (1 << (capacity + 1)) - 1
+    reachable = [1]  # reachable[k]: totals reachable with the first k items
+    for n in lengths:
+        reachable.append((reachable[-1] | (reachable[-1] << n)) & mask)
+        if reachable[-1] >> capacity & 1:
+            break
+    total = reachable[-1].bit_length() - 1
+    chosen = []
+    for k in range(len(reachable) - 2, -1, -1):  # item k takes reachable[k] to reachable[k + 1]
+        if not reachable[k] >> total & 1:
+            chosen.append(k)
+            total -= lengths[k]
+    return chosen[::-1]
 
 
 def collate_rows(rows: Sequence[Sequence[Sample]], seq_length: int, pad_id: int) -> PackedBatch:

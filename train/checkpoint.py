@@ -28,7 +28,7 @@ COMPLETE_MARKER = "COMPLETE"
 
 
 @contextlib.contextmanager
-def _dcp_quietly():
+def dcp_quietly():
     """DCP warns on every single-process save/load; that is our normal CPU case, not news."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -97,7 +97,7 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: to
         shutil.rmtree(tmp)
     _barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    with _dcp_quietly():
+    with dcp_quietly():
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
     _write_json_atomic(tmp / f"rank_{_rank()}.json", {**rank_state, "rng": rng_state()})
     _barrier()
@@ -147,7 +147,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     """Restore model, optimizer and RNG in place; returns this rank's saved state."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    with _dcp_quietly():
+    with dcp_quietly():
         dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rank_file = path / f"rank_{_rank()}.json"
@@ -161,6 +161,6 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
 def load_model_weights(path: Path, model: torch.nn.Module) -> None:
     """Only the model weights (stage hand-off: fresh optimizer and schedule)."""
     state = {"model": get_model_state_dict(model)}
-    with _dcp_quietly():
+    with dcp_quietly():
         dcp.load(state, checkpoint_id=str(path))
     set_model_state_dict(model, state["model"], options=StateDictOptions(strict=True))

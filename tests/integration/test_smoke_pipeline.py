@@ -74,3 +74,20 @@ def test_rerun_skips_finished_stages(pipeline_run):
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("already finished") == 5
     assert (root / STAGES[4] / "metrics.jsonl").read_text() == before
+
+
+def test_public_api_loads_the_final_language_model(pipeline_run):
+    import torch
+
+    from train.api import load_language_model
+
+    _, root, _ = pipeline_run
+    lm = load_language_model(root / STAGES[4])
+    assert not lm.training
+    ids = torch.randint(12, 500, (1, 40))
+    cu = torch.tensor([0, 15, 40], dtype=torch.int32)
+    with torch.no_grad():
+        packed = lm(ids, cu_seqlens=cu)
+        first, second = lm(ids[:, :15]), lm(ids[:, 15:])
+    assert packed.shape == (1, 40, lm.cfg.vocab_size)
+    assert torch.allclose(packed, torch.cat([first, second], dim=1), rtol=1e-5, atol=1e-5)

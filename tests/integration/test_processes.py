@@ -1,4 +1,4 @@
-"""Real multi-process data parallelism: torchrun, 2 CPU ranks, gloo."""
+"""Real processes: torchrun with 2 CPU ranks (gloo), and wandb in offline mode."""
 
 from __future__ import annotations
 
@@ -22,3 +22,12 @@ def test_two_rank_torchrun_stage(tmp_path):
     rank_states = [json.loads((final / f"rank_{r}.json").read_text())["data"] for r in (0, 1)]
     assert rank_states[0]["buffer"] != rank_states[1]["buffer"]  # ranks hold different samples
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 4
+
+
+def test_wandb_offline_logs_into_the_run_dir(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_module(["train", "--config-name", "stage3_text_recovery", "smoke=cpu", "logger=wandb_offline",
+                         "trainer.max_steps=2", f"run.dir={run_dir}"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
