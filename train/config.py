@@ -136,6 +136,8 @@ class DataConfig:
     sources: list[SourceConfig] = field(default_factory=list)
     # What the embedded synthetic data stands in for this mix; `smoke=cpu` swaps it in.
     smoke_sources: list[SourceConfig] = field(default_factory=list)
+    # Sequence length of the smoke stand-in (grows with the stages, like the real one).
+    smoke_seq_length: int = 512
     # When set, the embedded synthetic data (and its tokenizer) is generated here first.
     synth_dir: Optional[str] = None
     tokenizer: str = ""

@@ -16,7 +16,7 @@ def test_two_rank_torchrun_stage(tmp_path):
     metrics = read_metrics(run_dir)
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
     # Two ranks each pack micro_batch_size rows of seq_length per step.
-    assert all(m["tokens"] <= m["step"] * 2 * 2 * 512 for m in metrics)
+    assert all(m["tokens"] <= m["step"] * 2 * 2 * 1024 for m in metrics)
     final = run_dir / "checkpoints" / "step_0000004"
     assert (final / "rank_0.json").exists() and (final / "rank_1.json").exists()
     rank_states = [json.loads((final / f"rank_{r}.json").read_text())["data"] for r in (0, 1)]
