@@ -106,39 +106,90 @@ def _has_nonempty_think(content: str) -> bool:
     return bool(inner.strip())
 
 
+# A rendered piece of the conversation and whether its tokens carry loss.
+Segment = tuple[str, bool]
+TemplateFn = Callable[[list[dict], bool], str]  # (messages, add_generation_prompt) -> text
+
+
+def builtin_segments(messages: Sequence[Message]) -> list[Segment]:
+    """The built-in ChatML rendering: loss on assistant content and its closing `<|im_end|>`."""
+    segments: list[Segment] = []
+    for m in messages:
+        supervised = m.role == "assistant"
+        segments += [(f"{st.IM_START}{m.role}\n", False), (m.content, supervised), (st.IM_END, supervised),
+                     ("\n", False)]
+    return segments
+
+
+def template_segments(messages: Sequence[Message], template: TemplateFn) -> list[Segment] | None:
+    """Segments from the tokenizer's own chat template, found by rendering growing prefixes.
+
+    Turn i is what rendering messages[:i+1] adds to messages[:i]; an assistant turn's header is
+    what `add_generation_prompt` adds. Returns None when the template is not prefix-stable (some
+    templates rewrite earlier turns, e.g. dropping old thoughts): the caller falls back to the
+    built-in rendering rather than guess which tokens are the answer.
+    """
+    dicts = [{"role": m.role, "content": m.content} for m in messages]
+    segments: list[Segment] = []
+    previous = ""
+    for i, message in enumerate(messages):
+        rendered = template(dicts[:i + 1], False)
+        if not rendered.startswith(previous):
+            return None
+        turn = rendered[len(previous):]
+        if message.role == "assistant":
+            header = template(dicts[:i], True)[len(previous):]
+            if not turn.startswith(header):
+                return None
+            body = turn[len(header):]
+            answer = body.rstrip()  # trailing newline after the end marker carries no loss
+            segments += [(header, False), (answer, True), (body[len(answer):], False)]
+        else:
+            segments.append((turn, False))
+        previous = rendered
+    return segments
+
+
 def tokenize_conversation(
     messages: Sequence[Message],
     media: Sequence[MediaSlot],
     encode: Callable[[str], list[int]],
     special_ids: dict[str, int],
+    template: TemplateFn | None = None,
+    loss_on_think: bool = True,
 ) -> tuple[list[int], list[int]]:
     """Render and tokenize; returns (input_ids, labels) of equal length.
 
-    `media[k]` is what the k-th placeholder (over all user turns, in order) expands to.
+    Uses the tokenizer's chat template when given and prefix-stable, else the built-in one.
+    `media[k]` is what the k-th placeholder (over all user turns, in order) expands to. With
+    `loss_on_think=False` the `<think>...</think>` block of each answer carries no loss.
     """
+    segments = (template_segments(messages, template) if template is not None else None) or builtin_segments(messages)
     ids: list[int] = []
     labels: list[int] = []
     media_iter = iter(media)
-
-    def emit(tokens: list[int], supervised: bool) -> None:
-        ids.extend(tokens)
-        labels.extend(tokens if supervised else [IGNORE_INDEX] * len(tokens))
-
-    for message in messages:
-        emit([special_ids[st.IM_START]] + encode(f"{message.role}\n"), False)
-        supervised = message.role == "assistant"
-        if message.role == "user":
-            for part in _PLACEHOLDER.split(message.content):
-                if part in (st.IMAGE_PLACEHOLDER, st.VIDEO_PLACEHOLDER):
-                    slot = next(media_iter)
-                    emit(_media_tokens(slot, encode, special_ids), False)
-                elif part:
-                    emit(encode(part), False)
-        elif message.content:
-            emit(encode(message.content), supervised)
-        emit([special_ids[st.IM_END]], supervised)
-        emit(encode("\n"), False)
+    for text, supervised in segments:
+        for part, part_supervised in _split_think(text, supervised and not loss_on_think):
+            for piece in _PLACEHOLDER.split(part) if not supervised else [part]:
+                if piece in (st.IMAGE_PLACEHOLDER, st.VIDEO_PLACEHOLDER):
+                    tokens, carries_loss = _media_tokens(next(media_iter), encode, special_ids), False
+                elif piece:
+                    tokens, carries_loss = encode(piece), supervised and part_supervised
+                else:
+                    continue
+                ids.extend(tokens)
+                labels.extend(tokens if carries_loss else [IGNORE_INDEX] * len(tokens))
     return ids, labels
+
+
+_THINK_BLOCK = re.compile(f"({re.escape(st.THINK_OPEN)}.*?{re.escape(st.THINK_CLOSE)})", re.DOTALL)
+
+
+def _split_think(text: str, mask_think: bool) -> list[tuple[str, bool]]:
+    """[(piece, carries_loss_if_supervised)]: think blocks marked False when masked."""
+    if not mask_think:
+        return [(text, True)]
+    return [(piece, not _THINK_BLOCK.fullmatch(piece)) for piece in _THINK_BLOCK.split(text) if piece]
 
 
 def _media_tokens(slot: MediaSlot, encode: Callable[[str], list[int]], special_ids: dict[str, int]) -> list[int]:
@@ -162,5 +213,6 @@ def media_token_count(slot: MediaSlot, encode: Callable[[str], list[int]]) -> in
 
 
 def frame_label(index: int, timestamp: float) -> str:
-    """Text before each video frame, giving the model the frame's time."""
-    return f"Frame {index + 1} sampled at {timestamp:.2f} seconds: "
+    """Text before each video frame, giving the model the frame's time; frames after the first
+    start on a new line, as the released Nemotron Nano V2 VL processor writes them."""
+    return f"{chr(10) if index else ''}Frame {index + 1} sampled at {timestamp:.2f} seconds: "

@@ -36,21 +36,24 @@ class PackedBatch:
 
 
 class Packer:
-    """Continuous-buffer packer: each row is the oldest sample plus the buffered samples that
-    fill the rest of the row best.
+    """Continuous-buffer packer: each row is the oldest buffered sample plus the buffered
+    samples that fill the rest of the row best.
 
     Why this shape: a buffer that is emptied whole (Megatron-Energon's greedy knapsack) must
-    also emit its poorly filled leftover packs; here the buffer refills after every row, so
-    leftovers wait for partners instead. Forcing the oldest sample into every row keeps the
-    buffer FIFO-like (waits stay near the Little's-law floor of pack_buffer / samples-per-row
-    rows), and the rest of the row is an exact subset-sum fill (`best_fill_subset`) that
-    prefers older samples, because greedy largest-first leaves gaps that a better combination
-    of the same buffer closes (e.g. a video capped just under seq_length plus a short text).
-    `max_wait_rows` > 0 additionally forces every sample that has waited that many rows into
-    the next row (oldest first, while they fit); see `_forced`.
+    also emit its poorly filled leftover packs; here the buffer refills after every row, so a
+    leftover waits for partners instead. Forcing the oldest sample into every row keeps the
+    buffer nearly FIFO: no sample waits more rows than there were samples ahead of it when it
+    arrived, and on a VLM mix the longest wait lands within a few rows of the floor set by the
+    tokens the buffer holds (tests/bench/bench_packing.py). The rest of the row is an exact
+    subset-sum fill (`best_fill_subset`) rather than greedy largest-first, because greedy
+    leaves gaps that another combination of the same buffer closes (a video capped just under
+    seq_length needs the one short text that fits beside it); among equally full rows it
+    prefers older samples.
 
-    Decisions depend only on `buffer` order and lengths (and, with `max_wait_rows`, on waits),
-    so a loader that saves the buffer order resumes exactly.
+    `max_wait_rows` > 0 adds a backstop: a sample that has waited that many rows goes into the
+    next row (oldest first, while they fit). See `_forced` for when the bound can hold.
+    Without it, decisions depend only on `buffer` order and lengths, so a loader that saves
+    the buffer order resumes exactly; with it, also save `waits()` and restore `set_waits`.
     """
 
     def __init__(self, seq_length: int, max_samples_per_pack: int = 0, max_wait_rows: int = 0):
@@ -59,7 +62,7 @@ class Packer:
         self.max_wait_rows = max_wait_rows
         self.buffer: list[Sample] = []
         self.rows_emitted = 0
-        # id(sample) -> (sample, rows_emitted when it arrived); holding the sample keeps the id
+        # id(sample) -> (sample, rows_emitted when it arrived). Holding the sample keeps its id
         # from being reused by another object while the entry lives.
         self._arrivals: dict[int, tuple[Sample, int]] = {}
 
@@ -74,69 +77,78 @@ class Packer:
         """Remove and return the next row's samples, in arrival order (the oldest first)."""
         if not self.buffer:
             raise IndexError("packer buffer is empty")
-        waits = self.waits()
-        forced = self._forced(waits)
+        if len(self._arrivals) != len(self.buffer):  # `buffer` was replaced from outside
+            self._sync_arrivals()
+        forced = self._forced()
         free = self.seq_length - sum(self.buffer[i].length for i in forced)
-        taken = set(forced) | set(self._fill(set(forced), free))
+        taken = set(forced).union(self._fill(forced, free))
         row = [s for i, s in enumerate(self.buffer) if i in taken]
-        kept = [(s, w) for i, (s, w) in enumerate(zip(self.buffer, waits)) if i not in taken]
-        self.buffer = [s for s, _ in kept]
+        self.buffer = [s for i, s in enumerate(self.buffer) if i not in taken]
+        for sample in row:
+            self._arrivals.pop(id(sample), None)
         self.rows_emitted += 1
-        self._arrivals = {id(s): (s, self.rows_emitted - 1 - w) for s, w in kept}
         return row
 
     def waits(self) -> list[int]:
         """Rows each buffered sample has waited so far, aligned with `buffer`.
 
-        A sample put into `buffer` directly (as a resumed loader does) counts as arriving now;
-        save these next to the buffer order and `set_waits` them on resume to keep waits exact.
+        A sample put into `buffer` directly (as a resumed loader does) counts as arriving now.
         """
-        waits = []
+        self._sync_arrivals()
+        return [self.rows_emitted - self._arrivals[id(s)][1] for s in self.buffer]
+
+    def _sync_arrivals(self) -> None:
+        """Match the arrival records to `buffer`: drop the gone, stamp the unknown as now."""
+        arrivals = {}
         for s in self.buffer:
             entry = self._arrivals.get(id(s))
-            if entry is None or entry[0] is not s:
-                entry = self._arrivals[id(s)] = (s, self.rows_emitted)
-            waits.append(self.rows_emitted - entry[1])
-        return waits
+            arrivals[id(s)] = entry if entry is not None and entry[0] is s else (s, self.rows_emitted)
+        self._arrivals = arrivals
 
     def set_waits(self, waits: Sequence[int]) -> None:
-        """Restore `waits()` (aligned with `buffer`), e.g. after a resume rebuilt the buffer."""
+        """Restore `waits()` (aligned with `buffer`, so never increasing), e.g. after a resume."""
         if len(waits) != len(self.buffer):
             raise ValueError(f"{len(waits)} waits for {len(self.buffer)} buffered samples")
+        if any(older < younger for older, younger in zip(waits, waits[1:])):
+            raise ValueError("waits must not increase along `buffer`: it is in arrival order")
         self._arrivals = {id(s): (s, self.rows_emitted - int(w)) for s, w in zip(self.buffer, waits)}
 
-    def _forced(self, waits: list[int]) -> list[int]:
+    def _forced(self) -> list[int]:
         """Buffer positions that must go into this row: the oldest, then overdue samples.
 
-        An overdue sample (waited `max_wait_rows` rows) goes in oldest first while it fits.
-        The bound therefore holds while the overdue samples of any one row fit in it, which
-        needs `max_wait_rows` above the mean wait, about pack_buffer / samples-per-row rows
-        (Little's law: the buffer holds that many rows of tokens and drains one per row).
+        An overdue sample (waited `max_wait_rows` rows) goes in oldest first while it fits, so
+        the bound holds as long as the overdue samples of a row fit in it. No packer can beat
+        the floor of ceil(buffered tokens / seq_length) - 1 rows (the buffer's tokens need that
+        many rows to drain), about pack_buffer / samples-per-row rows: a bound below it cannot
+        hold, and two near-full samples due in the same row go out one row apart.
         """
         forced = [0]
         if not self.max_wait_rows:
             return forced
         free = self.seq_length - self.buffer[0].length
         limit = self.max_samples_per_pack or len(self.buffer)
+        due = self.rows_emitted - self.max_wait_rows  # arrived at or before this row: overdue
         for i in range(1, len(self.buffer)):
-            if len(forced) == limit:
-                break
-            if waits[i] >= self.max_wait_rows and self.buffer[i].length <= free:
+            sample = self.buffer[i]
+            entry = self._arrivals.get(id(sample))
+            if entry is None or entry[0] is not sample or entry[1] > due:
+                break  # `buffer` is in arrival order: everyone after this one is younger
+            if len(forced) < limit and sample.length <= free:
                 forced.append(i)
-                free -= self.buffer[i].length
+                free -= sample.length
         return forced
 
-    def _fill(self, forced: set[int], free: int) -> list[int]:
+    def _fill(self, forced: list[int], free: int) -> list[int]:
         """Positions of the samples that best fill `free` tokens, older samples preferred."""
-        candidates = [i for i, s in enumerate(self.buffer) if i not in forced and s.length <= free]
-        lengths = [self.buffer[i].length for i in candidates]
-        chosen = [candidates[p] for p in best_fill_subset(lengths, free)]
+        skip = set(forced)
+        candidates = [i for i, s in enumerate(self.buffer) if i not in skip and s.length <= free]
+        chosen = [candidates[p] for p in best_fill_subset([self.buffer[i].length for i in candidates], free)]
         room = self.max_samples_per_pack - len(forced) if self.max_samples_per_pack else len(chosen)
         if len(chosen) <= room:
             return chosen
-        # Subset-sum ignores the sample-count cap; largest-first fills most with fewest samples.
-        chosen, by_size = [], sorted(candidates, key=lambda i: -self.buffer[i].length)
-        for i in by_size:
+        # Subset-sum ignores the sample cap; largest-first fills the most with the fewest samples.
+        chosen = []
+        for i in sorted(candidates, key=lambda i: -self.buffer[i].length):
             if len(chosen) < room and self.buffer[i].length <= free:
                 chosen.append(i)
                 free -= self.buffer[i].length

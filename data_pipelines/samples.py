@@ -38,6 +38,9 @@ class SampleSpec:
     video_fps: float = 2.0
     max_frames: int = 128
     reasoning_on_ratio: float = 0.0
+    # "auto": the tokenizer's own chat template when it has one; "builtin": our ChatML rendering.
+    chat_template: str = "auto"
+    loss_on_think: bool = True
     seed: int = 0
 
 
@@ -61,6 +64,7 @@ class Tokenizer:
     """The few tokenizer operations the data path needs, over an HF tokenizer."""
 
     hf: object
+    path: str = ""  # where it was loaded from, so worker processes can load it too
     special_ids: dict[str, int] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -74,10 +78,17 @@ class Tokenizer:
     def load(cls, path: str) -> "Tokenizer":
         from transformers import AutoTokenizer
 
-        return cls(AutoTokenizer.from_pretrained(path))
+        return cls(AutoTokenizer.from_pretrained(path), path=str(path))
 
     def encode(self, text: str) -> list[int]:
         return self.hf(text, add_special_tokens=False)["input_ids"]
+
+    def template(self, mode: str):
+        """The tokenizer's chat template as (messages, add_generation_prompt) -> text, or None."""
+        if mode == "builtin" or not getattr(self.hf, "chat_template", None):
+            return None
+        return lambda messages, add_generation_prompt: self.hf.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
     @cached_property
     def vocab_size(self) -> int:
@@ -131,7 +142,8 @@ def build_sample(raw: RawSample, source: str, spec: SampleSpec, tokenizer: Token
     image_tiles = [tile_image(img, tiling) for img in images]
     video_tiles = [frames_to_tiles(v.frames[keep], spec.tiling.tile_size) for v, keep in zip(videos, frame_keep)]
     slots = _slots(order, [t.shape[0] for t in image_tiles], videos, frame_keep, spec.tokens_per_tile)
-    ids, labels = tokenize_conversation(messages, slots, tokenizer.encode, tokenizer.special_ids)
+    ids, labels = tokenize_conversation(messages, slots, tokenizer.encode, tokenizer.special_ids,
+                                        tokenizer.template(spec.chat_template), spec.loss_on_think)
 
     image_iter, video_iter = iter(image_tiles), iter(video_tiles)
     ordered = [next(image_iter) if kind == "image" else next(video_iter) for kind in order]
@@ -165,7 +177,8 @@ def _tiles_for(image, tiling: TilingConfig, max_tiles: int) -> int:
 def _fit_budget(messages, images, videos, order, spec: SampleSpec, tokenizer: Tokenizer):
     """Largest tile cap on the ladder (and then the most video frames) that fits seq_length."""
     text_only, _ = tokenize_conversation(
-        messages, [MediaSlot(kind, 0, 0) for kind in order], tokenizer.encode, tokenizer.special_ids)
+        messages, [MediaSlot(kind, 0, 0) for kind in order], tokenizer.encode, tokenizer.special_ids,
+        tokenizer.template(spec.chat_template))
     base = len(text_only) - 2 * order.count("image")  # empty image blocks still count their 2 markers
     ladder = [m for m in TILE_LADDER if m < spec.tiling.max_tiles]
     ladder = [spec.tiling.max_tiles] + ladder

@@ -51,49 +51,60 @@ def _split_member_name(name: str) -> tuple[str, str]:
     return (f"{head}/{stem}" if head else stem), suffix.lower()
 
 
-def iter_shard(shard: str, start: int = 0) -> Iterator[RawSample]:
-    """Yield the samples of one shard from sample index `start` on.
+@dataclass(frozen=True)
+class IndexedSample:
+    """Where one sample's members lie inside its shard: (suffix, byte offset, size) each."""
 
-    Samples before `start` are skipped by tar headers only (their payloads are never read), so
-    resuming mid-shard costs a header scan, not a decode.
+    key: str
+    members: tuple[tuple[str, int, int], ...]
+
+
+def index_shard(shard: str) -> list[IndexedSample]:
+    """One header scan of a shard -> its samples in order, with member offsets for direct seeks.
+
+    Payloads are not read. Members with unsafe names (`..`, absolute) are left out, so they are
+    never extracted; `data_pipelines.lint` reports them.
     """
-    current: RawSample | None = None
-    index = -1
+    samples: list[IndexedSample] = []
+    key, members = None, []
     with tarfile.open(shard, mode="r:") as tar:
         for info in tar:
             if not info.isfile():
                 continue
             try:
-                key, suffix = _split_member_name(info.name)
+                member_key, suffix = _split_member_name(info.name)
             except ValueError:
-                # Unsafe names are never extracted; the sample they belong to is dropped by the
-                # caller when its json is missing, so it is still counted.
                 continue
-            if current is None or key != current.key:
-                if current is not None and index >= start:
-                    yield current
-                index += 1
-                current = RawSample(key=key, shard=shard, index=index)
-            if index >= start:
-                fileobj = tar.extractfile(info)
-                current.members[suffix] = fileobj.read() if fileobj else b""
-    if current is not None and index >= start:
-        yield current
+            if member_key != key:
+                if key is not None:
+                    samples.append(IndexedSample(key, tuple(members)))
+                key, members = member_key, []
+            members.append((suffix, info.offset_data, info.size))
+    if key is not None:
+        samples.append(IndexedSample(key, tuple(members)))
+    return samples
+
+
+def read_indexed_sample(shard: str, index: int, entry: IndexedSample) -> RawSample:
+    """Read one sample's payloads by seeking straight to them (resume is a seek, not a replay)."""
+    sample = RawSample(key=entry.key, shard=shard, index=index)
+    with open(shard, "rb") as f:
+        for suffix, offset, size in entry.members:
+            f.seek(offset)
+            sample.members[suffix] = f.read(size)
+    return sample
+
+
+def iter_shard(shard: str, start: int = 0) -> Iterator[RawSample]:
+    """Yield the samples of one shard from sample index `start` on."""
+    for index, entry in enumerate(index_shard(shard)):
+        if index >= start:
+            yield read_indexed_sample(shard, index, entry)
 
 
 def count_samples(shard: str) -> int:
     """Number of samples in a shard (header scan only)."""
-    keys = []
-    with tarfile.open(shard, mode="r:") as tar:
-        for info in tar:
-            if info.isfile():
-                try:
-                    key, _ = _split_member_name(info.name)
-                except ValueError:
-                    continue
-                if not keys or keys[-1] != key:
-                    keys.append(key)
-    return len(keys)
+    return len(index_shard(shard))
 
 
 def parse_json_member(raw: RawSample) -> dict:

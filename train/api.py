@@ -1,14 +1,16 @@
 """Public Python API.
 
-`load_language_model(path)` returns the hybrid LM of a native checkpoint as an eval-mode module:
-`module(input_ids, cu_seqlens=None)` -> logits (B, L, V); with `cu_seqlens` (int32 boundaries over
-a B == 1 packed row) the samples are isolated.
+`load_language_model(path)` returns the hybrid LM of a native checkpoint or of a transformers
+Nemotron-H directory (`nemotron_h`, or the LM of a `nemotron_h_omni` VL checkpoint) as an fp32
+eval-mode module: `module(input_ids, cu_seqlens=None)` -> logits (B, L, V); with `cu_seqlens`
+(int32 boundaries over a B == 1 packed row) the samples are isolated.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 import torch.distributed.checkpoint as dcp
 import yaml
 
@@ -31,9 +33,7 @@ def resolve_native_checkpoint(path: Path) -> tuple[Path, Path]:
 def load_language_model(path: str | Path) -> HybridLanguageModel:
     path = Path(path)
     if (path / "config.json").exists():
-        raise NotImplementedError(
-            f"{path} looks like a transformers checkpoint; HF Nemotron-H import (train.convert hf-to-native) "
-            "is not built yet: pass a native run or checkpoint directory")
+        return _load_hf_language_model(path)
     checkpoint, run_dir = resolve_native_checkpoint(path)
     config_file = run_dir / "config.yaml"
     if not config_file.exists():
@@ -45,4 +45,20 @@ def load_language_model(path: str | Path) -> HybridLanguageModel:
     with dcp_quietly():
         dcp.load(state, checkpoint_id=str(checkpoint))
     model.load_state_dict({k.removeprefix("language_model."): v for k, v in state["model"].items()})
+    return model.eval()
+
+
+def _load_hf_language_model(path: Path) -> HybridLanguageModel:
+    # Imported here: it pulls in transformers, which native loads never need.
+    from train import hf_convert
+
+    hf_config = hf_convert.read_hf_config(path)
+    if hf_convert.hf_layout(hf_config) == "vl":
+        hf_config = hf_config["text_config"]
+    used, _ = hf_convert.split_carried(hf_convert.read_hf_weights(path))
+    state = hf_convert.hf_to_native_state({k: v for k, v in used.items() if not k.startswith(("mlp1.", "vision_model."))})
+    with torch.device("meta"):
+        model = HybridLanguageModel(hf_convert.hf_lm_config_to_ours(hf_config))
+    # assign=True adopts the loaded tensors instead of allocating (and randomly initialising) a copy.
+    model.load_state_dict({k.removeprefix("language_model."): v.float() for k, v in state.items()}, assign=True)
     return model.eval()

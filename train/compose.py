@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from typing import Any, get_type_hints
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -23,7 +25,7 @@ def compose_raw(config_name: str, overrides: list[str] | None = None) -> dict:
     """Hydra-compose `recipes/<config_name>.yaml` with overrides; returns a resolved plain dict."""
     if not (RECIPES_DIR / f"{config_name}.yaml").exists():
         raise ConfigError(f"no recipe named {config_name!r}; choose one of: {', '.join(list_recipes() + ['pipeline'])}")
-    overrides = list(overrides or [])
+    overrides = [_add_or_override(o) for o in overrides or []]
     with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base=None):
         try:
             cfg = compose(config_name, overrides=overrides + [f"hydra.searchpath=[file://{CONFIGS_DIR}]"])
@@ -33,6 +35,40 @@ def compose_raw(config_name: str, overrides: list[str] | None = None) -> dict:
         return OmegaConf.to_container(cfg, resolve=True)
     except Exception as err:
         raise ConfigError(f"cannot resolve {config_name}: {err}") from None
+
+
+def _is_schema_field(dotted: str) -> bool:
+    """Whether `a.b.c` names a field of the Config dataclass tree."""
+    node: Any = Config
+    for part in dotted.split("."):
+        fields = {f.name: f for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else {}
+        if part not in fields:
+            return False
+        node = get_type_hints(node)[part]
+    return True
+
+
+def _add_or_override(override: str) -> str:
+    """`trainer.deterministic=false` works even when no YAML spells that field out: a plain
+    override of a schema field becomes Hydra's add-or-override (`++`). Group choices
+    (`smoke=cpu`) and unknown keys are left for Hydra and the schema to judge."""
+    key, sep, _ = override.partition("=")
+    if not sep or key.startswith(("+", "~")) or "." not in key:
+        return override
+    if not _is_schema_field(key):
+        parent = key.rsplit(".", 1)[0]
+        raise ConfigError(f"unknown field {key} in override {override!r}; valid fields of {parent}: "
+                          f"{', '.join(_field_names(parent)) or '(none: not a section)'}")
+    return "++" + override
+
+
+def _field_names(dotted: str) -> list[str]:
+    node: Any = Config
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(node) or part not in {f.name for f in dataclasses.fields(node)}:
+            return []
+        node = get_type_hints(node)[part]
+    return sorted(f.name for f in dataclasses.fields(node)) if dataclasses.is_dataclass(node) else []
 
 
 def load_config(config_name: str, overrides: list[str] | None = None) -> Config:

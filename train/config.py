@@ -73,12 +73,32 @@ class VisionConfig:
     mlp_ratio: float = 4.0
     norm_eps: float = 1e-6
     normalization: str = "radio"
+    # RADIO pieces (all off by default): learned class + register tokens prepended to the patches
+    # (they attend with them, then are dropped), a position table sized for `max_image_size` tiles
+    # that is bilinearly resized to the tile grid (CPE; 0 = a table for `image_size` exactly), and
+    # no LayerNorm after the last block (`final_norm: false`).
+    num_cls_tokens: int = 0
+    num_registers: int = 0
+    max_image_size: int = 0
+    final_norm: bool = True
 
     def validate(self, path: str) -> None:
         if self.image_size % self.patch_size:
             raise ConfigError(f"{path}.image_size must be a multiple of {path}.patch_size")
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"{path}.num_heads must divide {path}.hidden_size")
+        if self.num_cls_tokens < 0 or self.num_registers < 0:
+            raise ConfigError(f"{path}.num_cls_tokens and {path}.num_registers must be >= 0")
+        if self.max_image_size < 0 or self.max_image_size % self.patch_size:
+            raise ConfigError(f"{path}.max_image_size={self.max_image_size} must be 0 or a multiple of {path}.patch_size")
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return self.num_cls_tokens + self.num_registers
+
+    @property
+    def pos_embed_side(self) -> int:
+        return (self.max_image_size or self.image_size) // self.patch_size
 
     @property
     def patches_per_side(self) -> int:
@@ -94,17 +114,69 @@ class ProjectorConfig:
 
 
 @dataclass
+class KernelConfig:
+    """Which implementation computes each fused op, and what backward recomputes.
+
+    `torch` is the pure-torch reference twin in `train/ops` (runs anywhere, the default); the
+    others are GPU libraries, imported only when chosen, and a missing one fails at model build
+    with the pip package to install. Nothing is auto-detected: a run computes with exactly what
+    is named here, so switching machines never silently changes the numerics.
+    """
+
+    ssd: Literal["torch", "mamba_ssm"] = "torch"
+    conv1d: Literal["torch", "causal_conv1d"] = "torch"
+    attention: Literal["torch", "flash_attn", "transformer_engine"] = "torch"
+    gated_norm: Literal["torch", "mamba_ssm"] = "torch"
+    rms_norm: Literal["torch", "mamba_ssm"] = "torch"
+    # "layers": every LM layer and ViT block keeps only its input and is recomputed in backward.
+    activation_checkpointing: Literal["none", "layers"] = "none"
+
+    @property
+    def fused(self) -> dict[str, str]:
+        """{op: backend} for the ops that do not run on the torch reference."""
+        ops = ("ssd", "conv1d", "attention", "gated_norm", "rms_norm")
+        return {op: getattr(self, op) for op in ops if getattr(self, op) != "torch"}
+
+    def validate(self, path: str, lm: LanguageModelConfig, lm_path: str) -> None:
+        """Shape limits of the chosen kernels, checked before any compute."""
+        conv_dim = lm.mamba_intermediate_size + 2 * lm.n_groups * lm.ssm_state_size
+        if self.conv1d == "causal_conv1d" and "M" in lm.pattern:
+            if not 2 <= lm.conv_kernel <= 4:
+                raise ConfigError(f"{path}.conv1d=causal_conv1d supports {lm_path}.conv_kernel 2..4, got "
+                                  f"{lm.conv_kernel}: set {path}.conv1d=torch")
+            if conv_dim % 8:
+                raise ConfigError(f"{path}.conv1d=causal_conv1d needs the conv width (mamba_num_heads * "
+                                  f"mamba_head_dim + 2 * n_groups * ssm_state_size = {conv_dim}) to be a multiple "
+                                  f"of 8: change {lm_path} or set {path}.conv1d=torch")
+        if self.attention != "torch" and "*" in lm.pattern and (lm.head_dim % 8 or lm.head_dim > 256):
+            raise ConfigError(f"{path}.attention={self.attention} needs {lm_path}.head_dim a multiple of 8 and "
+                              f"<= 256, got {lm.head_dim}: set {path}.attention=torch")
+
+    def validate_runtime(self, path: str, device: str, precision: str) -> None:
+        """GPU kernels need a GPU; fused attention needs 16-bit activations (precision=bf16)."""
+        if device == "cpu" and self.fused:
+            op, backend = next(iter(self.fused.items()))
+            raise ConfigError(f"{path}.{op}={backend} runs on CUDA only but trainer.device=cpu: "
+                              f"set {path}.{op}=torch or trainer.device=cuda")
+        if self.attention != "torch" and precision == "fp32":
+            raise ConfigError(f"{path}.attention={self.attention} computes in bf16/fp16 only but precision=fp32: "
+                              f"set precision=bf16 or {path}.attention=torch")
+
+
+@dataclass
 class ModelConfig:
     name: str = "tiny"
     language_model: LanguageModelConfig = field(default_factory=LanguageModelConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    kernels: KernelConfig = field(default_factory=KernelConfig)
     # Rows of the output head and loss computed at once: full logits are never materialised.
     loss_chunk_size: int = 1024
 
     def validate(self, path: str) -> None:
         self.language_model.validate(f"{path}.language_model")
         self.vision.validate(f"{path}.vision")
+        self.kernels.validate(f"{path}.kernels", self.language_model, f"{path}.language_model")
         side = self.vision.patches_per_side * self.projector.downsample_ratio
         if side != int(side) or side < 1:
             raise ConfigError(
@@ -123,12 +195,17 @@ class SourceConfig:
     name: str = "source"
     path: str = ""
     weight: float = 1.0
+    # Per-dataset reasoning default for conversations without /think or /no_think
+    # (None: data.reasoning_on_ratio).
+    reasoning_on_ratio: Optional[float] = None
 
     def validate(self, path: str) -> None:
         if not self.path:
             raise ConfigError(f"{path}.path is empty: set it to a shard directory or a brace pattern of .tar files")
         if not (self.weight > 0 and math.isfinite(self.weight)):
             raise ConfigError(f"{path}.weight={self.weight}: set a positive weight")
+        if self.reasoning_on_ratio is not None and not 0.0 <= self.reasoning_on_ratio <= 1.0:
+            raise ConfigError(f"{path}.reasoning_on_ratio must be in [0, 1] (or null for data.reasoning_on_ratio)")
 
 
 @dataclass
@@ -150,6 +227,12 @@ class DataConfig:
     max_frames: int = 128
     # Share of samples without an explicit /think or /no_think that get reasoning on.
     reasoning_on_ratio: float = 0.0
+    # "auto": the tokenizer's own chat template when it has one; "builtin": ChatML.
+    chat_template: Literal["auto", "builtin"] = "auto"
+    # Loss on the <think>...</think> block of answers (off: only the final answer trains).
+    loss_on_think: bool = True
+    # Processes that decode and tokenize; 0 builds samples in the training process.
+    num_workers: int = 0
     pack_buffer: int = 64
     max_samples_per_pack: int = 0
     pad_multiple: int = 16
@@ -169,6 +252,8 @@ class DataConfig:
                 raise ConfigError(f"{path}.tokenizer={self.tokenizer!r} does not exist: set a tokenizer directory")
         _check_positive(self, path, "seq_length", "tile_size", "min_tiles", "max_tiles", "video_fps", "max_frames",
                         "pack_buffer", "pad_multiple")
+        if self.num_workers < 0:
+            raise ConfigError(f"{path}.num_workers={self.num_workers} must be >= 0")
         if self.min_tiles > self.max_tiles:
             raise ConfigError(f"{path}.min_tiles must be <= {path}.max_tiles")
         if not 0.0 <= self.reasoning_on_ratio <= 1.0:
@@ -248,9 +333,64 @@ class InitConfig:
             raise ConfigError(f"{path}.from_checkpoint={self.from_checkpoint!r} is not a checkpoint directory")
 
 
+# Modules kept out of FP8 by default: the embeddings, the output head, the whole vision side.
+DEFAULT_FP8_KEEP_PATTERNS = ["language_model.backbone.embeddings", "language_model.lm_head", "vision_model",
+                             "projector"]
+
+
 @dataclass
 class PrecisionConfig:
-    name: Literal["fp32", "bf16"] = "fp32"
+    """Numeric precision of a run; the fp8_* fields matter only for the two FP8 names.
+
+    `fp8_delayed` runs the FP8 region through Transformer Engine; `fp8_delayed_emulated` runs the
+    same delayed-scaling recipe in plain torch (quantise-dequantise), on CPU or GPU.
+    """
+
+    name: Literal["fp32", "bf16", "fp8_delayed", "fp8_delayed_emulated"] = "fp32"
+    # Dtype of everything outside the FP8 GEMMs. None: bf16 for bf16/fp8_delayed, fp32 otherwise.
+    compute_dtype: Optional[Literal["fp32", "bf16"]] = None
+    # hybrid: E4M3 forward (inputs, weights), E5M2 backward (output gradients); e4m3: E4M3 everywhere.
+    fp8_format: Literal["hybrid", "e4m3"] = "hybrid"
+    amax_history_len: int = 1024
+    amax_compute_algo: Literal["max", "most_recent"] = "max"
+    # scale = fp8_max / amax / 2**margin: headroom in powers of two.
+    margin: int = 0
+    # false: the weight-gradient GEMM uses the unquantised input and output gradient.
+    fp8_wgrad: bool = True
+    # fnmatch patterns over module names; a Linear matching one (or under a matching module) stays
+    # out of FP8.
+    keep_patterns: list[str] = field(default_factory=lambda: list(DEFAULT_FP8_KEEP_PATTERNS))
+    # The first and the last N language-model layers stay out of FP8.
+    keep_first_last_layers: int = 1
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.name.startswith("fp8")
+
+    @property
+    def resolved_compute_dtype(self) -> str:
+        if self.compute_dtype is not None:
+            return self.compute_dtype
+        return "bf16" if self.name in ("bf16", "fp8_delayed") else "fp32"
+
+    def validate(self, path: str) -> None:
+        if self.name in ("fp32", "bf16") and self.compute_dtype not in (None, self.name):
+            raise ConfigError(f"{path}.compute_dtype={self.compute_dtype!r} contradicts {path}.name={self.name!r}: "
+                              f"leave it unset or set it to {self.name!r}")
+        if self.amax_history_len < 1:
+            raise ConfigError(f"{path}.amax_history_len={self.amax_history_len} must be >= 1")
+        if self.margin < 0:
+            raise ConfigError(f"{path}.margin={self.margin} must be >= 0 (headroom in powers of two)")
+        if self.keep_first_last_layers < 0:
+            raise ConfigError(f"{path}.keep_first_last_layers={self.keep_first_last_layers} must be >= 0")
+        for i, pattern in enumerate(self.keep_patterns):
+            if not pattern.strip():
+                raise ConfigError(f"{path}.keep_patterns[{i}] is empty: give an fnmatch pattern over module names")
+        if self.name == "fp8_delayed" and not self.fp8_wgrad:
+            raise ConfigError(
+                f"{path}.fp8_wgrad=false: Transformer Engine >= 2.0 always runs the weight-gradient GEMM in FP8 "
+                f"under delayed scaling; set {path}.fp8_wgrad=true or use precision=fp8_delayed_emulated"
+            )
 
 
 @dataclass
@@ -308,6 +448,7 @@ class Config:
             raise ConfigError("stage is empty: a recipe must set `stage` to its own name")
         for name in ("model", "data", "optim", "trainer", "trainable", "init", "parallel"):
             getattr(self, name).validate(name)
+        self.model.kernels.validate_runtime("model.kernels", self.trainer.device, self.precision.name)
         if self.data.tile_size != self.model.vision.image_size:
             raise ConfigError(
                 f"data.tile_size={self.data.tile_size} differs from model.vision.image_size="

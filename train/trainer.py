@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
 import time
 from pathlib import Path
@@ -43,12 +44,13 @@ def build_data(cfg: Config, tokenizer: Tokenizer, info: DistInfo) -> PackedBatch
         tokens_per_tile=cfg.model.tokens_per_tile,
         tiling=TilingConfig(tile_size=d.tile_size, min_tiles=d.min_tiles, max_tiles=d.max_tiles,
                             use_thumbnail=d.use_thumbnail),
-        video_fps=d.video_fps, max_frames=d.max_frames, reasoning_on_ratio=d.reasoning_on_ratio, seed=cfg.seed,
+        video_fps=d.video_fps, max_frames=d.max_frames, reasoning_on_ratio=d.reasoning_on_ratio,
+        chat_template=d.chat_template, loss_on_think=d.loss_on_think, seed=cfg.seed,
     )
-    sources = [Source(s.name, s.path, s.weight) for s in d.sources]
+    sources = [Source(s.name, s.path, s.weight, s.reasoning_on_ratio) for s in d.sources]
     return PackedBatchStream(sources, spec, tokenizer, micro_batch_size=cfg.trainer.micro_batch_size,
                              pack_buffer=d.pack_buffer, max_samples_per_pack=d.max_samples_per_pack,
-                             rank=info.rank, world_size=info.world_size)
+                             rank=info.rank, world_size=info.world_size, num_workers=d.num_workers)
 
 
 def build_model(cfg: Config, tokenizer: Tokenizer) -> VisionLanguageModel:
@@ -119,6 +121,7 @@ class Trainer:
             if self.step % t.save_every == 0 or self.step == t.max_steps:
                 self._save()
         progress.close()
+        self.data.close()
         if wandb is not None:
             wandb.close()
         return self._write_summary(last_loss)
@@ -168,6 +171,8 @@ def run_stage(cfg: Config) -> dict:
         if info.is_main:
             (run_dir / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
         if cfg.trainer.deterministic:
+            if info.device.type == "cuda":  # cuBLAS is deterministic only with a fixed workspace
+                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
         seed_everything(cfg.seed + info.rank)
         return Trainer(cfg, info).fit()

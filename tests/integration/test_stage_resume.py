@@ -7,14 +7,19 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tests.integration.helpers import env, read_metrics, run_module
 
 ARGS = ["train", "--config-name", "stage1_image_sft", "smoke=cpu", "trainer.max_steps=12", "trainer.save_every=4"]
 
 
-def test_killed_stage_resumes_from_latest_checkpoint(tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_killed_stage_resumes_from_latest_checkpoint(tmp_path, workers):
+    """Same losses as an uninterrupted run, inline or with 2 decode worker processes."""
     killed, clean = tmp_path / "killed", tmp_path / "clean"
-    proc = subprocess.Popen([sys.executable, "-m", *ARGS, f"run.dir={killed}"], cwd=tmp_path, env=env(),
+    args = [*ARGS, f"data.num_workers={workers}"]
+    proc = subprocess.Popen([sys.executable, "-m", *args, f"run.dir={killed}"], cwd=tmp_path, env=env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -25,13 +30,13 @@ def test_killed_stage_resumes_from_latest_checkpoint(tmp_path):
     proc.wait()
     assert (killed / "checkpoints" / "latest").read_text().strip() == "step_0000004"
 
-    resumed = run_module([*ARGS, f"run.dir={killed}"], tmp_path)
+    resumed = run_module([*args, f"run.dir={killed}"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout and "at step 4" in resumed.stdout
     steps = [m["step"] for m in read_metrics(killed)]
     assert steps == list(range(1, 13))  # continues, no step repeated
 
-    reference = run_module([*ARGS, f"run.dir={clean}"], tmp_path)
+    reference = run_module([*args, f"run.dir={clean}"], tmp_path)
     assert reference.returncode == 0, reference.stderr[-3000:]
     assert [m["loss"] for m in read_metrics(killed)] == [m["loss"] for m in read_metrics(clean)]
 

@@ -81,3 +81,13 @@ def test_nonexistent_data_path_fails_before_compute():
 def test_unknown_recipe():
     with pytest.raises(ConfigError, match="no recipe named"):
         load_config("stage9")
+
+
+def test_schema_fields_absent_from_yaml_can_be_overridden():
+    cfg = load_config("stage1_image_sft", ["smoke=cpu", "trainer.deterministic=false", "data.loss_on_think=false"])
+    assert cfg.trainer.deterministic is False and cfg.data.loss_on_think is False
+
+
+def test_unknown_plain_override_lists_valid_fields():
+    with pytest.raises(ConfigError, match=r"unknown field trainer\.nonsense.*max_steps"):
+        load_config("stage1_image_sft", ["smoke=cpu", "trainer.nonsense=1"])

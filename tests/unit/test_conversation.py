@@ -71,3 +71,36 @@ def test_video_slot_has_frame_labels_and_counts(tokenizer):
     assert ids.count(tokenizer.special_ids[st.IMG_START]) == 3
     empty, _ = tokenize_conversation(msgs, [MediaSlot("video", 0, 4)], tokenizer.encode, tokenizer.special_ids)
     assert len(ids) - len(empty) == media_token_count(slot, tokenizer.encode)
+
+
+def test_tokenizer_template_matches_builtin_chatml(tokenizer):
+    msgs = [Message("system", "/think"), Message("user", "Q1 <image>"), Message("assistant", "<think>hm</think>A1"),
+            Message("user", "Q2"), Message("assistant", "A2")]
+    slots = [MediaSlot("image", 2, 3)]
+    builtin = tokenize_conversation(msgs, slots, tokenizer.encode, tokenizer.special_ids)
+    own = tokenize_conversation(msgs, slots, tokenizer.encode, tokenizer.special_ids, tokenizer.template("auto"))
+    assert tokenizer.template("auto") is not None
+    assert own == builtin
+
+
+def test_template_that_rewrites_history_falls_back_to_builtin(tokenizer):
+    # Drops earlier assistant turns' thoughts, as some reasoning templates do: not prefix-stable.
+    def rewriting(messages, add_generation_prompt):
+        last = len(messages) - 1
+        text = "".join(f"[{m['role']}]{m['content'] if i == last else m['content'].replace('<think>hm</think>', '')}"
+                       for i, m in enumerate(messages))
+        return text + ("[assistant]" if add_generation_prompt else "")
+
+    msgs = [Message("user", "Q1"), Message("assistant", "<think>hm</think>A1"), Message("user", "Q2"),
+            Message("assistant", "A2")]
+    assert tokenize_conversation(msgs, [], tokenizer.encode, tokenizer.special_ids, rewriting) == \
+        tokenize_conversation(msgs, [], tokenizer.encode, tokenizer.special_ids)
+
+
+def test_loss_on_think_off_masks_the_think_block(tokenizer):
+    msgs = [Message("user", "Q"), Message("assistant", "<think>step one</think>Answer.")]
+    ids, labels = tokenize_conversation(msgs, [], tokenizer.encode, tokenizer.special_ids, loss_on_think=False)
+    supervised = [i for i, l in zip(ids, labels) if l != IGNORE_INDEX]
+    assert tokenizer.hf.decode(supervised) == "Answer.<|im_end|>"
+    ids, labels = tokenize_conversation(msgs, [], tokenizer.encode, tokenizer.special_ids, loss_on_think=True)
+    assert tokenizer.hf.decode([i for i, l in zip(ids, labels) if l != IGNORE_INDEX]).startswith("<think>step one")

@@ -108,11 +108,12 @@ def test_collate_boundaries_positions_and_padding():
     assert batch.num_real_tokens == 16 and batch.num_samples == 3
 
 
-def _stream(synth_data, tokenizer, rank=0, world=1):
+def _stream(synth_data, tokenizer, rank=0, world=1, workers=0):
     sources = [Source("img", str(synth_data.shard_dirs["image"]), 1.0),
+               Source("vid", str(synth_data.shard_dirs["video"]), 0.5),
                Source("txt", str(synth_data.shard_dirs["text"]), 1.0)]
     return PackedBatchStream(sources, spec(seq_length=512), tokenizer, micro_batch_size=2, pack_buffer=8,
-                             rank=rank, world_size=world)
+                             rank=rank, world_size=world, num_workers=workers)
 
 
 def _keys(batch):
@@ -131,12 +132,45 @@ def test_stream_is_deterministic_and_resumes_exactly(synth_data, tokenizer):
     assert [_keys(c.next_batch()) for _ in range(3)] == rest
 
 
+def test_worker_processes_give_the_same_sequence_and_resume_exactly(synth_data, tokenizer):
+    inline = _stream(synth_data, tokenizer)
+    expected = [_keys(inline.next_batch()) for _ in range(6)]
+    pooled = _stream(synth_data, tokenizer, workers=2)
+    try:
+        got = [_keys(pooled.next_batch()) for _ in range(3)]
+        state = json.loads(json.dumps(pooled.state_dict()))
+    finally:
+        pooled.close()
+    resumed = _stream(synth_data, tokenizer, workers=2)
+    try:
+        resumed.load_state_dict(state)
+        got += [_keys(resumed.next_batch()) for _ in range(3)]
+    finally:
+        resumed.close()
+    assert got == expected
+    assert state["draws"] <= inline.state_dict()["draws"]  # prefetched work is not committed
+
+
+def test_each_sample_once_per_epoch_across_ranks(synth_data, tokenizer):
+    seen = []
+    for rank in range(2):
+        stream = _stream(synth_data, tokenizer, rank=rank, world=2)
+        stream.weights = [1.0, 0.0001, 0.0001]  # effectively one source: its first epoch
+        size = stream.cursors[0].num_samples
+        jobs = []
+        while stream.draws < size * 0.9:
+            jobs.append(stream._plan())
+        seen += [(j.shard, j.index) for j in jobs if j.source_id == 0]
+    assert len(seen) == len(set(seen))
+
+
 def test_ranks_draw_disjoint_samples(synth_data, tokenizer):
     positions = []
     for rank in range(2):
         stream = _stream(synth_data, tokenizer, rank=rank, world=2)
-        positions.append({stream._next_own_position() for _ in range(20)})
-    assert len(positions[0]) == len(positions[1]) == 20
+        # 6 draws per rank stay inside every source's first epoch (the video source has 8 samples).
+        positions.append({(job.shard, job.index) for job in (stream._plan() for _ in range(6))})
+    assert len(positions[0]) == len(positions[1]) == 6
     assert not positions[0] & positions[1]
 
 

@@ -3,37 +3,43 @@
 Parameter names follow transformers' `nemotron_h` (backbone.layers.N.mixer.in_proj, ...), so
 HF import/export is a key-for-key copy. Nemotron-H uses no positional embedding: Mamba layers
 carry order. Every mixer isolates packed samples: attention by `cu_seqlens`, Mamba conv and
-scan by `seq_idx`.
+scan by `seq_idx`. Which function computes each op (torch reference or a GPU kernel) comes from
+`model.kernels`, resolved once at build (`train.ops.dispatch`); modules store the chosen ones.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
-from train.config import LanguageModelConfig
-from train.ops import causal_conv1d_ref, gated_rms_norm_ref, rms_norm_ref, ssd_scan_ref, varlen_attention_ref
+from train.config import KernelConfig, LanguageModelConfig
+from train.ops import rms_norm_ref
+from train.ops.dispatch import Kernels, resolve_kernels
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float):
+    def __init__(self, size: int, eps: float, norm_fn: Callable[..., Tensor] = rms_norm_ref):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
+        self.norm_fn = norm_fn
 
     def forward(self, x: Tensor) -> Tensor:
-        return rms_norm_ref(x, self.weight, self.eps)
+        return self.norm_fn(x, self.weight, self.eps)
 
 
 class Mamba2Mixer(nn.Module):
     """in_proj -> [z | xBC | dt]; causal conv over xBC; chunked SSD scan; gated RMSNorm; out_proj."""
 
-    def __init__(self, cfg: LanguageModelConfig):
+    def __init__(self, cfg: LanguageModelConfig, kernels: Kernels):
         super().__init__()
         self.cfg = cfg
+        self.kernels = kernels
         self.num_heads, self.head_dim = cfg.mamba_num_heads, cfg.mamba_head_dim
         self.inner = cfg.mamba_intermediate_size
         self.groups_state = cfg.n_groups * cfg.ssm_state_size
@@ -46,6 +52,9 @@ class Mamba2Mixer(nn.Module):
         self.D = nn.Parameter(torch.empty(self.num_heads))
         self.norm = RMSNorm(self.inner, cfg.norm_eps)
         self.out_proj = nn.Linear(self.inner, cfg.hidden_size, bias=False)
+        # transformers' NemotronHMamba2Mixer floors the discretised step at time_step_min (no upper
+        # limit) whatever config.time_step_limit says; matching it keeps HF logits equal to ours.
+        self.dt_limit = (cfg.time_step_min, math.inf)
 
     @torch.no_grad()
     def reset_ssm_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -60,24 +69,25 @@ class Mamba2Mixer(nn.Module):
     def forward(self, hidden: Tensor, seq_idx: Tensor, cu_seqlens: Tensor) -> Tensor:
         b, l, _ = hidden.shape
         z, xbc, dt = torch.split(self.in_proj(hidden), [self.inner, self.conv_dim, self.num_heads], dim=-1)
-        xbc = causal_conv1d_ref(xbc.transpose(1, 2), self.conv1d.weight.squeeze(1), self.conv1d.bias,
-                                seq_idx, activation="silu").transpose(1, 2)  # (b, l, conv_dim)
+        xbc = self.kernels.conv1d(xbc.transpose(1, 2), self.conv1d.weight.squeeze(1), self.conv1d.bias,
+                                  seq_idx, activation="silu").transpose(1, 2)  # (b, l, conv_dim)
         x, B, C = torch.split(xbc, [self.inner, self.groups_state, self.groups_state], dim=-1)
-        y = ssd_scan_ref(
+        y = self.kernels.ssd(
             x.reshape(b, l, self.num_heads, self.head_dim), dt, -torch.exp(self.A_log.float()),
             B.reshape(b, l, self.cfg.n_groups, -1), C.reshape(b, l, self.cfg.n_groups, -1), self.cfg.chunk_size,
-            D=self.D, dt_bias=self.dt_bias, dt_softplus=True, seq_idx=seq_idx,
+            D=self.D, dt_bias=self.dt_bias, dt_softplus=True, seq_idx=seq_idx, dt_limit=self.dt_limit,
         )  # (b, l, h, p)
-        y = gated_rms_norm_ref(y.reshape(b, l, self.inner), z, self.norm.weight, self.cfg.norm_eps,
-                               group_size=self.inner // self.cfg.n_groups)
+        y = self.kernels.gated_norm(y.reshape(b, l, self.inner), z, self.norm.weight, self.cfg.norm_eps,
+                                    group_size=self.inner // self.cfg.n_groups)
         return self.out_proj(y)
 
 
 class Attention(nn.Module):
     """Causal GQA without positional embedding, block-diagonal over packed samples."""
 
-    def __init__(self, cfg: LanguageModelConfig):
+    def __init__(self, cfg: LanguageModelConfig, kernels: Kernels):
         super().__init__()
+        self.kernels = kernels
         self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.q_proj = nn.Linear(cfg.hidden_size, self.heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=False)
@@ -90,12 +100,13 @@ class Attention(nn.Module):
         q = self.q_proj(hidden).reshape(b * l, self.heads, self.head_dim)
         k = self.k_proj(hidden).reshape(b * l, self.kv_heads, self.head_dim)
         v = self.v_proj(hidden).reshape(b * l, self.kv_heads, self.head_dim)
-        out = varlen_attention_ref(q, k, v, cu_seqlens, causal=True)  # (b*l, heads, head_dim)
+        out = self.kernels.attention(q, k, v, cu_seqlens, causal=True)  # (b*l, heads, head_dim)
         return self.o_proj(out.reshape(b, l, -1))
 
 
 class SquaredReluMLP(nn.Module):
-    def __init__(self, cfg: LanguageModelConfig):
+    # `kernels` is unused (plain matmuls); taken so that every mixer is built the same way.
+    def __init__(self, cfg: LanguageModelConfig, kernels: Kernels):
         super().__init__()
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.mlp_hidden_size, bias=False)
         self.down_proj = nn.Linear(cfg.mlp_hidden_size, cfg.hidden_size, bias=False)
@@ -110,27 +121,32 @@ MIXERS = {"M": Mamba2Mixer, "*": Attention, "-": SquaredReluMLP}
 class HybridBlock(nn.Module):
     """Pre-norm residual block around one mixer."""
 
-    def __init__(self, cfg: LanguageModelConfig, kind: str):
+    def __init__(self, cfg: LanguageModelConfig, kind: str, kernels: Kernels):
         super().__init__()
         self.kind = kind
-        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.mixer = MIXERS[kind](cfg)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, kernels.rms_norm)
+        self.mixer = MIXERS[kind](cfg, kernels)
 
     def forward(self, hidden: Tensor, seq_idx: Tensor, cu_seqlens: Tensor) -> Tensor:
         return hidden + self.mixer(self.norm(hidden), seq_idx, cu_seqlens)
 
 
 class Backbone(nn.Module):
-    def __init__(self, cfg: LanguageModelConfig):
+    def __init__(self, cfg: LanguageModelConfig, kernels: Kernels, activation_checkpointing: bool = False):
         super().__init__()
         self.embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(HybridBlock(cfg, kind) for kind in cfg.pattern)
-        self.norm_f = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.layers = nn.ModuleList(HybridBlock(cfg, kind, kernels) for kind in cfg.pattern)
+        self.norm_f = RMSNorm(cfg.hidden_size, cfg.norm_eps, kernels.rms_norm)
+        self.activation_checkpointing = activation_checkpointing
 
     def forward(self, embeds: Tensor, seq_idx: Tensor, cu_seqlens: Tensor) -> Tensor:
         hidden = embeds
         for layer in self.layers:
-            hidden = layer(hidden, seq_idx, cu_seqlens)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                # Keep only the layer's input; backward reruns its forward (same kernels, same autocast).
+                hidden = checkpoint(layer, hidden, seq_idx, cu_seqlens, use_reentrant=False)
+            else:
+                hidden = layer(hidden, seq_idx, cu_seqlens)
         return self.norm_f(hidden)
 
 
@@ -138,10 +154,12 @@ class HybridLanguageModel(nn.Module):
     """Backbone + untied output head. `forward` returns logits (B, L, V) for inference; training
     uses `backbone` and the chunked loss so full logits are never materialised."""
 
-    def __init__(self, cfg: LanguageModelConfig):
+    def __init__(self, cfg: LanguageModelConfig, kernels: KernelConfig | None = None):
         super().__init__()
         self.cfg = cfg
-        self.backbone = Backbone(cfg)
+        kernels = kernels or KernelConfig()
+        # A configured GPU kernel whose library is missing fails here, with the pip package to install.
+        self.backbone = Backbone(cfg, resolve_kernels(kernels), kernels.activation_checkpointing == "layers")
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     @torch.no_grad()

@@ -1,6 +1,8 @@
 """ViT encoder over square tiles (RADIO-style: linear patch embedding, learned positions).
 
-Parameter names follow timm (blocks.N.attn.qkv, blocks.N.mlp.fc1), as RADIO does.
+Parameter names follow timm (blocks.N.attn.qkv, blocks.N.mlp.fc1), as RADIO does. With the RADIO
+options of `VisionConfig` it computes what transformers' `RadioModel` computes: class + register
+tokens prepended, a larger position table resized to the tile grid (CPE), no final norm.
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from train.config import VisionConfig
 
@@ -34,14 +37,16 @@ class VisionBlock(nn.Module):
 class VisionEncoder(nn.Module):
     """(N, 3, T, T) normalised tiles -> (N, T/patch, T/patch, D) patch features."""
 
-    def __init__(self, cfg: VisionConfig):
+    def __init__(self, cfg: VisionConfig, activation_checkpointing: bool = False):
         super().__init__()
         self.cfg = cfg
-        num_patches = cfg.patches_per_side ** 2
+        self.activation_checkpointing = activation_checkpointing
         self.patch_embed = nn.Linear(3 * cfg.patch_size ** 2, cfg.hidden_size, bias=False)
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, cfg.hidden_size))
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.pos_embed_side ** 2, cfg.hidden_size))
+        if cfg.num_prefix_tokens:
+            self.cls_token = nn.Parameter(torch.zeros(cfg.num_prefix_tokens, cfg.hidden_size))
         self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.num_layers))
-        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps) if cfg.final_norm else nn.Identity()
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -54,12 +59,32 @@ class VisionEncoder(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
         nn.init.trunc_normal_(self.pos_embed, std=0.02, generator=generator)
+        if self.cfg.num_prefix_tokens:
+            nn.init.trunc_normal_(self.cls_token, std=0.02, generator=generator)
+
+    def position_embedding(self) -> Tensor:
+        """(1, side*side, d): the table itself, or (CPE) the table bilinearly resized to the tile grid."""
+        side, table = self.cfg.patches_per_side, self.cfg.pos_embed_side
+        if side == table:
+            return self.pos_embed
+        grid = self.pos_embed.reshape(1, table, table, -1).permute(0, 3, 1, 2)  # (1, d, table, table)
+        # Resized in fp32, as RADIO does, so a bf16 table gives the same positions.
+        grid = F.interpolate(grid.float(), size=(side, side), mode="bilinear", align_corners=False)
+        return grid.flatten(2).transpose(1, 2).to(self.pos_embed.dtype)  # (1, side*side, d)
 
     def forward(self, tiles: Tensor) -> Tensor:
         n, c, t, _ = tiles.shape
         p, side = self.cfg.patch_size, self.cfg.patches_per_side
         patches = tiles.reshape(n, c, side, p, side, p).permute(0, 2, 4, 1, 3, 5).reshape(n, side * side, c * p * p)
-        x = self.patch_embed(patches) + self.pos_embed  # (n, side*side, d)
+        x = self.patch_embed(patches)  # (n, side*side, d)
+        x = x + self.position_embedding()
+        prefix = self.cfg.num_prefix_tokens
+        if prefix:
+            x = torch.cat([self.cls_token.to(x.dtype).expand(n, -1, -1), x], dim=1)  # (n, prefix + side*side, d)
         for block in self.blocks:
-            x = block(x)
-        return self.norm(x).reshape(n, side, side, -1)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                # Keep only the block's input; backward reruns its forward.
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return self.norm(x[:, prefix:]).reshape(n, side, side, -1)

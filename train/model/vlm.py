@@ -20,10 +20,10 @@ class VisionLanguageModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.image_token_id = image_token_id
-        self.vision_model = VisionEncoder(cfg.vision)
+        self.vision_model = VisionEncoder(cfg.vision, cfg.kernels.activation_checkpointing == "layers")
         self.projector = Projector(cfg.projector, cfg.vision.hidden_size, cfg.language_model.hidden_size,
                                    cfg.language_model.norm_eps)
-        self.language_model = HybridLanguageModel(cfg.language_model)
+        self.language_model = HybridLanguageModel(cfg.language_model, cfg.kernels)
         mean, std = IMAGE_NORMALIZATION[cfg.vision.normalization]
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
