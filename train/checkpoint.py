@@ -88,8 +88,10 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    rank_state: dict, keep_last: int) -> Path:
-    """Write step `step` atomically and point `latest` at it; prune to `keep_last` complete ones."""
+                    rank_state: dict, keep_last: int, precision_state: dict | None = None) -> Path:
+    """Write step `step` atomically and point `latest` at it; prune to `keep_last` complete ones.
+
+    `precision_state` (FP8 amax histories and scales) is saved beside model and optimizer."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
     tmp = root / f".tmp_{step_dir_name(step)}"
@@ -98,7 +100,7 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: to
     _barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
     with dcp_quietly():
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+        dcp.save({"model": model_sd, "optim": optim_sd, "precision": precision_state or {}}, checkpoint_id=str(tmp))
     _write_json_atomic(tmp / f"rank_{_rank()}.json", {**rank_state, "rng": rng_state()})
     _barrier()
     if _rank() == 0:
@@ -143,10 +145,14 @@ def find_latest(root: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Restore model, optimizer and RNG in place; returns this rank's saved state."""
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    precision_state: dict | None = None) -> dict:
+    """Restore model, optimizer, RNG and (into `precision_state`'s tensors, in place) the
+    precision state; returns this rank's saved state."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
+    if precision_state:
+        state["precision"] = precision_state
     with dcp_quietly():
         dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])

@@ -446,7 +446,7 @@ class Config:
     def validate(self) -> "Config":
         if not self.stage:
             raise ConfigError("stage is empty: a recipe must set `stage` to its own name")
-        for name in ("model", "data", "optim", "trainer", "trainable", "init", "parallel"):
+        for name in ("model", "data", "optim", "trainer", "trainable", "init", "parallel", "precision"):
             getattr(self, name).validate(name)
         self.model.kernels.validate_runtime("model.kernels", self.trainer.device, self.precision.name)
         if self.data.tile_size != self.model.vision.image_size:

@@ -18,6 +18,7 @@ from data_pipelines.packing import PackedBatch
 from train.config import Config, OptimConfig, TrainableConfig
 from train.distributed import DistInfo, all_reduce_sum
 from train.model.vlm import VisionLanguageModel
+from train.precision import Precision
 
 
 @dataclass
@@ -29,6 +30,7 @@ class StepResult:
     supervised_tokens: int  # global, this step
     slots: int  # global token slots (real + padding), this step
     samples: int  # global, this step
+    precision_metrics: dict  # e.g. FP8 saturation and scale range; empty outside FP8
 
 
 def apply_trainable(model: VisionLanguageModel, trainable: TrainableConfig) -> None:
@@ -59,17 +61,17 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
 
 
 class TrainModule:
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, info: DistInfo):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, info: DistInfo,
+                 precision: Precision):
         self.model = model  # possibly DDP-wrapped
         self.optimizer = optimizer
         self.cfg = cfg
         self.info = info
-        self.autocast = (torch.autocast(info.device.type, dtype=torch.bfloat16)
-                         if cfg.precision.name == "bf16" else contextlib.nullcontext())
+        self.precision = precision
 
     def _loss(self, batch: PackedBatch) -> tuple[torch.Tensor, int]:
         d = self.info.device
-        with self.autocast:
+        with self.precision.autocast():
             return self.model(batch.input_ids.to(d), batch.labels.to(d), batch.tiles.to(d),
                               batch.seq_idx.to(d), batch.cu_seqlens.to(d))
 
@@ -96,6 +98,7 @@ class TrainModule:
         clip = self.cfg.optim.clip_grad if self.cfg.optim.clip_grad > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
         self.optimizer.step()
+        self.precision.after_optimizer_step()
         return StepResult(
             loss=all_reduce_sum(loss_sum, self.info) / global_supervised,
             grad_norm=grad_norm,
@@ -104,4 +107,5 @@ class TrainModule:
             supervised_tokens=int(global_supervised),
             slots=int(all_reduce_sum(sum(b.input_ids.numel() for b in micro_batches), self.info)),
             samples=int(all_reduce_sum(sum(b.num_samples for b in micro_batches), self.info)),
+            precision_metrics=self.precision.step_metrics(),
         )

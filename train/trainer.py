@@ -25,6 +25,7 @@ from train.checkpoint import find_latest, load_checkpoint, load_model_weights, s
 from train.config import Config, ConfigError
 from train.distributed import DistInfo, init_distributed, shutdown, wrap_data_parallel
 from train.model.vlm import VisionLanguageModel
+from train.precision import build_precision
 from train.train_module import TrainModule, apply_trainable, build_optimizer
 
 
@@ -77,17 +78,22 @@ class Trainer:
         self.run_dir = Path(cfg.run.dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         tokenizer = Tokenizer.load(cfg.data.tokenizer)
-        self.model = build_model(cfg, tokenizer).to(info.device)
+        self.precision = build_precision(cfg.precision, info.device)
+        # FP8 swaps Linear modules: before the optimizer (same Parameters either way) and DDP.
+        self.model = self.precision.convert_model(build_model(cfg, tokenizer).to(info.device))
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.data = build_data(cfg, tokenizer, info)
         self.step, self.tokens = 0, 0
         latest = find_latest(self.ckpt_root)
         if latest is not None:
-            saved = load_checkpoint(latest, self.model, self.optimizer)
+            precision_state = self.precision.state_dict()
+            saved = load_checkpoint(latest, self.model, self.optimizer, precision_state)
+            self.precision.load_state_dict(precision_state)
             self.step, self.tokens = saved["step"], saved["tokens"]
             self.data.load_state_dict(saved["data"])
             self._log(f"resumed from {latest} at step {self.step}")
-        self.train_module = TrainModule(wrap_data_parallel(self.model, cfg.parallel, info), self.optimizer, cfg, info)
+        self.train_module = TrainModule(wrap_data_parallel(self.model, cfg.parallel, info), self.optimizer, cfg, info,
+                                        self.precision)
 
     def _log(self, message: str) -> None:
         if self.info.is_main:
@@ -113,7 +119,7 @@ class Trainer:
                     "tokens": self.tokens, "grad_norm": result.grad_norm, "step_time_s": elapsed,
                     "packing_efficiency": result.real_tokens / result.slots, "samples": result.samples,
                     "supervised_tokens": result.supervised_tokens, "epochs": round(self.data.epochs, 4),
-                    "skipped": dict(self.data.skipped),
+                    "skipped": dict(self.data.skipped), **result.precision_metrics,
                 }
                 metrics.log(record)
                 wandb.log(record)
@@ -128,7 +134,8 @@ class Trainer:
 
     def _save(self) -> Path:
         state = {"step": self.step, "tokens": self.tokens, "data": self.data.state_dict()}
-        return save_checkpoint(self.ckpt_root, self.step, self.model, self.optimizer, state, self.cfg.trainer.keep_last)
+        return save_checkpoint(self.ckpt_root, self.step, self.model, self.optimizer, state, self.cfg.trainer.keep_last,
+                               self.precision.state_dict())
 
     def _write_summary(self, last_loss: float) -> dict:
         latest = find_latest(self.ckpt_root)

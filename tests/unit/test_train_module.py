@@ -12,6 +12,7 @@ from data_pipelines.samples import Sample
 from train.config import Config, LanguageModelConfig, ModelConfig, OptimConfig, TrainerConfig
 from train.distributed import DistInfo
 from train.model.vlm import VisionLanguageModel
+from train.precision import build_precision
 from train.train_module import TrainModule, apply_trainable, build_optimizer, learning_rate
 
 LM = LanguageModelConfig(pattern="M*-", hidden_size=32, vocab_size=64, num_attention_heads=2, num_key_value_heads=1,
@@ -34,7 +35,8 @@ def module(micro_batches: int, micro_batch_size: int) -> TrainModule:
     model = VisionLanguageModel(cfg.model, image_token_id=10).double()
     model.reset_parameters(0)
     apply_trainable(model, cfg.trainable)
-    return TrainModule(model, build_optimizer(model, cfg.optim), cfg, DistInfo(0, 1, 0, torch.device("cpu")))
+    return TrainModule(model, build_optimizer(model, cfg.optim), cfg, DistInfo(0, 1, 0, torch.device("cpu")),
+                       build_precision(cfg.precision, torch.device("cpu")))
 
 
 def test_accumulation_equals_one_big_batch():

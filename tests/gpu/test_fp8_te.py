@@ -1,0 +1,136 @@
+"""Transformer Engine's FP8 delayed scaling against the emulation (needs CUDA sm89+ and TE)."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from data_pipelines.packing import collate_rows
+from data_pipelines.samples import Sample
+from train.config import LanguageModelConfig, ModelConfig, OptimConfig, PrecisionConfig
+from train.model.vlm import VisionLanguageModel
+from train.precision import build_precision
+from train.train_module import build_optimizer
+
+pytestmark = pytest.mark.gpu
+
+CUDA = torch.device("cuda")
+
+
+@pytest.fixture(autouse=True)
+def _needs_fp8_gpu():
+    pytest.importorskip("transformer_engine.pytorch", reason="needs Transformer Engine (pip install -e '.[gpu]')")
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 GEMMs need compute capability 8.9+")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
+
+
+def cfg(name: str, **fields) -> PrecisionConfig:
+    # bf16 compute on both sides: TE quantises the bf16-cast input, as the emulation then does.
+    return PrecisionConfig(name=name, compute_dtype="bf16", **fields)
+
+
+@pytest.mark.parametrize("algo, fp8_format, margin", [("max", "hybrid", 0), ("most_recent", "e4m3", 1)])
+def test_te_linear_records_the_same_amaxes_and_scales_as_the_emulation(algo, fp8_format, margin):
+    fields = dict(amax_history_len=3, amax_compute_algo=algo, fp8_format=fp8_format, margin=margin,
+                  keep_patterns=[], keep_first_last_layers=0)
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(64, 32, bias=False), nn.ReLU(), nn.Linear(32, 48, bias=False)).to(CUDA)
+    runs = {}
+    for name in ("fp8_delayed", "fp8_delayed_emulated"):
+        model = copy.deepcopy(base)
+        precision = build_precision(cfg(name, **fields), CUDA)
+        precision.convert_model(model)
+        assert precision.fp8_module_names(model) == ["0", "2"]
+        assert list(model.state_dict()) == list(base.state_dict())  # no TE _extra_state among the keys
+        runs[name] = (model, precision)
+
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    grad = torch.randn(32, 48, device=CUDA, generator=gen).bfloat16()
+    # Magnitudes jump so that some steps saturate under the delayed scales.
+    for step, magnitude in enumerate([1.0, 1.0, 8.0, 0.5, 0.5, 30.0]):
+        x = torch.randn(32, 64, device=CUDA, generator=gen) * magnitude
+        outs, grads, metrics = {}, {}, {}
+        for name, (model, precision) in runs.items():
+            model.zero_grad(set_to_none=True)
+            xi = x.clone().requires_grad_()
+            with precision.autocast():
+                out = model(xi)
+            out.backward(grad)
+            precision.after_optimizer_step()
+            outs[name], grads[name], metrics[name] = out.detach(), xi.grad, precision.step_metrics()
+        te_state, emu_state = (runs[n][1].state_dict() for n in ("fp8_delayed", "fp8_delayed_emulated"))
+        for key, emu in emu_state.items():
+            slots = emu.shape[-1]
+            torch.testing.assert_close(te_state[key][..., :slots], emu, rtol=1e-6, atol=0, msg=f"step {step} {key}")
+        assert rel_err(outs["fp8_delayed"], outs["fp8_delayed_emulated"]) < 1e-2
+        assert rel_err(grads["fp8_delayed"], grads["fp8_delayed_emulated"]) < 2e-2
+        assert metrics["fp8_delayed"] == pytest.approx(metrics["fp8_delayed_emulated"], rel=1e-6)
+
+
+# FP8-friendly tiny LM: every FP8 Linear has in/out features divisible by 16
+# (Mamba in_proj: 2 * 64 + 2 * 2 * 16 + 16 = 208).
+LM = LanguageModelConfig(pattern="M*-M-", hidden_size=64, vocab_size=128, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=16, mamba_num_heads=16, mamba_head_dim=4, ssm_state_size=16, n_groups=2,
+                         chunk_size=16, mlp_hidden_size=128)
+
+
+def sample(n: int, seed: int) -> Sample:
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(12, 128, size=n)
+    labels = ids.copy()
+    labels[:3] = -100
+    return Sample(ids, labels, torch.zeros(0, 3, 64, 64, dtype=torch.uint8), "t", f"s{seed}")
+
+
+STEPS = [collate_rows([[sample(30, 2 * i)], [sample(27, 2 * i + 1)]], 32, 3) for i in range(6)]
+
+
+class Run:
+    def __init__(self, precision_cfg: PrecisionConfig, seed: int = 0):
+        model = VisionLanguageModel(ModelConfig(language_model=LM), image_token_id=10)
+        model.reset_parameters(seed)
+        self.model = model.to(CUDA)
+        self.precision = build_precision(precision_cfg, CUDA)
+        self.precision.convert_model(self.model)
+        self.optimizer = build_optimizer(self.model, OptimConfig(lr=3e-3))
+
+    def step(self, b) -> float:
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.precision.autocast():
+            loss, n = self.model(b.input_ids.to(CUDA), b.labels.to(CUDA), b.tiles.to(CUDA), b.seq_idx.to(CUDA),
+                                 b.cu_seqlens.to(CUDA))
+        (loss / n).backward()
+        self.optimizer.step()
+        self.precision.after_optimizer_step()
+        return float(loss.detach()) / n
+
+
+def test_tiny_model_trains_alike_under_te_and_emulation_and_te_resumes():
+    fields = dict(amax_history_len=8)
+    te_run, emu_run = Run(cfg("fp8_delayed", **fields)), Run(cfg("fp8_delayed_emulated", **fields))
+    assert te_run.precision.fp8_module_names(te_run.model) == emu_run.precision.fp8_module_names(emu_run.model)
+    half = len(STEPS) // 2
+    te_losses = [te_run.step(b) for b in STEPS[:half]]
+    ckpt = {"model": {k: v.clone() for k, v in te_run.model.state_dict().items()},
+            "optim": copy.deepcopy(te_run.optimizer.state_dict()),
+            "precision": {k: v.clone() for k, v in te_run.precision.state_dict().items()}}
+    te_losses += [te_run.step(b) for b in STEPS[half:]]
+    emu_losses = [emu_run.step(b) for b in STEPS]
+    np.testing.assert_allclose(te_losses, emu_losses, rtol=2e-2)
+    te_state, emu_state = te_run.precision.state_dict(), emu_run.precision.state_dict()
+    for key, emu in emu_state.items():
+        torch.testing.assert_close(te_state[key][..., :emu.shape[-1]], emu, rtol=0.1, atol=0, msg=key)
+
+    resumed = Run(cfg("fp8_delayed", **fields), seed=1)
+    resumed.model.load_state_dict(ckpt["model"])
+    resumed.optimizer.load_state_dict(ckpt["optim"])
+    resumed.precision.load_state_dict(ckpt["precision"])
+    np.testing.assert_allclose([resumed.step(b) for b in STEPS[half:]], te_losses[half:], rtol=1e-5)

@@ -1,0 +1,31 @@
+"""Precision plugins: fp32, bf16, FP8 delayed scaling through Transformer Engine or emulated.
+
+`build_precision` is the only entry point the trainer needs. Transformer Engine is imported only
+when precision=fp8_delayed is built, so a missing or broken install never breaks `import train`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from train.config import PrecisionConfig
+from train.precision.fp8_emulated import EmulatedFp8Precision
+from train.precision.plugin import Precision
+
+__all__ = ["Precision", "build_precision"]
+
+TE_INSTALL_HINT = "install the GPU extra (pip install -e '.[gpu]') or use precision=fp8_delayed_emulated"
+
+
+def build_precision(cfg: PrecisionConfig, device: torch.device) -> Precision:
+    cfg.validate("precision")
+    if cfg.name == "fp8_delayed_emulated":
+        return EmulatedFp8Precision(cfg, device)
+    if cfg.name == "fp8_delayed":
+        try:
+            from train.precision.fp8_te import TEFp8Precision
+        except Exception as err:  # absent (ImportError) or broken (OSError, RuntimeError from its CUDA libs)
+            raise RuntimeError(f"precision=fp8_delayed needs Transformer Engine, which failed to import "
+                               f"({type(err).__name__}: {err}); {TE_INSTALL_HINT}") from err
+        return TEFp8Precision(cfg, device)
+    return Precision(cfg, device)

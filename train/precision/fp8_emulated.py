@@ -1,0 +1,152 @@
+"""FP8 delayed scaling emulated in plain torch: runs on CPU, deterministic, numerically TE-like.
+
+Each FP8 Linear quantises its input and weight to E4M3 in the forward and its output gradient to
+E5M2 (hybrid) or E4M3 in the backward, with the delayed scales of `DelayedScalingState`, and runs
+the GEMMs on the FP8 values in float32 with the two inverse scales applied to the product, as
+cuBLAS applies them to an FP8 GEMM. With `fp8_wgrad` off the weight-gradient GEMM uses the
+unquantised input and output gradient instead.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from train.config import PrecisionConfig
+from train.precision.delayed_scaling import DelayedScalingRecipe, DelayedScalingState
+from train.precision.plugin import Precision, check_state_keys, unwrap
+from train.precision.region import fp8_linear_names, replace_module
+
+# Columns of one Linear in the state: forward (input, weight), backward (output gradient).
+_FWD, _BWD = (0, 1), (2,)
+
+
+def recipe_from_config(cfg: PrecisionConfig) -> DelayedScalingRecipe:
+    return DelayedScalingRecipe(fp8_format=cfg.fp8_format, amax_history_len=cfg.amax_history_len,
+                                amax_compute_algo=cfg.amax_compute_algo, margin=cfg.margin,
+                                fp8_wgrad=cfg.fp8_wgrad)
+
+
+def _fp8_matmul(a: Tensor, b: Tensor, scale_inv: Tensor) -> Tensor:
+    """(a @ b) * scale_inv for FP8 a, b: exact products, float32 accumulation."""
+    return (a.float() @ b.float()) * scale_inv
+
+
+class _Fp8Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, state: DelayedScalingState,
+                cols: tuple[int, int, int]) -> Tensor:
+        x2 = x.reshape(-1, x.shape[-1])  # (T, K)
+        with torch.autocast(x.device.type, enabled=False):
+            x_fp8, x_inv = state.quantize(x2, cols[0])
+            w_fp8, w_inv = state.quantize(weight, cols[1])
+            out = _fp8_matmul(x_fp8, w_fp8.t(), x_inv * w_inv)  # (T, N)
+            if bias is not None:
+                out = out + bias.float()
+        wgrad_input = x_fp8 if state.recipe.fp8_wgrad else x2
+        ctx.save_for_backward(wgrad_input if weight.requires_grad else None, w_fp8, x_inv, w_inv)
+        ctx.state, ctx.cols = state, cols
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return out.to(x.dtype).reshape(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        wgrad_input, w_fp8, x_inv, w_inv = ctx.saved_tensors
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        g2 = grad_out.reshape(-1, grad_out.shape[-1])  # (T, N)
+        grad_x = grad_w = grad_b = None
+        with torch.autocast(grad_out.device.type, enabled=False):
+            g_fp8, g_inv = ctx.state.quantize(g2, ctx.cols[2])
+            if ctx.needs_input_grad[0]:
+                grad_x = _fp8_matmul(g_fp8, w_fp8, g_inv * w_inv).to(x_dtype)
+                grad_x = grad_x.reshape(*grad_out.shape[:-1], grad_x.shape[-1])
+            if ctx.needs_input_grad[1]:
+                if ctx.state.recipe.fp8_wgrad:
+                    grad_w = _fp8_matmul(g_fp8.t(), wgrad_input, g_inv * x_inv)
+                else:
+                    grad_w = g2.float().t() @ wgrad_input.float()
+                grad_w = grad_w.to(w_dtype)
+            if ctx.needs_input_grad[2]:
+                # The bias gradient comes from the unquantised output gradient, as in TE.
+                grad_b = g2.float().sum(0).to(b_dtype)
+        return grad_x, grad_w, grad_b, None, None
+
+
+class Fp8EmulatedLinear(nn.Linear):
+    """An nn.Linear whose GEMMs run on FP8-quantised operands; the same Parameter objects under
+    the same names, so optimizers, checkpoints and HF conversion see no difference."""
+
+    state: DelayedScalingState
+    columns: tuple[int, int, int]
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, state: DelayedScalingState, columns: tuple[int, int, int]
+                    ) -> "Fp8EmulatedLinear":
+        new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        new.weight, new.bias = linear.weight, linear.bias
+        new.train(linear.training)
+        new.state, new.columns = state, columns
+        return new
+
+    def forward(self, x: Tensor) -> Tensor:
+        # TE casts the input to the activation dtype (autocast's, if on) before quantising it.
+        if torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        return _Fp8Linear.apply(x, self.weight, self.bias, self.state, self.columns)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", fp8=emulated"
+
+
+class EmulatedFp8Precision(Precision):
+    """precision=fp8_delayed_emulated."""
+
+    def __init__(self, cfg: PrecisionConfig, device: torch.device):
+        super().__init__(cfg, device)
+        self.recipe = recipe_from_config(cfg)
+        self.names: list[str] = []
+        self.state = DelayedScalingState(self.recipe, [], device)
+        self._stats: dict[str, Tensor] = {}
+
+    def convert_model(self, model: nn.Module) -> nn.Module:
+        if self.names:
+            raise RuntimeError("convert_model was already called; one Precision converts one model")
+        self.names = fp8_linear_names(model, self.cfg.keep_patterns, self.cfg.keep_first_last_layers)
+        fwd, bwd = self.recipe.forward_dtype, self.recipe.backward_dtype
+        device = model.get_submodule(self.names[0]).weight.device if self.names else self.device
+        self.state = DelayedScalingState(self.recipe, [fwd, fwd, bwd] * len(self.names), device)
+        for i, name in enumerate(self.names):
+            columns = (3 * i, 3 * i + 1, 3 * i + 2)
+            replace_module(model, name, Fp8EmulatedLinear.from_linear(model.get_submodule(name), self.state, columns))
+        return model
+
+    def after_optimizer_step(self) -> None:
+        if self.state.num_tensors:
+            self._stats = self.state.step()
+
+    def step_metrics(self) -> dict[str, float]:
+        return {key: float(value) for key, value in self._stats.items()}
+
+    def _columns(self) -> dict[str, list[int]]:
+        cols = {}
+        for i, name in enumerate(self.names):
+            cols[f"{name}.fwd"] = [3 * i + c for c in _FWD]
+            cols[f"{name}.bwd"] = [3 * i + c for c in _BWD]
+        return cols
+
+    def state_dict(self) -> dict[str, Tensor]:
+        out = {}
+        for prefix, cols in self._columns().items():
+            out[f"{prefix}.amax_history"] = self.state.amax_history[:, cols].clone()  # (len, len(cols))
+            out[f"{prefix}.scale"] = self.state.scale[cols].clone()
+        return out
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        check_state_keys(self.state_dict(), state)
+        with torch.no_grad():
+            for prefix, cols in self._columns().items():
+                self.state.amax_history[:, cols] = state[f"{prefix}.amax_history"].to(self.state.amax_history.device)
+                self.state.scale[cols] = state[f"{prefix}.scale"].to(self.state.scale.device)
+
+    def fp8_module_names(self, model: nn.Module) -> list[str]:
+        return [name for name, m in unwrap(model).named_modules() if isinstance(m, Fp8EmulatedLinear)]
