@@ -24,9 +24,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    from train.preemption import EXIT_PREEMPTED, Preempted
     from train.trainer import run_stage
 
-    run_stage(cfg)
+    try:
+        run_stage(cfg)
+    except Preempted:
+        return EXIT_PREEMPTED
     return 0
 
 

@@ -99,9 +99,16 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: to
         shutil.rmtree(tmp)
     _barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    with dcp_quietly():
-        dcp.save({"model": model_sd, "optim": optim_sd, "precision": precision_state or {}}, checkpoint_id=str(tmp))
-    _write_json_atomic(tmp / f"rank_{_rank()}.json", {**rank_state, "rng": rng_state()})
+    try:
+        with dcp_quietly():
+            dcp.save({"model": model_sd, "optim": optim_sd, "precision": precision_state or {}},
+                     checkpoint_id=str(tmp))
+        _write_json_atomic(tmp / f"rank_{_rank()}.json", {**rank_state, "rng": rng_state()})
+    except BaseException:
+        # Disk full, killed mid-write...: drop the partial directory; `latest` still names the
+        # previous complete checkpoint.
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     _barrier()
     if _rank() == 0:
         (tmp / COMPLETE_MARKER).write_text(json.dumps({"step": step}))

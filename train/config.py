@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type_hints
 
+from data_pipelines.evs import EvsConfig
+
 
 class ConfigError(ValueError):
     """A recipe field is missing, mistyped or out of range."""
@@ -236,6 +238,8 @@ class DataConfig:
     pack_buffer: int = 64
     max_samples_per_pack: int = 0
     pad_multiple: int = 16
+    # Efficient video sampling: prune each video's static tokens after the projector.
+    evs: EvsConfig = field(default_factory=EvsConfig)
 
     def validate(self, path: str) -> None:
         if not self.sources:
@@ -260,6 +264,10 @@ class DataConfig:
             raise ConfigError(f"{path}.reasoning_on_ratio must be in [0, 1]")
         if self.seq_length % self.pad_multiple:
             raise ConfigError(f"{path}.seq_length must be a multiple of {path}.pad_multiple={self.pad_multiple}")
+        try:
+            self.evs.validate(f"{path}.evs")
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
 
 def _check_source_exists(pattern: str, path: str) -> None:
@@ -304,10 +312,13 @@ class TrainerConfig:
     keep_last: int = 2
     device: Literal["auto", "cpu", "cuda"] = "auto"
     deterministic: bool = True
+    # Steps with a non-finite loss or gradient norm are skipped (no update); this many in a row
+    # stop the run with an error, leaving the last good checkpoint as `latest`.
+    max_nonfinite_steps: int = 5
 
     def validate(self, path: str) -> None:
         _check_positive(self, path, "max_steps", "micro_batch_size", "grad_accum_steps", "log_every", "save_every",
-                        "keep_last")
+                        "keep_last", "max_nonfinite_steps")
 
 
 @dataclass

@@ -61,11 +61,15 @@ def run_pipeline(argv: list[str]) -> list[dict]:
 
 
 def main() -> int:
+    from train.preemption import EXIT_PREEMPTED, Preempted
+
     try:
         run_pipeline(sys.argv[1:])
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    except Preempted:
+        return EXIT_PREEMPTED
     return 0
 
 

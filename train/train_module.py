@@ -31,6 +31,11 @@ class StepResult:
     slots: int  # global token slots (real + padding), this step
     samples: int  # global, this step
     precision_metrics: dict  # e.g. FP8 saturation and scale range; empty outside FP8
+    skipped_nonfinite: bool = False  # the update was skipped: non-finite loss or gradient norm
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient norm."""
 
 
 def apply_trainable(model: VisionLanguageModel, trainable: TrainableConfig) -> None:
@@ -68,12 +73,14 @@ class TrainModule:
         self.cfg = cfg
         self.info = info
         self.precision = precision
+        self.nonfinite_in_a_row = 0
+        self.nonfinite_total = 0
 
     def _loss(self, batch: PackedBatch) -> tuple[torch.Tensor, int]:
         d = self.info.device
         with self.precision.autocast():
             return self.model(batch.input_ids.to(d), batch.labels.to(d), batch.tiles.to(d),
-                              batch.seq_idx.to(d), batch.cu_seqlens.to(d))
+                              batch.seq_idx.to(d), batch.cu_seqlens.to(d), batch.video_evs.to(d))
 
     def train_step(self, micro_batches: list[PackedBatch], step: int) -> StepResult:
         lr = learning_rate(step, self.cfg.optim, self.cfg.trainer.max_steps)
@@ -97,10 +104,24 @@ class TrainModule:
         params = [p for p in self.model.parameters() if p.requires_grad]
         clip = self.cfg.optim.clip_grad if self.cfg.optim.clip_grad > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-        self.optimizer.step()
+        loss = all_reduce_sum(loss_sum, self.info) / global_supervised
+        # clip_grad_norm_ reduces over DDP-synchronised grads, so every rank agrees on this.
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+            self.nonfinite_in_a_row = 0
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nonfinite_in_a_row += 1
+            self.nonfinite_total += 1
+            if self.nonfinite_in_a_row >= self.cfg.trainer.max_nonfinite_steps:
+                raise NonFiniteError(
+                    f"{self.nonfinite_in_a_row} steps in a row had a non-finite loss or gradient norm (loss={loss}, "
+                    f"grad_norm={grad_norm}); stopping. The last good checkpoint is untouched: lower optim.lr or "
+                    "check the data, then rerun to resume from it")
         self.precision.after_optimizer_step()
         return StepResult(
-            loss=all_reduce_sum(loss_sum, self.info) / global_supervised,
+            loss=loss,
             grad_norm=grad_norm,
             lr=lr,
             real_tokens=int(all_reduce_sum(sum(b.num_real_tokens for b in micro_batches), self.info)),
@@ -108,4 +129,5 @@ class TrainModule:
             slots=int(all_reduce_sum(sum(b.input_ids.numel() for b in micro_batches), self.info)),
             samples=int(all_reduce_sum(sum(b.num_samples for b in micro_batches), self.info)),
             precision_metrics=self.precision.step_metrics(),
+            skipped_nonfinite=not finite,
         )

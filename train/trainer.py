@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import random
 import time
@@ -26,6 +27,7 @@ from train.config import Config, ConfigError
 from train.distributed import DistInfo, init_distributed, shutdown, wrap_data_parallel
 from train.model.vlm import VisionLanguageModel
 from train.precision import build_precision
+from train.preemption import Preempted, PreemptionHandler
 from train.train_module import TrainModule, apply_trainable, build_optimizer
 
 
@@ -46,7 +48,7 @@ def build_data(cfg: Config, tokenizer: Tokenizer, info: DistInfo) -> PackedBatch
         tiling=TilingConfig(tile_size=d.tile_size, min_tiles=d.min_tiles, max_tiles=d.max_tiles,
                             use_thumbnail=d.use_thumbnail),
         video_fps=d.video_fps, max_frames=d.max_frames, reasoning_on_ratio=d.reasoning_on_ratio,
-        chat_template=d.chat_template, loss_on_think=d.loss_on_think, seed=cfg.seed,
+        chat_template=d.chat_template, loss_on_think=d.loss_on_think, seed=cfg.seed, evs=d.evs,
     )
     sources = [Source(s.name, s.path, s.weight, s.reasoning_on_ratio) for s in d.sources]
     return PackedBatchStream(sources, spec, tokenizer, micro_batch_size=cfg.trainer.micro_batch_size,
@@ -58,7 +60,8 @@ def build_model(cfg: Config, tokenizer: Tokenizer) -> VisionLanguageModel:
     if tokenizer.vocab_size > cfg.model.language_model.vocab_size:
         raise ConfigError(f"model.language_model.vocab_size={cfg.model.language_model.vocab_size} is smaller than the "
                           f"tokenizer's {tokenizer.vocab_size} tokens: raise it")
-    model = VisionLanguageModel(cfg.model, image_token_id=tokenizer.special_ids[st.IMG_CONTEXT])
+    model = VisionLanguageModel(cfg.model, image_token_id=tokenizer.special_ids[st.IMG_CONTEXT],
+                                image_end_id=tokenizer.special_ids[st.IMG_END])
     model.reset_parameters(cfg.seed)
     if cfg.init.from_checkpoint:
         load_model_weights(Path(cfg.init.from_checkpoint), model)
@@ -106,17 +109,35 @@ class Trainer:
         wandb = WandbLogger(cfg.logger.wandb.mode, cfg.logger.wandb.project, cfg.logger.wandb.entity, self.run_dir,
                             cfg.stage, dataclasses.asdict(cfg)) if self.info.is_main else None
         last_loss = float("nan")
+        preemption = PreemptionHandler().install()
+        try:
+            last_loss = self._loop(metrics, progress, wandb, preemption)
+        finally:
+            preemption.uninstall()
+            progress.close()
+            self.data.close()
+            if wandb is not None:
+                wandb.close()
+        return self._write_summary(last_loss)
+
+    def _loop(self, metrics, progress, wandb, preemption: PreemptionHandler) -> float:
+        cfg, t = self.cfg, self.cfg.trainer
+        last_loss = float("nan")
         while self.step < t.max_steps:
             started = time.monotonic()
             result = self.train_module.train_step([self.data.next_batch() for _ in range(t.grad_accum_steps)], self.step)
             self.step += 1
             self.tokens += result.real_tokens
-            last_loss = result.loss
+            if not result.skipped_nonfinite:
+                last_loss = result.loss
             elapsed = time.monotonic() - started
             if self.info.is_main and (self.step % t.log_every == 0 or self.step == t.max_steps):
                 record = {
-                    "stage": cfg.stage, "step": self.step, "loss": result.loss, "lr": result.lr,
-                    "tokens": self.tokens, "grad_norm": result.grad_norm, "step_time_s": elapsed,
+                    "stage": cfg.stage, "step": self.step, "lr": result.lr,
+                    # JSON has no NaN: a skipped non-finite step logs loss null.
+                    "loss": result.loss if math.isfinite(result.loss) else None,
+                    "nonfinite_skipped": self.train_module.nonfinite_total,
+                    "tokens": self.tokens, "grad_norm": result.grad_norm if math.isfinite(result.grad_norm) else None, "step_time_s": elapsed,
                     "packing_efficiency": result.real_tokens / result.slots, "samples": result.samples,
                     "supervised_tokens": result.supervised_tokens, "epochs": round(self.data.epochs, 4),
                     "skipped": dict(self.data.skipped), **result.precision_metrics,
@@ -124,13 +145,15 @@ class Trainer:
                 metrics.log(record)
                 wandb.log(record)
                 progress.update(self.step, result.loss, result.real_tokens / elapsed)
-            if self.step % t.save_every == 0 or self.step == t.max_steps:
+            saved = self.step % t.save_every == 0 or self.step == t.max_steps
+            if saved:
                 self._save()
-        progress.close()
-        self.data.close()
-        if wandb is not None:
-            wandb.close()
-        return self._write_summary(last_loss)
+            if self.step < t.max_steps and preemption.should_stop():
+                if not saved:
+                    self._save()
+                self._log(f"preempted: saved step {self.step}; rerun the same command to resume")
+                raise Preempted(self.step)
+        return last_loss
 
     def _save(self) -> Path:
         state = {"step": self.step, "tokens": self.tokens, "data": self.data.state_dict()}

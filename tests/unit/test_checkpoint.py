@@ -61,3 +61,28 @@ def test_no_checkpoint_means_none(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert find_latest(tmp_path / "nothing") is None
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    import train.checkpoint as ckpt
+
+    model, opt = model_and_optim()
+    save_checkpoint(tmp_path, 1, model, opt, {"step": 1}, keep_last=2)
+
+    def full_disk(state, checkpoint_id):
+        from pathlib import Path
+
+        Path(checkpoint_id).mkdir(parents=True, exist_ok=True)
+        (Path(checkpoint_id) / "__0_0.distcp").write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt.dcp, "save", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        save_checkpoint(tmp_path, 2, model, opt, {"step": 2}, keep_last=2)
+    assert find_latest(tmp_path).name == "step_0000001"
+    assert not (tmp_path / ".tmp_step_0000002").exists()
+    monkeypatch.undo()
+    fresh, fresh_opt = model_and_optim(seed=4)
+    assert load_checkpoint(find_latest(tmp_path), fresh, fresh_opt) == {"step": 1}

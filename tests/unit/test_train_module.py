@@ -76,3 +76,22 @@ def test_warmup_then_cosine(step, expected):
     assert math.isclose(learning_rate(step, cfg, max_steps=14), expected, abs_tol=1e-9)
     mid = learning_rate(9, cfg, max_steps=14)
     assert math.isclose(mid, 0.1 + 0.45 * (1 + math.cos(math.pi * 0.5)))
+
+
+def test_nonfinite_steps_are_skipped_then_stop_the_run():
+    from train.train_module import NonFiniteError
+
+    m = module(1, 1)
+    m.cfg.trainer.max_nonfinite_steps = 2
+    batch = [collate_rows([[sample(20, 0, 2)]], 32, 3)]
+    ok = m.train_step(batch, 0)
+    assert not ok.skipped_nonfinite
+    with torch.no_grad():
+        m.model.language_model.lm_head.weight[0, 0] = float("nan")
+    before = {n: p.detach().clone() for n, p in m.model.named_parameters()}
+    bad = m.train_step(batch, 1)
+    assert bad.skipped_nonfinite and m.nonfinite_in_a_row == 1
+    after = dict(m.model.named_parameters())
+    assert all(torch.equal(before[n], after[n].detach()) or n.endswith("lm_head.weight") for n in before)
+    with pytest.raises(NonFiniteError, match="2 steps in a row"):
+        m.train_step(batch, 2)

@@ -10,16 +10,19 @@ from torch.utils.checkpoint import checkpoint
 from data_pipelines.conversation import IGNORE_INDEX
 from data_pipelines.tiling import IMAGE_NORMALIZATION
 from train.config import ModelConfig
+from train.model.evs import prune_videos
 from train.model.language_model import HybridLanguageModel
 from train.model.projector import Projector
 from train.model.vision import VisionEncoder
 
 
 class VisionLanguageModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, image_token_id: int):
+    def __init__(self, cfg: ModelConfig, image_token_id: int, image_end_id: int | None = None):
         super().__init__()
         self.cfg = cfg
         self.image_token_id = image_token_id
+        # `</img>`: EVS finds each video frame's end by it (only batches with `video_evs` need it).
+        self.image_end_id = image_end_id
         self.vision_model = VisionEncoder(cfg.vision, cfg.kernels.activation_checkpointing == "layers")
         self.projector = Projector(cfg.projector, cfg.vision.hidden_size, cfg.language_model.hidden_size,
                                    cfg.language_model.norm_eps)
@@ -46,26 +49,38 @@ class VisionLanguageModel(nn.Module):
         pixels = pixels.to(self.projector.mlp1[1].weight.dtype)
         return self.projector(self.vision_model(pixels)).flatten(0, 1)
 
-    def hidden_states(self, input_ids: Tensor, tiles: Tensor, seq_idx: Tensor, cu_seqlens: Tensor) -> Tensor:
-        """(B, L) ids + media -> final normalised hidden states (B, L, D)."""
+    def hidden_states(self, input_ids: Tensor, tiles: Tensor, seq_idx: Tensor, cu_seqlens: Tensor,
+                      video_evs: Tensor | None = None) -> Tensor:
+        """(B, L) ids + media -> final normalised hidden states (B, L, D).
+
+        `video_evs` (V, 5) names the videos to prune with EVS (`train.model.evs.prune_videos`):
+        their media shrink to the kept tokens and their spans of `input_ids` are laid out anew.
+        """
+        media = self.embed_media(tiles) if tiles.shape[0] else None
+        if video_evs is not None and video_evs.shape[0]:
+            if self.image_end_id is None:
+                raise ValueError("this batch prunes videos with EVS: build the model with image_end_id (`</img>`)")
+            media, input_ids = prune_videos(media, input_ids, video_evs, self.cfg.tokens_per_tile,
+                                            self.image_token_id, self.image_end_id)
         embeds = self.language_model.backbone.embeddings(input_ids)
         media_positions = input_ids == self.image_token_id
         num_slots = int(media_positions.sum())
-        if tiles.shape[0] or num_slots:
-            media = self.embed_media(tiles).to(embeds.dtype)
-            if media.shape[0] != num_slots:
-                raise ValueError(f"{num_slots} media tokens in the batch but the tiles give {media.shape[0]} embeddings")
-            embeds = embeds.masked_scatter(media_positions.unsqueeze(-1), media)
+        num_media = 0 if media is None else media.shape[0]
+        if num_media != num_slots:
+            raise ValueError(f"{num_slots} media tokens in the batch but the tiles give {num_media} embeddings")
+        if num_slots:
+            embeds = embeds.masked_scatter(media_positions.unsqueeze(-1), media.to(embeds.dtype))
         return self.language_model.backbone(embeds, seq_idx, cu_seqlens)
 
     def forward(self, input_ids: Tensor, labels: Tensor, tiles: Tensor, seq_idx: Tensor,
-             cu_seqlens: Tensor) -> tuple[Tensor, int]:
+             cu_seqlens: Tensor, video_evs: Tensor | None = None) -> tuple[Tensor, int]:
         """Summed next-token cross-entropy over supervised tokens, and their count.
 
         The caller divides by the global count (all micro-batches and ranks), so packing and
-        accumulation never change a token's weight.
+        accumulation never change a token's weight. EVS only rewrites media spans, which carry
+        no loss, so `labels` stay as they are.
         """
-        hidden = self.hidden_states(input_ids, tiles, seq_idx, cu_seqlens)
+        hidden = self.hidden_states(input_ids, tiles, seq_idx, cu_seqlens, video_evs)
         targets = next_token_targets(labels, seq_idx)
         rows = targets != IGNORE_INDEX
         return chunked_cross_entropy(hidden[rows], targets[rows], self.language_model.lm_head.weight,

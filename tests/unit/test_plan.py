@@ -1,0 +1,73 @@
+"""`python -m train.plan`: exact parameter counts of real recipes, memory arithmetic, no data needed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import NemotronHConfig, NemotronHForCausalLM
+
+from train import plan
+
+GIB = 2**30
+# The published Nemotron Nano 12B v2 language model, written out here (not read from our yaml).
+NANO_12B = dict(
+    hybrid_override_pattern="M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M-",
+    hidden_size=5120, vocab_size=131072, num_attention_heads=40, num_key_value_heads=8, head_dim=128,
+    mamba_num_heads=128, mamba_head_dim=80, ssm_state_size=128, n_groups=8, conv_kernel=4, intermediate_size=20480,
+)
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory):
+    out = tmp_path_factory.mktemp("plan1")
+    # The recipe's data lives on a cluster; plan must not look for it.
+    assert plan.main(["--config-name", "stage1_image_sft", "--out", str(out),
+                      "data.sources=[{name:x,path:/nonexistent/shards,weight:1.0}]"]) == 0
+    return json.loads((out / "plan.json").read_text())
+
+
+def test_stage1_language_model_params_equal_transformers_12b(stage1):
+    with torch.device("meta"):
+        hf = NemotronHForCausalLM(NemotronHConfig(**NANO_12B))
+    assert stage1["params"]["language_model"] == sum(p.numel() for p in hf.parameters()) == 12_310_001_152
+
+
+def test_stage1_totals_and_memory_arithmetic(stage1):
+    p, mem = stage1["params"], stage1["memory_gib"]
+    assert p["total"] == p["language_model"] + p["vision_model"] + p["projector"]
+    assert stage1["trainable_parts"] == {"language_model": True, "vision_model": False, "projector": True}
+    assert p["trainable"] == p["language_model"] + p["projector"]
+    # bf16 recipe: 2 B weights for every parameter; 4 B gradients and 12 B fp32 master + Adam per trainable one.
+    assert mem["weights"] == pytest.approx(2 * p["total"] / GIB)
+    assert mem["gradients"] == pytest.approx(4 * p["trainable"] / GIB)
+    assert mem["optimizer"] == pytest.approx(12 * p["trainable"] / GIB)
+    assert mem["total"] == pytest.approx(mem["weights"] + mem["gradients"] + mem["optimizer"] + mem["activations"])
+    acts = stage1["activations_gib"]
+    assert acts["vision_model"] == 0  # frozen ViT: no graph, nothing stored
+    assert acts["projector"] > 0 and set(acts["language_model"]) >= {"mamba", "attention", "mlp", "head_and_loss"}
+    assert mem["activations"] == pytest.approx(sum(acts["language_model"].values()) + acts["projector"])
+    assert stage1["assumptions"]["tokens_per_micro_batch"] == 16384
+
+
+def test_projector_only_stage_and_activation_scaling(tmp_path):
+    cfg = plan.load_plan_config("stage0_projector_warmup", [])
+    result = plan.make_plan(cfg, "stage0_projector_warmup")
+    assert result["params"]["trainable"] == result["params"]["projector"]
+    longer = plan.make_plan(plan.load_plan_config("stage0_projector_warmup", ["data.seq_length=32768"]), "x")
+    for kind in ("mamba", "attention", "mlp"):
+        ratio = longer["activations_gib"]["language_model"][kind] / result["activations_gib"]["language_model"][kind]
+        assert ratio == pytest.approx(2.0)
+    # Without layer checkpointing every layer keeps its full set of tensors: far more memory.
+    full = plan.make_plan(plan.load_plan_config("stage0_projector_warmup", ["model.kernels.activation_checkpointing=none"]), "x")
+    assert full["memory_gib"]["activations"] > 3 * result["memory_gib"]["activations"]
+
+
+def test_plan_cli_writes_to_run_dir_and_reports_config_errors(tmp_path, capsys):
+    assert plan.main(["--config-name", "stage3_text_recovery", f"run.dir={tmp_path}/run", "model=tiny"]) == 0
+    written = json.loads((tmp_path / "run" / "plan.json").read_text())
+    assert written["model"] == "tiny" and written["params"]["language_model"] > 0
+    assert "language_model" in capsys.readouterr().out
+    assert plan.main(["--config-name", "stage1_image_sft", "model.vision.patch_size=7"]) == 2
+    assert "model.vision.image_size" in capsys.readouterr().err

@@ -1,0 +1,49 @@
+"""Preemption: SIGTERM / SIGUSR1 ask the run to save at the next step boundary and exit.
+
+Slurm sends SIGUSR1 before the time limit (`--signal=B:USR1@300`) and SIGTERM on preemption;
+the run exits with EXIT_PREEMPTED so the batch script knows to requeue, and the requeued job
+resumes from the checkpoint written here.
+"""
+
+from __future__ import annotations
+
+import signal
+
+import torch
+import torch.distributed as dist
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later"
+
+
+class Preempted(Exception):
+    """Raised at a step boundary after the checkpoint is written."""
+
+
+class PreemptionHandler:
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self._requested = False
+        self._previous = {}
+
+    def install(self) -> "PreemptionHandler":
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _on_signal(self, signum, frame) -> None:
+        # Only a flag: saving inside a signal handler could interrupt a half-done step.
+        self._requested = True
+
+    def should_stop(self) -> bool:
+        """True on every rank when any rank was signalled (ranks must save together)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return self._requested
+        flag = torch.tensor([1.0 if self._requested else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
