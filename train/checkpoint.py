@@ -172,8 +172,26 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
 
 
 def load_model_weights(path: Path, model: torch.nn.Module) -> None:
-    """Only the model weights (stage hand-off: fresh optimizer and schedule)."""
-    state = {"model": get_model_state_dict(model)}
+    """Only the model weights (stage hand-off: fresh optimizer and schedule).
+
+    A checkpoint may hold a subset of the model's top-level parts (an LM-only conversion of a
+    released language model, say): the parts it lacks keep their initialisation, with a warning.
+    A part that is only partly present is an error, never a silent half-load.
+    """
+    with dcp_quietly():
+        saved = {k.removeprefix("model.") for k in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+                 if k.startswith("model.")}
+    full = get_model_state_dict(model)
+    parts = sorted({k.split(".", 1)[0] for k in full})
+    absent = [p for p in parts if not any(k.startswith(p + ".") for k in saved)]
+    partial = sorted(k for k in full if k not in saved and k.split(".", 1)[0] not in absent)
+    if partial:
+        raise KeyError(f"{path} lacks {len(partial)} weights of parts it otherwise holds, e.g. {partial[:3]}")
+    if absent:
+        if len(absent) == len(parts):
+            raise KeyError(f"{path} holds none of this model's weights")
+        warnings.warn(f"{path} holds no weights for {absent}; they keep their initialisation")
+    state = {"model": {k: v for k, v in full.items() if k.split(".", 1)[0] not in absent}}
     with dcp_quietly():
         dcp.load(state, checkpoint_id=str(path))
-    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=True))
+    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))

@@ -86,3 +86,21 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
     monkeypatch.undo()
     fresh, fresh_opt = model_and_optim(seed=4)
     assert load_checkpoint(find_latest(tmp_path), fresh, fresh_opt) == {"step": 1}
+
+
+def test_handoff_from_a_checkpoint_holding_only_some_parts(tmp_path):
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.language_model = torch.nn.Linear(3, 3)
+            self.vision_model = torch.nn.Linear(2, 2)
+
+    src, dst = Two(), Two()
+    only_lm = torch.nn.Module()
+    only_lm.language_model = src.language_model
+    path = save_checkpoint(tmp_path, 0, only_lm, torch.optim.AdamW(only_lm.parameters()), {"step": 0}, keep_last=1)
+    vision_before = dst.vision_model.weight.detach().clone()
+    with pytest.warns(UserWarning, match="vision_model"):
+        load_model_weights(path, dst)
+    assert torch.equal(dst.language_model.weight, src.language_model.weight)
+    assert torch.equal(dst.vision_model.weight, vision_before)

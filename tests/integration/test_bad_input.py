@@ -1,0 +1,80 @@
+"""Every kind of bad sample in a real shard: a stage trains to the end, each bad sample is counted
+once under its reason, and no good sample is skipped."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+from PIL import Image
+
+from data_pipelines.shards import expand_shard_paths, iter_shard
+from data_pipelines.synth import ensure_embedded_data
+from tests.integration.helpers import run_module
+
+QA = [{"role": "user", "content": "<image> What is it?"}, {"role": "assistant", "content": "A shape."}]
+VQA = [{"role": "user", "content": "<video> Where does it go?"}, {"role": "assistant", "content": "Left."}]
+
+
+def _jpeg() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (96, 64), (10, 200, 30)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def bad_samples() -> list[tuple[str, dict[str, bytes], str]]:
+    """(key, members, expected reason)."""
+    doc = lambda messages: json.dumps({"messages": messages, "source": "bad"}).encode()  # noqa: E731
+    return [
+        ("truncated", {"json": doc(QA), "img0.jpg": _jpeg()[:300]}, "corrupt_image"),
+        ("garbageimg", {"json": doc(QA), "img0.jpg": b"\x00not an image" * 20}, "corrupt_image"),
+        ("emptyvid", {"json": doc(VQA), "vid0.mp4": b""}, "empty_video"),
+        ("garbagevid", {"json": doc(VQA), "vid0.mp4": b"\x01\x02garbage" * 50}, "corrupt_video"),
+        ("gapmember", {"json": doc(QA), "img1.jpg": _jpeg()}, "missing_member"),
+        ("nojson", {"img0.jpg": _jpeg()}, "missing_json"),
+        ("badjson", {"json": b"{not json"}, "malformed_json"),
+        ("badrole", {"json": doc([{"role": "robot", "content": "x"}, QA[1]])}, "bad_role"),
+        ("emptyconv", {"json": doc([])}, "empty_conversation"),
+        ("mismatch", {"json": doc([{"role": "user", "content": "<image><image> Same?"}, QA[1]]),
+                      "img0.jpg": _jpeg()}, "placeholder_mismatch"),
+    ]
+
+
+def write_shard(path, samples) -> None:
+    with tarfile.open(path, "w") as tar:
+        for key, members in samples:
+            for suffix, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{suffix}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def test_stage_trains_through_every_kind_of_bad_sample(tmp_path):
+    synth = ensure_embedded_data(tmp_path / "runs" / "synth_data")  # the smoke tokenizer and good samples
+    good = [(raw.key, raw.members) for shard in expand_shard_paths(str(synth.shard_dirs["image"]))
+            for raw in iter_shard(shard)][:40]
+    bad = bad_samples()
+    shard_dir = tmp_path / "mixed"
+    shard_dir.mkdir()
+    # One shard, bad samples first: the run's first draws meet each exactly once, and it stops
+    # long before a second pass over the shard.
+    write_shard(shard_dir / "shard-000000.tar", [(k, m) for k, m, _ in bad] + good)
+    run_dir = tmp_path / "run"
+    result = run_module(["train", "--config-name", "stage1_image_sft", "smoke=cpu", "trainer.max_steps=3",
+                         "data.pack_buffer=4", f"data.sources=[{{name:mixed,path:{shard_dir},weight:1.0}}]",
+                         f"run.dir={run_dir}"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    expected: dict[str, int] = {}
+    for _, _, reason in bad:
+        expected[reason] = expected.get(reason, 0) + 1
+    assert summary["steps"] == 3
+    assert summary["skipped"] == expected
+    assert summary["skipped_by_source"] == {f"mixed/{r}": n for r, n in expected.items()}
+    assert summary["epochs"] < 1.0
+    # Every draw past the bad ones was a good sample and was used.
+    drawn = round(summary["epochs"] * (len(bad) + len(good)))
+    assert summary["samples_by_source"]["mixed"] == drawn - len(bad)
+    last = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
+    assert last["skipped"] == expected
