@@ -63,10 +63,14 @@ class SourceCursor:
     def num_samples(self) -> int:
         return sum(len(i) for i in self.indexes)
 
+    _order_cache: dict = field(default_factory=dict, repr=False)
+
     def shard_order(self, epoch: int) -> list[int]:
-        order = list(range(len(self.shards)))
-        random.Random(f"{self.seed}|{self.name}|{epoch}").shuffle(order)
-        return order
+        if epoch not in self._order_cache:
+            order = list(range(len(self.shards)))
+            random.Random(f"{self.seed}|{self.name}|{epoch}").shuffle(order)
+            self._order_cache = {epoch: order}  # only the current epoch is ever asked for again
+        return self._order_cache[epoch]
 
     def advance(self) -> tuple[int, int]:
         """Claim the next sample position (shard id, index in shard) without reading it."""
@@ -221,6 +225,7 @@ class PackedBatchStream:
     def state_dict(self) -> dict:
         return {
             **self._committed,
+            "world_size": self.world_size,
             "buffer": [list(s.position) for s in self.packer.buffer],
             "skipped": dict(self.skipped),
             "skipped_by_source": dict(self.skipped_by_source),
@@ -228,22 +233,66 @@ class PackedBatchStream:
             "tokens_by_source": dict(self.tokens_by_source),
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def _reset_pending(self) -> None:
         for _, future, _ in self._pending:
             if future is not None:
                 future.cancel()
         self._pending.clear()
+
+    def _refill_buffer(self, positions: list) -> None:
+        """Rebuild buffered samples from their positions: they were good when first built, and
+        building is deterministic."""
+        self.packer.buffer = []
+        for source_id, shard, index in positions:
+            job = self._job_at(int(source_id), shard, int(index))
+            self.packer.add(_build_job(job, self.tokenizer, self.specs, self.names))
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume with the same world size as the run that saved `state`."""
+        if state.get("world_size", 1) != self.world_size:
+            raise ValueError("saved with a different world size: use load_resharded with every rank's state")
+        self._reset_pending()
         self.draws = state["draws"]
         for cursor in self.cursors:
             cursor.load_state(state["cursors"][cursor.name])
         self._committed = self._planning_state()
-        # Buffered samples were good when first built and building is deterministic: rebuild them.
-        self.packer.buffer = []
-        for source_id, shard, index in state["buffer"]:
-            sample = _build_job(self._job_at(int(source_id), shard, int(index)), self.tokenizer, self.specs,
-                                self.names)
-            self.packer.add(sample)
-        self.skipped = Counter(state["skipped"])
-        self.skipped_by_source = Counter(state["skipped_by_source"])
-        self.samples_by_source = Counter(state["samples_by_source"])
-        self.tokens_by_source = Counter(state["tokens_by_source"])
+        self._refill_buffer(state["buffer"])
+        self._load_counters([state])
+
+    def load_resharded(self, states: list[dict]) -> None:
+        """Resume from the states of all ranks of a run with a different world size, without
+        repeating or dropping a sample.
+
+        Old rank r consumed its draws below its committed counter D_r; the furthest rank reached
+        D* = max D_r. What no old rank consumed is (a) every old buffer and (b) each old rank's own
+        draws in [D_r, D*). Those are dealt round-robin to the new ranks (buffers first, in rank
+        order), and every new rank continues the global draw sequence from D* with the new modulus.
+        """
+        old_world = len(states)
+        if sorted(s.get("world_size", 1) for s in states) != [old_world] * old_world:
+            raise ValueError(f"expected the states of all {states[0].get('world_size')} saved ranks")
+        self._reset_pending()
+        d_star = max(s["draws"] for s in states)
+        gaps = {d for r, s in enumerate(states) for d in range(s["draws"], d_star) if d % old_world == r}
+        for cursor in self.cursors:
+            cursor.load_state({"epoch": 0, "shard_pos": 0, "sample_pos": 0})
+        gap_positions = []
+        for draw in range(d_star):  # replay the (cheap, pure) planning to find the gap draws
+            source_id = self._pick_source(draw)
+            cursor = self.cursors[source_id]
+            shard_id, index = cursor.advance()
+            if draw in gaps:
+                gap_positions.append([source_id, cursor.shards[shard_id], index])
+        self.draws = d_star
+        self._committed = self._planning_state()
+        leftovers = [p for s in states for p in s["buffer"]] + gap_positions
+        self._refill_buffer(leftovers[self.rank::self.world_size])
+        # Counters are per rank and summed when reported: keep the old totals on new rank 0 only.
+        self._load_counters(states if self.rank == 0 else [])
+
+    def _load_counters(self, states: list[dict]) -> None:
+        def total(key: str) -> Counter:
+            return sum((Counter(s[key]) for s in states), Counter())
+
+        self.skipped, self.skipped_by_source = total("skipped"), total("skipped_by_source")
+        self.samples_by_source, self.tokens_by_source = total("samples_by_source"), total("tokens_by_source")

@@ -171,6 +171,15 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     return saved
 
 
+def read_rank_states(path: Path) -> list[dict]:
+    """Every saved rank's state (without RNG), in rank order: for resuming with another world size."""
+    files = sorted(path.glob("rank_*.json"), key=lambda f: int(f.stem.split("_")[1]))
+    states = [json.loads(f.read_text()) for f in files]
+    for state in states:
+        state.pop("rng", None)
+    return states
+
+
 def load_model_weights(path: Path, model: torch.nn.Module) -> None:
     """Only the model weights (stage hand-off: fresh optimizer and schedule).
 

@@ -61,3 +61,16 @@ def all_reduce_sum(value: float, info: DistInfo) -> float:
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def sum_counts(counts: dict[str, int], info: DistInfo) -> dict[str, int]:
+    """{key: count} summed over ranks (every rank must call it)."""
+    if info.world_size == 1:
+        return dict(counts)
+    gathered: list = [None] * info.world_size
+    dist.all_gather_object(gathered, dict(counts))
+    total: dict[str, int] = {}
+    for part in gathered:
+        for key, value in part.items():
+            total[key] = total.get(key, 0) + value
+    return dict(sorted(total.items()))

@@ -22,9 +22,9 @@ from data_pipelines.loader import PackedBatchStream, Source
 from data_pipelines.samples import SampleSpec, Tokenizer
 from data_pipelines.tiling import TilingConfig
 from train.callbacks import MetricsFile, Progress, WandbLogger
-from train.checkpoint import find_latest, load_checkpoint, load_model_weights, save_checkpoint
+from train.checkpoint import find_latest, load_checkpoint, load_model_weights, read_rank_states, save_checkpoint
 from train.config import Config, ConfigError
-from train.distributed import DistInfo, init_distributed, shutdown, wrap_data_parallel
+from train.distributed import DistInfo, init_distributed, shutdown, sum_counts, wrap_data_parallel
 from train.model.vlm import VisionLanguageModel
 from train.precision import build_precision
 from train.preemption import Preempted, PreemptionHandler
@@ -93,7 +93,12 @@ class Trainer:
             saved = load_checkpoint(latest, self.model, self.optimizer, precision_state)
             self.precision.load_state_dict(precision_state)
             self.step, self.tokens = saved["step"], saved["tokens"]
-            self.data.load_state_dict(saved["data"])
+            saved_world = saved["data"].get("world_size", 1)
+            if saved_world == info.world_size:
+                self.data.load_state_dict(saved["data"])
+            else:
+                self.data.load_resharded([state["data"] for state in read_rank_states(latest)])
+                self._log(f"resharded the data position from {saved_world} to {info.world_size} ranks")
             self._log(f"resumed from {latest} at step {self.step}")
         self.train_module = TrainModule(wrap_data_parallel(self.model, cfg.parallel, info), self.optimizer, cfg, info,
                                         self.precision)
@@ -131,16 +136,17 @@ class Trainer:
             if not result.skipped_nonfinite:
                 last_loss = result.loss
             elapsed = time.monotonic() - started
-            if self.info.is_main and (self.step % t.log_every == 0 or self.step == t.max_steps):
+            log_now = self.step % t.log_every == 0 or self.step == t.max_steps
+            skipped = sum_counts(self.data.skipped, self.info) if log_now else {}  # collective: all ranks
+            if self.info.is_main and log_now:
                 record = {
-                    "stage": cfg.stage, "step": self.step, "lr": result.lr,
-                    # JSON has no NaN: a skipped non-finite step logs loss null.
-                    "loss": result.loss if math.isfinite(result.loss) else None,
+                    # JSON has no NaN: a skipped non-finite step logs loss and grad_norm as null.
+                    "stage": cfg.stage, "step": self.step, "loss": _finite_or_none(result.loss), "lr": result.lr,
+                    "tokens": self.tokens, "grad_norm": _finite_or_none(result.grad_norm), "step_time_s": elapsed,
                     "nonfinite_skipped": self.train_module.nonfinite_total,
-                    "tokens": self.tokens, "grad_norm": result.grad_norm if math.isfinite(result.grad_norm) else None, "step_time_s": elapsed,
                     "packing_efficiency": result.real_tokens / result.slots, "samples": result.samples,
                     "supervised_tokens": result.supervised_tokens, "epochs": round(self.data.epochs, 4),
-                    "skipped": dict(self.data.skipped), **result.precision_metrics,
+                    "skipped": skipped, **result.precision_metrics,
                 }
                 metrics.log(record)
                 wandb.log(record)
@@ -164,15 +170,19 @@ class Trainer:
         latest = find_latest(self.ckpt_root)
         summary = {
             "stage": self.cfg.stage, "steps": self.step, "final_loss": last_loss, "tokens": self.tokens,
-            "epochs": round(self.data.epochs, 4), "skipped": dict(self.data.skipped),
-            "skipped_by_source": dict(self.data.skipped_by_source),
-            "samples_by_source": dict(self.data.samples_by_source),
+            "epochs": round(self.data.epochs, 4), "skipped": sum_counts(self.data.skipped, self.info),
+            "skipped_by_source": sum_counts(self.data.skipped_by_source, self.info),
+            "samples_by_source": sum_counts(self.data.samples_by_source, self.info),
             "checkpoint": str(latest) if latest else None,
         }
         if self.info.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             self._log(f"done: {self.step} steps, final loss {last_loss:.4f}, checkpoint {summary['checkpoint']}")
         return summary
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
 
 
 def stage_finished(cfg: Config) -> dict | None:

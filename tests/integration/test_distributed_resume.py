@@ -1,0 +1,49 @@
+"""Two processes under torchrun (gloo): SIGKILL mid-stage, rerun, same losses as uninterrupted."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from tests.integration.helpers import env, read_metrics, run_module
+
+TORCHRUN = ["torch.distributed.run", "--nproc-per-node", "2", "-m"]
+ARGS = ["train", "--config-name", "stage3_text_recovery", "smoke=cpu", "trainer.max_steps=8",
+        "trainer.save_every=3"]
+
+
+def test_sigkilled_two_rank_run_resumes_exactly(tmp_path):
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    proc = subprocess.Popen([sys.executable, "-m", *TORCHRUN, *ARGS, f"run.dir={killed}"], cwd=tmp_path, env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not ((killed / "metrics.jsonl").exists()
+                                               and len(read_metrics(killed)) >= 5):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, no chance to clean up
+    proc.wait()
+    assert (killed / "checkpoints" / "latest").read_text().strip() == "step_0000003"
+
+    resumed = run_module([*TORCHRUN, *ARGS, f"run.dir={killed}"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    reference = run_module([*TORCHRUN, *ARGS, f"run.dir={clean}"], tmp_path)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    assert [m["step"] for m in read_metrics(killed)] == list(range(1, 9))
+    assert [m["loss"] for m in read_metrics(killed)] == [m["loss"] for m in read_metrics(clean)]
+
+
+def test_two_rank_checkpoint_resumes_on_one_rank_and_back(tmp_path):
+    run_dir = tmp_path / "run"
+    steps = lambda n: [f"trainer.max_steps={n}", "optim.schedule=constant", f"run.dir={run_dir}"]  # noqa: E731
+    first = run_module([*TORCHRUN, *ARGS, *steps(3)], tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    one = run_module([*ARGS, *steps(5)], tmp_path)  # plain python: 1 rank
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert "resharded the data position from 2 to 1 ranks" in one.stdout
+    back = run_module([*TORCHRUN, *ARGS, *steps(7)], tmp_path)
+    assert back.returncode == 0, back.stderr[-3000:]
+    assert "resharded the data position from 1 to 2 ranks" in back.stdout
+    assert [m["step"] for m in read_metrics(run_dir)] == list(range(1, 8))
