@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import random
+import signal
 from collections import Counter, deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -98,6 +99,10 @@ _WORKER: dict = {}
 
 
 def _init_worker(tokenizer_path: str, specs: list[SampleSpec], names: list[str]) -> None:
+    # Slurm signals every process of the job step: a decode worker must survive the preemption
+    # notice so the trainer can finish its step and save (the trainer owns the response).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     _WORKER.update(tokenizer=Tokenizer.load(tokenizer_path), specs=specs, names=names)
 
 

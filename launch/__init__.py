@@ -1,1 +1,1 @@
-"""Launchers: render the command lines that start training (torchrun now; slurm later)."""
+"""Launchers: render the command lines that start training (single-node torchrun, slurm sbatch)."""

@@ -17,9 +17,15 @@ def render_command(nproc_per_node: int, config_name: str | None, overrides: list
         raise ValueError("--nproc-per-node must be >= 1")
     if not pipeline and not config_name:
         raise ValueError("--config-name is required unless --pipeline is given")
-    cmd = [python, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc_per_node}", "-m"]
-    cmd += ["train.pipeline"] if pipeline else ["train", "--config-name", config_name]
-    return cmd + list(overrides)
+    cmd = [python, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc_per_node}"]
+    return cmd + train_module_args(config_name, overrides, pipeline)
+
+
+def train_module_args(config_name: str | None, overrides: list[str], pipeline: bool) -> list[str]:
+    """What torchrun runs in every worker: one stage (`-m train`) or all stages (`-m train.pipeline`)."""
+    if pipeline:
+        return ["-m", "train.pipeline", *overrides]
+    return ["-m", "train", "--config-name", str(config_name), *overrides]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,13 +41,29 @@ def init_distributed(parallel: ParallelConfig, device_name: str) -> DistInfo:
 
 
 def wrap_data_parallel(model: nn.Module, parallel: ParallelConfig, info: DistInfo) -> nn.Module:
-    """DDP over the trainable parameters (FSDP2 arrives with the checkpoint resharding work)."""
+    """Apply data parallelism; returns the module to call for the forward.
+
+    fsdp (FSDP2 `fully_shard`): each LM layer, each ViT block, the projector and the vision and
+    language models are shard units, then the root; parameters become DTensors in place, so the
+    optimizer must be built after this. ddp: a wrapper around the unchanged model.
+    """
     if info.world_size == 1:
         return model
     if parallel.data_parallel == "fsdp":
-        raise NotImplementedError("parallel.data_parallel=fsdp is not available yet; use parallel.data_parallel=ddp")
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.language_model.backbone.layers:
+            fully_shard(layer)
+        for block in model.vision_model.blocks:
+            fully_shard(block)
+        fully_shard(model.projector)
+        fully_shard(model.vision_model)
+        fully_shard(model)
+        return model
     device_ids = [info.local_rank] if info.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    # A text-only micro-batch leaves the (trainable) vision side without gradients; DDP must know,
+    # or its buckets for those parameters are never reduced and ranks silently diverge.
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=True)
 
 
 def all_reduce_sum(value: float, info: DistInfo) -> float:

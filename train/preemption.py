@@ -22,7 +22,8 @@ class Preempted(Exception):
 class PreemptionHandler:
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device | None = None) -> None:
+        self.device = device or torch.device("cpu")  # nccl reduces only CUDA tensors
         self._requested = False
         self._previous = {}
 
@@ -44,6 +45,6 @@ class PreemptionHandler:
         """True on every rank when any rank was signalled (ranks must save together)."""
         if not (dist.is_available() and dist.is_initialized()):
             return self._requested
-        flag = torch.tensor([1.0 if self._requested else 0.0])
+        flag = torch.tensor([1.0 if self._requested else 0.0], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())

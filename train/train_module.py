@@ -65,6 +65,15 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     )
 
 
+@contextlib.contextmanager
+def _fsdp_no_sync(model):
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
 class TrainModule:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, info: DistInfo,
                  precision: Precision):
@@ -75,6 +84,17 @@ class TrainModule:
         self.precision = precision
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
+
+    def _gradient_sync(self, sync: bool):
+        """Skip the gradient all-reduce on all but the last micro-batch (DDP no_sync; FSDP2
+        set_requires_gradient_sync)."""
+        if sync:
+            return contextlib.nullcontext()
+        if hasattr(self.model, "no_sync"):
+            return self.model.no_sync()
+        if hasattr(self.model, "set_requires_gradient_sync"):
+            return _fsdp_no_sync(self.model)
+        return contextlib.nullcontext()
 
     def _loss(self, batch: PackedBatch) -> tuple[torch.Tensor, int]:
         d = self.info.device
@@ -96,14 +116,14 @@ class TrainModule:
         self.optimizer.zero_grad(set_to_none=True)
         for i, batch in enumerate(micro_batches):
             sync = i == len(micro_batches) - 1
-            no_sync = getattr(self.model, "no_sync", None)
-            with contextlib.nullcontext() if (sync or no_sync is None) else no_sync():
+            with self._gradient_sync(sync):
                 loss, _ = self._loss(batch)
                 (loss * scale).backward()
             loss_sum += float(loss.detach())
         params = [p for p in self.model.parameters() if p.requires_grad]
         clip = self.cfg.optim.clip_grad if self.cfg.optim.clip_grad > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+        norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # DTensor under FSDP2
         loss = all_reduce_sum(loss_sum, self.info) / global_supervised
         # clip_grad_norm_ reduces over DDP-synchronised grads, so every rank agrees on this.
         finite = math.isfinite(loss) and math.isfinite(grad_norm)

@@ -84,6 +84,8 @@ class Trainer:
         self.precision = build_precision(cfg.precision, info.device)
         # FP8 swaps Linear modules: before the optimizer (same Parameters either way) and DDP.
         self.model = self.precision.convert_model(build_model(cfg, tokenizer).to(info.device))
+        # Wrap before the optimizer and the resume: FSDP2 turns parameters into DTensor shards.
+        forward_module = wrap_data_parallel(self.model, cfg.parallel, info)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.data = build_data(cfg, tokenizer, info)
         self.step, self.tokens = 0, 0
@@ -100,8 +102,7 @@ class Trainer:
                 self.data.load_resharded([state["data"] for state in read_rank_states(latest)])
                 self._log(f"resharded the data position from {saved_world} to {info.world_size} ranks")
             self._log(f"resumed from {latest} at step {self.step}")
-        self.train_module = TrainModule(wrap_data_parallel(self.model, cfg.parallel, info), self.optimizer, cfg, info,
-                                        self.precision)
+        self.train_module = TrainModule(forward_module, self.optimizer, cfg, info, self.precision)
 
     def _log(self, message: str) -> None:
         if self.info.is_main:
@@ -114,7 +115,7 @@ class Trainer:
         wandb = WandbLogger(cfg.logger.wandb.mode, cfg.logger.wandb.project, cfg.logger.wandb.entity, self.run_dir,
                             cfg.stage, dataclasses.asdict(cfg)) if self.info.is_main else None
         last_loss = float("nan")
-        preemption = PreemptionHandler().install()
+        preemption = PreemptionHandler(self.info.device).install()
         try:
             last_loss = self._loop(metrics, progress, wandb, preemption)
         finally:

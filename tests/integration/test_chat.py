@@ -1,0 +1,113 @@
+"""`python -m train.chat` on a real (two-step) stage-1 checkpoint, with a real image and video."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+
+import pytest
+import torch
+import yaml
+
+from data_pipelines.samples import SampleSpec, Tokenizer, build_sample
+from data_pipelines.shards import expand_shard_paths, iter_shard
+from data_pipelines.synth import encode_mp4, random_motion, random_scene, render_motion, render_scene
+from data_pipelines.tiling import TilingConfig
+from tests.integration.helpers import run_module
+from train.chat import build_prompt, load_chat_model
+from train.chat import main as chat_main
+from train.config import Config, from_dict
+from train.generate import greedy_tokens, prompt_embeddings
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """(cwd, run dir, image file, video file); cwd holds the embedded data the stage generated."""
+    cwd = tmp_path_factory.mktemp("chat")
+    result = run_module(["train", "--config-name", "stage1_image_sft", "smoke=cpu", "trainer.max_steps=2",
+                         "run.dir=runs/s1"], cwd)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    rng = random.Random(0)
+    image = cwd / "shapes.jpg"
+    render_scene(random_scene(rng, 2), rng).save(image, quality=90)
+    motion = random_motion(rng)
+    video = cwd / "motion.mp4"
+    video.write_bytes(encode_mp4(render_motion(motion), motion.width, motion.height, motion.fps))
+    return cwd, cwd / "runs" / "s1", image, video
+
+
+def new_token_count(stderr: str) -> int:
+    match = re.search(r"(\d+) new tokens in [\d.]+s = [\d.]+ tokens/s", stderr)
+    assert match, stderr
+    return int(match.group(1))
+
+
+def test_chat_streams_the_greedy_answer_about_an_image(trained_run):
+    cwd, run_dir, image, _ = trained_run
+    result = run_module(["train.chat", "--ckpt", str(run_dir), "--image", str(image), "--prompt", "What shape?",
+                         "--max-new-tokens", "8"], cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    count = new_token_count(result.stderr)
+    assert 1 <= count <= 8
+    # What it printed is the decoded greedy continuation of the training-format prompt.
+    chat = load_chat_model(run_dir)
+    ids, tiles = build_prompt("What shape?", [image.read_bytes()], [], False, "", chat.cfg, chat.tokenizer)
+    embeds = prompt_embeddings(chat.model, torch.tensor([ids]), tiles)
+    special = chat.tokenizer.special_ids
+    tokens = list(greedy_tokens(chat.model.language_model, embeds, 8, [special["<|im_end|>"], special["</s>"]]))
+    assert len(tokens) == count
+    assert result.stdout == chat.tokenizer.hf.decode(tokens, skip_special_tokens=False) + "\n"
+    assert tiles.shape[0] > 1  # the seeded scene is cut into a grid of tiles plus the thumbnail
+
+
+def test_chat_on_a_video_in_reasoning_mode(trained_run, capsys):
+    # In-process `main` (the subprocess path is covered above): same CLI, without a second torch start-up.
+    _, run_dir, _, video = trained_run
+    code = chat_main(["--ckpt", str(run_dir / "checkpoints" / "step_0000002"), "--video", str(video),
+                      "--prompt", "Which direction does it move?", "--think", "--max-new-tokens", "6"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert 1 <= new_token_count(err) <= 6 and out.endswith("\n") and len(out) > 1
+    frames = int(re.search(r"\((\d+) tiles\)", err).group(1))
+    assert frames >= 2  # one tile per frame sampled at 2 fps from a clip of at least a second
+
+
+def test_chat_reports_a_bad_image_without_a_traceback(trained_run, capsys):
+    cwd, run_dir, _, _ = trained_run
+    broken = cwd / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    code = chat_main(["--ckpt", str(run_dir / "checkpoints"), "--image", str(broken), "--prompt", "What shape?"])
+    assert code == 2
+    assert "chat error: corrupt_image" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["image", "video"])
+def test_chat_prompt_is_what_training_feeds_before_the_answer(trained_run, kind):
+    """Same conversation through the training sample builder and through the chat prompt: the
+    chat ids are the training ids up to where the supervised answer starts (after the empty
+    think pair when reasoning is off), and the media tiles are the same."""
+    cwd, run_dir, _, _ = trained_run
+    cfg = from_dict(Config, yaml.safe_load((run_dir / "config.yaml").read_text()))
+    tokenizer = Tokenizer.load(cfg.data.tokenizer)
+    d = cfg.data
+    spec = SampleSpec(seq_length=1 << 16, tokens_per_tile=cfg.model.tokens_per_tile,
+                      tiling=TilingConfig(tile_size=d.tile_size, min_tiles=d.min_tiles, max_tiles=d.max_tiles,
+                                          use_thumbnail=d.use_thumbnail),
+                      video_fps=d.video_fps, max_frames=d.max_frames, chat_template=d.chat_template)
+    shard = expand_shard_paths(str(cwd / "runs" / "synth_data" / kind))[0]
+    modes = set()
+    for raw, _ in zip(iter_shard(shard), range(8)):
+        messages = json.loads(raw.members["json"])["messages"]
+        system, marker = messages[0]["content"].rsplit("\n", 1)
+        think = marker == "/think"
+        modes.add(think)
+        media = [raw.members[name] for name in sorted(raw.members) if name.startswith(("img", "vid"))]
+        ids, tiles = build_prompt(messages[1]["content"], media if kind == "image" else [],
+                                  media if kind == "video" else [], think, system, cfg, tokenizer)
+        sample = build_sample(raw, kind, spec, tokenizer)
+        assert sample.input_ids[:len(ids)].tolist() == ids
+        answer_starts = int((sample.labels != -100).argmax())
+        assert answer_starts == len(ids) - (0 if think else 2)  # `<think></think>` is part of the answer
+        assert torch.equal(sample.tiles, tiles)
+    assert modes == {True, False}  # both reasoning modes were compared

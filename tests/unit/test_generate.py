@@ -1,0 +1,127 @@
+"""Cached generation (conv + SSM states, KV cache) equals re-running the full forward every step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from train.config import LanguageModelConfig, ModelConfig
+from train.generate import decode_step, greedy_tokens, prefill, prompt_embeddings
+from train.model.language_model import HybridLanguageModel, packing_metadata
+from train.model.vlm import VisionLanguageModel
+
+NEW_TOKENS = 20
+VOCAB = 256
+IMAGE_TOKEN = 7
+
+
+def lm_config(pattern: str, n_groups: int) -> LanguageModelConfig:
+    # chunk_size 8 < prompt length, so prefill's final SSM state crosses chunk boundaries.
+    return LanguageModelConfig(pattern=pattern, hidden_size=32, vocab_size=VOCAB, num_attention_heads=4,
+                               num_key_value_heads=2, head_dim=8, mamba_num_heads=4, mamba_head_dim=8,
+                               ssm_state_size=8, n_groups=n_groups, conv_kernel=4, chunk_size=8, mlp_hidden_size=64)
+
+
+def build_lm(pattern: str, n_groups: int, seed: int = 0) -> HybridLanguageModel:
+    model = HybridLanguageModel(lm_config(pattern, n_groups))
+    model.reset_parameters(torch.Generator().manual_seed(seed))
+    return model.eval()
+
+
+def cached_greedy(lm: HybridLanguageModel, embeds: torch.Tensor, steps: int) -> tuple[list[int], torch.Tensor]:
+    """Greedy tokens and the logits each was chosen from (steps, V), through prefill + decode_step."""
+    logits, cache = prefill(lm, embeds, embeds.shape[1] + steps)
+    tokens, chosen_from = [], []
+    for _ in range(steps):
+        chosen_from.append(logits[0])
+        token = logits.argmax(dim=-1)
+        tokens.append(int(token))
+        logits = decode_step(lm, token, cache)
+    return tokens, torch.stack(chosen_from)
+
+
+@torch.no_grad()
+def uncached_greedy(next_logits, input_ids: torch.Tensor, steps: int) -> tuple[list[int], torch.Tensor]:
+    """Greedy decoding that re-runs the full forward over the growing sequence at every step."""
+    ids, tokens, chosen_from = input_ids, [], []
+    for _ in range(steps):
+        logits = next_logits(ids)  # (V,) at the last position
+        chosen_from.append(logits)
+        token = int(logits.argmax())
+        tokens.append(token)
+        ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    return tokens, torch.stack(chosen_from)
+
+
+@pytest.mark.parametrize("pattern,n_groups", [("M", 2), ("*", 1), ("-", 1), ("M-M*", 2), ("*M-M", 1),
+                                              ("M-M*M-M-", 2)])
+@pytest.mark.parametrize("prompt_length", [2, 19])  # shorter than the conv window; several scan chunks
+def test_cached_generation_equals_uncached(pattern, n_groups, prompt_length):
+    lm = build_lm(pattern, n_groups)
+    prompt = torch.randint(IMAGE_TOKEN + 1, VOCAB, (1, prompt_length), generator=torch.Generator().manual_seed(1))
+    expected, expected_logits = uncached_greedy(lambda ids: lm(ids)[0, -1], prompt, NEW_TOKENS)
+    tokens, logits = cached_greedy(lm, lm.backbone.embeddings(prompt), NEW_TOKENS)
+    assert tokens == expected
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-5, atol=1e-6)
+    assert list(greedy_tokens(lm, lm.backbone.embeddings(prompt), NEW_TOKENS)) == expected
+
+
+def test_cached_step_logits_match_the_forward_in_float64():
+    # In float64 the recurrent step and the chunked scan agree to rounding of the last digits.
+    lm = build_lm("M-M*M-M-", 2).double()
+    prompt = torch.randint(IMAGE_TOKEN + 1, VOCAB, (1, 13), generator=torch.Generator().manual_seed(2))
+    expected, expected_logits = uncached_greedy(lambda ids: lm(ids)[0, -1], prompt, NEW_TOKENS)
+    tokens, logits = cached_greedy(lm, lm.backbone.embeddings(prompt), NEW_TOKENS)
+    assert tokens == expected
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-10, atol=1e-10)
+
+
+def test_greedy_tokens_stops_at_a_stop_token_and_at_the_limit():
+    lm = build_lm("M-M*", 2)
+    embeds = lm.backbone.embeddings(torch.tensor([[20, 30, 40, 50]]))
+    full = list(greedy_tokens(lm, embeds, 6))
+    assert len(full) == 6
+    stop = full[2]
+    assert list(greedy_tokens(lm, embeds, 6, stop_ids=[stop])) == full[:full.index(stop)]
+    assert list(greedy_tokens(lm, embeds, 0)) == []
+
+
+def test_decode_step_refuses_to_overrun_the_cache():
+    lm = build_lm("*", 1)
+    logits, cache = prefill(lm, lm.backbone.embeddings(torch.tensor([[9, 10, 11]])), capacity=4)
+    logits = decode_step(lm, logits.argmax(-1), cache)
+    with pytest.raises(ValueError, match="cache is full"):
+        decode_step(lm, logits.argmax(-1), cache)
+
+
+def test_cached_generation_with_image_tiles_equals_the_training_forward():
+    cfg = ModelConfig(language_model=lm_config("M-M*M-", 2))
+    model = VisionLanguageModel(cfg, image_token_id=IMAGE_TOKEN)
+    model.reset_parameters(seed=3)
+    model.eval()
+    tiles = torch.randint(0, 256, (3, 3, cfg.vision.image_size, cfg.vision.image_size), dtype=torch.uint8,
+                          generator=torch.Generator().manual_seed(4))
+    media = [IMAGE_TOKEN] * (3 * cfg.tokens_per_tile)
+    prompt = torch.tensor([[40, 41, 42, 8] + media + [9, 50, 51, 52, 53]])
+
+    def training_forward(ids: torch.Tensor) -> torch.Tensor:
+        # The path training takes: media spliced inside `hidden_states`, then the output head.
+        seq_idx, cu_seqlens = packing_metadata(ids.shape, None, ids.device)
+        return model.language_model.lm_head(model.hidden_states(ids, tiles, seq_idx, cu_seqlens))[0, -1]
+
+    expected, expected_logits = uncached_greedy(training_forward, prompt, NEW_TOKENS)
+    assert IMAGE_TOKEN not in expected  # a generated media token would make the reference splice fail
+    embeds = prompt_embeddings(model, prompt, tiles)
+    tokens, logits = cached_greedy(model.language_model, embeds, NEW_TOKENS)
+    assert tokens == expected
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-5, atol=1e-6)
+    # The media really reach the answer: other pixels give other logits.
+    other = prompt_embeddings(model, prompt, 255 - tiles)
+    assert not torch.allclose(prefill(model.language_model, other, prompt.shape[1])[0], logits[:1])
+
+
+def test_prompt_embeddings_checks_the_media_token_count():
+    model = VisionLanguageModel(ModelConfig(language_model=lm_config("M", 2)), image_token_id=IMAGE_TOKEN).eval()
+    tiles = torch.zeros(1, 3, 64, 64, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="media tokens"):
+        prompt_embeddings(model, torch.tensor([[IMAGE_TOKEN, 20]]), tiles)

