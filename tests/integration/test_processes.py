@@ -24,10 +24,16 @@ def test_two_rank_torchrun_stage(tmp_path):
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 4
 
 
-def test_wandb_offline_logs_into_the_run_dir(tmp_path):
+def test_wandb_offline_logs_into_the_run_dir_and_no_secret_leaks(tmp_path, monkeypatch):
+    secret = "0123456789abcdef0123456789abcdef01234567"
+    monkeypatch.setenv("WANDB_API_KEY", secret)
     run_dir = tmp_path / "run"
     result = run_module(["train", "--config-name", "stage3_text_recovery", "smoke=cpu", "logger=wandb_offline",
                          "trainer.max_steps=2", f"run.dir={run_dir}"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+    assert secret not in result.stdout + result.stderr
+    for path in run_dir.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
