@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from data_pipelines import special_tokens as st
+from data_pipelines.evs import provisional_frame_counts
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
@@ -36,12 +37,22 @@ class Message:
 @dataclass(frozen=True)
 class MediaSlot:
     """What one placeholder expands to: `tokens_per_item` context tokens for each item (tile or
-    frame), and for videos a text label before each frame."""
+    frame), and for videos a text label before each frame.
+
+    `kept_tokens` (videos under EVS): context tokens the whole video keeps after pruning; frames
+    get a provisional split of them (`data_pipelines.evs.provisional_frame_counts`) that the
+    model rewrites to the real one. None: every frame keeps `tokens_per_item`.
+    """
 
     kind: str  # "image" | "video"
     num_items: int
     tokens_per_item: int
     frame_labels: tuple[str, ...] = ()
+    kept_tokens: int | None = None
+
+    @property
+    def context_tokens(self) -> int:
+        return self.tokens_per_item * self.num_items if self.kept_tokens is None else self.kept_tokens
 
 
 def parse_messages(doc: dict) -> list[Message]:
@@ -164,22 +175,37 @@ def tokenize_conversation(
     `media[k]` is what the k-th placeholder (over all user turns, in order) expands to. With
     `loss_on_think=False` the `<think>...</think>` block of each answer carries no loss.
     """
+    ids, labels, _ = tokenize_with_media_spans(messages, media, encode, special_ids, template, loss_on_think)
+    return ids, labels
+
+
+def tokenize_with_media_spans(
+    messages: Sequence[Message],
+    media: Sequence[MediaSlot],
+    encode: Callable[[str], list[int]],
+    special_ids: dict[str, int],
+    template: TemplateFn | None = None,
+    loss_on_think: bool = True,
+) -> tuple[list[int], list[int], list[tuple[int, int]]]:
+    """`tokenize_conversation` plus (start, length) of each media slot's tokens, in slot order."""
     segments = (template_segments(messages, template) if template is not None else None) or builtin_segments(messages)
     ids: list[int] = []
     labels: list[int] = []
+    spans: list[tuple[int, int]] = []
     media_iter = iter(media)
     for text, supervised in segments:
         for part, part_supervised in _split_think(text, supervised and not loss_on_think):
             for piece in _PLACEHOLDER.split(part) if not supervised else [part]:
                 if piece in (st.IMAGE_PLACEHOLDER, st.VIDEO_PLACEHOLDER):
                     tokens, carries_loss = _media_tokens(next(media_iter), encode, special_ids), False
+                    spans.append((len(ids), len(tokens)))
                 elif piece:
                     tokens, carries_loss = encode(piece), supervised and part_supervised
                 else:
                     continue
                 ids.extend(tokens)
                 labels.extend(tokens if carries_loss else [IGNORE_INDEX] * len(tokens))
-    return ids, labels
+    return ids, labels, spans
 
 
 _THINK_BLOCK = re.compile(f"({re.escape(st.THINK_OPEN)}.*?{re.escape(st.THINK_CLOSE)})", re.DOTALL)
@@ -199,9 +225,11 @@ def _media_tokens(slot: MediaSlot, encode: Callable[[str], list[int]], special_i
     if slot.kind == "image":
         # All tiles of one image (thumbnail last) share one block.
         return block(slot.tokens_per_item * slot.num_items)
+    counts = ([slot.tokens_per_item] * len(slot.frame_labels) if slot.kept_tokens is None
+              else provisional_frame_counts(len(slot.frame_labels), slot.tokens_per_item, slot.kept_tokens))
     tokens: list[int] = []
-    for label in slot.frame_labels:
-        tokens += encode(label) + block(slot.tokens_per_item)
+    for label, count in zip(slot.frame_labels, counts):
+        tokens += encode(label) + block(count)
     return tokens
 
 
@@ -209,7 +237,7 @@ def media_token_count(slot: MediaSlot, encode: Callable[[str], list[int]]) -> in
     """Tokens a placeholder expands to, without building them (for the token budget)."""
     if slot.kind == "image":
         return slot.tokens_per_item * slot.num_items + 2
-    return sum(len(encode(label)) for label in slot.frame_labels) + (slot.tokens_per_item + 2) * slot.num_items
+    return sum(len(encode(label)) for label in slot.frame_labels) + 2 * slot.num_items + slot.context_tokens
 
 
 def frame_label(index: int, timestamp: float) -> str:

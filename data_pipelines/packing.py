@@ -9,7 +9,7 @@ and `seq_idx` so attention and Mamba state never cross them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -29,6 +29,9 @@ class PackedBatch:
     media_sample_index: torch.Tensor  # (N,) int64, segment index of each tile's sample
     num_samples: int
     num_real_tokens: int
+    # (V, 5) int64, one row per video under EVS: [first tile in `tiles`, frames, kept tokens,
+    # span start (flat index over B * L), span length]; see train.model.evs.prune_videos.
+    video_evs: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 5, dtype=torch.int64))
 
     @property
     def num_supervised_tokens(self) -> int:
@@ -189,8 +192,8 @@ def collate_rows(rows: Sequence[Sequence[Sample]], seq_length: int, pad_id: int)
     position_ids = torch.zeros((batch, seq_length), dtype=torch.int64)
     seq_idx = torch.zeros((batch, seq_length), dtype=torch.int32)
     boundaries = [0]
-    tiles, media_index = [], []
-    segment = 0
+    tiles, media_index, video_evs = [], [], []
+    num_tiles = segment = 0
     num_samples = real = 0
     for r, row in enumerate(rows):
         offset = 0
@@ -200,9 +203,15 @@ def collate_rows(rows: Sequence[Sequence[Sample]], seq_length: int, pad_id: int)
             labels[r, offset:offset + n] = torch.from_numpy(sample.labels)
             position_ids[r, offset:offset + n] = torch.arange(n)
             seq_idx[r, offset:offset + n] = segment
+            if len(sample.video_evs):
+                videos = torch.from_numpy(sample.video_evs).clone()  # (V, 5), into batch coordinates:
+                videos[:, 0] += num_tiles
+                videos[:, 3] += r * seq_length + offset
+                video_evs.append(videos)
             if sample.tiles.shape[0]:
                 tiles.append(sample.tiles)
                 media_index.append(torch.full((sample.tiles.shape[0],), segment, dtype=torch.int64))
+                num_tiles += sample.tiles.shape[0]
             offset += n
             boundaries.append(r * seq_length + offset)
             segment += 1
@@ -224,6 +233,7 @@ def collate_rows(rows: Sequence[Sequence[Sample]], seq_length: int, pad_id: int)
         media_sample_index=torch.cat(media_index) if media_index else torch.zeros(0, dtype=torch.int64),
         num_samples=num_samples,
         num_real_tokens=real,
+        video_evs=torch.cat(video_evs) if video_evs else torch.zeros(0, 5, dtype=torch.int64),
     )
 
 

@@ -2,14 +2,15 @@
 
 The exact token count is known before any tile is cut: when a sample would overflow the
 sequence length, images degrade along the tile ladder 12->8->6->4->2->1 and videos drop frames
-uniformly; only then is the sample skipped (reason `too_long`).
+uniformly; only then is the sample skipped (reason `too_long`). Under EVS a video counts the
+tokens it will keep after pruning (`data_pipelines.evs`), at a rate drawn per video.
 """
 
 from __future__ import annotations
 
 import random
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 import numpy as np
@@ -18,9 +19,10 @@ import torch
 from data_pipelines import special_tokens as st
 from data_pipelines.conversation import (
     MediaSlot, SampleError, apply_reasoning_mode, frame_label, media_token_count,
-    parse_messages, placeholder_order, tokenize_conversation,
+    parse_messages, placeholder_order, tokenize_conversation, tokenize_with_media_spans,
 )
 from data_pipelines.decode import VideoFrames, decode_image, decode_video, frames_to_tiles
+from data_pipelines.evs import EvsConfig, kept_token_count, sample_q
 from data_pipelines.shards import RawSample, parse_json_member
 from data_pipelines.tiling import TilingConfig, choose_tile_grid, tile_image
 
@@ -42,6 +44,7 @@ class SampleSpec:
     chat_template: str = "auto"
     loss_on_think: bool = True
     seed: int = 0
+    evs: EvsConfig = EvsConfig()
 
 
 @dataclass
@@ -53,6 +56,9 @@ class Sample:
     key: str
     # (source index, shard path, index in shard): where to rebuild it from after a resume.
     position: tuple = ()
+    # (V, 5) int64, one row per video under EVS: [first tile, frames, kept tokens, span start,
+    # span length], tiles and span in this sample's coordinates (the span: all the video's tokens).
+    video_evs: np.ndarray = field(default_factory=lambda: np.zeros((0, 5), dtype=np.int64))
 
     @property
     def length(self) -> int:
@@ -95,10 +101,12 @@ class Tokenizer:
         return len(self.hf)
 
 
-def sample_rng(seed: int, raw: RawSample) -> random.Random:
+def sample_rng(seed: int, raw: RawSample, stream: str = "") -> random.Random:
     """Per-sample randomness that depends only on the sample's identity, so re-decoding a sample
-    (after resume) reproduces it exactly."""
-    return random.Random(zlib.crc32(f"{seed}|{raw.shard}|{raw.index}".encode()))
+    (after resume) reproduces it exactly. Each `stream` is independent, so one decision's draws
+    (EVS rates) never shift another's (reasoning mode)."""
+    key = f"{seed}|{raw.shard}|{raw.index}" + (f"|{stream}" if stream else "")
+    return random.Random(zlib.crc32(key.encode()))
 
 
 def _media_members(raw: RawSample, prefix: str, suffixes: tuple[str, ...]) -> list[bytes]:
@@ -133,37 +141,57 @@ def build_sample(raw: RawSample, source: str, spec: SampleSpec, tokenizer: Token
     target_pixels = (spec.tiling.tile_size ** 2) * (spec.tiling.max_tiles + 1)
     images = [decode_image(b, target_pixels=target_pixels) for b in image_bytes]
     videos = [decode_video(b, target_fps=spec.video_fps, max_frames=spec.max_frames) for b in video_bytes]
+    evs_rng = sample_rng(spec.seed, raw, "evs")
+    video_q = [sample_q(spec.evs, evs_rng) if spec.evs.enabled else None for _ in videos]
 
-    max_tiles, frame_keep = _fit_budget(messages, images, videos, order, spec, tokenizer)
-    tiling = TilingConfig(
-        tile_size=spec.tiling.tile_size, min_tiles=min(spec.tiling.min_tiles, max_tiles), max_tiles=max_tiles,
-        use_thumbnail=spec.tiling.use_thumbnail, grid_mode=spec.tiling.grid_mode,
-    )
+    max_tiles, frame_keep = _fit_budget(messages, images, videos, video_q, order, spec, tokenizer)
+    # replace keeps every other field (resample, resize_backend) as the spec set it.
+    tiling = replace(spec.tiling, min_tiles=min(spec.tiling.min_tiles, max_tiles), max_tiles=max_tiles)
     image_tiles = [tile_image(img, tiling) for img in images]
-    video_tiles = [frames_to_tiles(v.frames[keep], spec.tiling.tile_size) for v, keep in zip(videos, frame_keep)]
-    slots = _slots(order, [t.shape[0] for t in image_tiles], videos, frame_keep, spec.tokens_per_tile)
-    ids, labels = tokenize_conversation(messages, slots, tokenizer.encode, tokenizer.special_ids,
-                                        tokenizer.template(spec.chat_template), spec.loss_on_think)
+    video_tiles = [frames_to_tiles(v.frames[keep], spec.tiling.tile_size, spec.tiling.resample, spec.tiling.resize_backend)
+                   for v, keep in zip(videos, frame_keep)]
+    slots = _slots(order, [t.shape[0] for t in image_tiles], videos, frame_keep, video_q, spec.tokens_per_tile)
+    ids, labels, spans = tokenize_with_media_spans(messages, slots, tokenizer.encode, tokenizer.special_ids,
+                                                   tokenizer.template(spec.chat_template), spec.loss_on_think)
 
     image_iter, video_iter = iter(image_tiles), iter(video_tiles)
     ordered = [next(image_iter) if kind == "image" else next(video_iter) for kind in order]
-    tiles = torch.cat(ordered) if ordered else torch.zeros(0, 3, spec.tiling.tile_size, spec.tiling.tile_size, dtype=torch.uint8)
-    return Sample(np.asarray(ids, dtype=np.int64), np.asarray(labels, dtype=np.int64), tiles, source, raw.key)
+    if len(ordered) == 1:  # one image or video: its tiles as they are (cat would copy ~10 MB)
+        tiles = ordered[0]
+    else:
+        tiles = torch.cat(ordered) if ordered else torch.zeros(0, 3, spec.tiling.tile_size, spec.tiling.tile_size, dtype=torch.uint8)
+    return Sample(np.asarray(ids, dtype=np.int64), np.asarray(labels, dtype=np.int64), tiles, source, raw.key,
+                  video_evs=_video_evs_rows(slots, spans))
+
+
+def _video_slot(video: VideoFrames, keep: np.ndarray, tokens_per_tile: int, q: float | None) -> MediaSlot:
+    labels = tuple(frame_label(i, video.timestamps[j]) for i, j in enumerate(keep))
+    kept = None if q is None or not len(keep) else kept_token_count(len(keep), tokens_per_tile, q)
+    return MediaSlot("video", len(keep), tokens_per_tile, labels, kept)
 
 
 def _slots(order: list[str], tiles_per_image: list[int], videos: list[VideoFrames], frame_keep: list[np.ndarray],
-           tokens_per_tile: int) -> list[MediaSlot]:
+           video_q: list[float | None], tokens_per_tile: int) -> list[MediaSlot]:
     image_iter = iter(tiles_per_image)
-    video_iter = iter(zip(videos, frame_keep))
+    video_iter = iter(zip(videos, frame_keep, video_q))
     slots = []
     for kind in order:
         if kind == "image":
             slots.append(MediaSlot("image", next(image_iter), tokens_per_tile))
         else:
-            video, keep = next(video_iter)
-            labels = tuple(frame_label(i, video.timestamps[j]) for i, j in enumerate(keep))
-            slots.append(MediaSlot("video", len(keep), tokens_per_tile, labels))
+            video, keep, q = next(video_iter)
+            slots.append(_video_slot(video, keep, tokens_per_tile, q))
     return slots
+
+
+def _video_evs_rows(slots: list[MediaSlot], spans: list[tuple[int, int]]) -> np.ndarray:
+    """(V, 5) [first tile, frames, kept, span start, span length] of the slots pruned by EVS."""
+    rows, first_tile = [], 0
+    for slot, (start, length) in zip(slots, spans):
+        if slot.kept_tokens is not None:
+            rows.append((first_tile, slot.num_items, slot.kept_tokens, start, length))
+        first_tile += slot.num_items
+    return np.asarray(rows, dtype=np.int64).reshape(-1, 5)
 
 
 def _tiles_for(image, tiling: TilingConfig, max_tiles: int) -> int:
@@ -174,7 +202,7 @@ def _tiles_for(image, tiling: TilingConfig, max_tiles: int) -> int:
     return n + 1 if (n > 1 and tiling.use_thumbnail) else n
 
 
-def _fit_budget(messages, images, videos, order, spec: SampleSpec, tokenizer: Tokenizer):
+def _fit_budget(messages, images, videos, video_q, order, spec: SampleSpec, tokenizer: Tokenizer):
     """Largest tile cap on the ladder (and then the most video frames) that fits seq_length."""
     text_only, _ = tokenize_conversation(
         messages, [MediaSlot(kind, 0, 0) for kind in order], tokenizer.encode, tokenizer.special_ids,
@@ -185,11 +213,8 @@ def _fit_budget(messages, images, videos, order, spec: SampleSpec, tokenizer: To
     all_frames = [np.arange(v.frames.shape[0]) for v in videos]
 
     def video_tokens(keeps: list[np.ndarray]) -> int:
-        return sum(
-            media_token_count(MediaSlot("video", len(k), spec.tokens_per_tile,
-                                        tuple(frame_label(i, v.timestamps[j]) for i, j in enumerate(k))),
-                              tokenizer.encode)
-            for v, k in zip(videos, keeps))
+        return sum(media_token_count(_video_slot(v, k, spec.tokens_per_tile, q), tokenizer.encode)
+                   for v, k, q in zip(videos, keeps, video_q))
 
     def image_tokens(max_tiles: int) -> int:
         return sum(_tiles_for(img, spec.tiling, max_tiles) * spec.tokens_per_tile + 2 for img in images)
