@@ -315,6 +315,9 @@ class TrainerConfig:
     # Steps with a non-finite loss or gradient norm are skipped (no update); this many in a row
     # stop the run with an error, leaving the last good checkpoint as `latest`.
     max_nonfinite_steps: int = 5
+    # "token": every supervised token weighs the same (per-token mean over the global batch);
+    # "sqrt_turn": each assistant turn weighs sqrt(its length) in total.
+    loss_weighting: Literal["token", "sqrt_turn"] = "token"
 
     def validate(self, path: str) -> None:
         _check_positive(self, path, "max_steps", "micro_batch_size", "grad_accum_steps", "log_every", "save_every",

@@ -17,7 +17,7 @@ from torch import nn
 from data_pipelines.packing import PackedBatch
 from train.config import Config, OptimConfig, TrainableConfig
 from train.distributed import DistInfo, all_reduce_sum
-from train.model.vlm import VisionLanguageModel
+from train.model.vlm import VisionLanguageModel, next_token_targets_weights, token_weights
 from train.precision import Precision
 
 
@@ -100,18 +100,25 @@ class TrainModule:
         d = self.info.device
         with self.precision.autocast():
             return self.model(batch.input_ids.to(d), batch.labels.to(d), batch.tiles.to(d),
-                              batch.seq_idx.to(d), batch.cu_seqlens.to(d), batch.video_evs.to(d))
+                              batch.seq_idx.to(d), batch.cu_seqlens.to(d), batch.video_evs.to(d),
+                              self.cfg.trainer.loss_weighting)
+
+    def _loss_weight(self, batch: PackedBatch) -> float:
+        """Sum of the loss weights of a micro-batch's targets (its supervised-token count under
+        the default per-token weighting)."""
+        weights = token_weights(batch.labels, batch.seq_idx, self.cfg.trainer.loss_weighting)
+        return float(next_token_targets_weights(weights, batch.seq_idx).sum())
 
     def train_step(self, micro_batches: list[PackedBatch], step: int) -> StepResult:
         lr = learning_rate(step, self.cfg.optim, self.cfg.trainer.max_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        local_supervised = sum(b.num_supervised_tokens for b in micro_batches)
-        global_supervised = all_reduce_sum(local_supervised, self.info)
-        if global_supervised == 0:
+        global_weight = all_reduce_sum(sum(self._loss_weight(b) for b in micro_batches), self.info)
+        global_supervised = all_reduce_sum(sum(b.num_supervised_tokens for b in micro_batches), self.info)
+        if global_weight == 0:
             raise RuntimeError("a whole global batch has no supervised token; check the data's assistant turns")
-        # DDP averages gradients over ranks; scale so the result is sum / global_count.
-        scale = self.info.world_size / global_supervised
+        # DDP averages gradients over ranks; scale so the result is the global weighted mean.
+        scale = self.info.world_size / global_weight
         loss_sum = 0.0
         self.optimizer.zero_grad(set_to_none=True)
         for i, batch in enumerate(micro_batches):
@@ -124,7 +131,7 @@ class TrainModule:
         clip = self.cfg.optim.clip_grad if self.cfg.optim.clip_grad > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, clip)
         grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # DTensor under FSDP2
-        loss = all_reduce_sum(loss_sum, self.info) / global_supervised
+        loss = all_reduce_sum(loss_sum, self.info) / global_weight
         # clip_grad_norm_ reduces over DDP-synchronised grads, so every rank agrees on this.
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
         if finite:

@@ -73,18 +73,20 @@ class VisionLanguageModel(nn.Module):
         return self.language_model.backbone(embeds, seq_idx, cu_seqlens)
 
     def forward(self, input_ids: Tensor, labels: Tensor, tiles: Tensor, seq_idx: Tensor,
-             cu_seqlens: Tensor, video_evs: Tensor | None = None) -> tuple[Tensor, int]:
-        """Summed next-token cross-entropy over supervised tokens, and their count.
+                cu_seqlens: Tensor, video_evs: Tensor | None = None,
+                loss_weighting: str = "token") -> tuple[Tensor, int]:
+        """Weighted sum of next-token cross-entropy over supervised tokens, and their count.
 
-        The caller divides by the global count (all micro-batches and ranks), so packing and
-        accumulation never change a token's weight. EVS only rewrites media spans, which carry
-        no loss, so `labels` stay as they are.
+        The caller divides by the global sum of weights (`token_weights` over all micro-batches
+        and ranks), so packing and accumulation never change a token's weight. EVS only rewrites
+        media spans, which carry no loss, so `labels` stay as they are.
         """
         hidden = self.hidden_states(input_ids, tiles, seq_idx, cu_seqlens, video_evs)
         targets = next_token_targets(labels, seq_idx)
+        weights = next_token_targets_weights(token_weights(labels, seq_idx, loss_weighting), seq_idx)
         rows = targets != IGNORE_INDEX
         return chunked_cross_entropy(hidden[rows], targets[rows], self.language_model.lm_head.weight,
-                                     self.cfg.loss_chunk_size), int(rows.sum())
+                                     self.cfg.loss_chunk_size, weights[rows]), int(rows.sum())
 
 
 def next_token_targets(labels: Tensor, seq_idx: Tensor) -> Tensor:
@@ -95,20 +97,55 @@ def next_token_targets(labels: Tensor, seq_idx: Tensor) -> Tensor:
     return targets
 
 
-def chunked_cross_entropy(hidden: Tensor, targets: Tensor, head_weight: Tensor, chunk_size: int) -> Tensor:
-    """sum CE(hidden @ head_weight.T, targets) computed `chunk_size` rows at a time.
+def token_weights(labels: Tensor, seq_idx: Tensor, mode: str) -> Tensor:
+    """Loss weight of each supervised label (0 elsewhere), (B, L) float32.
+
+    "token": 1 per supervised token (per-token mean). "sqrt_turn": each assistant turn (a run of
+    consecutive supervised labels within a sample) weighs 1/sqrt(its length) per token, so a turn
+    counts sqrt(length) in total: long answers still count more than short ones, but not
+    linearly (Megatron's --use-loss-scaling idea of scaling by turn length).
+    """
+    supervised = labels != IGNORE_INDEX
+    if mode == "token":
+        return supervised.float()
+    if mode != "sqrt_turn":
+        raise ValueError(f"unknown loss weighting {mode!r}; use 'token' or 'sqrt_turn'")
+    flat_sup, flat_seq = supervised.flatten(), seq_idx.flatten()
+    starts = flat_sup.clone()
+    starts[1:] &= ~flat_sup[:-1] | (flat_seq[1:] != flat_seq[:-1])
+    run = torch.cumsum(starts.long(), 0) * flat_sup  # 1-based turn id per supervised token, 0 elsewhere
+    lengths = torch.bincount(run, minlength=int(run.max()) + 1).float()
+    weights = torch.where(flat_sup, lengths[run].clamp(min=1).rsqrt(), torch.zeros_like(lengths[run]))
+    return weights.reshape(labels.shape)
+
+
+def next_token_targets_weights(weights: Tensor, seq_idx: Tensor) -> Tensor:
+    """Weights aligned with `next_token_targets`: position t carries the weight of label t+1."""
+    shifted = torch.zeros_like(weights)
+    same = seq_idx[:, 1:] == seq_idx[:, :-1]
+    shifted[:, :-1] = torch.where(same, weights[:, 1:], torch.zeros_like(weights[:, 1:]))
+    return shifted
+
+
+def chunked_cross_entropy(hidden: Tensor, targets: Tensor, head_weight: Tensor, chunk_size: int,
+                          weights: Tensor | None = None) -> Tensor:
+    """sum w * CE(hidden @ head_weight.T, targets) computed `chunk_size` rows at a time.
 
     Each chunk is recomputed in backward (activation checkpointing), so at most one chunk of
     logits (chunk_size x V) exists at a time instead of L x V.
     """
     total = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
+    if weights is None:
+        weights = torch.ones(targets.shape, dtype=total.dtype, device=targets.device)
     for start in range(0, hidden.shape[0], chunk_size):
-        h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
-        total = total + checkpoint(_chunk_ce, h, t, head_weight, use_reentrant=False)
+        end = start + chunk_size
+        total = total + checkpoint(_chunk_ce, hidden[start:end], targets[start:end], head_weight,
+                                   weights[start:end], use_reentrant=False)
     return total
 
 
-def _chunk_ce(hidden: Tensor, targets: Tensor, head_weight: Tensor) -> Tensor:
+def _chunk_ce(hidden: Tensor, targets: Tensor, head_weight: Tensor, weights: Tensor) -> Tensor:
     logits = hidden @ head_weight.t()
     # bf16 logits lose too much in the softmax: accumulate in at least fp32.
-    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets, reduction="sum")
+    losses = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets, reduction="none")
+    return (losses * weights.to(losses.dtype)).sum()
