@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from data_pipelines.tiling import RESAMPLE_FILTERS
+from data_pipelines.tiling import resize_pixels
 
 logger = logging.getLogger(__name__)
 
@@ -80,12 +80,13 @@ def _open_image(data: bytes, target_pixels: int | None) -> Image.Image:
 
 
 def _apply_exif_orientation(image: Image.Image) -> Image.Image:
-    """Rotate/flip as the EXIF orientation tag says; a broken EXIF block leaves it as is."""
+    """Rotate/flip as the EXIF orientation tag says; a broken EXIF block is ignored."""
     try:
-        return ImageOps.exif_transpose(image)
+        # In place: the copying form duplicates every unrotated image (~1 ms per 2 MP).
+        ImageOps.exif_transpose(image, in_place=True)
     except (OSError, SyntaxError, ValueError, KeyError, TypeError) as err:
         logger.debug("ignoring unreadable EXIF orientation: %s", err)
-        return image
+    return image
 
 
 def _sixteen_bit_to_l(image: Image.Image) -> Image.Image:
@@ -413,18 +414,16 @@ def decode_video(
 
 
 def frames_to_tiles(
-    frames: np.ndarray, tile_size: int, resample: str = "bicubic"
+    frames: np.ndarray, tile_size: int, resample: str = "bicubic", backend: str = "torch"
 ) -> torch.Tensor:
     """`(T, H, W, 3)` uint8 frames -> `(T, 3, tile, tile)` uint8: each frame is one tile.
 
     The frame is squashed to the square tile (no crop, no padding), as the Nemotron VL
-    video path does, so nothing at the frame edges is lost.
+    video path does, so nothing at the frame edges is lost. All frames go through one
+    resize call (`tiling.resize_pixels`; `backend` as `TilingConfig.resize_backend`).
     """
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"expected (T, H, W, 3) uint8 frames, got {frames.shape} {frames.dtype}")
-    filt = RESAMPLE_FILTERS[resample]
-    out = np.empty((frames.shape[0], 3, tile_size, tile_size), dtype=np.uint8)
-    for i, frame in enumerate(frames):
-        resized = Image.fromarray(frame).resize((tile_size, tile_size), resample=filt)
-        out[i] = np.asarray(resized).transpose(2, 0, 1)  # (3, t, t)
-    return torch.from_numpy(out)
+    pixels = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # (T, 3, H, W) view
+    tiles = resize_pixels(pixels, (tile_size, tile_size), resample, backend)
+    return tiles.contiguous()  # (T, 3, t, t); torch keeps channels-last strides for T > 1
