@@ -83,6 +83,8 @@ class VisionConfig:
     num_registers: int = 0
     max_image_size: int = 0
     final_norm: bool = True
+    # RADIO's per-channel layer scales on both residual branches (`layer_scale{1,2}.lambda1`).
+    layer_scale: bool = False
 
     def validate(self, path: str) -> None:
         if self.image_size % self.patch_size:

@@ -63,10 +63,8 @@ CARRIED_PATTERNS = (
     re.compile(r"^vision_model\.radio_model\.model\.patch_generator\.video_embedder\."),
     re.compile(r"^vision_model\.radio_model\.summary_idxs$"),
     re.compile(r"^vision_model\.radio_model\.input_conditioner\."),
-    re.compile(r"^vision_model\.radio_model\.model\.blocks\.\d+\.(layer_scale[12]\.lambda1|ls[12]\.gamma)$"),
     re.compile(r"^(language_model\.)?mtp\."),
 )
-LAYER_SCALE = re.compile(r"\.(layer_scale[12]\.lambda1|ls[12]\.gamma)$")
 # (HF name under RADIO_MODEL, our name under vision_model.)
 RADIO_RENAMES = (
     ("patch_generator.embedder.", "patch_embed."),
@@ -225,7 +223,7 @@ def hf_config_to_model_config(hf_config: dict, name: str = "hf") -> ModelConfig:
             num_layers=vision.num_hidden_layers, num_heads=vision.num_attention_heads, mlp_ratio=float(vision.mlp_ratio),
             norm_eps=float(vision.layer_norm_eps), normalization=_normalization_name(vision.norm_mean, vision.norm_std),
             num_cls_tokens=vision.num_cls_tokens, num_registers=vision.num_registers,
-            max_image_size=vision.max_img_size, final_norm=False,
+            max_image_size=vision.max_img_size, final_norm=False, layer_scale=True,
         ),
         projector=ProjectorConfig(downsample_ratio=float(omni.downsample_ratio), hidden_size=omni.projector_hidden_size),
     )
@@ -272,16 +270,10 @@ def is_carried(hf_key: str) -> bool:
 
 
 def split_carried(hf_state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """(tensors our model uses, tensors carried unchanged). Layer scales are carried only when they
-    are the identity (all ones): anything else would change what the ViT computes."""
+    """(tensors our model uses, tensors carried unchanged)."""
     used, carried = {}, {}
     for key, tensor in hf_state.items():
-        if not is_carried(key):
-            used[key] = tensor
-            continue
-        if LAYER_SCALE.search(key) and not bool((tensor == 1).all()):
-            raise ConversionError(f"{key} is a non-identity layer scale; our ViT has none")
-        carried[key] = tensor
+        (carried if is_carried(key) else used)[key] = tensor
     return used, carried
 
 

@@ -34,6 +34,16 @@ def test_stage1_language_model_params_equal_transformers_12b(stage1):
     assert stage1["params"]["language_model"] == sum(p.numel() for p in hf.parameters()) == 12_310_001_152
 
 
+def test_stage1_vision_and_projector_params_equal_the_published_shapes(stage1):
+    from transformers import RadioConfig, RadioModel
+
+    with torch.device("meta"):
+        radio = RadioModel(RadioConfig())  # transformers' defaults are C-RADIOv2-H (ViT-H/16)
+    assert stage1["params"]["vision_model"] == sum(p.numel() for p in radio.parameters()) == 651_727_360
+    # Projector: RMSNorm(4 * 1280) -> Linear(5120, 20480) -> squared ReLU -> Linear(20480, 5120).
+    assert stage1["params"]["projector"] == 5120 + 5120 * 20480 + 20480 * 5120 == 209_720_320
+
+
 def test_stage1_totals_and_memory_arithmetic(stage1):
     p, mem = stage1["params"], stage1["memory_gib"]
     assert p["total"] == p["language_model"] + p["vision_model"] + p["projector"]

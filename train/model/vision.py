@@ -15,6 +15,17 @@ from torch.utils.checkpoint import checkpoint
 from train.config import VisionConfig
 
 
+class LayerScale(nn.Module):
+    """Per-channel scale of a residual branch (RADIO's `layer_scale{1,2}.lambda1`, ones at init)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.lambda1 = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.lambda1
+
+
 class VisionBlock(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
@@ -24,14 +35,16 @@ class VisionBlock(nn.Module):
         self.attn = nn.ModuleDict({"qkv": nn.Linear(dim, 3 * dim), "proj": nn.Linear(dim, dim)})
         self.norm2 = nn.LayerNorm(dim, eps=cfg.norm_eps)
         self.mlp = nn.ModuleDict({"fc1": nn.Linear(dim, hidden), "fc2": nn.Linear(hidden, dim)})
+        self.layer_scale1 = LayerScale(dim) if cfg.layer_scale else nn.Identity()
+        self.layer_scale2 = LayerScale(dim) if cfg.layer_scale else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         n, p, d = x.shape
         qkv = self.attn["qkv"](self.norm1(x)).reshape(n, p, 3, self.heads, d // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (n, heads, p, head_dim)
         attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, p, d)
-        x = x + self.attn["proj"](attn)
-        return x + self.mlp["fc2"](F.gelu(self.mlp["fc1"](self.norm2(x))))
+        x = x + self.layer_scale1(self.attn["proj"](attn))
+        return x + self.layer_scale2(self.mlp["fc2"](F.gelu(self.mlp["fc1"](self.norm2(x)))))
 
 
 class VisionEncoder(nn.Module):
