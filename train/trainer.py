@@ -138,7 +138,7 @@ class Trainer:
                 last_loss = result.loss
             elapsed = time.monotonic() - started
             log_now = self.step % t.log_every == 0 or self.step == t.max_steps
-            skipped = sum_counts(self.data.skipped, self.info) if log_now else {}  # collective: all ranks
+            per_source = self._per_source_counts() if log_now else {}  # collective: all ranks take part
             if self.info.is_main and log_now:
                 record = {
                     # JSON has no NaN: a skipped non-finite step logs loss and grad_norm as null.
@@ -147,7 +147,7 @@ class Trainer:
                     "nonfinite_skipped": self.train_module.nonfinite_total,
                     "packing_efficiency": result.real_tokens / result.slots, "samples": result.samples,
                     "supervised_tokens": result.supervised_tokens, "epochs": round(self.data.epochs, 4),
-                    "skipped": skipped, **result.precision_metrics,
+                    **per_source, **result.precision_metrics,
                 }
                 metrics.log(record)
                 wandb.log(record)
@@ -162,6 +162,14 @@ class Trainer:
                 raise Preempted(self.step)
         return last_loss
 
+    def _per_source_counts(self) -> dict:
+        """Skips (per reason, and per source/reason), samples and tokens per source, all ranks summed."""
+        d = self.data
+        return {"skipped": sum_counts(d.skipped, self.info),
+                "skipped_by_source": sum_counts(d.skipped_by_source, self.info),
+                "samples_by_source": sum_counts(d.samples_by_source, self.info),
+                "tokens_by_source": sum_counts(d.tokens_by_source, self.info)}
+
     def _save(self) -> Path:
         state = {"step": self.step, "tokens": self.tokens, "data": self.data.state_dict()}
         return save_checkpoint(self.ckpt_root, self.step, self.model, self.optimizer, state, self.cfg.trainer.keep_last,
@@ -171,9 +179,7 @@ class Trainer:
         latest = find_latest(self.ckpt_root)
         summary = {
             "stage": self.cfg.stage, "steps": self.step, "final_loss": last_loss, "tokens": self.tokens,
-            "epochs": round(self.data.epochs, 4), "skipped": sum_counts(self.data.skipped, self.info),
-            "skipped_by_source": sum_counts(self.data.skipped_by_source, self.info),
-            "samples_by_source": sum_counts(self.data.samples_by_source, self.info),
+            "epochs": round(self.data.epochs, 4), **self._per_source_counts(),
             "checkpoint": str(latest) if latest else None,
         }
         if self.info.is_main:

@@ -78,3 +78,4 @@ def test_stage_trains_through_every_kind_of_bad_sample(tmp_path):
     assert summary["samples_by_source"]["mixed"] == drawn - len(bad)
     last = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
     assert last["skipped"] == expected
+    assert last["samples_by_source"] == summary["samples_by_source"] and last["tokens_by_source"]["mixed"] > 0
