@@ -171,6 +171,28 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     return saved
 
 
+def load_newest_readable(root: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                         precision_state: dict | None = None) -> tuple[Path, dict] | None:
+    """Load the checkpoint `latest` names; if it cannot be read (a truncated shard, a damaged
+    file), warn and fall back to the next newest complete one, never silently to step 0.
+    Returns (path, this rank's saved state), or None when there is no checkpoint at all."""
+    first = find_latest(root)
+    if first is None:
+        return None
+    candidates = [first] + [p for p in reversed(complete_checkpoints(root)) if p != first]
+    for i, path in enumerate(candidates):
+        try:
+            return path, load_checkpoint(path, model, optimizer, precision_state)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as err:  # DCP's CheckpointException is a BaseException
+            if i == len(candidates) - 1:
+                raise RuntimeError(f"no checkpoint under {root} can be read; the last error was: {err}") from err
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[-1]  # DCP nests whole tracebacks
+            warnings.warn(f"checkpoint {path} cannot be read ({reason}); falling back to {candidates[i + 1].name}")
+    return None
+
+
 def read_rank_states(path: Path) -> list[dict]:
     """Every saved rank's state (without RNG), in rank order: for resuming with another world size."""
     files = sorted(path.glob("rank_*.json"), key=lambda f: int(f.stem.split("_")[1]))

@@ -22,7 +22,9 @@ from data_pipelines.loader import PackedBatchStream, Source
 from data_pipelines.samples import SampleSpec, Tokenizer
 from data_pipelines.tiling import TilingConfig
 from train.callbacks import MetricsFile, Progress, WandbLogger
-from train.checkpoint import find_latest, load_checkpoint, load_model_weights, read_rank_states, save_checkpoint
+from train.checkpoint import (
+    find_latest, load_model_weights, load_newest_readable, read_rank_states, save_checkpoint,
+)
 from train.config import Config, ConfigError
 from train.distributed import DistInfo, init_distributed, shutdown, sum_counts, wrap_data_parallel
 from train.model.vlm import VisionLanguageModel
@@ -89,10 +91,10 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.data = build_data(cfg, tokenizer, info)
         self.step, self.tokens = 0, 0
-        latest = find_latest(self.ckpt_root)
-        if latest is not None:
-            precision_state = self.precision.state_dict()
-            saved = load_checkpoint(latest, self.model, self.optimizer, precision_state)
+        precision_state = self.precision.state_dict()
+        loaded = load_newest_readable(self.ckpt_root, self.model, self.optimizer, precision_state)
+        if loaded is not None:
+            latest, saved = loaded
             self.precision.load_state_dict(precision_state)
             self.step, self.tokens = saved["step"], saved["tokens"]
             saved_world = saved["data"].get("world_size", 1)

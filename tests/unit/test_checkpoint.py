@@ -104,3 +104,19 @@ def test_handoff_from_a_checkpoint_holding_only_some_parts(tmp_path):
         load_model_weights(path, dst)
     assert torch.equal(dst.language_model.weight, src.language_model.weight)
     assert torch.equal(dst.vision_model.weight, vision_before)
+
+
+def test_truncated_newest_checkpoint_falls_back_to_the_previous(tmp_path):
+    from train.checkpoint import load_newest_readable
+
+    model, opt = model_and_optim()
+    save_checkpoint(tmp_path, 1, model, opt, {"step": 1}, keep_last=3)
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    save_checkpoint(tmp_path, 2, model, opt, {"step": 2}, keep_last=3)
+    shard = next((tmp_path / "step_0000002").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])  # truncated on disk
+    fresh, fresh_opt = model_and_optim(seed=7)
+    with pytest.warns(UserWarning, match="cannot be read.*falling back to step_0000001"):
+        path, saved = load_newest_readable(tmp_path, fresh, fresh_opt)
+    assert path.name == "step_0000001" and saved == {"step": 1}
