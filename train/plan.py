@@ -50,15 +50,28 @@ def load_plan_config(config_name: str, overrides: list[str]) -> Config:
     return cfg
 
 
-def count_parameters(model_cfg: ModelConfig) -> dict[str, int]:
-    """Parameter counts of each VLM part, from the real modules built on the meta device."""
+def meta_model(model_cfg: ModelConfig):
+    """The recipe's VLM built on the meta device (shapes only, no memory)."""
     from train.model.vlm import VisionLanguageModel
 
     # Kernel choice never changes shapes; the torch twins need no GPU library to build.
     cfg = dataclasses.replace(model_cfg, kernels=KernelConfig())
     with torch.device("meta"):
-        model = VisionLanguageModel(cfg, image_token_id=0)
+        return VisionLanguageModel(cfg, image_token_id=0)
+
+
+def count_parameters(model) -> dict[str, int]:
+    """Parameter counts of each VLM part, from the real modules."""
     return {part: sum(p.numel() for p in getattr(model, part).parameters()) for part in PARTS}
+
+
+def fp8_modules(model, cfg: Config) -> list[str]:
+    """The Linear modules that run in FP8 under this recipe's precision (none outside FP8)."""
+    if not cfg.precision.is_fp8:
+        return []
+    from train.precision.region import fp8_linear_names
+
+    return fp8_linear_names(model, cfg.precision.keep_patterns, cfg.precision.keep_first_last_layers)
 
 
 def activation_bytes(cfg: Config) -> dict:
@@ -97,7 +110,9 @@ def activation_bytes(cfg: Config) -> dict:
 
 
 def make_plan(cfg: Config, recipe: str) -> dict:
-    params = count_parameters(cfg.model)
+    model = meta_model(cfg.model)
+    params = count_parameters(model)
+    in_fp8 = fp8_modules(model, cfg)
     flags = {part: getattr(cfg.trainable, part) for part in PARTS}
     total = sum(params.values())
     trainable = sum(n for part, n in params.items() if flags[part])
@@ -118,6 +133,8 @@ def make_plan(cfg: Config, recipe: str) -> dict:
         "model": cfg.model.name,
         "params": {**params, "total": total, "trainable": trainable},
         "trainable_parts": flags,
+        "precision": cfg.precision.name,
+        "fp8_modules": in_fp8,
         "memory_gib": memory,
         "activations_gib": {
             "language_model": {k: v / GIB for k, v in acts["language_model"].items()},
@@ -152,6 +169,10 @@ def format_plan(plan: dict) -> str:
     acts = plan["activations_gib"]
     detail = ", ".join(f"{k} {v:.2f}" for k, v in acts["language_model"].items())
     rows.append(f"  activations: LM [{detail}], vision {acts['vision_model']:.2f}, projector {acts['projector']:.2f}")
+    if plan["precision"].startswith("fp8"):
+        names = plan["fp8_modules"]
+        rows.append(f"{plan['precision']}: {len(names)} Linear modules in FP8 (plan.json lists them), "
+                    f"e.g. {', '.join(names[:3])}")
     a = plan["assumptions"]
     rows.append(f"  assumes {a['compute_dtype']} compute, {a['optimizer_states']}, "
                 f"{a['tokens_per_micro_batch']} tokens/micro-batch, checkpointing={a['activation_checkpointing']}")

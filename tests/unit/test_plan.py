@@ -81,3 +81,13 @@ def test_plan_cli_writes_to_run_dir_and_reports_config_errors(tmp_path, capsys):
     assert "language_model" in capsys.readouterr().out
     assert plan.main(["--config-name", "stage1_image_sft", "model.vision.patch_size=7"]) == 2
     assert "model.vision.image_size" in capsys.readouterr().err
+
+
+def test_plan_lists_the_fp8_region(tmp_path):
+    assert plan.main(["--config-name", "stage1_image_sft", "--out", str(tmp_path), "precision=fp8_delayed_emulated"]) == 0
+    names = json.loads((tmp_path / "plan.json").read_text())["fp8_modules"]
+    assert names and all(n.startswith("language_model.backbone.layers.") for n in names)
+    layers = {int(n.split(".")[3]) for n in names}
+    assert 0 not in layers and 61 not in layers  # first and last layer kept in BF16
+    assert plan.main(["--config-name", "stage1_image_sft", "--out", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "plan.json").read_text())["fp8_modules"] == []
