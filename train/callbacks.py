@@ -17,10 +17,13 @@ class MetricsFile:
 
     def __init__(self, path: Path, resumed_step: int):
         self.path = path
+        # The loss of the last kept step, so a resumed run with no step left still reports it.
+        self.last_loss: float | None = None
         if path.exists():
-            kept = [line for line in path.read_text().splitlines()
+            kept = [json.loads(line) for line in path.read_text().splitlines()
                     if line.strip() and json.loads(line)["step"] <= resumed_step]
-            path.write_text("".join(line + "\n" for line in kept))
+            path.write_text("".join(json.dumps(record) + "\n" for record in kept))
+            self.last_loss = next((r["loss"] for r in reversed(kept) if r.get("loss") is not None), None)
 
     def log(self, record: dict) -> None:
         with open(self.path, "a") as f:

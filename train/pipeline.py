@@ -51,8 +51,9 @@ def run_pipeline(argv: list[str]) -> list[dict]:
         print(f"=== {cfg.stage} -> {cfg.run.dir}", flush=True)
         started = time.monotonic()
         summary = run_stage(cfg)
+        final = summary["final_loss"]
         print(f"=== {cfg.stage} finished in {time.monotonic() - started:.0f}s: "
-              f"final loss {summary['final_loss']:.4f}", flush=True)
+              f"final loss {'n/a' if final is None else f'{final:.4f}'}", flush=True)
         summaries.append(summary)
         previous_checkpoint = summary["checkpoint"]
         if previous_checkpoint is None:

@@ -116,10 +116,11 @@ class Trainer:
         progress = Progress(cfg.stage, self.step, t.max_steps, cfg.logger.progress_bar and self.info.is_main)
         wandb = WandbLogger(cfg.logger.wandb.mode, cfg.logger.wandb.project, cfg.logger.wandb.entity, self.run_dir,
                             cfg.stage, dataclasses.asdict(cfg)) if self.info.is_main else None
-        last_loss = float("nan")
         preemption = PreemptionHandler(self.info.device).install()
         try:
             last_loss = self._loop(metrics, progress, wandb, preemption)
+            if not math.isfinite(last_loss) and metrics is not None and metrics.last_loss is not None:
+                last_loss = metrics.last_loss  # resumed with no step left to run
         finally:
             preemption.uninstall()
             progress.close()
@@ -180,7 +181,8 @@ class Trainer:
     def _write_summary(self, last_loss: float) -> dict:
         latest = find_latest(self.ckpt_root)
         summary = {
-            "stage": self.cfg.stage, "steps": self.step, "final_loss": last_loss, "tokens": self.tokens,
+            "stage": self.cfg.stage, "steps": self.step, "final_loss": _finite_or_none(last_loss),
+            "tokens": self.tokens,
             "epochs": round(self.data.epochs, 4), **self._per_source_counts(),
             "checkpoint": str(latest) if latest else None,
         }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -47,3 +48,16 @@ def test_invalid_override_fails_before_compute(tmp_path):
     assert result.returncode == 2
     assert "optim.lr" in result.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_resumed_with_no_step_left_still_reports_the_final_loss(tmp_path):
+    args = ["train", "--config-name", "stage3_text_recovery", "smoke=cpu", "trainer.max_steps=2",
+            f"run.dir={tmp_path / 'run'}"]
+    assert run_module(args, tmp_path).returncode == 0
+    summary_file = tmp_path / "run" / "summary.json"
+    first = json.loads(summary_file.read_text())
+    summary_file.unlink()  # as if killed after the final checkpoint, before the summary
+    again = run_module(args, tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    final = json.loads(summary_file.read_text())["final_loss"]
+    assert final == first["final_loss"] == read_metrics(tmp_path / "run")[-1]["loss"]
