@@ -22,7 +22,7 @@ figures and the load average are recorded too.
    tokenizer. The time of the decode and the resize/tiling calls inside build_sample is
    attributed by timing wrappers around the real functions.
 
-Run: `python -m tests.bench.bench_data_throughput` (or all: `python -m tests.bench.run_all`).
+Run: `python -m tests.bench.run_all throughput` (or `make bench` for all benchmarks).
 """
 
 from __future__ import annotations
@@ -596,12 +596,3 @@ def render(data: dict) -> str:
     lines.extend(f"[{'ok' if c['ok'] else 'MISS'}] {c['what']}: {c['value']}" for c in data["checks"])
     return "\n".join(lines)
 
-
-def main() -> dict:
-    data = run()
-    print(render(data))
-    return data
-
-
-if __name__ == "__main__":
-    main()

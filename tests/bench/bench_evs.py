@@ -13,7 +13,7 @@ shorter samples, pack into fewer rows and cost fewer LM FLOPs. Side by side at q
   count for that model next to it: the ratios should agree where the LM dominates.
 
 Ratios are against q = 0 in the same run; nothing here asserts on time.
-Run: `python -m tests.bench.bench_evs` (or all benchmarks: `python -m tests.bench.run_all`).
+Run: `python -m tests.bench.run_all evs` (or `make bench` for all benchmarks).
 """
 
 from __future__ import annotations
@@ -327,12 +327,3 @@ def render(data: dict) -> str:
     ]
     return "\n".join(lines)
 
-
-def main() -> dict:
-    data = run()
-    print(render(data))
-    return data
-
-
-if __name__ == "__main__":
-    main()

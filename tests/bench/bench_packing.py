@@ -14,7 +14,7 @@ Besides fill it reports the cost: the longest wait of a sample (rows emitted bet
 arrival and its own row), the buffer's peak size, and packing throughput (rows/s). At the end
 every packer drains, so all samples are packed and the tail is counted.
 
-Run: `python -m tests.bench.bench_packing` (or all benchmarks: `python -m tests.bench.run_all`).
+Run: `python -m tests.bench.run_all packing` (or `make bench` for all benchmarks).
 """
 
 from __future__ import annotations
@@ -438,12 +438,3 @@ def render(data: dict) -> str:
                  for c in data["checks"])
     return "\n".join(lines)
 
-
-def main() -> dict:
-    data = run()
-    print(render(data))
-    return data
-
-
-if __name__ == "__main__":
-    main()
