@@ -6,6 +6,10 @@ whose `.reason` is the skip-counter key. Truncated files must fail loudly, so Pi
 
 Videos are decoded with decord (random access by frame index, only the sampled frames are
 decoded to RGB); PyAV is the fallback when decord is missing or cannot open a file.
+
+`probe_image` / `probe_video` read what a sample's token count depends on (displayed image
+size; sampled frame indices and times) from headers and container indexes without decoding a
+pixel, so the loader can pack on exact lengths and decode only the samples it chose.
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ import bisect
 import io
 import logging
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -27,6 +33,7 @@ logger = logging.getLogger(__name__)
 WHITE = (255, 255, 255)
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+_EXIF_ORIENTATION = 0x0112
 
 
 class MediaDecodeError(Exception):
@@ -158,6 +165,33 @@ def to_rgb(image: Image.Image) -> Image.Image:
         raise MediaDecodeError("corrupt_image", f"cannot convert mode {image.mode} to RGB") from err
 
 
+def _exif_orientation(image: Image.Image) -> int:
+    """The EXIF orientation tag (1..8), 1 when absent or unreadable: what `exif_transpose` uses."""
+    try:
+        return int(image.getexif().get(_EXIF_ORIENTATION, 1))
+    except (OSError, SyntaxError, ValueError, KeyError, TypeError):
+        return 1
+
+
+def probe_image(data: bytes) -> tuple[int, int]:
+    """(width, height) as `decode_image` would show the image (EXIF rotation applied), read from
+    the header alone: no pixel is decoded. Raises MediaDecodeError as `decode_image` does for
+    data it cannot even open; a body that is corrupt past the header fails only at decode.
+    """
+    try:
+        image = Image.open(io.BytesIO(data))  # lazy: parses the header, checks decompression bombs
+        width, height = image.size
+        orientation = _exif_orientation(image)
+    except Image.DecompressionBombError as err:
+        raise MediaDecodeError("image_too_large", str(err)) from err
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        raise MediaDecodeError("corrupt_image", str(err)) from err
+    if width < 1 or height < 1:
+        raise MediaDecodeError("corrupt_image", f"empty image {width}x{height}")
+    # Orientations 5..8 transpose the axes (90 or 270 degree turns, with or without a flip).
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
 def decode_image(data: bytes, target_pixels: int | None = None) -> Image.Image:
     """Encoded image bytes -> RGB PIL image, EXIF orientation applied.
 
@@ -240,25 +274,41 @@ def _round_ts(seconds: float) -> float:
     return round(float(seconds), 3)
 
 
-def _decode_video_decord(
-    data: bytes, target_fps: float, max_frames: int, threads: int
-) -> VideoFrames:
-    """Random-access decode of only the sampled frames (decord seeks to key frames itself)."""
+@dataclass(frozen=True)
+class VideoProbe:
+    """What a video will give before any frame is decoded: the sampled frames and their times."""
+
+    indices: tuple[int, ...]  # source frame indices (`sample_frame_indices`), ascending
+    timestamps: tuple[float, ...]  # seconds of each from the stream start
+    native_fps: float
+    num_source_frames: int
+    backend: str  # "decord" or "pyav": the decoder whose frame numbering `indices` use
+
+
+def _decord_reader(data: bytes, threads: int):
     import decord  # imported here: optional, absent on some platforms
 
-    reader = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=threads)
+    return decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=threads)
+
+
+def _probe_decord(reader, target_fps: float, max_frames: int) -> VideoProbe:
+    """Sampled frames from decord's index (container metadata; nothing decoded)."""
     num_frames = len(reader)
     if num_frames == 0:
         raise MediaDecodeError("empty_video", "decord found no frames")
     native_fps = float(reader.get_avg_fps())
     indices = sample_frame_indices(num_frames, native_fps, target_fps, max_frames)
-    frames = reader.get_batch(indices).asnumpy()  # (T, H, W, 3) uint8
     try:
         starts = reader.get_frame_timestamp(indices)[:, 0]  # real pts: handles variable rate
-        timestamps = [_round_ts(t) for t in starts]
+        timestamps = tuple(_round_ts(t) for t in starts)
     except Exception:  # noqa: BLE001 - very old decord builds lack timestamps
-        timestamps = [_round_ts(i / native_fps) for i in indices]
-    return VideoFrames(frames, timestamps, native_fps, num_frames)
+        timestamps = tuple(_round_ts(i / native_fps) for i in indices)
+    return VideoProbe(tuple(indices), timestamps, native_fps, num_frames, "decord")
+
+
+def _frames_decord(reader, indices: Sequence[int]) -> np.ndarray:
+    """Random-access decode of only these frames (decord seeks to key frames itself)."""
+    return reader.get_batch(list(indices)).asnumpy()  # (T, H, W, 3) uint8
 
 
 @dataclass
@@ -352,14 +402,10 @@ def _decode_at_pts(
     return images
 
 
-def decode_video_pyav(
-    data: bytes, target_fps: float = 2.0, max_frames: int = 128, threads: int = 1
-) -> VideoFrames:
-    """PyAV fallback with the same sampling and timestamps as the decord path.
-
-    Frame indices count frames in presentation order (as decord does); timestamps are
-    (pts - stream start) * time_base. Same errors as `decode_video`.
-    """
+@contextmanager
+def _pyav_stream(data: bytes, threads: int) -> Iterator[tuple]:
+    """(container, first video stream, its packet index); any PyAV failure inside the block,
+    the caller's decoding included, becomes MediaDecodeError("corrupt_video")."""
     import av
 
     if len(data) == 0:
@@ -373,21 +419,56 @@ def decode_video_pyav(
             if threads != 1:
                 stream.codec_context.thread_type = "AUTO"
             index = _index_packets(container, stream)
-            num_frames = len(index.frame_pts)
-            if num_frames == 0:
+            if not index.frame_pts:
                 raise MediaDecodeError("empty_video", "no video packets")
-            native_fps = _stream_fps(stream, index)
-            indices = sample_frame_indices(num_frames, native_fps, target_fps, max_frames)
-            wanted = [index.frame_pts[i] for i in indices]
-            images = _decode_at_pts(container, stream, wanted, index)
-            start = stream.start_time if stream.start_time is not None else index.frame_pts[0]
-            timestamps = [_round_ts((pts - start) * stream.time_base) for pts in wanted]
+            yield container, stream, index
     except MediaDecodeError:
         raise
     except (av.error.FFmpegError, OSError, ValueError, IndexError, RuntimeError) as err:
         raise MediaDecodeError("corrupt_video", f"{type(err).__name__}: {err}") from err
-    frames = np.stack(images)  # (T, H, W, 3) uint8
-    return VideoFrames(frames, timestamps, native_fps, num_frames)
+
+
+def _probe_pyav(stream, index: _PacketIndex, target_fps: float, max_frames: int) -> VideoProbe:
+    """Sampled frames from the packet index. Frame indices count frames in presentation order
+    (as decord does); timestamps are (pts - stream start) * time_base."""
+    num_frames = len(index.frame_pts)
+    native_fps = _stream_fps(stream, index)
+    indices = sample_frame_indices(num_frames, native_fps, target_fps, max_frames)
+    start = stream.start_time if stream.start_time is not None else index.frame_pts[0]
+    timestamps = tuple(_round_ts((index.frame_pts[i] - start) * stream.time_base) for i in indices)
+    return VideoProbe(tuple(indices), timestamps, native_fps, num_frames, "pyav")
+
+
+def _frames_pyav(container, stream, index: _PacketIndex, indices: Sequence[int]) -> np.ndarray:
+    images = _decode_at_pts(container, stream, [index.frame_pts[i] for i in indices], index)
+    return np.stack(images)  # (T, H, W, 3) uint8
+
+
+def decode_video_pyav(
+    data: bytes, target_fps: float = 2.0, max_frames: int = 128, threads: int = 1
+) -> VideoFrames:
+    """PyAV fallback with the same sampling and timestamps as the decord path; same errors as
+    `decode_video`."""
+    with _pyav_stream(data, threads) as (container, stream, index):
+        probe = _probe_pyav(stream, index, target_fps, max_frames)
+        frames = _frames_pyav(container, stream, index, probe.indices)
+    return VideoFrames(frames, list(probe.timestamps), probe.native_fps, probe.num_source_frames)
+
+
+def _with_fallback(data: bytes, with_decord, with_pyav):
+    """`with_decord(data)`, or `with_pyav(data)` when decord is missing or fails on this file
+    (a MediaDecodeError from decord is final: the file itself is empty)."""
+    if len(data) == 0:
+        raise MediaDecodeError("empty_video", "zero bytes")
+    try:
+        return with_decord(data)
+    except MediaDecodeError:
+        raise
+    except ImportError:
+        logger.debug("decord not importable; using PyAV")
+    except Exception as err:  # noqa: BLE001 - decord raises assorted RuntimeError subclasses
+        logger.debug("decord failed (%s); retrying with PyAV", err)
+    return with_pyav(data)
 
 
 def decode_video(
@@ -400,17 +481,51 @@ def decode_video(
     Raises MediaDecodeError("empty_video") for no bytes, no video stream or no frames, and
     "corrupt_video" when neither backend can decode the data.
     """
-    if len(data) == 0:
-        raise MediaDecodeError("empty_video", "zero bytes")
-    try:
-        return _decode_video_decord(data, target_fps, max_frames, threads)
-    except MediaDecodeError:
-        raise
-    except ImportError:
-        logger.debug("decord not importable; decoding with PyAV")
-    except Exception as err:  # noqa: BLE001 - decord raises assorted RuntimeError subclasses
-        logger.debug("decord failed (%s); retrying with PyAV", err)
-    return decode_video_pyav(data, target_fps, max_frames, threads)
+    def with_decord(data: bytes) -> VideoFrames:
+        reader = _decord_reader(data, threads)  # one open serves the probe and the decode
+        probe = _probe_decord(reader, target_fps, max_frames)
+        frames = _frames_decord(reader, probe.indices)
+        return VideoFrames(frames, list(probe.timestamps), probe.native_fps, probe.num_source_frames)
+
+    return _with_fallback(data, with_decord, lambda d: decode_video_pyav(d, target_fps, max_frames, threads))
+
+
+def probe_video(data: bytes, target_fps: float = 2.0, max_frames: int = 128) -> VideoProbe:
+    """The frames `decode_video` would return (indices, timestamps), from the container index
+    alone: no frame is decoded. Same errors as `decode_video` for files it cannot open."""
+    def with_pyav(data: bytes) -> VideoProbe:
+        with _pyav_stream(data, 1) as (_, stream, index):
+            return _probe_pyav(stream, index, target_fps, max_frames)
+
+    return _with_fallback(data, lambda d: _probe_decord(_decord_reader(d, 1), target_fps, max_frames), with_pyav)
+
+
+def decode_video_frames(data: bytes, probe: VideoProbe, indices: Sequence[int], threads: int = 1) -> np.ndarray:
+    """`(len(indices), H, W, 3)` uint8: the frames at `indices` (source frame numbers, as in
+    `probe.indices`) of the video `probe` was taken from.
+
+    Uses the probe's backend; a decord failure retries with PyAV, whose frame numbering is the
+    same. A file that no longer has the probed frame count raises MediaDecodeError("corrupt_video")
+    rather than return other frames than the ones the tokens were planned for.
+    """
+    def check(num_frames: int) -> None:
+        if num_frames != probe.num_source_frames:
+            raise MediaDecodeError("corrupt_video", f"{num_frames} frames, planned from {probe.num_source_frames}")
+
+    def with_decord(data: bytes) -> np.ndarray:
+        reader = _decord_reader(data, threads)
+        check(len(reader))
+        return _frames_decord(reader, indices)
+
+    def with_pyav(data: bytes) -> np.ndarray:
+        with _pyav_stream(data, threads) as (container, stream, index):
+            check(len(index.frame_pts))
+            return _frames_pyav(container, stream, index, indices)
+
+    frames = with_pyav(data) if probe.backend == "pyav" else _with_fallback(data, with_decord, with_pyav)
+    if frames.shape[0] != len(indices):
+        raise MediaDecodeError("corrupt_video", f"decoded {frames.shape[0]} of {len(indices)} frames")
+    return frames
 
 
 def frames_to_tiles(

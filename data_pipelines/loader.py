@@ -5,11 +5,13 @@ seeded by (seed, d), and takes that source's next sample (shards shuffled per (s
 epoch), samples in shard order). Rank `r` of `w` builds the draws with d % w == r, so ranks see
 disjoint samples and, together, each sample once per epoch of its source.
 
-The main process plans positions; building (decode, tile, tokenize) runs inline or in a pool of
-`num_workers` processes, consumed in plan order, so the sample sequence is the same for any
-worker count. The state (draw counter and cursors as of the last consumed sample, the packer's
-buffered samples as positions, counters) is a small JSON-able dict: resume seeks straight to
-the saved positions via the shard index.
+Each sample goes through two steps, inline or in a pool of `num_workers` processes: planning
+(tokens, exact length, media plan from image headers and video indexes) before the packer, and
+decoding (tiles, frames) only once the packer put it in a row. Results are used in submission
+order, so the sequence is the same for any worker count. The state (draw counter and cursors as
+of the last sample planned into the packer before the last used row, the packer's buffer as
+sample positions, counters) is a small JSON-able dict: resume seeks straight to the saved
+positions via the shard index and re-plans the buffer.
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ from collections import Counter, deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 
+import torch
+
 from data_pipelines import special_tokens as st
 from data_pipelines.conversation import SampleError
 from data_pipelines.decode import MediaDecodeError
 from data_pipelines.packing import Packer, PackedBatch, collate_rows
-from data_pipelines.samples import Sample, SampleSpec, Tokenizer, build_sample
+from data_pipelines.samples import MediaPlan, Sample, SamplePlan, SampleSpec, Tokenizer, decode_media, plan_sample
 from data_pipelines.shards import IndexedSample, expand_shard_paths, index_shard, read_indexed_sample
 
 
@@ -94,7 +98,7 @@ class SourceCursor:
         self.epoch, self.shard_pos, self.sample_pos = state["epoch"], state["shard_pos"], state["sample_pos"]
 
 
-# ---- building, inline or in worker processes ----------------------------------------------
+# ---- planning and decoding, inline or in worker processes ---------------------------------
 _WORKER: dict = {}
 
 
@@ -106,23 +110,53 @@ def _init_worker(tokenizer_path: str, specs: list[SampleSpec], names: list[str])
     _WORKER.update(tokenizer=Tokenizer.load(tokenizer_path), specs=specs, names=names)
 
 
-def _build_job(job: Job, tokenizer: Tokenizer, specs: list[SampleSpec], names: list[str]) -> Sample | str:
-    """The built sample, or the skip reason."""
+def _plan_job(job: Job, tokenizer: Tokenizer, specs: list[SampleSpec], names: list[str]) -> SamplePlan | str:
+    """The sample's plan (tokens, media plan; no pixels), or the skip reason."""
     raw = read_indexed_sample(job.shard, job.index, job.entry)
     try:
-        sample = build_sample(raw, names[job.source_id], specs[job.source_id], tokenizer)
+        plan = plan_sample(raw, names[job.source_id], specs[job.source_id], tokenizer)
     except (SampleError, MediaDecodeError) as err:
         return err.reason
-    sample.position = (job.source_id, job.shard, job.index)
-    return sample
+    plan.position = (job.source_id, job.shard, job.index)
+    return plan
 
 
-def _build_in_worker(job: Job) -> Sample | str:
-    return _build_job(job, _WORKER["tokenizer"], _WORKER["specs"], _WORKER["names"])
+def _decode_job(job: Job, media: tuple[MediaPlan, ...], spec: SampleSpec) -> torch.Tensor | str:
+    """The planned media's tiles, or the skip reason."""
+    raw = read_indexed_sample(job.shard, job.index, job.entry)
+    try:
+        return decode_media(media, raw, spec)
+    except MediaDecodeError as err:
+        return err.reason
+
+
+def _plan_in_worker(job: Job) -> SamplePlan | str:
+    return _plan_job(job, _WORKER["tokenizer"], _WORKER["specs"], _WORKER["names"])
+
+
+def _decode_in_worker(job: Job, media: tuple[MediaPlan, ...]) -> torch.Tensor | str:
+    return _decode_job(job, media, _WORKER["specs"][job.source_id])
+
+
+@dataclass
+class _ChosenRow:
+    """A row the packer chose ahead of use, its media decoding (in the pool, or later inline),
+    and the stream state to commit once it is used."""
+
+    plans: list[SamplePlan]
+    jobs: list[Job]
+    decoded: list[Future | None]
+    state: dict
 
 
 class PackedBatchStream:
-    """Blended sources -> built samples -> packer -> PackedBatch, for one rank."""
+    """Blended sources -> sample plans -> packer -> decode the chosen -> PackedBatch, for one rank.
+
+    The packer buffers plans (tokens and media plans, no pixels), so a buffer of 1000 samples
+    costs megabytes, not the gigabytes its tiles would; only the samples of chosen rows are
+    decoded, `rows_ahead` rows in advance when there are workers. A sample whose media opened
+    at planning but fails to decode leaves a hole (padding) in its row and is counted as skipped.
+    """
 
     def __init__(self, sources: list[Source], spec: SampleSpec, tokenizer: Tokenizer, *, micro_batch_size: int,
                  pack_buffer: int, max_samples_per_pack: int = 0, rank: int = 0, world_size: int = 1,
@@ -147,15 +181,23 @@ class PackedBatchStream:
         self.weights = [s.weight for s in sources]
         self.draws = 0
         self.packer = Packer(spec.seq_length, max_samples_per_pack)
-        self.skipped: Counter[str] = Counter()
-        self.skipped_by_source: Counter[str] = Counter()
+        # Skips found while planning count when the plan reaches the packer (and are part of the
+        # state of every row chosen after); decode skips and used samples count when a row is used.
+        self._plan_skipped: Counter[str] = Counter()
+        self._plan_skipped_by_source: Counter[str] = Counter()
+        self._decode_skipped: Counter[str] = Counter()
+        self._decode_skipped_by_source: Counter[str] = Counter()
         self.samples_by_source: Counter[str] = Counter()
         self.tokens_by_source: Counter[str] = Counter()
-        # Planned but not yet consumed samples, with the planning state right after each.
+        # Planned but not yet buffered samples, with the planning state right after each.
         self._pending: deque[tuple[Job, Future | None, dict]] = deque()
-        self._committed = self._planning_state()
+        self._planned = self._planning_state()  # as of the last plan that reached the packer
+        self._rows: deque[_ChosenRow] = deque()
+        self._committed = self._row_state()  # as of the last row used
         self.num_workers = num_workers
         self._prefetch = max(1, num_workers * prefetch_per_worker)
+        # With workers, choose the next batch's rows while this one trains so they decode meanwhile.
+        self._rows_ahead = 2 * micro_batch_size if num_workers > 0 else 1
         self._pool = None
         if num_workers > 0:
             # spawn, not fork: the parent holds torch/OpenMP thread pools that a fork would break.
@@ -184,37 +226,71 @@ class PackedBatchStream:
 
     def _submit(self) -> None:
         job = self._plan()
-        future = self._pool.submit(_build_in_worker, job) if self._pool else None
+        future = self._pool.submit(_plan_in_worker, job) if self._pool else None
         self._pending.append((job, future, self._planning_state()))
 
-    def _job_at(self, source_id: int, shard: str, index: int) -> Job:
+    def _job_at(self, position: tuple) -> Job:
+        source_id, shard, index = int(position[0]), position[1], int(position[2])
         cursor = self.cursors[source_id]
         return Job(source_id, shard, index, cursor.indexes[cursor.shards.index(shard)][index])
 
-    # ---- consuming -----------------------------------------------------------------------------
-    def _next_sample(self) -> Sample:
+    def _next_plan(self) -> SamplePlan:
         while True:
             while len(self._pending) < self._prefetch:
                 self._submit()
             job, future, state_after = self._pending.popleft()
-            result = future.result() if future else _build_job(job, self.tokenizer, self.specs, self.names)
-            self._committed = state_after
-            name = self.names[job.source_id]
+            result = future.result() if future else _plan_job(job, self.tokenizer, self.specs, self.names)
+            self._planned = state_after
             if isinstance(result, str):
-                self.skipped[result] += 1
-                self.skipped_by_source[f"{name}/{result}"] += 1
+                self._plan_skipped[result] += 1
+                self._plan_skipped_by_source[f"{self.names[job.source_id]}/{result}"] += 1
                 continue
-            self.samples_by_source[name] += 1
-            self.tokens_by_source[name] += result.length
             return result
 
+    # ---- choosing rows and decoding them -------------------------------------------------------
+    def _row_state(self) -> dict:
+        return {**self._planned, "buffer": [list(p.position) for p in self.packer.buffer],
+                "plan_skipped": dict(self._plan_skipped),
+                "plan_skipped_by_source": dict(self._plan_skipped_by_source)}
+
+    def _choose_row(self) -> None:
+        while len(self.packer.buffer) < self.pack_buffer:
+            self.packer.add(self._next_plan())
+        plans = self.packer.pop_row()
+        jobs = [self._job_at(p.position) for p in plans]
+        decoded = [self._pool.submit(_decode_in_worker, job, plan.media) if self._pool else None
+                   for job, plan in zip(jobs, plans)]
+        self._rows.append(_ChosenRow(plans, jobs, decoded, self._row_state()))
+
+    def _use_row(self) -> list[Sample]:
+        while len(self._rows) < self._rows_ahead:
+            self._choose_row()
+        row = self._rows.popleft()
+        samples = []
+        for plan, job, future in zip(row.plans, row.jobs, row.decoded):
+            tiles = future.result() if future else _decode_job(job, plan.media, self.specs[job.source_id])
+            if isinstance(tiles, str):  # opened when planned, failed to decode: a hole in the row
+                self._decode_skipped[tiles] += 1
+                self._decode_skipped_by_source[f"{plan.source}/{tiles}"] += 1
+                continue
+            self.samples_by_source[plan.source] += 1
+            self.tokens_by_source[plan.source] += plan.length
+            samples.append(plan.with_tiles(tiles))
+        self._committed = row.state
+        return samples
+
     def next_batch(self) -> PackedBatch:
-        rows = []
-        for _ in range(self.micro_batch_size):
-            while len(self.packer.buffer) < self.pack_buffer:
-                self.packer.add(self._next_sample())
-            rows.append(self.packer.pop_row())
-        return collate_rows(rows, self.spec.seq_length, self.tokenizer.special_ids[st.PAD])
+        rows = [self._use_row() for _ in range(self.micro_batch_size)]
+        return collate_rows(rows, self.spec.seq_length, self.tokenizer.special_ids[st.PAD], self.spec.tiling.tile_size)
+
+    @property
+    def skipped(self) -> Counter[str]:
+        """Skipped samples by reason, as of the last used row."""
+        return Counter(self._committed["plan_skipped"]) + self._decode_skipped
+
+    @property
+    def skipped_by_source(self) -> Counter[str]:
+        return Counter(self._committed["plan_skipped_by_source"]) + self._decode_skipped_by_source
 
     @property
     def epochs(self) -> float:
@@ -228,41 +304,54 @@ class PackedBatchStream:
 
     # ---- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        """JSON-able state as of the last used row: planning position, the packer's buffer as
+        sample positions, counters."""
         return {
-            **self._committed,
+            "draws": self._committed["draws"],
+            "cursors": self._committed["cursors"],
             "world_size": self.world_size,
-            "buffer": [list(s.position) for s in self.packer.buffer],
+            "buffer": self._committed["buffer"],
             "skipped": dict(self.skipped),
             "skipped_by_source": dict(self.skipped_by_source),
             "samples_by_source": dict(self.samples_by_source),
             "tokens_by_source": dict(self.tokens_by_source),
         }
 
-    def _reset_pending(self) -> None:
-        for _, future, _ in self._pending:
+    def _reset_ahead(self) -> None:
+        """Drop planned and chosen-but-unused work (a resume replaces it)."""
+        futures = [f for _, f, _ in self._pending] + [f for row in self._rows for f in row.decoded]
+        for future in futures:
             if future is not None:
                 future.cancel()
         self._pending.clear()
+        self._rows.clear()
 
-    def _refill_buffer(self, positions: list) -> None:
-        """Rebuild buffered samples from their positions: they were good when first built, and
-        building is deterministic."""
+    def _restart(self, draws: int, cursor_states: dict, buffer: list, counter_states: list[dict]) -> None:
+        """Continue planning at `draws` with the packer holding `buffer` (sample positions) and
+        the counters summed over `counter_states`."""
+        self._reset_ahead()
+        self.draws = draws
+        for cursor in self.cursors:
+            cursor.load_state(cursor_states[cursor.name])
+        self._planned = self._planning_state()
+        self._load_counters(counter_states)
+        # Re-plan the buffered samples from their positions: they planned fine when first read,
+        # and planning is deterministic (and cheap: no pixels are decoded).
         self.packer.buffer = []
-        for source_id, shard, index in positions:
-            job = self._job_at(int(source_id), shard, int(index))
-            self.packer.add(_build_job(job, self.tokenizer, self.specs, self.names))
+        for position in buffer:
+            plan = _plan_job(self._job_at(position), self.tokenizer, self.specs, self.names)
+            if isinstance(plan, str):  # the shard changed under the run: count it, go on
+                self._plan_skipped[plan] += 1
+                self._plan_skipped_by_source[f"{self.names[int(position[0])]}/{plan}"] += 1
+            else:
+                self.packer.add(plan)
+        self._committed = self._row_state()
 
     def load_state_dict(self, state: dict) -> None:
         """Resume with the same world size as the run that saved `state`."""
         if state.get("world_size", 1) != self.world_size:
             raise ValueError("saved with a different world size: use load_resharded with every rank's state")
-        self._reset_pending()
-        self.draws = state["draws"]
-        for cursor in self.cursors:
-            cursor.load_state(state["cursors"][cursor.name])
-        self._committed = self._planning_state()
-        self._refill_buffer(state["buffer"])
-        self._load_counters([state])
+        self._restart(state["draws"], state["cursors"], state["buffer"], [state])
 
     def load_resharded(self, states: list[dict]) -> None:
         """Resume from the states of all ranks of a run with a different world size, without
@@ -276,7 +365,6 @@ class PackedBatchStream:
         old_world = len(states)
         if sorted(s.get("world_size", 1) for s in states) != [old_world] * old_world:
             raise ValueError(f"expected the states of all {states[0].get('world_size')} saved ranks")
-        self._reset_pending()
         d_star = max(s["draws"] for s in states)
         gaps = {d for r, s in enumerate(states) for d in range(s["draws"], d_star) if d % old_world == r}
         for cursor in self.cursors:
@@ -288,16 +376,16 @@ class PackedBatchStream:
             shard_id, index = cursor.advance()
             if draw in gaps:
                 gap_positions.append([source_id, cursor.shards[shard_id], index])
-        self.draws = d_star
-        self._committed = self._planning_state()
+        cursor_states = {c.name: c.state() for c in self.cursors}
         leftovers = [p for s in states for p in s["buffer"]] + gap_positions
-        self._refill_buffer(leftovers[self.rank::self.world_size])
         # Counters are per rank and summed when reported: keep the old totals on new rank 0 only.
-        self._load_counters(states if self.rank == 0 else [])
+        self._restart(d_star, cursor_states, leftovers[self.rank::self.world_size],
+                      states if self.rank == 0 else [])
 
     def _load_counters(self, states: list[dict]) -> None:
         def total(key: str) -> Counter:
             return sum((Counter(s[key]) for s in states), Counter())
 
-        self.skipped, self.skipped_by_source = total("skipped"), total("skipped_by_source")
+        self._plan_skipped, self._plan_skipped_by_source = total("skipped"), total("skipped_by_source")
+        self._decode_skipped, self._decode_skipped_by_source = Counter(), Counter()
         self.samples_by_source, self.tokens_by_source = total("samples_by_source"), total("tokens_by_source")

@@ -184,8 +184,11 @@ def best_fill_subset(lengths: Sequence[int], capacity: int) -> list[int]:
     return chosen[::-1]
 
 
-def collate_rows(rows: Sequence[Sequence[Sample]], seq_length: int, pad_id: int) -> PackedBatch:
-    """Concatenate each row's samples, pad rows to seq_length, and describe the boundaries."""
+def collate_rows(rows: Sequence[Sequence[Sample]], seq_length: int, pad_id: int, tile_size: int = 0) -> PackedBatch:
+    """Concatenate each row's samples, pad rows to seq_length, and describe the boundaries.
+
+    A row may be empty (all padding). `tile_size` shapes the empty tile tensor of a batch
+    without media (default: the first sample's)."""
     batch = len(rows)
     input_ids = torch.full((batch, seq_length), pad_id, dtype=torch.int64)
     labels = torch.full((batch, seq_length), IGNORE_INDEX, dtype=torch.int64)
@@ -222,7 +225,7 @@ def collate_rows(rows: Sequence[Sequence[Sample]], seq_length: int, pad_id: int)
             seq_idx[r, offset:] = segment
             boundaries.append((r + 1) * seq_length)
             segment += 1
-    tile_size = rows[0][0].tiles.shape[-1] if rows and rows[0] else 0
+    tile_size = tile_size or next((s.tiles.shape[-1] for row in rows for s in row), 0)
     return PackedBatch(
         input_ids=input_ids,
         labels=labels,

@@ -1,4 +1,8 @@
-"""Raw shard sample -> training sample: parse, decode media, fit the token budget, tokenize.
+"""Raw shard sample -> training sample: parse, fit the token budget, tokenize, decode media.
+
+Two steps, so a loader can pack before it decodes: `plan_sample` reads only image headers and
+video container indexes and gives the exact tokens (`SamplePlan`); `decode_media` then cuts the
+tiles and frames. `build_sample` does both.
 
 The exact token count is known before any tile is cut: when a sample would overflow the
 sequence length, images degrade along the tile ladder 12->8->6->4->2->1 and videos drop frames
@@ -21,13 +25,16 @@ from data_pipelines.conversation import (
     MediaSlot, SampleError, apply_reasoning_mode, frame_label, media_token_count,
     parse_messages, placeholder_order, tokenize_conversation, tokenize_with_media_spans,
 )
-from data_pipelines.decode import VideoFrames, decode_image, decode_video, frames_to_tiles
+from data_pipelines.decode import (
+    VideoProbe, decode_image, decode_video_frames, frames_to_tiles, probe_image, probe_video,
+)
 from data_pipelines.evs import EvsConfig, kept_token_count, sample_q
 from data_pipelines.shards import RawSample, parse_json_member
-from data_pipelines.tiling import TilingConfig, choose_tile_grid, tile_image
+from data_pipelines.tiling import TilingConfig, choose_tile_grid, num_tiles, tile_image
 
 TILE_LADDER = (12, 8, 6, 4, 2, 1)
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
+VIDEO_SUFFIXES = ("mp4", "webm", "mkv", "avi", "mov")
 
 
 @dataclass(frozen=True)
@@ -109,19 +116,73 @@ def sample_rng(seed: int, raw: RawSample, stream: str = "") -> random.Random:
     return random.Random(zlib.crc32(key.encode()))
 
 
-def _media_members(raw: RawSample, prefix: str, suffixes: tuple[str, ...]) -> list[bytes]:
+def _media_members(raw: RawSample, prefix: str, suffixes: tuple[str, ...]) -> list[str]:
+    """Names of the `<prefix><i>.<ext>` members, in order of i."""
     found = {}
-    for name, data in raw.members.items():
+    for name in raw.members:
         stem, _, ext = name.partition(".")
         if stem.startswith(prefix) and stem[len(prefix):].isdigit() and ext in suffixes:
-            found[int(stem[len(prefix):])] = data
+            found[int(stem[len(prefix):])] = name
     if sorted(found) != list(range(len(found))):
         raise SampleError("missing_member", f"{prefix} members are not numbered 0..{len(found) - 1}")
     return [found[i] for i in range(len(found))]
 
 
+@dataclass(frozen=True)
+class MediaPlan:
+    """How one media member becomes tiles once its sample is chosen for a row."""
+
+    member: str  # shard member name, e.g. "img0.jpg"
+    num_tiles: int  # tiles it yields (thumbnail included) = frames for a video
+    grid: tuple[int, int] = (0, 0)  # image: (cols, rows), chosen from the header size
+    video: VideoProbe | None = None  # video: what the container index said
+    frames: tuple[int, ...] = ()  # video: source frame indices to decode (after thinning)
+
+
+@dataclass
+class SamplePlan:
+    """A sample with its tokens and exact length but no pixels: what the packer buffers.
+
+    About 16 bytes a token plus a few hundred per media item, where the built sample's tiles take
+    786 KB each (512 px); `decode_media` turns the plan into tiles after packing chose it.
+    """
+
+    input_ids: np.ndarray  # (L,) int64
+    labels: np.ndarray  # (L,) int64
+    media: tuple[MediaPlan, ...]  # in token order
+    source: str
+    key: str
+    position: tuple = ()  # as Sample.position
+    video_evs: np.ndarray = field(default_factory=lambda: np.zeros((0, 5), dtype=np.int64))
+
+    @property
+    def length(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def num_tiles(self) -> int:
+        return sum(m.num_tiles for m in self.media)
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the arrays (the part that grows with the sample)."""
+        return self.input_ids.nbytes + self.labels.nbytes + self.video_evs.nbytes
+
+    def with_tiles(self, tiles: torch.Tensor) -> Sample:
+        if tiles.shape[0] != self.num_tiles:
+            raise ValueError(f"sample {self.key}: {tiles.shape[0]} tiles for {self.num_tiles} planned")
+        return Sample(self.input_ids, self.labels, tiles, self.source, self.key, self.position, self.video_evs)
+
+
 def build_sample(raw: RawSample, source: str, spec: SampleSpec, tokenizer: Tokenizer) -> Sample:
     """Everything from raw bytes to token ids and uint8 tiles. Raises SampleError / MediaDecodeError."""
+    plan = plan_sample(raw, source, spec, tokenizer)
+    return plan.with_tiles(decode_media(plan.media, raw, spec))
+
+
+def plan_sample(raw: RawSample, source: str, spec: SampleSpec, tokenizer: Tokenizer) -> SamplePlan:
+    """Raw bytes -> tokens, labels and a media plan, reading only image headers and video
+    container indexes. Raises SampleError / MediaDecodeError (media that cannot even be opened)."""
     try:
         doc = parse_json_member(raw)
     except ValueError as err:
@@ -129,48 +190,69 @@ def build_sample(raw: RawSample, source: str, spec: SampleSpec, tokenizer: Token
     messages = parse_messages(doc)
     order = placeholder_order(messages)
     n_images, n_videos = order.count("image"), order.count("video")
-    image_bytes = _media_members(raw, "img", IMAGE_SUFFIXES)
-    video_bytes = _media_members(raw, "vid", ("mp4", "webm", "mkv", "avi", "mov"))
-    if (n_images, n_videos) != (len(image_bytes), len(video_bytes)):
+    image_members = _media_members(raw, "img", IMAGE_SUFFIXES)
+    video_members = _media_members(raw, "vid", VIDEO_SUFFIXES)
+    if (n_images, n_videos) != (len(image_members), len(video_members)):
         raise SampleError(
             "placeholder_mismatch",
-            f"{n_images} <image> / {n_videos} <video> placeholders for {len(image_bytes)} images / {len(video_bytes)} videos",
+            f"{n_images} <image> / {n_videos} <video> placeholders for {len(image_members)} images / {len(video_members)} videos",
         )
     messages = apply_reasoning_mode(messages, spec.reasoning_on_ratio, sample_rng(spec.seed, raw))
 
-    target_pixels = (spec.tiling.tile_size ** 2) * (spec.tiling.max_tiles + 1)
-    images = [decode_image(b, target_pixels=target_pixels) for b in image_bytes]
-    videos = [decode_video(b, target_fps=spec.video_fps, max_frames=spec.max_frames) for b in video_bytes]
+    image_sizes = [probe_image(raw.members[m]) for m in image_members]  # (width, height) as displayed
+    videos = [probe_video(raw.members[m], target_fps=spec.video_fps, max_frames=spec.max_frames)
+              for m in video_members]
     evs_rng = sample_rng(spec.seed, raw, "evs")
     video_q = [sample_q(spec.evs, evs_rng) if spec.evs.enabled else None for _ in videos]
 
-    max_tiles, frame_keep = _fit_budget(messages, images, videos, video_q, order, spec, tokenizer)
-    # replace keeps every other field (resample, resize_backend) as the spec set it.
-    tiling = replace(spec.tiling, min_tiles=min(spec.tiling.min_tiles, max_tiles), max_tiles=max_tiles)
-    image_tiles = [tile_image(img, tiling) for img in images]
-    video_tiles = [frames_to_tiles(v.frames[keep], spec.tiling.tile_size, spec.tiling.resample, spec.tiling.resize_backend)
-                   for v, keep in zip(videos, frame_keep)]
-    slots = _slots(order, [t.shape[0] for t in image_tiles], videos, frame_keep, video_q, spec.tokens_per_tile)
+    max_tiles, frame_keep = _fit_budget(messages, image_sizes, videos, video_q, order, spec, tokenizer)
+    tiling = _capped(spec.tiling, max_tiles)
+    images = [MediaPlan(m, num_tiles(w, h, tiling), grid=choose_tile_grid(w, h, tiling))
+              for m, (w, h) in zip(image_members, image_sizes)]
+    clips = [MediaPlan(m, len(keep), video=v, frames=tuple(v.indices[j] for j in keep))
+             for m, v, keep in zip(video_members, videos, frame_keep)]
+    slots = _slots(order, [i.num_tiles for i in images], videos, frame_keep, video_q, spec.tokens_per_tile)
     ids, labels, spans = tokenize_with_media_spans(messages, slots, tokenizer.encode, tokenizer.special_ids,
                                                    tokenizer.template(spec.chat_template), spec.loss_on_think)
-
-    image_iter, video_iter = iter(image_tiles), iter(video_tiles)
-    ordered = [next(image_iter) if kind == "image" else next(video_iter) for kind in order]
-    if len(ordered) == 1:  # one image or video: its tiles as they are (cat would copy ~10 MB)
-        tiles = ordered[0]
-    else:
-        tiles = torch.cat(ordered) if ordered else torch.zeros(0, 3, spec.tiling.tile_size, spec.tiling.tile_size, dtype=torch.uint8)
-    return Sample(np.asarray(ids, dtype=np.int64), np.asarray(labels, dtype=np.int64), tiles, source, raw.key,
-                  video_evs=_video_evs_rows(slots, spans))
+    image_iter, clip_iter = iter(images), iter(clips)
+    media = tuple(next(image_iter) if kind == "image" else next(clip_iter) for kind in order)
+    return SamplePlan(np.asarray(ids, dtype=np.int64), np.asarray(labels, dtype=np.int64), media, source, raw.key,
+                      video_evs=_video_evs_rows(slots, spans))
 
 
-def _video_slot(video: VideoFrames, keep: np.ndarray, tokens_per_tile: int, q: float | None) -> MediaSlot:
+def decode_media(media: tuple[MediaPlan, ...], raw: RawSample, spec: SampleSpec) -> torch.Tensor:
+    """(N, 3, T, T) uint8: the planned media's tiles and frames in token order.
+
+    Raises MediaDecodeError when a file that opened at planning time fails to decode (a corrupt
+    body, a truncated stream)."""
+    target_pixels = (spec.tiling.tile_size ** 2) * (spec.tiling.max_tiles + 1)
+    parts = []
+    for item in media:
+        data = raw.members[item.member]
+        if item.video is None:
+            parts.append(tile_image(decode_image(data, target_pixels=target_pixels), spec.tiling, grid=item.grid))
+        else:
+            frames = decode_video_frames(data, item.video, item.frames)  # (T, H, W, 3)
+            parts.append(frames_to_tiles(frames, spec.tiling.tile_size, spec.tiling.resample,
+                                         spec.tiling.resize_backend))
+    if len(parts) == 1:  # one image or video: its tiles as they are (cat would copy ~10 MB)
+        return parts[0]
+    size = spec.tiling.tile_size
+    return torch.cat(parts) if parts else torch.zeros(0, 3, size, size, dtype=torch.uint8)
+
+
+def _capped(tiling: TilingConfig, max_tiles: int) -> TilingConfig:
+    # replace keeps every other field (thumbnail, grid mode) as the spec set it.
+    return replace(tiling, min_tiles=min(tiling.min_tiles, max_tiles), max_tiles=max_tiles)
+
+
+def _video_slot(video: VideoProbe, keep: np.ndarray, tokens_per_tile: int, q: float | None) -> MediaSlot:
     labels = tuple(frame_label(i, video.timestamps[j]) for i, j in enumerate(keep))
     kept = None if q is None or not len(keep) else kept_token_count(len(keep), tokens_per_tile, q)
     return MediaSlot("video", len(keep), tokens_per_tile, labels, kept)
 
 
-def _slots(order: list[str], tiles_per_image: list[int], videos: list[VideoFrames], frame_keep: list[np.ndarray],
+def _slots(order: list[str], tiles_per_image: list[int], videos: list[VideoProbe], frame_keep: list[np.ndarray],
            video_q: list[float | None], tokens_per_tile: int) -> list[MediaSlot]:
     image_iter = iter(tiles_per_image)
     video_iter = iter(zip(videos, frame_keep, video_q))
@@ -194,15 +276,7 @@ def _video_evs_rows(slots: list[MediaSlot], spans: list[tuple[int, int]]) -> np.
     return np.asarray(rows, dtype=np.int64).reshape(-1, 5)
 
 
-def _tiles_for(image, tiling: TilingConfig, max_tiles: int) -> int:
-    cols, rows = choose_tile_grid(image.width, image.height, TilingConfig(
-        tile_size=tiling.tile_size, min_tiles=min(tiling.min_tiles, max_tiles), max_tiles=max_tiles,
-        use_thumbnail=tiling.use_thumbnail, grid_mode=tiling.grid_mode))
-    n = cols * rows
-    return n + 1 if (n > 1 and tiling.use_thumbnail) else n
-
-
-def _fit_budget(messages, images, videos, video_q, order, spec: SampleSpec, tokenizer: Tokenizer):
+def _fit_budget(messages, image_sizes, videos, video_q, order, spec: SampleSpec, tokenizer: Tokenizer):
     """Largest tile cap on the ladder (and then the most video frames) that fits seq_length."""
     text_only, _ = tokenize_conversation(
         messages, [MediaSlot(kind, 0, 0) for kind in order], tokenizer.encode, tokenizer.special_ids,
@@ -210,14 +284,15 @@ def _fit_budget(messages, images, videos, video_q, order, spec: SampleSpec, toke
     base = len(text_only) - 2 * order.count("image")  # empty image blocks still count their 2 markers
     ladder = [m for m in TILE_LADDER if m < spec.tiling.max_tiles]
     ladder = [spec.tiling.max_tiles] + ladder
-    all_frames = [np.arange(v.frames.shape[0]) for v in videos]
+    all_frames = [np.arange(len(v.indices)) for v in videos]
 
     def video_tokens(keeps: list[np.ndarray]) -> int:
         return sum(media_token_count(_video_slot(v, k, spec.tokens_per_tile, q), tokenizer.encode)
                    for v, k, q in zip(videos, keeps, video_q))
 
     def image_tokens(max_tiles: int) -> int:
-        return sum(_tiles_for(img, spec.tiling, max_tiles) * spec.tokens_per_tile + 2 for img in images)
+        tiling = _capped(spec.tiling, max_tiles)
+        return sum(num_tiles(w, h, tiling) * spec.tokens_per_tile + 2 for w, h in image_sizes)
 
     full_video = video_tokens(all_frames)
     for max_tiles in ladder:

@@ -227,8 +227,12 @@ def _resize(image: Image.Image, pixels: torch.Tensor | None, size: tuple[int, in
     return resize_pixels(pixels[None], size, cfg.resample, cfg.resize_backend)[0]
 
 
-def tile_image(image: Image.Image, cfg: TilingConfig) -> torch.Tensor:
+def tile_image(image: Image.Image, cfg: TilingConfig, grid: tuple[int, int] | None = None) -> torch.Tensor:
     """Image -> uint8 tiles `(N, 3, tile, tile)`: grid tiles row-major, then the thumbnail.
+
+    `grid`: the `(cols, rows)` chosen earlier from the image's full size (a loader plans tokens
+    from the header, and a JPEG decoded at reduced scale can round to a slightly different
+    aspect); None chooses it from this image.
 
     One resize to the whole grid canvas, then each tile is copied straight out of it into one
     preallocated tensor (no per-tile crops, no concatenation). The thumbnail is resized from
@@ -237,18 +241,18 @@ def tile_image(image: Image.Image, cfg: TilingConfig) -> torch.Tensor:
     """
     image = _to_rgb(image)
     tile = cfg.tile_size
-    cols, rows = choose_tile_grid(image.width, image.height, cfg)
-    grid = cols * rows
-    with_thumbnail = cfg.use_thumbnail and grid > 1
+    cols, rows = grid or choose_tile_grid(image.width, image.height, cfg)
+    grid_tiles = cols * rows
+    with_thumbnail = cfg.use_thumbnail and grid_tiles > 1
     on_torch = cfg.resize_backend == "torch" and cfg.resample in _TORCH_FILTERS
     pixels = image_to_tensor(image) if on_torch else None  # (3, H, W)
 
-    tiles = torch.empty((grid + with_thumbnail, 3, tile, tile), dtype=torch.uint8)
+    tiles = torch.empty((grid_tiles + with_thumbnail, 3, tile, tile), dtype=torch.uint8)
     canvas = _resize(image, pixels, (rows * tile, cols * tile), cfg)  # (3, R*t, C*t)
     blocks = canvas.unflatten(1, (rows, tile)).unflatten(3, (cols, tile))  # (3, R, t, C, t) view
-    tiles[:grid].view(rows, cols, 3, tile, tile).copy_(blocks.permute(1, 3, 0, 2, 4))
+    tiles[:grid_tiles].view(rows, cols, 3, tile, tile).copy_(blocks.permute(1, 3, 0, 2, 4))
     if with_thumbnail:
-        tiles[grid].copy_(_resize(image, pixels, (tile, tile), cfg))  # (3, t, t)
+        tiles[grid_tiles].copy_(_resize(image, pixels, (tile, tile), cfg))  # (3, t, t)
     return tiles
 
 

@@ -412,7 +412,8 @@ def image_set_stats(images: list[bytes]) -> dict:
 # ---- the mixes ----------------------------------------------------------------------------
 
 MIX_TIMING = {
-    (samples_module, "decode_image"): "decode", (samples_module, "decode_video"): "decode",
+    (samples_module, "probe_image"): "probe headers", (samples_module, "probe_video"): "probe headers",
+    (samples_module, "decode_image"): "decode", (samples_module, "decode_video_frames"): "decode",
     (samples_module, "tile_image"): "resize + tiling", (samples_module, "frames_to_tiles"): "resize + tiling",
 }
 

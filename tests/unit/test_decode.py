@@ -18,8 +18,11 @@ from data_pipelines.decode import (
     VideoFrames,
     decode_image,
     decode_video,
+    decode_video_frames,
     decode_video_pyav,
     frames_to_tiles,
+    probe_image,
+    probe_video,
     sample_frame_indices,
 )
 
@@ -133,6 +136,26 @@ def test_exif_orientation_6_rotates(tmp_path):
     assert image.size == (32, 64)
     assert close(image.getpixel((16, 8)), RED, tol=12)  # stored left is now on top
     assert close(image.getpixel((16, 56)), BLUE, tol=12)
+
+
+@pytest.mark.parametrize("orientation", [1, 2, 3, 4, 5, 6, 7, 8])
+def test_probe_image_gives_the_decoded_size_from_the_header(tmp_path, orientation):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = write_image(tmp_path / "o.jpg", Image.new("RGB", (64, 32), RED), "JPEG", exif=exif)
+    assert probe_image(data) == decode_image(data).size == ((32, 64) if orientation >= 5 else (64, 32))
+
+
+def test_probe_image_reads_only_the_header(tmp_path):
+    data = _noisy_jpeg(tmp_path)
+    truncated = data[: len(data) // 2]
+    assert probe_image(truncated) == (128, 128)  # the body is not read...
+    with pytest.raises(MediaDecodeError):
+        decode_image(truncated)  # ...so a corrupt body fails only when decoded
+    for bad in (b"", b"not an image at all" * 10):
+        with pytest.raises(MediaDecodeError) as err:
+            probe_image(bad)
+        assert err.value.reason == "corrupt_image"
 
 
 def _noisy_jpeg(tmp_path) -> bytes:
@@ -273,11 +296,9 @@ def test_empty_and_garbage_videos(tmp_path):
 @pytest.mark.parametrize("options", [{}, {"g": "12", "bf": "3"}])
 def test_pyav_path_matches_decord(tmp_path, options):
     pytest.importorskip("decord")
-    from data_pipelines.decode import _decode_video_decord
-
     # 200 frames at 20 fps, sparse sampling: exercises key-frame seeks and B-frame reorder.
     data = write_mp4(tmp_path / "v.mp4", 200, 20, size=(32, 24), options=options)
-    by_decord = _decode_video_decord(data, 2.0, 8, 1)
+    by_decord = decode_video(data, 2.0, 8)  # decord, when importable
     by_pyav = decode_video_pyav(data, 2.0, 8)
     assert by_pyav.num_source_frames == by_decord.num_source_frames == 200
     assert by_pyav.native_fps == pytest.approx(by_decord.native_fps)
@@ -285,6 +306,30 @@ def test_pyav_path_matches_decord(tmp_path, options):
     assert by_pyav.frames.shape == by_decord.frames.shape
     assert np.abs(by_pyav.frames.astype(int) - by_decord.frames).max() <= 2
     assert ids(by_pyav) == [round(i * 199 / 7) for i in range(8)]
+
+
+@pytest.mark.parametrize("backend", ["decord", "pyav"])
+def test_probe_then_decode_some_frames_equals_decode_video(tmp_path, monkeypatch, backend):
+    if backend == "pyav":
+        monkeypatch.setitem(sys.modules, "decord", None)
+    else:
+        pytest.importorskip("decord")
+    data = write_mp4(tmp_path / "v.mp4", 60, 10, options={"g": "12", "bf": "3"})
+    video = decode_video(data, 2.0, 16)
+    probe = probe_video(data, 2.0, 16)
+    assert probe.backend == backend
+    assert list(probe.timestamps) == video.timestamps and probe.num_source_frames == video.num_source_frames
+    assert [frame_id(f[4, 4]) for f in decode_video_frames(data, probe, probe.indices)] == ids(video)
+    some = probe.indices[1::3]  # a thinned subset: only those frames are decoded
+    assert [frame_id(f[4, 4]) for f in decode_video_frames(data, probe, some)] == list(some)
+
+
+def test_decoding_frames_planned_from_another_file_fails(tmp_path):
+    probe = probe_video(write_mp4(tmp_path / "a.mp4", 60, 10), 2.0, 16)
+    other = write_mp4(tmp_path / "b.mp4", 30, 10)
+    with pytest.raises(MediaDecodeError) as err:
+        decode_video_frames(other, probe, probe.indices)
+    assert err.value.reason == "corrupt_video"
 
 
 def test_pyav_fallback_when_decord_missing(tmp_path, monkeypatch):
