@@ -17,7 +17,7 @@ import argparse
 import html
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +26,12 @@ from PIL import Image, ImageDraw
 
 from data_pipelines import special_tokens as st
 from data_pipelines.conversation import IGNORE_INDEX, SampleError
-from data_pipelines.decode import MediaDecodeError, decode_image
+from data_pipelines.decode import MediaDecodeError, probe_image
 from data_pipelines.lint import add_sample_spec_arguments, sample_spec_from_args
 from data_pipelines.packing import Packer, PackedBatch, collate_rows
 from data_pipelines.samples import IMAGE_SUFFIXES, TILE_LADDER, Sample, SampleSpec, Tokenizer, build_sample
 from data_pipelines.shards import RawSample, expand_shard_paths, index_shard, read_indexed_sample
-from data_pipelines.tiling import TilingConfig, choose_tile_grid, num_tiles
+from data_pipelines.tiling import choose_tile_grid, num_tiles
 
 # The text `frame_label` writes before each video frame's block.
 _FRAME_LABEL = re.compile(r"Frame (\d+) sampled at ([0-9.]+) seconds: $")
@@ -135,19 +135,18 @@ class VideoItem:
 
 def image_grid(raw_image: bytes | None, tile_count: int, spec: SampleSpec) -> tuple[int, int] | None:
     """The (cols, rows) `build_sample` cut this image into: the tile cap on the ladder whose grid gives
-    `tile_count` tiles for the image as decoded for training (same target size, so same dimensions)."""
+    `tile_count` tiles for the image's size as its header gives it (what `plan_sample` uses)."""
     if raw_image is None:
         return None
     try:
-        image = decode_image(raw_image, target_pixels=(spec.tiling.tile_size ** 2) * (spec.tiling.max_tiles + 1))
+        width, height = probe_image(raw_image)
     except MediaDecodeError:
         return None
     tiling = spec.tiling
     for cap in [tiling.max_tiles] + [m for m in TILE_LADDER if m < tiling.max_tiles]:
-        cfg = TilingConfig(tile_size=tiling.tile_size, min_tiles=min(tiling.min_tiles, cap), max_tiles=cap,
-                           use_thumbnail=tiling.use_thumbnail, grid_mode=tiling.grid_mode)
-        if num_tiles(image.width, image.height, cfg) == tile_count:
-            return choose_tile_grid(image.width, image.height, cfg)
+        cfg = replace(tiling, min_tiles=min(tiling.min_tiles, cap), max_tiles=cap)
+        if num_tiles(width, height, cfg) == tile_count:
+            return choose_tile_grid(width, height, cfg)
     return None
 
 

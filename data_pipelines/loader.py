@@ -69,6 +69,14 @@ class SourceCursor:
         return sum(len(i) for i in self.indexes)
 
     _order_cache: dict = field(default_factory=dict, repr=False)
+    _shard_ids: dict[str, int] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._shard_ids = {shard: i for i, shard in enumerate(self.shards)}
+
+    def entry(self, shard: str, index: int) -> IndexedSample:
+        """Where sample `index` of `shard` lies (a saved position names its shard by path)."""
+        return self.indexes[self._shard_ids[shard]][index]
 
     def shard_order(self, epoch: int) -> list[int]:
         if epoch not in self._order_cache:
@@ -231,8 +239,7 @@ class PackedBatchStream:
 
     def _job_at(self, position: tuple) -> Job:
         source_id, shard, index = int(position[0]), position[1], int(position[2])
-        cursor = self.cursors[source_id]
-        return Job(source_id, shard, index, cursor.indexes[cursor.shards.index(shard)][index])
+        return Job(source_id, shard, index, self.cursors[source_id].entry(shard, index))
 
     def _next_plan(self) -> SamplePlan:
         while True:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 import zlib
 from dataclasses import dataclass, field, replace
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 import numpy as np
 import torch
@@ -285,9 +285,10 @@ def _fit_budget(messages, image_sizes, videos, video_q, order, spec: SampleSpec,
     ladder = [m for m in TILE_LADDER if m < spec.tiling.max_tiles]
     ladder = [spec.tiling.max_tiles] + ladder
     all_frames = [np.arange(len(v.indices)) for v in videos]
+    encode_label = lru_cache(maxsize=None)(lambda text: tuple(tokenizer.encode(text)))
 
-    def video_tokens(keeps: list[np.ndarray]) -> int:
-        return sum(media_token_count(_video_slot(v, k, spec.tokens_per_tile, q), tokenizer.encode)
+    def video_tokens(keeps: list[np.ndarray], encode=encode_label) -> int:
+        return sum(media_token_count(_video_slot(v, k, spec.tokens_per_tile, q), encode)
                    for v, k, q in zip(videos, keeps, video_q))
 
     def image_tokens(max_tiles: int) -> int:
@@ -299,11 +300,13 @@ def _fit_budget(messages, image_sizes, videos, video_q, order, spec: SampleSpec,
         if base + image_tokens(max_tiles) + full_video <= spec.seq_length:
             return max_tiles, all_frames
     # Images at one tile each; now thin every video uniformly until it fits.
-    image_min = image_tokens(1)
+    room = spec.seq_length - base - image_tokens(1)
     longest = max((len(k) for k in all_frames), default=0)
     for keep_count in range(longest - 1, 0, -1):
         keeps = [_uniform_subset(len(k), min(len(k), keep_count)) for k in all_frames]
-        if base + image_min + video_tokens(keeps) <= spec.seq_length:
+        # Labels only add tokens: a count that overflows without them is out before any is
+        # tokenized (each count has its own labels, so encoding them all would be O(frames^2)).
+        if video_tokens(keeps, encode=lambda label: ()) <= room and video_tokens(keeps) <= room:
             return 1, keeps
     raise SampleError("too_long", f"needs more than {spec.seq_length} tokens even at 1 tile and 1 frame")
 

@@ -237,7 +237,8 @@ class DataConfig:
     loss_on_think: bool = True
     # Processes that decode and tokenize; 0 builds samples in the training process.
     num_workers: int = 0
-    pack_buffer: int = 64
+    # Samples the packer chooses from; it holds their tokens only (pixels are decoded per chosen row).
+    pack_buffer: int = 100
     max_samples_per_pack: int = 0
     pad_multiple: int = 16
     # Efficient video sampling: prune each video's static tokens after the projector.
