@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 from pathlib import Path
 
 from PIL import Image
@@ -13,6 +12,7 @@ from PIL import Image
 from data_pipelines.shards import expand_shard_paths, iter_shard
 from data_pipelines.synth import ensure_embedded_data
 from tests.integration.helpers import run_module
+from tests.shard_writer import write_shard
 from train.checkpoint import read_rank_states
 
 QA = [{"role": "user", "content": "<image> What is it?"}, {"role": "assistant", "content": "A shape."}]
@@ -44,15 +44,6 @@ def bad_samples() -> list[tuple[str, dict[str, bytes], str]]:
         ("mismatch", {"json": doc([{"role": "user", "content": "<image><image> Same?"}, QA[1]]),
                       "img0.jpg": _jpeg()}, "placeholder_mismatch"),
     ]
-
-
-def write_shard(path, samples) -> None:
-    with tarfile.open(path, "w") as tar:
-        for key, members in samples:
-            for suffix, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{suffix}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
 
 
 def test_stage_trains_through_every_kind_of_bad_sample(tmp_path):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 
 import numpy as np
 import pytest
@@ -16,6 +15,7 @@ from data_pipelines.samples import SamplePlan, SampleSpec, build_sample, decode_
 from data_pipelines.shards import RawSample, expand_shard_paths, iter_shard
 from data_pipelines.synth import KINDS
 from data_pipelines.tiling import TilingConfig
+from tests.shard_writer import write_shard
 
 SPEC = SampleSpec(seq_length=1024, tokens_per_tile=4, tiling=TilingConfig(tile_size=64, max_tiles=6),
                   video_fps=2.0, max_frames=8)
@@ -65,15 +65,6 @@ def test_grid_comes_from_the_header_even_when_the_decoder_scales_down(tokenizer,
     wide = size[0] > size[1] if orientation < 5 else size[1] > size[0]
     assert (cols > rows) == wide
     assert build_sample(raw, "t", spec, tokenizer).tiles.shape[0] == plan.num_tiles == cols * rows + 1
-
-
-def write_shard(path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
-    with tarfile.open(path, "w") as tar:
-        for key, members in samples:
-            for suffix, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{suffix}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
 
 
 def _stream(shard_dir, tokenizer, workers=0, pack_buffer=8, spec=SPEC):
