@@ -14,6 +14,7 @@ import os
 import random
 import shutil
 import warnings
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -92,34 +93,91 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: to
     """Write step `step` atomically and point `latest` at it; prune to `keep_last` complete ones.
 
     `precision_state` (FP8 amax histories and scales) is saved beside model and optimizer."""
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / step_dir_name(step)
-    tmp = root / f".tmp_{step_dir_name(step)}"
-    if _rank() == 0 and tmp.exists():
-        shutil.rmtree(tmp)
-    _barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    try:
-        with dcp_quietly():
-            dcp.save({"model": model_sd, "optim": optim_sd, "precision": precision_state or {}},
-                     checkpoint_id=str(tmp))
-        _write_json_atomic(tmp / f"rank_{_rank()}.json", {**rank_state, "rng": rng_state()})
-    except BaseException:
-        # Disk full, killed mid-write...: drop the partial directory; `latest` still names the
-        # previous complete checkpoint.
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _barrier()
-    if _rank() == 0:
-        (tmp / COMPLETE_MARKER).write_text(json.dumps({"step": step}))
-        _fsync_tree(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _write_json_atomic(root / "latest", final.name + "\n")
-        prune_checkpoints(root, keep_last)
-    _barrier()
-    return final
+    Checkpointer(root, keep_last).save(step, model, optimizer, rank_state, precision_state)
+    return root / step_dir_name(step)
+
+
+class Checkpointer:
+    """Saves checkpoints, with the shard writes either inline or in a background thread.
+
+    Async (`async_save=True`): `save` writes this rank's JSON state, copies model, optimizer and
+    precision state to CPU memory (DCP's stager) and returns while a thread writes the shards;
+    training goes on. `poll` (every step) makes a finished write complete: COMPLETE, rename,
+    `latest`; until then a crash leaves the previous checkpoint as `latest`. Rank 0 alone does
+    that, without a collective, since its write finishing means every rank's did (DCP gathers all
+    ranks' write results before its write completes). The background writes use their own gloo
+    group, so they never interleave with the training collectives. Costs one CPU copy of the state
+    while it is written; `wait` blocks until the pending write is done (end of training, preemption).
+    """
+
+    def __init__(self, root: Path, keep_last: int, async_save: bool = False):
+        self.root, self.keep_last, self.async_save = root, keep_last, async_save
+        self._pending: tuple[Future, Path, int] | None = None  # (shard writes, tmp dir, step)
+        self._group = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
+        if async_save:  # the writer thread warns after `dcp_quietly` has exited: filter it for good
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+
+    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank_state: dict,
+             precision_state: dict | None = None) -> None:
+        """Start checkpoint `step` (the previous one is finished first); sync mode: write it whole."""
+        self._finish(block=True)
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".tmp_{step_dir_name(step)}"
+        if _rank() == 0 and tmp.exists():
+            shutil.rmtree(tmp)
+        _barrier()
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd, "precision": precision_state or {}}
+        try:
+            # Before the shards: once rank 0's shard write completes, every rank's JSON is there.
+            tmp.mkdir(parents=True, exist_ok=True)
+            _write_json_atomic(tmp / f"rank_{_rank()}.json", {**rank_state, "rng": rng_state()})
+            with dcp_quietly():
+                if self.async_save:
+                    written = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._group)
+                    written = getattr(written, "upload_completion", written)  # AsyncSaveResponse in some versions
+                else:
+                    dcp.save(state, checkpoint_id=str(tmp))
+                    written = Future()
+                    written.set_result(None)
+        except BaseException:
+            # Disk full, killed mid-write...: `latest` still names the previous complete checkpoint.
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self._pending = (written, tmp, step)
+        if not self.async_save:
+            self.wait()
+
+    def poll(self) -> Path | None:
+        """Complete the pending checkpoint if its writes are done; returns its path then."""
+        return self._finish(block=False)
+
+    def wait(self) -> Path | None:
+        """Block until the pending checkpoint is complete (every rank: a collective). Returns its path."""
+        final = self._finish(block=True)
+        _barrier()
+        return final
+
+    def _finish(self, block: bool) -> Path | None:
+        if self._pending is None or not (block or self._pending[0].done()):
+            return None
+        written, tmp, step = self._pending
+        self._pending = None
+        try:
+            written.result()
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        final = self.root / step_dir_name(step)
+        if _rank() == 0:
+            (tmp / COMPLETE_MARKER).write_text(json.dumps({"step": step}))
+            _fsync_tree(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _write_json_atomic(self.root / "latest", final.name + "\n")
+            prune_checkpoints(self.root, self.keep_last)
+        return final
 
 
 def complete_checkpoints(root: Path) -> list[Path]:

@@ -313,6 +313,9 @@ class TrainerConfig:
     log_every: int = 1
     save_every: int = 50
     keep_last: int = 2
+    # Write checkpoint shards in a background thread while training goes on (one CPU copy of the
+    # state meanwhile); the checkpoint becomes `latest` when the write is done.
+    async_save: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
     deterministic: bool = True
     # Steps with a non-finite loss or gradient norm are skipped (no update); this many in a row

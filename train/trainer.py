@@ -23,7 +23,7 @@ from data_pipelines.samples import SampleSpec, Tokenizer
 from data_pipelines.tiling import TilingConfig
 from train.callbacks import MetricsFile, Progress, WandbLogger
 from train.checkpoint import (
-    find_latest, load_model_weights, load_newest_readable, read_rank_states, save_checkpoint,
+    Checkpointer, find_latest, load_model_weights, load_newest_readable, read_rank_states,
 )
 from train.config import Config, ConfigError
 from train.distributed import DistInfo, init_distributed, shutdown, sum_counts, wrap_data_parallel
@@ -105,6 +105,7 @@ class Trainer:
                 self._log(f"resharded the data position from {saved_world} to {info.world_size} ranks")
             self._log(f"resumed from {latest} at step {self.step}")
         self.train_module = TrainModule(forward_module, self.optimizer, cfg, info, self.precision)
+        self.checkpointer = Checkpointer(self.ckpt_root, cfg.trainer.keep_last, cfg.trainer.async_save)
 
     def _log(self, message: str) -> None:
         if self.info.is_main:
@@ -122,6 +123,7 @@ class Trainer:
             if not math.isfinite(last_loss) and metrics is not None and metrics.last_loss is not None:
                 last_loss = metrics.last_loss  # resumed with no step left to run
         finally:
+            self.checkpointer.wait()  # an async save in flight completes (also on preemption)
             preemption.uninstall()
             progress.close()
             self.data.close()
@@ -137,6 +139,7 @@ class Trainer:
             result = self.train_module.train_step([self.data.next_batch() for _ in range(t.grad_accum_steps)], self.step)
             self.step += 1
             self.tokens += result.real_tokens
+            self.checkpointer.poll()  # an async save whose writes are done becomes `latest`
             if not result.skipped_nonfinite:
                 last_loss = result.loss
             elapsed = time.monotonic() - started
@@ -161,6 +164,7 @@ class Trainer:
             if self.step < t.max_steps and preemption.should_stop():
                 if not saved:
                     self._save()
+                self.checkpointer.wait()
                 self._log(f"preempted: saved step {self.step}; rerun the same command to resume")
                 raise Preempted(self.step)
         return last_loss
@@ -173,10 +177,9 @@ class Trainer:
                 "samples_by_source": sum_counts(d.samples_by_source, self.info),
                 "tokens_by_source": sum_counts(d.tokens_by_source, self.info)}
 
-    def _save(self) -> Path:
+    def _save(self) -> None:
         state = {"step": self.step, "tokens": self.tokens, "data": self.data.state_dict()}
-        return save_checkpoint(self.ckpt_root, self.step, self.model, self.optimizer, state, self.cfg.trainer.keep_last,
-                               self.precision.state_dict())
+        self.checkpointer.save(self.step, self.model, self.optimizer, state, self.precision.state_dict())
 
     def _write_summary(self, last_loss: float) -> dict:
         latest = find_latest(self.ckpt_root)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import random
+import time
 import warnings
 
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from train.checkpoint import (
-    complete_checkpoints, find_latest, load_checkpoint, load_model_weights, save_checkpoint,
+    Checkpointer, complete_checkpoints, find_latest, load_checkpoint, load_model_weights, save_checkpoint,
 )
 
 
@@ -120,3 +121,34 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous(tmp_path):
     with pytest.warns(UserWarning, match="cannot be read.*falling back to step_0000001"):
         path, saved = load_newest_readable(tmp_path, fresh, fresh_opt)
     assert path.name == "step_0000001" and saved == {"step": 1}
+
+
+def test_async_save_keeps_the_state_of_its_step_and_completes_in_the_background(tmp_path):
+    model, opt = model_and_optim()
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    checkpointer = Checkpointer(tmp_path, keep_last=2, async_save=True)
+    checkpointer.save(1, model, opt, {"step": 1})
+    with torch.no_grad():  # training goes on while the shards are written
+        for p in model.parameters():
+            p.add_(100.0)
+    # Complete only once its writes are done: never `latest` before (poll until then).
+    deadline = time.monotonic() + 60
+    while checkpointer.poll() is None:
+        assert find_latest(tmp_path) is None
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert (tmp_path / "latest").read_text().strip() == "step_0000001"
+    fresh, fresh_opt = model_and_optim(seed=1)
+    assert load_checkpoint(find_latest(tmp_path), fresh, fresh_opt) == {"step": 1}
+    assert all(torch.equal(expected[k], v) for k, v in fresh.state_dict().items())
+    assert checkpointer.wait() is None  # nothing pending
+
+
+def test_async_save_finishes_the_previous_one_first(tmp_path):
+    model, opt = model_and_optim()
+    checkpointer = Checkpointer(tmp_path, keep_last=2, async_save=True)
+    for step in (1, 2, 3):
+        checkpointer.save(step, model, opt, {"step": step})
+    assert checkpointer.wait().name == "step_0000003"
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_0000002", "step_0000003"]
+    assert not list(tmp_path.glob(".tmp_*"))
