@@ -342,11 +342,13 @@ class PackedBatchStream:
             cursor.load_state(cursor_states[cursor.name])
         self._planned = self._planning_state()
         self._load_counters(counter_states)
-        # Re-plan the buffered samples from their positions: they planned fine when first read,
-        # and planning is deterministic (and cheap: no pixels are decoded).
+        # Re-plan the buffered samples from their positions (in the pool when there is one): they
+        # planned fine when first read, and planning is deterministic (and cheap: no pixels).
         self.packer.buffer = []
-        for position in buffer:
-            plan = _plan_job(self._job_at(position), self.tokenizer, self.specs, self.names)
+        jobs = [self._job_at(position) for position in buffer]
+        plans = (self._pool.map(_plan_in_worker, jobs) if self._pool else
+                 (_plan_job(job, self.tokenizer, self.specs, self.names) for job in jobs))
+        for position, plan in zip(buffer, plans):
             if isinstance(plan, str):  # the shard changed under the run: count it, go on
                 self._plan_skipped[plan] += 1
                 self._plan_skipped_by_source[f"{self.names[int(position[0])]}/{plan}"] += 1
