@@ -68,21 +68,28 @@ def _draft_size(width: int, height: int, target_pixels: int) -> tuple[int, int] 
     return math.ceil(width * scale), math.ceil(height * scale)
 
 
-def _open_image(data: bytes, target_pixels: int | None) -> Image.Image:
-    """Open and fully decode, at reduced JPEG scale when the target is much smaller."""
+@contextmanager
+def _pillow_errors() -> Iterator[None]:
+    """Pillow's ways of saying "bad image" -> MediaDecodeError with the skip reason."""
     try:
-        image = Image.open(io.BytesIO(data))
-        if target_pixels is not None and image.format == "JPEG":
-            size = _draft_size(image.width, image.height, target_pixels)
-            if size is not None:
-                image.draft(image.mode, size)  # decoder-side 1/2, 1/4 or 1/8 scaling
-        image.load()  # forces the whole decode: truncated data raises here, not later
+        yield
     except Image.DecompressionBombError as err:
         raise MediaDecodeError("image_too_large", str(err)) from err
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         # Pillow reports bad data as OSError (incl. UnidentifiedImageError), SyntaxError
         # (some plugin parsers), ValueError or EOFError depending on the format.
         raise MediaDecodeError("corrupt_image", str(err)) from err
+
+
+def _open_image(data: bytes, target_pixels: int | None) -> Image.Image:
+    """Open and fully decode, at reduced JPEG scale when the target is much smaller."""
+    with _pillow_errors():
+        image = Image.open(io.BytesIO(data))
+        if target_pixels is not None and image.format == "JPEG":
+            size = _draft_size(image.width, image.height, target_pixels)
+            if size is not None:
+                image.draft(image.mode, size)  # decoder-side 1/2, 1/4 or 1/8 scaling
+        image.load()  # forces the whole decode: truncated data raises here, not later
     return image
 
 
@@ -178,14 +185,10 @@ def probe_image(data: bytes) -> tuple[int, int]:
     the header alone: no pixel is decoded. Raises MediaDecodeError as `decode_image` does for
     data it cannot even open; a body that is corrupt past the header fails only at decode.
     """
-    try:
+    with _pillow_errors():
         image = Image.open(io.BytesIO(data))  # lazy: parses the header, checks decompression bombs
         width, height = image.size
         orientation = _exif_orientation(image)
-    except Image.DecompressionBombError as err:
-        raise MediaDecodeError("image_too_large", str(err)) from err
-    except (OSError, SyntaxError, ValueError, EOFError) as err:
-        raise MediaDecodeError("corrupt_image", str(err)) from err
     if width < 1 or height < 1:
         raise MediaDecodeError("corrupt_image", f"empty image {width}x{height}")
     # Orientations 5..8 transpose the axes (90 or 270 degree turns, with or without a flip).
