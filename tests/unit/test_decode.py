@@ -351,3 +351,12 @@ def test_frames_to_tiles():
     assert tiles[:, :, 8, 8].tolist() == [list(RED)] * 5
     with pytest.raises(ValueError):
         frames_to_tiles(frames[0], 16)
+
+
+def test_decompression_bomb_is_a_counted_reason_at_probe_and_decode(tmp_path, monkeypatch):
+    data = write_image(tmp_path / "big.png", Image.new("RGB", (64, 64), RED), "PNG")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 4096 pixels > 2x the limit: a "bomb"
+    for read in (probe_image, decode_image):
+        with pytest.raises(MediaDecodeError) as err:
+            read(data)
+        assert err.value.reason == "image_too_large"
