@@ -1,7 +1,7 @@
 """Show what training sees: a few samples, or one packed batch, rendered as an HTML page.
 
-Samples are built by `build_sample` (and in `--packed` mode packed by `Packer` and `collate_rows`),
-exactly as the training loader does. For each sample the page shows each image's tiles on their
+Samples are built by `build_sample` (in `--packed` mode planned by `plan_sample`, packed by
+`Packer`, then the chosen ones decoded and collated), exactly as the training loader does. For each sample the page shows each image's tiles on their
 grid beside the thumbnail and each video's frames with their timestamps (PNG files under
 `media/`, referenced relatively), the token stream with loss-masked tokens (label -100) greyed,
 supervised tokens highlighted and media token runs collapsed to a badge such as
@@ -29,7 +29,9 @@ from data_pipelines.conversation import IGNORE_INDEX, SampleError
 from data_pipelines.decode import MediaDecodeError, probe_image
 from data_pipelines.lint import add_sample_spec_arguments, sample_spec_from_args
 from data_pipelines.packing import Packer, PackedBatch, collate_rows
-from data_pipelines.samples import IMAGE_SUFFIXES, TILE_LADDER, Sample, SampleSpec, Tokenizer, build_sample
+from data_pipelines.samples import (
+    IMAGE_SUFFIXES, TILE_LADDER, Sample, SamplePlan, SampleSpec, Tokenizer, build_sample, decode_media, plan_sample,
+)
 from data_pipelines.shards import RawSample, expand_shard_paths, index_shard, read_indexed_sample
 from data_pipelines.tiling import choose_tile_grid, num_tiles
 
@@ -325,15 +327,16 @@ def _page(title: str, summary: str, body: list[str]) -> str:
 
 @dataclass
 class Built:
-    sample: Sample
+    sample: Sample | SamplePlan  # a plan until packing chose it (--packed)
     raw: RawSample
     shard: str
     index: int
 
 
-def build_samples(shards: list[str], spec: SampleSpec, tokenizer: Tokenizer, count: int
+def build_samples(shards: list[str], spec: SampleSpec, tokenizer: Tokenizer, count: int, decode: bool = True
                   ) -> tuple[list[Built], list[tuple[str, str, str]]]:
-    """The first `count` samples training would keep, in shard order; and the skipped (shard, key, reason)."""
+    """The first `count` samples training would keep, in shard order; and the skipped (shard, key, reason).
+    `decode=False` plans them only (tokens, no pixels), as the loader's packer buffer holds them."""
     built, skipped = [], []
     for shard in shards:
         for index, entry in enumerate(index_shard(shard)):
@@ -341,7 +344,7 @@ def build_samples(shards: list[str], spec: SampleSpec, tokenizer: Tokenizer, cou
                 return built, skipped
             raw = read_indexed_sample(shard, index, entry)
             try:
-                sample = build_sample(raw, "inspect", spec, tokenizer)
+                sample = (build_sample if decode else plan_sample)(raw, "inspect", spec, tokenizer)
             except (SampleError, MediaDecodeError) as err:
                 skipped.append((shard, raw.key, err.reason))
                 continue
@@ -355,16 +358,29 @@ def render_samples(built: list[Built], tokenizer: Tokenizer, spec: SampleSpec, o
             for i, b in enumerate(built)]
 
 
-def pack_batch(built: list[Built], spec: SampleSpec, tokenizer: Tokenizer, num_rows: int
-               ) -> tuple[PackedBatch, list[list[Built]]]:
-    """One batch of `num_rows` rows, packed from the buffered samples as the training loader packs them."""
+def pack_batch(planned: list[Built], spec: SampleSpec, tokenizer: Tokenizer, num_rows: int,
+               skipped: list[tuple[str, str, str]]) -> tuple[PackedBatch, list[list[Built]]]:
+    """One batch of `num_rows` rows, packed from the planned samples and then decoded, as the training
+    loader does: media that fails to decode leaves a hole in its row and is added to `skipped`."""
     packer = Packer(spec.seq_length)
-    by_id = {id(b.sample): b for b in built}
-    for b in built:
+    by_id = {id(b.sample): b for b in planned}
+    for b in planned:
         packer.add(b.sample)
-    rows = [packer.pop_row() for _ in range(min(num_rows, len(built))) if packer.buffer]
-    batch = collate_rows(rows, spec.seq_length, tokenizer.special_ids[st.PAD])
-    return batch, [[by_id[id(s)] for s in row] for row in rows]
+    rows = []
+    for plans in [packer.pop_row() for _ in range(min(num_rows, len(planned))) if packer.buffer]:
+        row = []
+        for plan in plans:
+            b = by_id[id(plan)]
+            try:
+                b.sample = plan.with_tiles(decode_media(plan.media, b.raw, spec))
+            except MediaDecodeError as err:
+                skipped.append((b.shard, b.raw.key, err.reason))
+                continue
+            row.append(b)
+        rows.append(row)
+    batch = collate_rows([[b.sample for b in row] for row in rows], spec.seq_length,
+                         tokenizer.special_ids[st.PAD], spec.tiling.tile_size)
+    return batch, rows
 
 
 def render_batch(batch: PackedBatch, rows: list[list[Built]], tokenizer: Tokenizer, spec: SampleSpec, out: Path
@@ -416,7 +432,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--num", type=int, default=4, metavar="N",
                         help="samples to render; with --packed, rows in the batch (default: %(default)s)")
     parser.add_argument("--packed", action="store_true", help="render one packed batch (Packer + collate_rows)")
-    parser.add_argument("--pack-buffer", type=int, default=64, metavar="N",
+    parser.add_argument("--pack-buffer", type=int, default=100, metavar="N",
                         help="--packed: samples the packer chooses from, data.pack_buffer (default: %(default)s)")
     add_sample_spec_arguments(parser)
     args = parser.parse_args(argv)
@@ -432,14 +448,15 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def inspect_shards(shards: list[str], tokenizer: Tokenizer, spec: SampleSpec, out: Path, num: int,
-                   packed: bool = False, pack_buffer: int = 64) -> Path:
+                   packed: bool = False, pack_buffer: int = 100) -> Path:
     """Write `out/index.html` (+ `out/media/*.png`); returns the page's path."""
     (out / "media").mkdir(parents=True, exist_ok=True)
-    built, skipped = build_samples(shards, spec, tokenizer, max(pack_buffer, num) if packed else num)
+    built, skipped = build_samples(shards, spec, tokenizer, max(pack_buffer, num) if packed else num,
+                                   decode=not packed)
     if not built:
         raise ValueError(f"no sample in {len(shards)} shards could be built ({len(skipped)} skipped)")
     if packed:
-        batch, rows = pack_batch(built, spec, tokenizer, num)
+        batch, rows = pack_batch(built, spec, tokenizer, num, skipped)
         summary, body = render_batch(batch, rows, tokenizer, spec, out)
         title = f"packed batch from {len(built)} buffered samples"
     else:

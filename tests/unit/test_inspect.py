@@ -20,6 +20,7 @@ from data_pipelines.conversation import IGNORE_INDEX
 from data_pipelines.samples import SampleSpec, build_sample
 from data_pipelines.shards import iter_shard
 from data_pipelines.tiling import TilingConfig
+from tests.shard_writer import write_shard
 
 SPEC_ARGS = ["--seq-length", "256", "--tile-size", "64", "--max-tiles", "4", "--tokens-per-tile", "4",
              "--max-frames", "8"]
@@ -125,3 +126,26 @@ def test_bad_arguments_exit_2(shard_dir, tmp_path):
         inspect_tool.main([str(shard_dir), "--tokenizer", str(tmp_path / "none"), "--out", str(tmp_path / "o")])
     assert exit_info.value.code == 2
     assert inspect_tool.main([str(tmp_path / "missing"), "--tokenizer", str(tmp_path), "--out", str(tmp_path)]) == 2
+
+
+def test_packed_batch_decodes_after_packing_and_lists_late_failures(synth_data, tokenizer, tmp_path):
+    """--packed plans, packs, then decodes the chosen samples: a JPEG whose header opens but whose
+    body is cut is packed, fails at decode, leaves padding and is listed as skipped."""
+    noisy = io.BytesIO()
+    Image.effect_noise((128, 96), 64).convert("RGB").save(noisy, format="JPEG")
+    qa = {"messages": [{"role": "user", "content": f"<image>\n{QUESTION}"}, {"role": "assistant", "content": ANSWER}]}
+    samples = [("cut", {"json": json.dumps(qa).encode(), "img0.jpg": noisy.getvalue()[:-1500]})]
+    samples += [(f"text{i}", {"json": json.dumps({"messages": synth.build_sample("text", seed=0, index=i).messages})
+                              .encode()}) for i in range(3)]
+    root = tmp_path / "shards"
+    root.mkdir()
+    write_shard(root / "shard-000000.tar", samples)
+    planned, skipped = inspect_tool.build_samples([str(root / "shard-000000.tar")], SPEC, tokenizer, 4, decode=False)
+    assert not skipped and planned[0].raw.key == "cut"  # its header opens: planned like the others
+    out = tmp_path / "out"
+    assert inspect_tool.main([str(root), "--tokenizer", str(synth_data.tokenizer_dir), "--out", str(out),
+                              "--packed", "--num", "1", "--pack-buffer", "4", *SPEC_ARGS]) == 0
+    page = (out / "index.html").read_text()
+    assert "1 skipped samples" in page and "cut: corrupt_image" in page
+    rendered = re.findall(r"<h2>row \d segment \d+: ", page)
+    assert rendered and not any("cut" in h for h in re.findall(r"<h2>row \d segment \d+: [^<]*", page))
