@@ -33,7 +33,7 @@ from launch.torchrun import train_module_args
 
 TEMPLATE = Path(__file__).resolve().parent / "templates" / "sbatch.sh"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-# The trainer's exit code after saving on SIGUSR1/SIGTERM: train.preemption.EXIT_PREEMPTED (a test
+# The trainer's exit code after saving on SIGUSR1/SIGTERM: train.loop.preemption.EXIT_PREEMPTED (a test
 # holds them equal); a literal keeps torch out of the launcher's imports.
 EXIT_PREEMPTED = 75
 # Warning ahead of the time limit; also how long torchrun lets its workers save before SIGKILL.
@@ -149,8 +149,8 @@ def _parse_extra_sbatch(value: str) -> list[str]:
 def resolve_run_dir(spec: LaunchSpec, validate: bool) -> Path:
     """Compose (and unless told otherwise validate) the config; returns the absolute run dir.
     Raises train.config.ConfigError naming the bad recipe or override."""
-    from train.compose import compose_raw, load_config
-    from train.pipeline import parse_pipeline_args
+    from train.config.compose import compose_raw, load_config
+    from train.loop.pipeline import parse_pipeline_args
 
     def check(name: str, overrides: list[str]) -> None:
         if validate:
@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))
     spec = LaunchSpec(args.config_name, overrides, args.pipeline)
 
-    from train.config import ConfigError
+    from train.config.schema import ConfigError
 
     try:
         run_dir = resolve_run_dir(spec, validate=not args.no_validate)

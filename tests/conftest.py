@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_pipelines.synth import ensure_embedded_data
+from data_pipelines.tools.synth import ensure_embedded_data
 
 
 def pytest_collection_modifyitems(config, items):
@@ -27,7 +27,7 @@ def synth_data(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tokenizer(synth_data):
-    from data_pipelines.samples import Tokenizer
+    from data_pipelines.training.samples import Tokenizer
 
     return Tokenizer.load(str(synth_data.tokenizer_dir))
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import sys
 
-from train.cli import split_args
-from train.compose import list_recipes, load_config
-from train.config import ConfigError
+from train.config.args import split_args
+from train.config.compose import list_recipes, load_config
+from train.config.schema import ConfigError
 
 USAGE = (
     "usage: python -m train --config-name <recipe> [overrides...]\n"
@@ -24,8 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    from train.preemption import EXIT_PREEMPTED, Preempted
-    from train.trainer import run_stage
+    from train.loop.preemption import EXIT_PREEMPTED, Preempted
+    from train.loop.trainer import run_stage
 
     try:
         run_stage(cfg)

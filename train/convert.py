@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-from train.hf_convert import DEFAULT_MAX_SHARD_BYTES, ConversionError, hf_to_native, native_to_hf
+from train.hf.conversion import DEFAULT_MAX_SHARD_BYTES, ConversionError, hf_to_native, native_to_hf
 
 DTYPES = {"keep": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}

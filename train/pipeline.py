@@ -9,60 +9,13 @@ every stage.
 from __future__ import annotations
 
 import sys
-import time
-from pathlib import Path
 
-from omegaconf import OmegaConf
-
-from train.compose import RECIPES_DIR, load_config
-from train.config import ConfigError
-
-USAGE = (
-    "usage: python -m train.pipeline [run.dir=DIR] [stages=[a,b]] [overrides for every stage...]\n"
-    "example: python -m train.pipeline smoke=cpu run.dir=runs/smoke"
-)
-
-
-def parse_pipeline_args(argv: list[str]) -> tuple[list[str], Path, list[str]]:
-    """(stage recipes, pipeline run dir, overrides for each stage)."""
-    if any(a in ("-h", "--help") for a in argv):
-        print(USAGE)
-        sys.exit(0)
-    base = OmegaConf.load(RECIPES_DIR / "pipeline.yaml")
-    own = [a for a in argv if a.split("=", 1)[0] in ("run.dir", "stages")]
-    merged = OmegaConf.merge(base, OmegaConf.from_dotlist(own))
-    stages = list(merged.stages)
-    if not stages:
-        raise ConfigError("stages is empty: list the recipes to run")
-    return stages, Path(str(merged.run.dir)), [a for a in argv if a not in own]
-
-
-def run_pipeline(argv: list[str]) -> list[dict]:
-    from train.trainer import run_stage
-
-    stages, root, overrides = parse_pipeline_args(argv)
-    # Validate every stage before any compute, so a typo in an override fails in seconds.
-    configs = [load_config(name, overrides + [f"run.dir={root / name}"]) for name in stages]
-    summaries = []
-    previous_checkpoint: str | None = None
-    for cfg in configs:
-        if previous_checkpoint is not None:
-            cfg.init.from_checkpoint = previous_checkpoint
-        print(f"=== {cfg.stage} -> {cfg.run.dir}", flush=True)
-        started = time.monotonic()
-        summary = run_stage(cfg)
-        final = summary["final_loss"]
-        print(f"=== {cfg.stage} finished in {time.monotonic() - started:.0f}s: "
-              f"final loss {'n/a' if final is None else f'{final:.4f}'}", flush=True)
-        summaries.append(summary)
-        previous_checkpoint = summary["checkpoint"]
-        if previous_checkpoint is None:
-            raise RuntimeError(f"{cfg.stage} finished without a checkpoint; cannot hand off")
-    return summaries
+from train.config.schema import ConfigError
+from train.loop.pipeline import run_pipeline
 
 
 def main() -> int:
-    from train.preemption import EXIT_PREEMPTED, Preempted
+    from train.loop.preemption import EXIT_PREEMPTED, Preempted
 
     try:
         run_pipeline(sys.argv[1:])

@@ -6,178 +6,18 @@ trainable}, "memory_gib": {weights, gradients, optimizer, activations, total}, "
 {...per part and layer kind...}, "assumptions": {...}}` and prints it as a table. Data paths are
 never looked at (only `model.*`, `trainable.*`, `precision.*` and sizes are validated), so a real
 recipe plans on a machine without its data.
-
-Memory is per model replica, unsharded (divide weights/gradients/optimizer by the FSDP group size):
-- 16-bit compute (bf16, fp8_delayed): bf16 weights (2 B/param, every parameter) for the forward,
-  fp32 gradients (4 B) and an fp32 master copy + Adam m + v (12 B) per trainable parameter.
-- fp32 compute: fp32 weights (4 B, also the master), fp32 gradients (4 B), Adam m + v (8 B).
-- Activations of one micro-batch (`trainer.micro_batch_size` rows of `data.seq_length` tokens),
-  as stored for backward with the fused kernels (mamba_ssm, causal_conv1d, flash-attn recompute
-  their internals; the CPU reference ops store more), in the compute dtype:
-  per token, Mamba 2D + 2*conv_dim + 3*d_inner + heads, attention 2D + 2*q_width + 2*kv_width +
-  fp32 softmax stats, MLP 2D + 2*ffn (the relu^2 output and the down_proj input), ViT block
-  8*Dv + 2*mlp (only when the ViT trains), projector 8*Dv + 2*hidden per image token (when the
-  projector or ViT trains). With `model.kernels.activation_checkpointing=layers` a layer keeps
-  only its input and one layer of each tower is live again during its recompute. The LM head and
-  loss run `model.loss_chunk_size` rows at a time (recomputed): the final hidden states plus one
-  chunk of logits (compute dtype + fp32 upcast + fp32 gradient) are live, never the full logits.
-  Worst case for media: every token of a row is an image token (seq_length / tokens_per_tile tiles).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
 
-import torch
-
-from train.compose import compose_raw, list_recipes
-from train.config import Config, ConfigError, KernelConfig, ModelConfig, from_dict
-
-PARTS = ("language_model", "vision_model", "projector")
-GIB = 2**30
-
-
-def load_plan_config(config_name: str, overrides: list[str]) -> Config:
-    """Composed, typed config with the model, trainable and precision sections validated; the data
-    section is typed but not checked against the file system."""
-    cfg = from_dict(Config, compose_raw(config_name, overrides))
-    for name in ("model", "trainable", "precision"):
-        getattr(cfg, name).validate(name)
-    return cfg
-
-
-def meta_model(model_cfg: ModelConfig):
-    """The recipe's VLM built on the meta device (shapes only, no memory)."""
-    from train.model.vlm import VisionLanguageModel
-
-    # Kernel choice never changes shapes; the torch twins need no GPU library to build.
-    cfg = dataclasses.replace(model_cfg, kernels=KernelConfig())
-    with torch.device("meta"):
-        return VisionLanguageModel(cfg, image_token_id=0)
-
-
-def count_parameters(model) -> dict[str, int]:
-    """Parameter counts of each VLM part, from the real modules."""
-    return {part: sum(p.numel() for p in getattr(model, part).parameters()) for part in PARTS}
-
-
-def fp8_modules(model, cfg: Config) -> list[str]:
-    """The Linear modules that run in FP8 under this recipe's precision (none outside FP8)."""
-    if not cfg.precision.is_fp8:
-        return []
-    from train.precision.region import fp8_linear_names
-
-    return fp8_linear_names(model, cfg.precision.keep_patterns, cfg.precision.keep_first_last_layers)
-
-
-def activation_bytes(cfg: Config) -> dict:
-    """Bytes of activations live in one micro-batch's backward, per part and LM layer kind."""
-    m, lm, vit = cfg.model, cfg.model.language_model, cfg.model.vision
-    a = 2 if cfg.precision.resolved_compute_dtype == "bf16" else 4
-    tokens = cfg.trainer.micro_batch_size * cfg.data.seq_length
-    checkpointed = m.kernels.activation_checkpointing == "layers"
-    d, inner = lm.hidden_size, lm.mamba_intermediate_size
-    conv_dim = inner + 2 * lm.n_groups * lm.ssm_state_size
-    q, kv = lm.num_attention_heads * lm.head_dim, lm.num_key_value_heads * lm.head_dim
-    per_token = {  # elements stored per token by one layer of each kind (the docstring's formulas)
-        "mamba": 2 * d + 2 * conv_dim + 3 * inner + lm.mamba_num_heads,
-        "attention": 2 * d + 2 * q + 2 * kv + lm.num_attention_heads * 4 // a,
-        "mlp": 2 * d + 2 * lm.mlp_hidden_size,
-    }
-    kinds = {"M": "mamba", "*": "attention", "-": "mlp"}
-    counts = {kind: sum(kinds[c] == kind for c in lm.pattern) for kind in per_token}
-    lm_layers = {kind: counts[kind] * (d if checkpointed else per_token[kind]) * tokens * a for kind in per_token}
-    if checkpointed:  # the layer being recomputed holds its full set again
-        lm_layers["recompute"] = max(per_token[k] for k in per_token if counts[k]) * tokens * a
-    chunk = min(m.loss_chunk_size, tokens)
-    lm_layers["head_and_loss"] = 2 * d * tokens * a + chunk * lm.vocab_size * (a + 8)
-
-    tiles = tokens // m.tokens_per_tile
-    vit_tokens = tiles * (vit.patches_per_side ** 2 + vit.num_prefix_tokens)
-    vit_block = 8 * vit.hidden_size + 2 * int(vit.hidden_size * vit.mlp_ratio)
-    vision = 0
-    if cfg.trainable.vision_model:
-        stored = vit.hidden_size if checkpointed else vit_block
-        vision = (vit.num_layers * stored + (vit_block if checkpointed else 0)) * vit_tokens * a
-    projector = 0
-    if cfg.trainable.projector or cfg.trainable.vision_model:
-        projector = (2 * 4 * vit.hidden_size + 2 * m.projector.hidden_size) * tiles * m.tokens_per_tile * a
-    return {"language_model": lm_layers, "vision_model": vision, "projector": projector}
-
-
-def make_plan(cfg: Config, recipe: str) -> dict:
-    model = meta_model(cfg.model)
-    params = count_parameters(model)
-    in_fp8 = fp8_modules(model, cfg)
-    flags = {part: getattr(cfg.trainable, part) for part in PARTS}
-    total = sum(params.values())
-    trainable = sum(n for part, n in params.items() if flags[part])
-    bf16 = cfg.precision.resolved_compute_dtype == "bf16"
-    per_param = {"weights": 2 if bf16 else 4, "gradients": 4, "optimizer": 12 if bf16 else 8}
-    acts = activation_bytes(cfg)
-    act_total = sum(acts["language_model"].values()) + acts["vision_model"] + acts["projector"]
-    memory = {
-        "weights": per_param["weights"] * total / GIB,
-        "gradients": per_param["gradients"] * trainable / GIB,
-        "optimizer": per_param["optimizer"] * trainable / GIB,
-        "activations": act_total / GIB,
-    }
-    memory["total"] = sum(memory.values())
-    return {
-        "recipe": recipe,
-        "stage": cfg.stage,
-        "model": cfg.model.name,
-        "params": {**params, "total": total, "trainable": trainable},
-        "trainable_parts": flags,
-        "precision": cfg.precision.name,
-        "fp8_modules": in_fp8,
-        "memory_gib": memory,
-        "activations_gib": {
-            "language_model": {k: v / GIB for k, v in acts["language_model"].items()},
-            "vision_model": acts["vision_model"] / GIB,
-            "projector": acts["projector"] / GIB,
-        },
-        "assumptions": {
-            "bytes_per_param": {"weights (every param)": per_param["weights"],
-                                "gradients (trainable)": per_param["gradients"],
-                                "optimizer (trainable)": per_param["optimizer"]},
-            "optimizer_states": "fp32 master + Adam m, v" if bf16 else "Adam m, v (weights are the master)",
-            "compute_dtype": cfg.precision.resolved_compute_dtype,
-            "tokens_per_micro_batch": cfg.trainer.micro_batch_size * cfg.data.seq_length,
-            "activation_checkpointing": cfg.model.kernels.activation_checkpointing,
-            "loss_chunk_size": cfg.model.loss_chunk_size,
-            "media": "worst case: every token an image token",
-            "sharding": "none (per replica); divide weights/gradients/optimizer by the FSDP group size",
-        },
-    }
-
-
-def format_plan(plan: dict) -> str:
-    p, mem = plan["params"], plan["memory_gib"]
-    rows = [f"{plan['recipe']} (model {plan['model']})", f"{'part':<16}{'params':>18}  trainable"]
-    for part in PARTS:
-        rows.append(f"{part:<16}{p[part]:>18,}  {'yes' if plan['trainable_parts'][part] else 'no'}")
-    rows.append(f"{'total':<16}{p['total']:>18,}  ({p['total'] / 1e9:.3f} B)")
-    rows.append(f"{'trainable':<16}{p['trainable']:>18,}  ({p['trainable'] / 1e9:.3f} B)")
-    rows.append(f"{'memory (GiB)':<16}{'':>18}")
-    for key in ("weights", "gradients", "optimizer", "activations", "total"):
-        rows.append(f"  {key:<14}{mem[key]:>18.2f}")
-    acts = plan["activations_gib"]
-    detail = ", ".join(f"{k} {v:.2f}" for k, v in acts["language_model"].items())
-    rows.append(f"  activations: LM [{detail}], vision {acts['vision_model']:.2f}, projector {acts['projector']:.2f}")
-    if plan["precision"].startswith("fp8"):
-        names = plan["fp8_modules"]
-        rows.append(f"{plan['precision']}: {len(names)} Linear modules in FP8 (plan.json lists them), "
-                    f"e.g. {', '.join(names[:3])}")
-    a = plan["assumptions"]
-    rows.append(f"  assumes {a['compute_dtype']} compute, {a['optimizer_states']}, "
-                f"{a['tokens_per_micro_batch']} tokens/micro-batch, checkpointing={a['activation_checkpointing']}")
-    return "\n".join(rows)
-
+from train.config.compose import list_recipes
+from train.config.schema import ConfigError
+from train.planning import estimate
 
 USAGE = (
     "usage: python -m train.plan --config-name <recipe> [--out DIR] [overrides...]\n"
@@ -186,22 +26,22 @@ USAGE = (
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.plan", usage=USAGE, description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m train.plan", usage=USAGE, description=f"{__doc__}\n{estimate.__doc__}",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-name", "-cn", required=True)
     parser.add_argument("--out", default=None, help="directory for plan.json (default: the recipe's run.dir)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. data.seq_length=49152")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        cfg = load_plan_config(args.config_name, args.overrides)
+        cfg = estimate.load_plan_config(args.config_name, args.overrides)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    plan = make_plan(cfg, args.config_name)
+    plan = estimate.make_plan(cfg, args.config_name)
     out = Path(args.out or cfg.run.dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "plan.json").write_text(json.dumps(plan, indent=2) + "\n")
-    print(format_plan(plan))
+    print(estimate.format_plan(plan))
     print(f"wrote {out / 'plan.json'}")
     return 0
 

@@ -26,12 +26,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from data_pipelines import special_tokens as st
-from data_pipelines.conversation import MediaSlot, Message, frame_label, tokenize_with_media_spans
-from data_pipelines.evs import kept_token_count
-from data_pipelines.packing import Packer, collate_rows
-from data_pipelines.samples import Sample
-from train.config import LanguageModelConfig, ModelConfig, ProjectorConfig, VisionConfig
+from data_pipelines.training import special_tokens as st
+from data_pipelines.training.conversation import MediaSlot, Message, frame_label, tokenize_with_media_spans
+from data_pipelines.training.evs import kept_token_count
+from data_pipelines.training.packing import Packer, collate_rows
+from data_pipelines.training.samples import Sample
+from train.config.schema import LanguageModelConfig, ModelConfig, ProjectorConfig, VisionConfig
 
 NAME = "bench_evs"
 QS = (0.0, 0.5, 0.75)
@@ -267,8 +267,8 @@ def measure_tiny() -> list[dict]:
 # ---- the benchmark ------------------------------------------------------------------------
 
 def recipe_lm() -> LanguageModelConfig:
-    from train.compose import compose_raw
-    from train.config import from_dict
+    from train.config.compose import compose_raw
+    from train.config.schema import from_dict
 
     return from_dict(ModelConfig, compose_raw("stage2_video_sft")["model"]).language_model
 

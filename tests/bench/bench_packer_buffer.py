@@ -22,10 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from data_pipelines.loader import PackedBatchStream, Source
-from data_pipelines.samples import SampleSpec, build_sample
-from data_pipelines.shards import read_indexed_sample
-from data_pipelines.tiling import TilingConfig
+from data_pipelines.training.loader import PackedBatchStream, Source
+from data_pipelines.training.samples import SampleSpec, build_sample
+from data_pipelines.training.shards import read_indexed_sample
+from data_pipelines.training.tiling import TilingConfig
 from tests.bench.bench_data_throughput import IMAGES_PER_MULTI_SAMPLE, make_inputs
 
 NAME = "bench_packer_buffer"

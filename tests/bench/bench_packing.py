@@ -7,7 +7,7 @@ seq_length)) is the number that matters. One run compares, side by side at the s
 - no packing (one sample per row) and naive sequential fill, the floors;
 - Megatron-Energon's greedy knapsack (same algorithm, our own code): the buffer fills
   with N samples, the whole buffer is packed, repeat; the tail packs of every buffer are poor;
-- ours (`data_pipelines.packing.Packer`): a continuous buffer that emits one row and refills;
+- ours (`data_pipelines.training.packing.Packer`): a continuous buffer that emits one row and refills;
 - offline first-fit-decreasing over all samples at once, the practical bound.
 
 Besides fill it reports the cost: the longest wait of a sample (rows emitted between its
@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from data_pipelines.packing import Packer
+from data_pipelines.training.packing import Packer
 
 NAME = "bench_packing"
 SEQ_LENGTHS = (16_384, 49_152)

@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from data_pipelines.packing import collate_rows
-from data_pipelines.samples import Sample
-from train.config import LanguageModelConfig, ModelConfig, OptimConfig, PrecisionConfig
+from data_pipelines.training.packing import collate_rows
+from data_pipelines.training.samples import Sample
+from train.config.schema import LanguageModelConfig, ModelConfig, OptimConfig, PrecisionConfig
 from train.model.vlm import VisionLanguageModel
 from train.precision import build_precision
-from train.train_module import build_optimizer
+from train.loop.train_module import build_optimizer
 
 pytestmark = pytest.mark.gpu
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from train.config import KernelConfig, LanguageModelConfig
+from train.config.schema import KernelConfig, LanguageModelConfig
 from train.model.language_model import HybridLanguageModel
 from train.ops import causal_conv1d_ref, gated_rms_norm_ref, rms_norm_ref, ssd_scan_ref, varlen_attention_ref
 from train.ops.dispatch import KernelUnavailableError, load_backend

@@ -32,10 +32,10 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def load_stage_model(run_dir: Path, checkpoint: Path | None = None):
     """The stage's model with the weights of `checkpoint` (default: the stage's final one)."""
-    from data_pipelines.samples import Tokenizer
-    from train.checkpoint import find_latest, load_model_weights
-    from train.config import Config, from_dict
-    from train.trainer import build_model
+    from data_pipelines.training.samples import Tokenizer
+    from train.checkpoint.store import find_latest, load_model_weights
+    from train.config.schema import Config, from_dict
+    from train.loop.trainer import build_model
 
     cfg = from_dict(Config, yaml.safe_load((run_dir / "config.yaml").read_text()))
     cfg.init.from_checkpoint = None

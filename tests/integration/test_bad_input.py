@@ -9,11 +9,11 @@ from pathlib import Path
 
 from PIL import Image
 
-from data_pipelines.shards import expand_shard_paths, iter_shard
-from data_pipelines.synth import ensure_embedded_data
+from data_pipelines.training.shards import expand_shard_paths, iter_shard
+from data_pipelines.tools.synth import ensure_embedded_data
 from tests.integration.helpers import run_module
 from tests.shard_writer import write_shard
-from train.checkpoint import read_rank_states
+from train.checkpoint.store import read_rank_states
 
 QA = [{"role": "user", "content": "<image> What is it?"}, {"role": "assistant", "content": "A shape."}]
 VQA = [{"role": "user", "content": "<video> Where does it go?"}, {"role": "assistant", "content": "Left."}]

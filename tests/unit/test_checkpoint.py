@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from train.checkpoint import (
+from train.checkpoint.store import (
     Checkpointer, complete_checkpoints, find_latest, load_checkpoint, load_model_weights, save_checkpoint,
 )
 
@@ -67,7 +67,7 @@ def test_no_checkpoint_means_none(tmp_path):
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     import errno
 
-    import train.checkpoint as ckpt
+    import train.checkpoint.store as ckpt
 
     model, opt = model_and_optim()
     save_checkpoint(tmp_path, 1, model, opt, {"step": 1}, keep_last=2)
@@ -108,7 +108,7 @@ def test_handoff_from_a_checkpoint_holding_only_some_parts(tmp_path):
 
 
 def test_truncated_newest_checkpoint_falls_back_to_the_previous(tmp_path):
-    from train.checkpoint import load_newest_readable
+    from train.checkpoint.store import load_newest_readable
 
     model, opt = model_and_optim()
     save_checkpoint(tmp_path, 1, model, opt, {"step": 1}, keep_last=3)

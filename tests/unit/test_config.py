@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from train.compose import list_recipes, load_config
-from train.config import ConfigError
+from train.config.compose import list_recipes, load_config
+from train.config.schema import ConfigError
 
 RECIPES = ["stage0_projector_warmup", "stage1_image_sft", "stage2_video_sft", "stage3_text_recovery",
            "stage4_long_context"]
@@ -31,7 +31,7 @@ def test_real_recipe_without_data_names_the_missing_path(recipe, tmp_path, monke
 
 
 def test_real_recipes_carry_published_settings(tmp_path, monkeypatch):
-    from train.compose import compose_raw
+    from train.config.compose import compose_raw
 
     raw = {r: compose_raw(r) for r in RECIPES}
     assert [raw[r]["data"]["seq_length"] for r in RECIPES] == [16384, 16384, 49152, 49152, 311296]
@@ -50,8 +50,8 @@ def test_real_recipes_carry_published_settings(tmp_path, monkeypatch):
 
 
 def test_nano12b_tokens_per_tile_and_projector_width():
-    from train.config import ModelConfig, from_dict
-    from train.compose import compose_raw
+    from train.config.schema import ModelConfig, from_dict
+    from train.config.compose import compose_raw
 
     model = from_dict(ModelConfig, compose_raw("stage1_image_sft")["model"])
     assert model.vision.patches_per_side ** 2 == 1024

@@ -10,10 +10,10 @@ import datasets
 import pytest
 from PIL import Image
 
-from data_pipelines import convert, synth
-from data_pipelines.samples import SampleSpec, build_sample
-from data_pipelines.shards import expand_shard_paths, iter_shard
-from data_pipelines.tiling import TilingConfig
+from data_pipelines.tools import convert, synth
+from data_pipelines.training.samples import SampleSpec, build_sample
+from data_pipelines.training.shards import expand_shard_paths, iter_shard
+from data_pipelines.training.tiling import TilingConfig
 
 SPEC = SampleSpec(seq_length=2048, tokens_per_tile=4, tiling=TilingConfig(tile_size=64, max_tiles=4), max_frames=8)
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from data_pipelines.decode import (
+from data_pipelines.training.decode import (
     MediaDecodeError,
     VideoFrames,
     decode_image,

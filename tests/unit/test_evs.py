@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipelines import special_tokens as st
-from data_pipelines.conversation import IGNORE_INDEX, MediaSlot, Message, frame_label, tokenize_with_media_spans
-from data_pipelines.evs import EvsConfig, kept_token_count, provisional_frame_counts, sample_q
-from data_pipelines.packing import collate_rows
-from data_pipelines.samples import SampleSpec, build_sample
-from data_pipelines.shards import expand_shard_paths, iter_shard
-from data_pipelines.tiling import TilingConfig
-from train.config import LanguageModelConfig, ModelConfig, VisionConfig
+from data_pipelines.training import special_tokens as st
+from data_pipelines.training.conversation import IGNORE_INDEX, MediaSlot, Message, frame_label, tokenize_with_media_spans
+from data_pipelines.training.evs import EvsConfig, kept_token_count, provisional_frame_counts, sample_q
+from data_pipelines.training.packing import collate_rows
+from data_pipelines.training.samples import SampleSpec, build_sample
+from data_pipelines.training.shards import expand_shard_paths, iter_shard
+from data_pipelines.training.tiling import TilingConfig
+from train.config.schema import LanguageModelConfig, ModelConfig, VisionConfig
 from train.model.evs import apply_evs, evs_dissimilarity, evs_keep_mask, prune_videos, relayout_video_span
 from train.model.vlm import VisionLanguageModel
 
@@ -56,8 +56,8 @@ def test_config_errors_name_the_field(cfg, field):
 
 
 def test_recipes_carry_evs_and_bad_overrides_fail_by_name():
-    from train.compose import load_config
-    from train.config import ConfigError
+    from train.config.compose import load_config
+    from train.config.schema import ConfigError
 
     assert load_config("stage2_video_sft", ["smoke=cpu"]).data.evs == EvsConfig("range", 0.0, 0.0, 0.75)
     assert load_config("stage4_long_context", ["smoke=cpu"]).data.evs.mode == "range"

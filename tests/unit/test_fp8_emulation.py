@@ -15,14 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data_pipelines.packing import collate_rows
-from data_pipelines.samples import Sample
-from train.config import ConfigError, LanguageModelConfig, ModelConfig, OptimConfig, PrecisionConfig
+from data_pipelines.training.packing import collate_rows
+from data_pipelines.training.samples import Sample
+from train.config.schema import ConfigError, LanguageModelConfig, ModelConfig, OptimConfig, PrecisionConfig
 from train.model.vlm import VisionLanguageModel
 from train.precision import Precision, build_precision
 from train.precision.delayed_scaling import DelayedScalingRecipe, DelayedScalingState, quantize
 from train.precision.fp8_emulated import Fp8EmulatedLinear
-from train.train_module import build_optimizer
+from train.loop.train_module import build_optimizer
 
 CPU = torch.device("cpu")
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
@@ -323,7 +323,7 @@ def test_config_errors_name_the_field(fields, message):
 
 
 def test_recipe_composes_with_each_precision():
-    from train.compose import load_config
+    from train.config.compose import load_config
 
     for name in ("fp32", "bf16", "fp8_delayed", "fp8_delayed_emulated"):
         cfg = load_config("stage1_image_sft", ["smoke=cpu", f"precision={name}"])
@@ -341,8 +341,8 @@ def test_a_broken_transformer_engine_never_breaks_import(tmp_path, project_root)
     fake.mkdir()
     (fake / "__init__.py").write_text("raise OSError('libtransformer_engine.so: cannot open shared object file')\n")
     code = textwrap.dedent("""
-        import torch, train, train.precision, train.trainer
-        from train.config import PrecisionConfig
+        import torch, train, train.precision, train.loop.trainer
+        from train.config.schema import PrecisionConfig
         from train.precision import build_precision
         try:
             build_precision(PrecisionConfig(name="fp8_delayed"), torch.device("cuda"))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from train.config import LanguageModelConfig, ModelConfig
-from train.generate import decode_step, greedy_tokens, prefill, prompt_embeddings
+from train.config.schema import LanguageModelConfig, ModelConfig
+from train.inference.generate import decode_step, greedy_tokens, prefill, prompt_embeddings
 from train.model.language_model import HybridLanguageModel, packing_metadata
 from train.model.vlm import VisionLanguageModel
 

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipelines import inspect as inspect_tool
-from data_pipelines import special_tokens as st
-from data_pipelines import synth
-from data_pipelines.conversation import IGNORE_INDEX
-from data_pipelines.samples import SampleSpec, build_sample
-from data_pipelines.shards import iter_shard
-from data_pipelines.tiling import TilingConfig
+from data_pipelines.tools import inspect as inspect_tool
+from data_pipelines.training import special_tokens as st
+from data_pipelines.tools import synth
+from data_pipelines.training.conversation import IGNORE_INDEX
+from data_pipelines.training.samples import SampleSpec, build_sample
+from data_pipelines.training.shards import iter_shard
+from data_pipelines.training.tiling import TilingConfig
 from tests.shard_writer import write_shard
 
 SPEC_ARGS = ["--seq-length", "256", "--tile-size", "64", "--max-tiles", "4", "--tokens-per-tile", "4",

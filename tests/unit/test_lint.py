@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from data_pipelines import lint, synth
-from data_pipelines.loader import PackedBatchStream, Source
-from data_pipelines.samples import SampleSpec
-from data_pipelines.tiling import TilingConfig
+from data_pipelines.tools import lint, synth
+from data_pipelines.training.loader import PackedBatchStream, Source
+from data_pipelines.training.samples import SampleSpec
+from data_pipelines.training.tiling import TilingConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SPEC_ARGS = ["--seq-length", "384", "--tile-size", "64", "--max-tiles", "4", "--tokens-per-tile", "4",

@@ -9,6 +9,7 @@ import torch
 from transformers import NemotronHConfig, NemotronHForCausalLM
 
 from train import plan
+from train.planning import estimate
 
 GIB = 2**30
 # The published Nemotron Nano 12B v2 language model, written out here (not read from our yaml).
@@ -62,15 +63,15 @@ def test_stage1_totals_and_memory_arithmetic(stage1):
 
 
 def test_projector_only_stage_and_activation_scaling(tmp_path):
-    cfg = plan.load_plan_config("stage0_projector_warmup", [])
-    result = plan.make_plan(cfg, "stage0_projector_warmup")
+    cfg = estimate.load_plan_config("stage0_projector_warmup", [])
+    result = estimate.make_plan(cfg, "stage0_projector_warmup")
     assert result["params"]["trainable"] == result["params"]["projector"]
-    longer = plan.make_plan(plan.load_plan_config("stage0_projector_warmup", ["data.seq_length=32768"]), "x")
+    longer = estimate.make_plan(estimate.load_plan_config("stage0_projector_warmup", ["data.seq_length=32768"]), "x")
     for kind in ("mamba", "attention", "mlp"):
         ratio = longer["activations_gib"]["language_model"][kind] / result["activations_gib"]["language_model"][kind]
         assert ratio == pytest.approx(2.0)
     # Without layer checkpointing every layer keeps its full set of tensors: far more memory.
-    full = plan.make_plan(plan.load_plan_config("stage0_projector_warmup", ["model.kernels.activation_checkpointing=none"]), "x")
+    full = estimate.make_plan(estimate.load_plan_config("stage0_projector_warmup", ["model.kernels.activation_checkpointing=none"]), "x")
     assert full["memory_gib"]["activations"] > 3 * result["memory_gib"]["activations"]
 
 

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipelines.loader import PackedBatchStream, Source
-from data_pipelines.samples import SamplePlan, SampleSpec, build_sample, decode_media, plan_sample
-from data_pipelines.shards import RawSample, expand_shard_paths, iter_shard
-from data_pipelines.synth import KINDS
-from data_pipelines.tiling import TilingConfig
+from data_pipelines.training.loader import PackedBatchStream, Source
+from data_pipelines.training.samples import SamplePlan, SampleSpec, build_sample, decode_media, plan_sample
+from data_pipelines.training.shards import RawSample, expand_shard_paths, iter_shard
+from data_pipelines.tools.synth import KINDS
+from data_pipelines.training.tiling import TilingConfig
 from tests.shard_writer import write_shard
 
 SPEC = SampleSpec(seq_length=1024, tokens_per_tile=4, tiling=TilingConfig(tile_size=64, max_tiles=6),

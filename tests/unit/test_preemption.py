@@ -5,7 +5,7 @@ import signal
 
 import pytest
 
-from train.preemption import PreemptionHandler
+from train.loop.preemption import PreemptionHandler
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])

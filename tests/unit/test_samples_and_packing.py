@@ -9,13 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-from data_pipelines import special_tokens as st
-from data_pipelines.conversation import IGNORE_INDEX, SampleError
-from data_pipelines.loader import PackedBatchStream, Source
-from data_pipelines.packing import Packer, collate_rows
-from data_pipelines.samples import Sample, SampleSpec, build_sample
-from data_pipelines.shards import RawSample, expand_shard_paths, iter_shard
-from data_pipelines.tiling import TilingConfig
+from data_pipelines.training import special_tokens as st
+from data_pipelines.training.conversation import IGNORE_INDEX, SampleError
+from data_pipelines.training.loader import PackedBatchStream, Source
+from data_pipelines.training.packing import Packer, collate_rows
+from data_pipelines.training.samples import Sample, SampleSpec, build_sample
+from data_pipelines.training.shards import RawSample, expand_shard_paths, iter_shard
+from data_pipelines.training.tiling import TilingConfig
 
 
 def spec(seq_length=2048, max_tiles=4, tile=64, tpt=4) -> SampleSpec:
@@ -68,7 +68,7 @@ def test_placeholder_mismatch_and_missing_member(tokenizer):
 
 
 def test_corrupt_image_raises_counted_reason(tokenizer):
-    from data_pipelines.decode import MediaDecodeError
+    from data_pipelines.training.decode import MediaDecodeError
 
     with pytest.raises(MediaDecodeError) as err:
         build_sample(raw(QA, img0_jpg=jpeg(64, 64)[:200]), "t", spec(), tokenizer)

@@ -16,7 +16,7 @@ import pytest
 
 from launch.slurm import (EXIT_PREEMPTED, LAUNCHER_KEYS, SIGNAL_LEAD_S, LaunchError, _time_seconds, main,
                           split_launcher_args, with_run_dir)
-from train.config import Config
+from train.config.schema import Config
 
 BRACES = "data.sources=[{name:mine,path:/data/shards,weight:1.0}]"
 TORCHRUN_SIGNALS = "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
@@ -305,5 +305,5 @@ def test_term_waits_for_the_step_without_requeue(slurm_job):
 
 
 def test_exit_code_matches_the_trainer():
-    preemption = pytest.importorskip("train.preemption")
+    preemption = pytest.importorskip("train.loop.preemption")
     assert preemption.EXIT_PREEMPTED == EXIT_PREEMPTED

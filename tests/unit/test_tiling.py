@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from data_pipelines.tiling import (
+from data_pipelines.training.tiling import (
     IMAGE_NORMALIZATION,
     TilingConfig,
     candidate_grids,

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipelines.packing import collate_rows
-from data_pipelines.samples import Sample
-from train.config import Config, LanguageModelConfig, ModelConfig, OptimConfig, TrainerConfig
-from train.distributed import DistInfo
+from data_pipelines.training.packing import collate_rows
+from data_pipelines.training.samples import Sample
+from train.config.schema import Config, LanguageModelConfig, ModelConfig, OptimConfig, TrainerConfig
+from train.parallel.distributed import DistInfo
 from train.model.vlm import VisionLanguageModel
 from train.precision import build_precision
-from train.train_module import TrainModule, apply_trainable, build_optimizer, learning_rate
+from train.loop.train_module import TrainModule, apply_trainable, build_optimizer, learning_rate
 
 LM = LanguageModelConfig(pattern="M*-", hidden_size=32, vocab_size=64, num_attention_heads=2, num_key_value_heads=1,
                          head_dim=16, mamba_num_heads=2, mamba_head_dim=16, ssm_state_size=8, n_groups=1,
@@ -79,7 +79,7 @@ def test_warmup_then_cosine(step, expected):
 
 
 def test_nonfinite_steps_are_skipped_then_stop_the_run():
-    from train.train_module import NonFiniteError
+    from train.loop.train_module import NonFiniteError
 
     m = module(1, 1)
     m.cfg.trainer.max_nonfinite_steps = 2

@@ -3,7 +3,7 @@
 After the ViT and projector, token (t, p) of a video scores 1 - cos(x[t, p], x[t - 1, p]): how
 much that position changed since the previous frame. Frame 0 has no previous frame and scores
 +inf, so it is always kept whole; the video keeps its global top `kept` tokens (the count the
-data side planned, `data_pipelines.evs.kept_token_count`) in their original frame-major order.
+data side planned, `data_pipelines.training.evs.kept_token_count`) in their original frame-major order.
 
 The sample lays a video out as the served model sees it (per frame: label, `<img>`, that
 frame's kept tokens, `</img>`), but how many tokens each frame keeps is only known here, so the
@@ -86,7 +86,7 @@ def prune_videos(media: Tensor, input_ids: Tensor, video_evs: Tensor, tokens_per
 
     media: (N * P, D) projector outputs of all tiles in token order; input_ids: (B, L);
     video_evs: (V, 5) int64 rows `[first_tile, num_frames, kept, span_start, span_length]`
-    (`data_pipelines.packing.PackedBatch.video_evs`, span_start a flat index over B * L).
+    (`data_pipelines.training.batch.PackedBatch.video_evs`, span_start a flat index over B * L).
     Returns media with each video's T * P tokens replaced by its kept ones, (N * P - pruned, D),
     and input_ids with each video span laid out for its real per-frame counts, (B, L).
     """

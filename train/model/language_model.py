@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from train.config import KernelConfig, LanguageModelConfig
+from train.config.schema import KernelConfig, LanguageModelConfig
 from train.ops import rms_norm_ref
 from train.ops.dispatch import Kernels, resolve_kernels
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from train.config import ProjectorConfig
+from train.config.schema import ProjectorConfig
 from train.model.language_model import RMSNorm
 
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from train.config import VisionConfig
+from train.config.schema import VisionConfig
 
 
 class LayerScale(nn.Module):

@@ -7,9 +7,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from data_pipelines.conversation import IGNORE_INDEX
-from data_pipelines.tiling import IMAGE_NORMALIZATION
-from train.config import ModelConfig
+from data_pipelines.training.conversation import IGNORE_INDEX
+from data_pipelines.training.tiling import IMAGE_NORMALIZATION
+from train.config.schema import ModelConfig
 from train.model.evs import prune_videos
 from train.model.language_model import HybridLanguageModel
 from train.model.projector import Projector

@@ -24,7 +24,7 @@ from typing import Callable
 
 from torch import Tensor
 
-from train.config import ConfigError, KernelConfig
+from train.config.schema import ConfigError, KernelConfig
 
 __all__ = ["BACKENDS", "OPS", "Backend", "KernelUnavailableError", "Kernels", "load_backend", "resolve_kernels"]
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from train.config import PrecisionConfig
+from train.config.schema import PrecisionConfig
 from train.precision.fp8_emulated import EmulatedFp8Precision
 from train.precision.plugin import Precision
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from train.config import PrecisionConfig
+from train.config.schema import PrecisionConfig
 from train.precision.delayed_scaling import DelayedScalingRecipe, DelayedScalingState
 from train.precision.plugin import Precision, check_state_keys, unwrap
 from train.precision.region import fp8_linear_names, replace_module

@@ -21,7 +21,7 @@ import transformer_engine.pytorch as te
 from torch import Tensor, nn
 from transformer_engine.common.recipe import DelayedScaling, Format
 
-from train.config import PrecisionConfig
+from train.config.schema import PrecisionConfig
 from train.precision.delayed_scaling import fp8_max
 from train.precision.plugin import Precision, check_state_keys, unwrap
 from train.precision.region import fp8_linear_names, replace_module

@@ -14,7 +14,7 @@ from typing import ContextManager
 import torch
 from torch import nn
 
-from train.config import PrecisionConfig
+from train.config.schema import PrecisionConfig
 
 # FP8 GEMMs want both operand dims divisible by 16; packed rows are padded to this.
 FP8_PAD_MULTIPLE = 16

@@ -210,6 +210,17 @@ def find_latest(root: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
+def resolve_native_checkpoint(path: Path) -> tuple[Path, Path]:
+    """(checkpoint dir, run dir) from a run dir, its `checkpoints/` dir, or a `step_N` dir."""
+    if (path / ".metadata").exists():
+        return path, path.parent.parent
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    latest = find_latest(root)
+    if latest is None:
+        raise FileNotFoundError(f"no complete checkpoint under {path}")
+    return latest, root.parent
+
+
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     precision_state: dict | None = None) -> dict:
     """Restore model, optimizer, RNG and (into `precision_state`'s tensors, in place) the

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type_hints
 
-from data_pipelines.evs import EvsConfig
+from data_pipelines.training.evs import EvsConfig
 
 
 class ConfigError(ValueError):
@@ -275,7 +275,7 @@ class DataConfig:
 
 def _check_source_exists(pattern: str, path: str) -> None:
     # Brace patterns ({000..009}) name files that exist one by one; check the first.
-    from data_pipelines.shards import expand_shard_paths
+    from data_pipelines.training.shards import expand_shard_paths
 
     try:
         expand_shard_paths(pattern)

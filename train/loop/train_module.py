@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from data_pipelines.packing import PackedBatch
-from train.config import Config, OptimConfig, TrainableConfig
-from train.distributed import DistInfo, all_reduce_sum
+from data_pipelines.training.packing import PackedBatch
+from train.config.schema import Config, OptimConfig, TrainableConfig
+from train.parallel.distributed import DistInfo, all_reduce_sum
 from train.model.vlm import VisionLanguageModel, next_token_targets_weights, token_weights
 from train.precision import Precision
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from data_pipelines.special_tokens import (
+from data_pipelines.training.special_tokens import (
     ALL_SPECIAL_TOKENS,
     BOS,
     EOS,

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from data_pipelines.tiling import resize_pixels
+from data_pipelines.training.tiling import resize_pixels
 
 logger = logging.getLogger(__name__)
 

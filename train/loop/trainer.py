@@ -17,27 +17,27 @@ import numpy as np
 import torch
 import yaml
 
-from data_pipelines import special_tokens as st
-from data_pipelines.loader import PackedBatchStream, Source
-from data_pipelines.samples import SampleSpec, Tokenizer
-from data_pipelines.tiling import TilingConfig
-from train.callbacks import MetricsFile, Progress, WandbLogger
-from train.checkpoint import (
+from data_pipelines.training import special_tokens as st
+from data_pipelines.training.loader import PackedBatchStream, Source
+from data_pipelines.training.samples import SampleSpec, Tokenizer
+from data_pipelines.training.tiling import TilingConfig
+from train.loop.callbacks import MetricsFile, Progress, WandbLogger
+from train.checkpoint.store import (
     Checkpointer, find_latest, load_model_weights, load_newest_readable, read_rank_states,
 )
-from train.config import Config, ConfigError
-from train.distributed import DistInfo, init_distributed, shutdown, sum_counts, wrap_data_parallel
+from train.config.schema import Config, ConfigError
+from train.parallel.distributed import DistInfo, init_distributed, shutdown, sum_counts, wrap_data_parallel
 from train.model.vlm import VisionLanguageModel
 from train.precision import build_precision
-from train.preemption import Preempted, PreemptionHandler
-from train.train_module import TrainModule, apply_trainable, build_optimizer
+from train.loop.preemption import Preempted, PreemptionHandler
+from train.loop.train_module import TrainModule, apply_trainable, build_optimizer
 
 
 def prepare_data_files(cfg: Config) -> None:
     """Generate the embedded synthetic data when the recipe asks for it (smoke runs)."""
     if cfg.data.synth_dir is None:
         return
-    from data_pipelines.synth import ensure_embedded_data
+    from data_pipelines.tools.synth import ensure_embedded_data
 
     ensure_embedded_data(Path(cfg.data.synth_dir), seed=0, vocab_size=cfg.model.language_model.vocab_size)
 

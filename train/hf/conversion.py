@@ -41,10 +41,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from data_pipelines.tiling import IMAGE_NORMALIZATION
-from train.api import resolve_native_checkpoint
-from train.checkpoint import COMPLETE_MARKER, dcp_quietly, step_dir_name
-from train.config import (
+from data_pipelines.training.tiling import IMAGE_NORMALIZATION
+from train.checkpoint.store import resolve_native_checkpoint
+from train.checkpoint.store import COMPLETE_MARKER, dcp_quietly, step_dir_name
+from train.config.schema import (
     Config, LanguageModelConfig, ModelConfig, ProjectorConfig, RunConfig, VisionConfig, from_dict,
 )
 

@@ -14,8 +14,8 @@ from typing import Sequence
 
 import torch
 
-from data_pipelines.conversation import IGNORE_INDEX
-from data_pipelines.samples import Sample
+from data_pipelines.training.conversation import IGNORE_INDEX
+from data_pipelines.training.samples import Sample
 
 
 @dataclass

@@ -10,9 +10,9 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from train.config import Config, ConfigError, build_config
+from train.config.schema import Config, ConfigError, build_config
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 RECIPES_DIR = PROJECT_ROOT / "recipes"
 CONFIGS_DIR = PROJECT_ROOT / "configs"
 

@@ -7,7 +7,7 @@ tiles and frames. `build_sample` does both.
 The exact token count is known before any tile is cut: when a sample would overflow the
 sequence length, images degrade along the tile ladder 12->8->6->4->2->1 and videos drop frames
 uniformly; only then is the sample skipped (reason `too_long`). Under EVS a video counts the
-tokens it will keep after pruning (`data_pipelines.evs`), at a rate drawn per video.
+tokens it will keep after pruning (`data_pipelines.training.evs`), at a rate drawn per video.
 """
 
 from __future__ import annotations
@@ -20,17 +20,17 @@ from functools import cached_property, lru_cache
 import numpy as np
 import torch
 
-from data_pipelines import special_tokens as st
-from data_pipelines.conversation import (
+from data_pipelines.training import special_tokens as st
+from data_pipelines.training.conversation import (
     MediaSlot, SampleError, apply_reasoning_mode, frame_label, media_token_count,
     parse_messages, placeholder_order, tokenize_conversation, tokenize_with_media_spans,
 )
-from data_pipelines.decode import (
+from data_pipelines.training.decode import (
     VideoProbe, decode_image, decode_video_frames, frames_to_tiles, probe_image, probe_video,
 )
-from data_pipelines.evs import EvsConfig, kept_token_count, sample_q
-from data_pipelines.shards import RawSample, parse_json_member
-from data_pipelines.tiling import TilingConfig, choose_tile_grid, num_tiles, tile_image
+from data_pipelines.training.evs import EvsConfig, kept_token_count, sample_q
+from data_pipelines.training.shards import RawSample, parse_json_member
+from data_pipelines.training.tiling import TilingConfig, choose_tile_grid, num_tiles, tile_image
 
 TILE_LADDER = (12, 8, 6, 4, 2, 1)
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")

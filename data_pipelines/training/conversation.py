@@ -12,8 +12,8 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from data_pipelines import special_tokens as st
-from data_pipelines.evs import provisional_frame_counts
+from data_pipelines.training import special_tokens as st
+from data_pipelines.training.evs import provisional_frame_counts
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
@@ -40,7 +40,7 @@ class MediaSlot:
     frame), and for videos a text label before each frame.
 
     `kept_tokens` (videos under EVS): context tokens the whole video keeps after pruning; frames
-    get a provisional split of them (`data_pipelines.evs.provisional_frame_counts`) that the
+    get a provisional split of them (`data_pipelines.training.evs.provisional_frame_counts`) that the
     model rewrites to the real one. None: every frame keeps `tokens_per_item`.
     """
 

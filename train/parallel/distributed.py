@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from train.config import ParallelConfig
+from train.config.schema import ParallelConfig
 
 
 @dataclass(frozen=True)

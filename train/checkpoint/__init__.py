@@ -1,0 +1,2 @@
+"""Checkpoints: atomic sharded save and load of model, optimizer, data position, RNG and precision
+state (`store`), and finding a run's newest complete checkpoint."""
