@@ -29,17 +29,11 @@ import torch
 from data_pipelines.training import special_tokens as st
 from data_pipelines.training.conversation import SampleError
 from data_pipelines.training.decode import MediaDecodeError
-from data_pipelines.training.packing import Packer, PackedBatch, collate_rows
+from data_pipelines.training.batch import PackedBatch
+from data_pipelines.training.config import DataConfig, SourceConfig
+from data_pipelines.training.packing import Packer, collate_rows
 from data_pipelines.training.samples import MediaPlan, Sample, SamplePlan, SampleSpec, Tokenizer, decode_media, plan_sample
 from data_pipelines.training.shards import IndexedSample, expand_shard_paths, index_shard, read_indexed_sample
-
-
-@dataclass(frozen=True)
-class Source:
-    name: str
-    path: str
-    weight: float
-    reasoning_on_ratio: float | None = None  # None: the spec's
 
 
 @dataclass(frozen=True)
@@ -166,10 +160,11 @@ class PackedBatchStream:
     at planning but fails to decode leaves a hole (padding) in its row and is counted as skipped.
     """
 
-    def __init__(self, sources: list[Source], spec: SampleSpec, tokenizer: Tokenizer, *, micro_batch_size: int,
+    def __init__(self, sources: list[SourceConfig], spec: SampleSpec, tokenizer: Tokenizer, *, micro_batch_size: int,
                  pack_buffer: int, max_samples_per_pack: int = 0, rank: int = 0, world_size: int = 1,
-                 num_workers: int = 0, prefetch_per_worker: int = 4):
+                 num_workers: int = 0, prefetch_per_worker: int = 4, loss_weighting: str = "token"):
         self.sources = sources
+        self.loss_weighting = loss_weighting
         self.spec = spec
         self.specs = [spec if s.reasoning_on_ratio is None else
                       dataclasses.replace(spec, reasoning_on_ratio=s.reasoning_on_ratio) for s in sources]
@@ -288,7 +283,8 @@ class PackedBatchStream:
 
     def next_batch(self) -> PackedBatch:
         rows = [self._use_row() for _ in range(self.micro_batch_size)]
-        return collate_rows(rows, self.spec.seq_length, self.tokenizer.special_ids[st.PAD], self.spec.tiling.tile_size)
+        return collate_rows(rows, self.spec.seq_length, self.tokenizer.special_ids[st.PAD], self.spec.tiling.tile_size,
+                            self.loss_weighting)
 
     @property
     def skipped(self) -> Counter[str]:
@@ -398,3 +394,22 @@ class PackedBatchStream:
         self._plan_skipped, self._plan_skipped_by_source = total("skipped"), total("skipped_by_source")
         self._decode_skipped, self._decode_skipped_by_source = Counter(), Counter()
         self.samples_by_source, self.tokens_by_source = total("samples_by_source"), total("tokens_by_source")
+
+
+def sample_spec(cfg: DataConfig, tokens_per_tile: int, seed: int) -> SampleSpec:
+    """The plain values sample building needs from the data section (plus the model's tokens per tile)."""
+    return SampleSpec(
+        seq_length=cfg.seq_length, tokens_per_tile=tokens_per_tile, tiling=cfg.tiling, video_fps=cfg.video_fps,
+        max_frames=cfg.max_frames, reasoning_on_ratio=cfg.reasoning_on_ratio, chat_template=cfg.chat_template,
+        loss_on_think=cfg.loss_on_think, seed=seed, evs=cfg.evs,
+    )
+
+
+def build_batch_stream(cfg: DataConfig, tokenizer: Tokenizer, *, tokens_per_tile: int, seed: int,
+                       micro_batch_size: int, rank: int = 0, world_size: int = 1,
+                       loss_weighting: str = "token") -> PackedBatchStream:
+    """The batch stream of data-parallel rank `rank` of `world_size` for a recipe's data section."""
+    return PackedBatchStream(cfg.sources, sample_spec(cfg, tokens_per_tile, seed), tokenizer,
+                             micro_batch_size=micro_batch_size, pack_buffer=cfg.pack_buffer,
+                             max_samples_per_pack=cfg.max_samples_per_pack, rank=rank, world_size=world_size,
+                             num_workers=cfg.num_workers, loss_weighting=loss_weighting)

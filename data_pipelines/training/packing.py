@@ -9,33 +9,13 @@ and `seq_idx` so attention and Mamba state never cross them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 
+from data_pipelines.training.batch import PackedBatch
 from data_pipelines.training.conversation import IGNORE_INDEX
 from data_pipelines.training.samples import Sample
-
-
-@dataclass
-class PackedBatch:
-    input_ids: torch.Tensor  # (B, L) int64
-    labels: torch.Tensor  # (B, L) int64, -100 on padding and unsupervised tokens
-    position_ids: torch.Tensor  # (B, L) int64, restarting at 0 per sample
-    seq_idx: torch.Tensor  # (B, L) int32, segment index over the flattened batch (padding is its own segment)
-    cu_seqlens: torch.Tensor  # (S + 1,) int32, segment boundaries over the flattened B * L tokens
-    tiles: torch.Tensor  # (N, 3, T, T) uint8, media of all samples in token order
-    media_sample_index: torch.Tensor  # (N,) int64, segment index of each tile's sample
-    num_samples: int
-    num_real_tokens: int
-    # (V, 5) int64, one row per video under EVS: [first tile in `tiles`, frames, kept tokens,
-    # span start (flat index over B * L), span length]; see train.model.evs.prune_videos.
-    video_evs: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 5, dtype=torch.int64))
-
-    @property
-    def num_supervised_tokens(self) -> int:
-        return int((self.labels != IGNORE_INDEX).sum())
 
 
 class Packer:
@@ -184,11 +164,13 @@ def best_fill_subset(lengths: Sequence[int], capacity: int) -> list[int]:
     return chosen[::-1]
 
 
-def collate_rows(rows: Sequence[Sequence[Sample]], seq_length: int, pad_id: int, tile_size: int = 0) -> PackedBatch:
+def collate_rows(rows: Sequence[Sequence[Sample]], seq_length: int, pad_id: int, tile_size: int = 0,
+                 loss_weighting: str = "token") -> PackedBatch:
     """Concatenate each row's samples, pad rows to seq_length, and describe the boundaries.
 
     A row may be empty (all padding). `tile_size` shapes the empty tile tensor of a batch
-    without media (default: the first sample's)."""
+    without media (default: the first sample's). `loss_weighting` ("token" or "sqrt_turn")
+    sets the targets' weights (`data_pipelines.training.batch.token_weights`)."""
     batch = len(rows)
     input_ids = torch.full((batch, seq_length), pad_id, dtype=torch.int64)
     labels = torch.full((batch, seq_length), IGNORE_INDEX, dtype=torch.int64)
@@ -226,17 +208,13 @@ def collate_rows(rows: Sequence[Sequence[Sample]], seq_length: int, pad_id: int,
             boundaries.append((r + 1) * seq_length)
             segment += 1
     tile_size = tile_size or next((s.tiles.shape[-1] for row in rows for s in row), 0)
-    return PackedBatch(
-        input_ids=input_ids,
-        labels=labels,
+    return PackedBatch.build(
+        input_ids, labels, seq_idx, torch.tensor(boundaries, dtype=torch.int32),
+        torch.cat(tiles) if tiles else torch.zeros(0, 3, tile_size, tile_size, dtype=torch.uint8),
+        video_evs=torch.cat(video_evs) if video_evs else None, loss_weighting=loss_weighting,
         position_ids=position_ids,
-        seq_idx=seq_idx,
-        cu_seqlens=torch.tensor(boundaries, dtype=torch.int32),
-        tiles=torch.cat(tiles) if tiles else torch.zeros(0, 3, tile_size, tile_size, dtype=torch.uint8),
         media_sample_index=torch.cat(media_index) if media_index else torch.zeros(0, dtype=torch.int64),
-        num_samples=num_samples,
-        num_real_tokens=real,
-        video_evs=torch.cat(video_evs) if video_evs else torch.zeros(0, 5, dtype=torch.int64),
+        num_samples=num_samples, num_real_tokens=real,
     )
 
 

@@ -238,7 +238,7 @@ def measure_tiny() -> list[dict]:
             start = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
             for b in batches:
-                loss, _ = model(b.input_ids, b.labels, b.tiles, b.seq_idx, b.cu_seqlens, b.video_evs)
+                loss, _ = model(b)
                 (loss / supervised).backward()
             optimizer.step()
             return time.perf_counter() - start

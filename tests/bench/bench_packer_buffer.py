@@ -22,7 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from data_pipelines.training.loader import PackedBatchStream, Source
+from data_pipelines.training.config import SourceConfig
+from data_pipelines.training.loader import PackedBatchStream
 from data_pipelines.training.samples import SampleSpec, build_sample
 from data_pipelines.training.shards import read_indexed_sample
 from data_pipelines.training.tiling import TilingConfig
@@ -42,7 +43,7 @@ def spec() -> SampleSpec:
                       video_fps=2.0, max_frames=128)
 
 
-def measure(sources: list[Source], tokenizer, buffer: int, check_built: bool) -> dict:
+def measure(sources: list[SourceConfig], tokenizer, buffer: int, check_built: bool) -> dict:
     stream = PackedBatchStream(sources, spec(), tokenizer, micro_batch_size=1, pack_buffer=buffer)
     peaks = {"plan_bytes": 0, "built_bytes": 0, "tiles": 0, "tokens": 0}
     first_full: list = []
@@ -86,7 +87,7 @@ def measure(sources: list[Source], tokenizer, buffer: int, check_built: bool) ->
 def run() -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         inputs = make_inputs(Path(tmp))
-        sources = [Source(kind, str(paths[0] if len(paths) == 1 else paths[0].parent), WEIGHTS[kind])
+        sources = [SourceConfig(kind, str(paths[0] if len(paths) == 1 else paths[0].parent), WEIGHTS[kind])
                    for kind, paths in inputs.shards.items()]
         results = [measure(sources, inputs.tokenizer, b, check_built=(b == BUFFERS[0])) for b in BUFFERS]
     return {"name": NAME, "seq_length": SEQ_LENGTH, "tile": TILE, "weights": WEIGHTS,

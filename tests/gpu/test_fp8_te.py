@@ -105,8 +105,7 @@ class Run:
     def step(self, b) -> float:
         self.optimizer.zero_grad(set_to_none=True)
         with self.precision.autocast():
-            loss, n = self.model(b.input_ids.to(CUDA), b.labels.to(CUDA), b.tiles.to(CUDA), b.seq_idx.to(CUDA),
-                                 b.cu_seqlens.to(CUDA))
+            loss, n = self.model(b.to(CUDA))
         (loss / n).backward()
         self.optimizer.step()
         self.precision.after_optimizer_step()

@@ -12,6 +12,7 @@ import torch
 from train.config.compose import list_recipes, load_config
 from train.config.schema import ConfigError, KernelConfig, LanguageModelConfig, ModelConfig
 from train.model.language_model import Attention, HybridLanguageModel, Mamba2Mixer, RMSNorm
+from data_pipelines.training.batch import PackedBatch
 from train.model.vlm import VisionLanguageModel
 from train.ops import causal_conv1d_ref, gated_rms_norm_ref, rms_norm_ref, ssd_scan_ref, varlen_attention_ref
 from train.ops.conv1d_kernels import channel_last
@@ -124,7 +125,7 @@ def test_activation_checkpointing_gives_identical_loss_and_grads():
         norms = [b.norm for b in model.language_model.backbone.layers] + [b.norm1 for b in model.vision_model.blocks]
         for norm in norms:
             norm.register_forward_hook(lambda *_: calls.append(1))
-        loss, count = model(ids, ids.clone(), tiles, seq_idx, cu)
+        loss, count = model(PackedBatch.build(ids, ids.clone(), seq_idx, cu, tiles))
         loss.backward()
         results[mode] = (loss.detach(), {n: p.grad for n, p in model.named_parameters()}, len(calls))
     (loss_a, grads_a, calls_a), (loss_b, grads_b, calls_b) = results["none"], results["layers"]

@@ -291,10 +291,8 @@ def test_fixed_q0_is_the_identity_end_to_end(synth_data, tokenizer):
     batch_off, batch_q0 = collate_rows([off], row_length([off]), 3), collate_rows([q0], row_length([q0]), 3)
     assert batch_q0.video_evs.shape == (2, 5) and batch_off.video_evs.shape == (0, 5)
     with torch.no_grad():
-        loss_off, n_off = model(batch_off.input_ids, batch_off.labels, batch_off.tiles, batch_off.seq_idx,
-                                batch_off.cu_seqlens, batch_off.video_evs)
-        loss_q0, n_q0 = model(batch_q0.input_ids, batch_q0.labels, batch_q0.tiles, batch_q0.seq_idx,
-                              batch_q0.cu_seqlens, batch_q0.video_evs)
+        loss_off, n_off = model(batch_off)
+        loss_q0, n_q0 = model(batch_q0)
     assert n_off == n_q0 and torch.equal(loss_off, loss_q0)
 
 
@@ -310,7 +308,7 @@ def test_packed_evs_forward_equals_per_sample_forwards(synth_data, tokenizer):
 
     def loss(rows):
         b = collate_rows(rows, row_length(rows), 3)
-        return model(b.input_ids, b.labels, b.tiles, b.seq_idx, b.cu_seqlens, b.video_evs)
+        return model(b)
 
     with torch.no_grad():
         packed, n_packed = loss([samples])

@@ -234,7 +234,7 @@ class Run:
         loss_sum = 0.0
         for b in micro_batches:
             with self.precision.autocast():
-                loss, _ = self.model(b.input_ids, b.labels, b.tiles, b.seq_idx, b.cu_seqlens)
+                loss, _ = self.model(b)
             (loss / total).backward()
             loss_sum += float(loss.detach())
         self.optimizer.step()

@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 from data_pipelines.tools import lint, synth
-from data_pipelines.training.loader import PackedBatchStream, Source
+from data_pipelines.training.config import SourceConfig
+from data_pipelines.training.loader import PackedBatchStream
 from data_pipelines.training.samples import SampleSpec
 from data_pipelines.training.tiling import TilingConfig
 
@@ -144,7 +145,7 @@ def test_lint_agrees_with_training_loader(shard_set, synth_data, tokenizer):
     """One epoch of the training loader over the mixed shard skips exactly what lint reports."""
     shard = str(shard_set / "mixed" / "shard-000000.tar")
     report = lint.lint_shards([shard], SPEC, str(synth_data.tokenizer_dir), progress=False)
-    stream = PackedBatchStream([Source("mixed", shard, 1.0)], SPEC, tokenizer, micro_batch_size=1, pack_buffer=1)
+    stream = PackedBatchStream([SourceConfig("mixed", shard, 1.0)], SPEC, tokenizer, micro_batch_size=1, pack_buffer=1)
     while stream.epochs < 1.0:
         stream.next_batch()
     assert stream.epochs == 1.0

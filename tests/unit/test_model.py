@@ -7,7 +7,9 @@ import torch.nn.functional as F
 from train.config.schema import LanguageModelConfig, ModelConfig
 from train.model.language_model import HybridLanguageModel
 from train.model.projector import Projector, pixel_shuffle
-from train.model.vlm import VisionLanguageModel, chunked_cross_entropy, next_token_targets
+from data_pipelines.training.batch import PackedBatch, next_token_targets
+from train.model.loss import chunked_cross_entropy
+from train.model.vlm import VisionLanguageModel
 from train.config.schema import ProjectorConfig
 
 LM = LanguageModelConfig(pattern="M-M*M-M-", hidden_size=32, vocab_size=97, num_attention_heads=4,
@@ -94,9 +96,9 @@ def test_vlm_splices_media_and_checks_counts():
     labels = ids.clone()
     seq_idx = torch.zeros(1, 20, dtype=torch.int32)
     cu = torch.tensor([0, 20], dtype=torch.int32)
-    loss, count = model(ids, labels, tiles, seq_idx, cu)
+    loss, count = model(PackedBatch.build(ids, labels, seq_idx, cu, tiles))
     assert count == 19 and torch.isfinite(loss)
     loss.backward()
     assert model.vision_model.patch_embed.weight.grad is not None
     with pytest.raises(ValueError, match="media tokens"):
-        model(ids, labels, tiles[:1], seq_idx, cu)
+        model(PackedBatch.build(ids, labels, seq_idx, cu, tiles[:1]))

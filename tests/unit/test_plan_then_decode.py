@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipelines.training.loader import PackedBatchStream, Source
+from data_pipelines.training.config import SourceConfig
+from data_pipelines.training.loader import PackedBatchStream
 from data_pipelines.training.samples import SamplePlan, SampleSpec, build_sample, decode_media, plan_sample
 from data_pipelines.training.shards import RawSample, expand_shard_paths, iter_shard
 from data_pipelines.tools.synth import KINDS
@@ -68,7 +69,7 @@ def test_grid_comes_from_the_header_even_when_the_decoder_scales_down(tokenizer,
 
 
 def _stream(shard_dir, tokenizer, workers=0, pack_buffer=8, spec=SPEC):
-    return PackedBatchStream([Source("mixed", str(shard_dir), 1.0)], spec, tokenizer, micro_batch_size=1,
+    return PackedBatchStream([SourceConfig("mixed", str(shard_dir), 1.0)], spec, tokenizer, micro_batch_size=1,
                              pack_buffer=pack_buffer, num_workers=workers)
 
 

@@ -11,7 +11,8 @@ from PIL import Image
 
 from data_pipelines.training import special_tokens as st
 from data_pipelines.training.conversation import IGNORE_INDEX, SampleError
-from data_pipelines.training.loader import PackedBatchStream, Source
+from data_pipelines.training.config import SourceConfig
+from data_pipelines.training.loader import PackedBatchStream
 from data_pipelines.training.packing import Packer, collate_rows
 from data_pipelines.training.samples import Sample, SampleSpec, build_sample
 from data_pipelines.training.shards import RawSample, expand_shard_paths, iter_shard
@@ -109,7 +110,7 @@ def test_collate_boundaries_positions_and_padding():
 
 
 def _stream(synth_data, tokenizer, rank=0, world=1, workers=0, weights=(1.0, 0.5, 1.0)):
-    sources = [Source(name, str(synth_data.shard_dirs[kind]), w)
+    sources = [SourceConfig(name, str(synth_data.shard_dirs[kind]), w)
                for (name, kind), w in zip([("img", "image"), ("vid", "video"), ("txt", "text")], weights)]
     return PackedBatchStream(sources, spec(seq_length=512), tokenizer, micro_batch_size=2, pack_buffer=8,
                              rank=rank, world_size=world, num_workers=workers)

@@ -98,7 +98,7 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run():
 
 
 def test_sqrt_turn_weighting():
-    from train.model.vlm import token_weights
+    from data_pipelines.training.batch import token_weights
 
     labels = torch.tensor([[-100, 5, 6, 7, 8, -100, 9, -100, 4, 4, 4, 4]])
     seq_idx = torch.tensor([[0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1]])
@@ -111,13 +111,15 @@ def test_sqrt_turn_weighting():
 def test_sqrt_turn_step_is_the_weighted_mean():
     short, long_ = sample(8, 1, 6), sample(30, 2, 4)  # turns of 2 and 26 supervised tokens
     token, sqrt_turn = module(1, 2), module(1, 2)
-    sqrt_turn.cfg.trainer.loss_weighting = "sqrt_turn"
-    batch = [collate_rows([[short], [long_]], 32, 3)]
-    r_token, r_sqrt = token.train_step(batch, 0), sqrt_turn.train_step(batch, 0)
+    # The collator weighs the targets (trainer.loss_weighting reaches it through the batch stream).
+    rows = [[short], [long_]]
+    r_token = token.train_step([collate_rows(rows, 32, 3)], 0)
+    r_sqrt = sqrt_turn.train_step([collate_rows(rows, 32, 3, loss_weighting="sqrt_turn")], 0)
     assert r_token.supervised_tokens == r_sqrt.supervised_tokens == 28
     assert r_token.loss != r_sqrt.loss and math.isfinite(r_sqrt.loss)
     # Turns of equal length weigh equally either way: the weighted mean is the plain mean.
-    equal = [collate_rows([[sample(12, 3, 4)], [sample(20, 4, 12)]], 32, 3)]  # two 8-token turns
+    equal = [[sample(12, 3, 4)], [sample(20, 4, 12)]]  # two 8-token turns
     a, b = module(1, 2), module(1, 2)
-    b.cfg.trainer.loss_weighting = "sqrt_turn"
-    assert math.isclose(a.train_step(equal, 0).loss, b.train_step(equal, 0).loss, rel_tol=1e-6)  # fp32 weights
+    assert math.isclose(a.train_step([collate_rows(equal, 32, 3)], 0).loss,
+                        b.train_step([collate_rows(equal, 32, 3, loss_weighting="sqrt_turn")], 0).loss,
+                        rel_tol=1e-6)  # fp32 weights

@@ -8,17 +8,12 @@ instead of after a model build.
 from __future__ import annotations
 
 import dataclasses
-import math
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type_hints
 
-from data_pipelines.training.evs import EvsConfig
-
-
-class ConfigError(ValueError):
-    """A recipe field is missing, mistyped or out of range."""
+from data_pipelines.training.config import ConfigError, DataConfig, check_positive
 
 
 @dataclass
@@ -195,95 +190,6 @@ class ModelConfig:
 
 
 @dataclass
-class SourceConfig:
-    name: str = "source"
-    path: str = ""
-    weight: float = 1.0
-    # Per-dataset reasoning default for conversations without /think or /no_think
-    # (None: data.reasoning_on_ratio).
-    reasoning_on_ratio: Optional[float] = None
-
-    def validate(self, path: str) -> None:
-        if not self.path:
-            raise ConfigError(f"{path}.path is empty: set it to a shard directory or a brace pattern of .tar files")
-        if not (self.weight > 0 and math.isfinite(self.weight)):
-            raise ConfigError(f"{path}.weight={self.weight}: set a positive weight")
-        if self.reasoning_on_ratio is not None and not 0.0 <= self.reasoning_on_ratio <= 1.0:
-            raise ConfigError(f"{path}.reasoning_on_ratio must be in [0, 1] (or null for data.reasoning_on_ratio)")
-
-
-@dataclass
-class DataConfig:
-    sources: list[SourceConfig] = field(default_factory=list)
-    # What the embedded synthetic data stands in for this mix; `smoke=cpu` swaps it in.
-    smoke_sources: list[SourceConfig] = field(default_factory=list)
-    # Sequence length of the smoke stand-in (grows with the stages, like the real one).
-    smoke_seq_length: int = 512
-    # When set, the embedded synthetic data (and its tokenizer) is generated here first.
-    synth_dir: Optional[str] = None
-    tokenizer: str = ""
-    seq_length: int = 16384
-    tile_size: int = 512
-    min_tiles: int = 1
-    max_tiles: int = 12
-    use_thumbnail: bool = True
-    video_fps: float = 2.0
-    max_frames: int = 128
-    # Share of samples without an explicit /think or /no_think that get reasoning on.
-    reasoning_on_ratio: float = 0.0
-    # "auto": the tokenizer's own chat template when it has one; "builtin": ChatML.
-    chat_template: Literal["auto", "builtin"] = "auto"
-    # Loss on the <think>...</think> block of answers (off: only the final answer trains).
-    loss_on_think: bool = True
-    # Processes that decode and tokenize; 0 builds samples in the training process.
-    num_workers: int = 0
-    # Samples the packer chooses from; it holds their tokens only (pixels are decoded per chosen row).
-    pack_buffer: int = 100
-    max_samples_per_pack: int = 0
-    pad_multiple: int = 16
-    # Efficient video sampling: prune each video's static tokens after the projector.
-    evs: EvsConfig = field(default_factory=EvsConfig)
-
-    def validate(self, path: str) -> None:
-        if not self.sources:
-            raise ConfigError(f"{path}.sources is empty: set data.sources=[{{name:mine,path:/data/shards,weight:1.0}}]")
-        for i, source in enumerate(self.sources):
-            source.validate(f"{path}.sources[{i}]")
-        names = [s.name for s in self.sources]
-        if len(set(names)) != len(names):
-            raise ConfigError(f"{path}.sources: names must be unique, got {names}")
-        if self.synth_dir is None:
-            for i, source in enumerate(self.sources):
-                _check_source_exists(source.path, f"{path}.sources[{i}].path")
-            if not self.tokenizer or not Path(self.tokenizer).exists():
-                raise ConfigError(f"{path}.tokenizer={self.tokenizer!r} does not exist: set a tokenizer directory")
-        _check_positive(self, path, "seq_length", "tile_size", "min_tiles", "max_tiles", "video_fps", "max_frames",
-                        "pack_buffer", "pad_multiple")
-        if self.num_workers < 0:
-            raise ConfigError(f"{path}.num_workers={self.num_workers} must be >= 0")
-        if self.min_tiles > self.max_tiles:
-            raise ConfigError(f"{path}.min_tiles must be <= {path}.max_tiles")
-        if not 0.0 <= self.reasoning_on_ratio <= 1.0:
-            raise ConfigError(f"{path}.reasoning_on_ratio must be in [0, 1]")
-        if self.seq_length % self.pad_multiple:
-            raise ConfigError(f"{path}.seq_length must be a multiple of {path}.pad_multiple={self.pad_multiple}")
-        try:
-            self.evs.validate(f"{path}.evs")
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-
-
-def _check_source_exists(pattern: str, path: str) -> None:
-    # Brace patterns ({000..009}) name files that exist one by one; check the first.
-    from data_pipelines.training.shards import expand_shard_paths
-
-    try:
-        expand_shard_paths(pattern)
-    except FileNotFoundError as err:
-        raise ConfigError(f"{path}: {err}") from None
-
-
-@dataclass
 class OptimConfig:
     lr: float = 1e-4
     min_lr: float = 0.0
@@ -296,7 +202,7 @@ class OptimConfig:
     clip_grad: float = 1.0
 
     def validate(self, path: str) -> None:
-        _check_positive(self, path, "lr")
+        check_positive(self, path, "lr")
         if not 0 <= self.min_lr <= self.lr:
             raise ConfigError(f"{path}.min_lr={self.min_lr} must be in [0, optim.lr]")
         if self.weight_decay < 0 or self.warmup_steps < 0 or self.clip_grad < 0:
@@ -322,11 +228,12 @@ class TrainerConfig:
     # stop the run with an error, leaving the last good checkpoint as `latest`.
     max_nonfinite_steps: int = 5
     # "token": every supervised token weighs the same (per-token mean over the global batch);
-    # "sqrt_turn": each assistant turn weighs sqrt(its length) in total.
+    # "sqrt_turn": each assistant turn weighs sqrt(its length) in total. Applied by the collator:
+    # batches carry their targets' weights (`data_pipelines.training.batch.PackedBatch.target_weights`).
     loss_weighting: Literal["token", "sqrt_turn"] = "token"
 
     def validate(self, path: str) -> None:
-        _check_positive(self, path, "max_steps", "micro_batch_size", "grad_accum_steps", "log_every", "save_every",
+        check_positive(self, path, "max_steps", "micro_batch_size", "grad_accum_steps", "log_every", "save_every",
                         "keep_last", "max_nonfinite_steps")
 
 
@@ -475,13 +382,6 @@ class Config:
                 f"{self.model.vision.image_size}: set them equal"
             )
         return self
-
-
-def _check_positive(obj: Any, path: str, *names: str) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        if not value > 0:
-            raise ConfigError(f"{path}.{name}={value} must be > 0")
 
 
 def from_dict(cls: type, data: Any, path: str = "") -> Any:

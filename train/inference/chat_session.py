@@ -18,7 +18,7 @@ from data_pipelines.training.conversation import (
 )
 from data_pipelines.training.decode import decode_image, decode_video, frames_to_tiles
 from data_pipelines.training.samples import Tokenizer
-from data_pipelines.training.tiling import TilingConfig, tile_image
+from data_pipelines.training.tiling import tile_image
 from train.checkpoint.store import resolve_native_checkpoint
 from train.checkpoint.store import load_model_weights
 from train.config.schema import Config, KernelConfig, from_dict
@@ -76,8 +76,7 @@ def media_inputs(kinds: list[str], images: list[bytes], videos: list[bytes], cfg
                  ) -> tuple[list[MediaSlot], torch.Tensor]:
     """Slots and uint8 tiles (N, 3, T, T) in placeholder order, tiled and sampled as in training."""
     d = cfg.data
-    tiling = TilingConfig(tile_size=d.tile_size, min_tiles=d.min_tiles, max_tiles=d.max_tiles,
-                          use_thumbnail=d.use_thumbnail)
+    tiling = d.tiling
     tokens_per_tile = cfg.model.tokens_per_tile
     image_iter, video_iter = iter(images), iter(videos)
     slots, tiles = [], []

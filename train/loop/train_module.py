@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from data_pipelines.training.packing import PackedBatch
+from data_pipelines.training.batch import PackedBatch
 from train.config.schema import Config, OptimConfig, TrainableConfig
 from train.parallel.distributed import DistInfo, all_reduce_sum
-from train.model.vlm import VisionLanguageModel, next_token_targets_weights, token_weights
+from train.model.vlm import VisionLanguageModel
 from train.precision import Precision
 
 
@@ -97,23 +97,14 @@ class TrainModule:
         return contextlib.nullcontext()
 
     def _loss(self, batch: PackedBatch) -> tuple[torch.Tensor, int]:
-        d = self.info.device
         with self.precision.autocast():
-            return self.model(batch.input_ids.to(d), batch.labels.to(d), batch.tiles.to(d),
-                              batch.seq_idx.to(d), batch.cu_seqlens.to(d), batch.video_evs.to(d),
-                              self.cfg.trainer.loss_weighting)
-
-    def _loss_weight(self, batch: PackedBatch) -> float:
-        """Sum of the loss weights of a micro-batch's targets (its supervised-token count under
-        the default per-token weighting)."""
-        weights = token_weights(batch.labels, batch.seq_idx, self.cfg.trainer.loss_weighting)
-        return float(next_token_targets_weights(weights, batch.seq_idx).sum())
+            return self.model(batch.to(self.info.device))
 
     def train_step(self, micro_batches: list[PackedBatch], step: int) -> StepResult:
         lr = learning_rate(step, self.cfg.optim, self.cfg.trainer.max_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        global_weight = all_reduce_sum(sum(self._loss_weight(b) for b in micro_batches), self.info)
+        global_weight = all_reduce_sum(sum(b.loss_weight for b in micro_batches), self.info)
         global_supervised = all_reduce_sum(sum(b.num_supervised_tokens for b in micro_batches), self.info)
         if global_weight == 0:
             raise RuntimeError("a whole global batch has no supervised token; check the data's assistant turns")

@@ -18,9 +18,8 @@ import torch
 import yaml
 
 from data_pipelines.training import special_tokens as st
-from data_pipelines.training.loader import PackedBatchStream, Source
-from data_pipelines.training.samples import SampleSpec, Tokenizer
-from data_pipelines.training.tiling import TilingConfig
+from data_pipelines.training.loader import PackedBatchStream, build_batch_stream
+from data_pipelines.training.samples import Tokenizer
 from train.loop.callbacks import MetricsFile, Progress, WandbLogger
 from train.checkpoint.store import (
     Checkpointer, find_latest, load_model_weights, load_newest_readable, read_rank_states,
@@ -43,19 +42,9 @@ def prepare_data_files(cfg: Config) -> None:
 
 
 def build_data(cfg: Config, tokenizer: Tokenizer, info: DistInfo) -> PackedBatchStream:
-    d = cfg.data
-    spec = SampleSpec(
-        seq_length=d.seq_length,
-        tokens_per_tile=cfg.model.tokens_per_tile,
-        tiling=TilingConfig(tile_size=d.tile_size, min_tiles=d.min_tiles, max_tiles=d.max_tiles,
-                            use_thumbnail=d.use_thumbnail),
-        video_fps=d.video_fps, max_frames=d.max_frames, reasoning_on_ratio=d.reasoning_on_ratio,
-        chat_template=d.chat_template, loss_on_think=d.loss_on_think, seed=cfg.seed, evs=d.evs,
-    )
-    sources = [Source(s.name, s.path, s.weight, s.reasoning_on_ratio) for s in d.sources]
-    return PackedBatchStream(sources, spec, tokenizer, micro_batch_size=cfg.trainer.micro_batch_size,
-                             pack_buffer=d.pack_buffer, max_samples_per_pack=d.max_samples_per_pack,
-                             rank=info.rank, world_size=info.world_size, num_workers=d.num_workers)
+    return build_batch_stream(cfg.data, tokenizer, tokens_per_tile=cfg.model.tokens_per_tile, seed=cfg.seed,
+                              micro_batch_size=cfg.trainer.micro_batch_size, rank=info.rank,
+                              world_size=info.world_size, loss_weighting=cfg.trainer.loss_weighting)
 
 
 def build_model(cfg: Config, tokenizer: Tokenizer) -> VisionLanguageModel:

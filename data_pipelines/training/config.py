@@ -1,0 +1,119 @@
+"""The data section of a recipe (`data.*`): typed, validated before any compute.
+
+Owned by the data side (it never imports `train`); `train.config.schema.Config` embeds it, and
+`data_pipelines.training.loader.build_batch_stream` turns it into the per-rank batch stream.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from data_pipelines.training.evs import EvsConfig
+from data_pipelines.training.shards import expand_shard_paths
+from data_pipelines.training.tiling import TilingConfig
+
+
+class ConfigError(ValueError):
+    """A recipe field is missing, mistyped or out of range."""
+
+
+def check_positive(obj: Any, path: str, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not value > 0:
+            raise ConfigError(f"{path}.{name}={value} must be > 0")
+
+
+@dataclass
+class SourceConfig:
+    name: str = "source"
+    path: str = ""
+    weight: float = 1.0
+    # Per-dataset reasoning default for conversations without /think or /no_think
+    # (None: data.reasoning_on_ratio).
+    reasoning_on_ratio: Optional[float] = None
+
+    def validate(self, path: str) -> None:
+        if not self.path:
+            raise ConfigError(f"{path}.path is empty: set it to a shard directory or a brace pattern of .tar files")
+        if not (self.weight > 0 and math.isfinite(self.weight)):
+            raise ConfigError(f"{path}.weight={self.weight}: set a positive weight")
+        if self.reasoning_on_ratio is not None and not 0.0 <= self.reasoning_on_ratio <= 1.0:
+            raise ConfigError(f"{path}.reasoning_on_ratio must be in [0, 1] (or null for data.reasoning_on_ratio)")
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceConfig] = field(default_factory=list)
+    # What the embedded synthetic data stands in for this mix; `smoke=cpu` swaps it in.
+    smoke_sources: list[SourceConfig] = field(default_factory=list)
+    # Sequence length of the smoke stand-in (grows with the stages, like the real one).
+    smoke_seq_length: int = 512
+    # When set, the embedded synthetic data (and its tokenizer) is generated here first.
+    synth_dir: Optional[str] = None
+    tokenizer: str = ""
+    seq_length: int = 16384
+    tile_size: int = 512
+    min_tiles: int = 1
+    max_tiles: int = 12
+    use_thumbnail: bool = True
+    video_fps: float = 2.0
+    max_frames: int = 128
+    # Share of samples without an explicit /think or /no_think that get reasoning on.
+    reasoning_on_ratio: float = 0.0
+    # "auto": the tokenizer's own chat template when it has one; "builtin": ChatML.
+    chat_template: Literal["auto", "builtin"] = "auto"
+    # Loss on the <think>...</think> block of answers (off: only the final answer trains).
+    loss_on_think: bool = True
+    # Processes that decode and tokenize; 0 builds samples in the training process.
+    num_workers: int = 0
+    # Samples the packer chooses from; it holds their tokens only (pixels are decoded per chosen row).
+    pack_buffer: int = 100
+    max_samples_per_pack: int = 0
+    pad_multiple: int = 16
+    # Efficient video sampling: prune each video's static tokens after the projector.
+    evs: EvsConfig = field(default_factory=EvsConfig)
+
+    @property
+    def tiling(self) -> TilingConfig:
+        return TilingConfig(tile_size=self.tile_size, min_tiles=self.min_tiles, max_tiles=self.max_tiles,
+                            use_thumbnail=self.use_thumbnail)
+
+    def validate(self, path: str) -> None:
+        if not self.sources:
+            raise ConfigError(f"{path}.sources is empty: set data.sources=[{{name:mine,path:/data/shards,weight:1.0}}]")
+        for i, source in enumerate(self.sources):
+            source.validate(f"{path}.sources[{i}]")
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"{path}.sources: names must be unique, got {names}")
+        if self.synth_dir is None:
+            for i, source in enumerate(self.sources):
+                _check_source_exists(source.path, f"{path}.sources[{i}].path")
+            if not self.tokenizer or not Path(self.tokenizer).exists():
+                raise ConfigError(f"{path}.tokenizer={self.tokenizer!r} does not exist: set a tokenizer directory")
+        check_positive(self, path, "seq_length", "tile_size", "min_tiles", "max_tiles", "video_fps", "max_frames",
+                        "pack_buffer", "pad_multiple")
+        if self.num_workers < 0:
+            raise ConfigError(f"{path}.num_workers={self.num_workers} must be >= 0")
+        if self.min_tiles > self.max_tiles:
+            raise ConfigError(f"{path}.min_tiles must be <= {path}.max_tiles")
+        if not 0.0 <= self.reasoning_on_ratio <= 1.0:
+            raise ConfigError(f"{path}.reasoning_on_ratio must be in [0, 1]")
+        if self.seq_length % self.pad_multiple:
+            raise ConfigError(f"{path}.seq_length must be a multiple of {path}.pad_multiple={self.pad_multiple}")
+        try:
+            self.evs.validate(f"{path}.evs")
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+
+
+def _check_source_exists(pattern: str, path: str) -> None:
+    # Brace patterns ({000..009}) name files that exist one by one; check the first.
+    try:
+        expand_shard_paths(pattern)
+    except FileNotFoundError as err:
+        raise ConfigError(f"{path}: {err}") from None

@@ -1,0 +1,67 @@
+"""The language-model loss of a packed batch: one entry point an engine can swap.
+
+`ChunkedCrossEntropy(chunk_size)(hidden, batch, head_weight)` returns the weighted sum of
+next-token cross-entropy over the batch's targets and how many targets there were. Targets and
+their weights come with the batch (`data_pipelines.training.batch`: next-token ids that never
+cross a sample boundary, per-token or per-turn weights), so every engine computes the same loss;
+an engine whose output head is split over ranks passes its own vocab-parallel loss with the same
+call signature instead of this one.
+
+The caller divides by the global sum of target weights (all micro-batches and ranks), so packing
+and accumulation never change a token's weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from data_pipelines.training.batch import PackedBatch
+from data_pipelines.training.conversation import IGNORE_INDEX
+
+
+class LanguageModelLoss(Protocol):
+    def __call__(self, hidden: Tensor, batch: PackedBatch, head_weight: Tensor) -> tuple[Tensor, int]:
+        """hidden (B, L, D) final normalised states -> (weighted loss sum, number of targets)."""
+
+
+@dataclass(frozen=True)
+class ChunkedCrossEntropy:
+    """Cross-entropy through the output head `chunk_size` rows at a time (see `chunked_cross_entropy`)."""
+
+    chunk_size: int
+
+    def __call__(self, hidden: Tensor, batch: PackedBatch, head_weight: Tensor) -> tuple[Tensor, int]:
+        rows = batch.targets != IGNORE_INDEX  # (B, L)
+        loss = chunked_cross_entropy(hidden[rows], batch.targets[rows], head_weight, self.chunk_size,
+                                     batch.target_weights[rows])
+        return loss, int(rows.sum())
+
+
+def chunked_cross_entropy(hidden: Tensor, targets: Tensor, head_weight: Tensor, chunk_size: int,
+                          weights: Tensor | None = None) -> Tensor:
+    """sum w * CE(hidden @ head_weight.T, targets) computed `chunk_size` rows at a time.
+
+    Each chunk is recomputed in backward (activation checkpointing), so at most one chunk of
+    logits (chunk_size x V) exists at a time instead of L x V.
+    """
+    total = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
+    if weights is None:
+        weights = torch.ones(targets.shape, dtype=total.dtype, device=targets.device)
+    for start in range(0, hidden.shape[0], chunk_size):
+        end = start + chunk_size
+        total = total + checkpoint(_chunk_ce, hidden[start:end], targets[start:end], head_weight,
+                                   weights[start:end], use_reentrant=False)
+    return total
+
+
+def _chunk_ce(hidden: Tensor, targets: Tensor, head_weight: Tensor, weights: Tensor) -> Tensor:
+    logits = hidden @ head_weight.t()
+    # bf16 logits lose too much in the softmax: accumulate in at least fp32.
+    losses = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets, reduction="none")
+    return (losses * weights.to(losses.dtype)).sum()
