@@ -4,7 +4,7 @@ Loads a run's `config.yaml` and model weights (`--ckpt` is a run dir, its `check
 `step_N` dir), renders the prompt exactly as training renders a conversation (chat template,
 image tiling, video frame sampling and frame labels, `/think` or `/no_think` in the system prompt
 and, with reasoning off, the empty `<think></think>` that opens every trained answer), then
-greedy-decodes with the Mamba and attention caches of `train.generate`, writing text to stdout as
+greedy-decodes with the model's Mamba and attention caches (`train.inference.generate`), writing text to stdout as
 it comes. Timing goes to stderr.
 """
 
@@ -20,7 +20,7 @@ import torch
 from data_pipelines.training import special_tokens as st
 from data_pipelines.training.decode import MediaDecodeError
 from train.inference.chat_session import TextStream, build_prompt, load_chat_model
-from train.inference.generate import greedy_tokens, prompt_embeddings
+from train.inference.generate import greedy_tokens
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     stop_ids = {special[st.IM_END], special[st.EOS]}
     stream = TextStream(chat.tokenizer)
     started = time.perf_counter()
-    embeds = prompt_embeddings(chat.model, torch.tensor([ids], device=device), tiles.to(device))
+    with torch.no_grad():
+        embeds = chat.model.embed_inputs(torch.tensor([ids], device=device), tiles.to(device))
     count, first_at, last_at = 0, None, started
     for token in greedy_tokens(chat.model.language_model, embeds, args.max_new_tokens, stop_ids):
         count, last_at = count + 1, time.perf_counter()

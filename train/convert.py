@@ -5,7 +5,7 @@ directory (config.yaml + checkpoints/step_0000000), usable as `init.from_checkpo
 and by `train.api.load_language_model(DST)`.
 native-to-hf: a run dir, its checkpoints/ dir or a step dir -> an HF directory; `--layout lm`
 (default) loads with `AutoModelForCausalLM.from_pretrained`, `--layout vl` writes the omni layout.
-Offline, no remote code. See train/hf_convert.py for the name mapping.
+Offline, no remote code. See train/hf/conversion.py for the name mapping.
 """
 
 from __future__ import annotations

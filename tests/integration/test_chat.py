@@ -18,7 +18,7 @@ from tests.integration.helpers import run_module
 from train.inference.chat_session import build_prompt, load_chat_model
 from train.chat import main as chat_main
 from train.config.schema import Config, from_dict
-from train.inference.generate import greedy_tokens, prompt_embeddings
+from train.inference.generate import greedy_tokens
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def test_chat_streams_the_greedy_answer_about_an_image(trained_run):
     # What it printed is the decoded greedy continuation of the training-format prompt.
     chat = load_chat_model(run_dir)
     ids, tiles = build_prompt("What shape?", [image.read_bytes()], [], False, "", chat.cfg, chat.tokenizer)
-    embeds = prompt_embeddings(chat.model, torch.tensor([ids]), tiles)
+    embeds = chat.model.embed_inputs(torch.tensor([ids]), tiles)
     special = chat.tokenizer.special_ids
     tokens = list(greedy_tokens(chat.model.language_model, embeds, 8, [special["<|im_end|>"], special["</s>"]]))
     assert len(tokens) == count

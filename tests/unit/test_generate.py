@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from train.config.schema import LanguageModelConfig, ModelConfig
-from train.inference.generate import decode_step, greedy_tokens, prefill, prompt_embeddings
+from train.inference.generate import greedy_tokens
 from train.model.language_model import HybridLanguageModel, packing_metadata
 from train.model.vlm import VisionLanguageModel
 
@@ -29,14 +29,14 @@ def build_lm(pattern: str, n_groups: int, seed: int = 0) -> HybridLanguageModel:
 
 
 def cached_greedy(lm: HybridLanguageModel, embeds: torch.Tensor, steps: int) -> tuple[list[int], torch.Tensor]:
-    """Greedy tokens and the logits each was chosen from (steps, V), through prefill + decode_step."""
-    logits, cache = prefill(lm, embeds, embeds.shape[1] + steps)
+    """Greedy tokens and the logits each was chosen from (steps, V), through lm.prefill + lm.decode_step."""
+    logits, cache = lm.prefill(embeds, embeds.shape[1] + steps)
     tokens, chosen_from = [], []
     for _ in range(steps):
         chosen_from.append(logits[0])
         token = logits.argmax(dim=-1)
         tokens.append(int(token))
-        logits = decode_step(lm, token, cache)
+        logits = lm.decode_step(token, cache)
     return tokens, torch.stack(chosen_from)
 
 
@@ -88,10 +88,10 @@ def test_greedy_tokens_stops_at_a_stop_token_and_at_the_limit():
 
 def test_decode_step_refuses_to_overrun_the_cache():
     lm = build_lm("*", 1)
-    logits, cache = prefill(lm, lm.backbone.embeddings(torch.tensor([[9, 10, 11]])), capacity=4)
-    logits = decode_step(lm, logits.argmax(-1), cache)
+    logits, cache = lm.prefill(lm.backbone.embeddings(torch.tensor([[9, 10, 11]])), capacity=4)
+    logits = lm.decode_step(logits.argmax(-1), cache)
     with pytest.raises(ValueError, match="cache is full"):
-        decode_step(lm, logits.argmax(-1), cache)
+        lm.decode_step(logits.argmax(-1), cache)
 
 
 def test_cached_generation_with_image_tiles_equals_the_training_forward():
@@ -111,17 +111,17 @@ def test_cached_generation_with_image_tiles_equals_the_training_forward():
 
     expected, expected_logits = uncached_greedy(training_forward, prompt, NEW_TOKENS)
     assert IMAGE_TOKEN not in expected  # a generated media token would make the reference splice fail
-    embeds = prompt_embeddings(model, prompt, tiles)
+    embeds = model.embed_inputs(prompt, tiles)
     tokens, logits = cached_greedy(model.language_model, embeds, NEW_TOKENS)
     assert tokens == expected
     torch.testing.assert_close(logits, expected_logits, rtol=1e-5, atol=1e-6)
     # The media really reach the answer: other pixels give other logits.
-    other = prompt_embeddings(model, prompt, 255 - tiles)
-    assert not torch.allclose(prefill(model.language_model, other, prompt.shape[1])[0], logits[:1])
+    other = model.embed_inputs(prompt, 255 - tiles)
+    assert not torch.allclose(model.language_model.prefill(other, prompt.shape[1])[0], logits[:1])
 
 
-def test_prompt_embeddings_checks_the_media_token_count():
+def test_embed_inputs_checks_the_media_token_count():
     model = VisionLanguageModel(ModelConfig(language_model=lm_config("M", 2)), image_token_id=IMAGE_TOKEN).eval()
     tiles = torch.zeros(1, 3, 64, 64, dtype=torch.uint8)
     with pytest.raises(ValueError, match="media tokens"):
-        prompt_embeddings(model, torch.tensor([[IMAGE_TOKEN, 20]]), tiles)
+        model.embed_inputs(torch.tensor([[IMAGE_TOKEN, 20]]), tiles)

@@ -5,11 +5,19 @@ HF import/export is a key-for-key copy. Nemotron-H uses no positional embedding:
 carry order. Every mixer isolates packed samples: attention by `cu_seqlens`, Mamba conv and
 scan by `seq_idx`. Which function computes each op (torch reference or a GPU kernel) comes from
 `model.kernels`, resolved once at build (`train.ops.dispatch`); modules store the chosen ones.
+
+Inference lives on the modules too (as mamba's modules own their cache): every mixer can
+`allocate_cache`, fill it while running a prompt (its `forward` with a `cache`: prefill) and
+advance it by one token (`step`). Prefill is the training forward itself, so a mixer is written
+once; `step` uses the torch step twins of the ops (`causal_conv1d_update_ref`, `ssd_step_ref`,
+`attention_with_kv_cache_ref`), so a new token costs O(1) in Mamba layers and O(t) in attention
+layers. Caches hold one sample per row (unpacked prompts).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -18,8 +26,30 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from train.config.schema import KernelConfig, LanguageModelConfig
-from train.ops import rms_norm_ref
+from train.ops import attention_with_kv_cache_ref, causal_conv1d_update_ref, rms_norm_ref, ssd_step_ref
 from train.ops.dispatch import Kernels, resolve_kernels
+
+
+@dataclass
+class MambaCache:
+    conv: Tensor  # (B, conv_dim, conv_kernel - 1): the conv's last inputs (pre-activation xBC), oldest first
+    ssm: Tensor  # (B, H, P, N), float32 or wider
+
+
+@dataclass
+class AttentionCache:
+    keys: Tensor  # (B, capacity, kv_heads, head_dim); positions >= InferenceCache.length are unused
+    values: Tensor  # (B, capacity, kv_heads, head_dim)
+
+
+LayerCache = MambaCache | AttentionCache | None  # None: MLP layers remember nothing
+
+
+@dataclass
+class InferenceCache:
+    layers: list[LayerCache]  # one per layer
+    length: int  # tokens consumed so far
+    capacity: int  # tokens the attention buffers hold
 
 
 class RMSNorm(nn.Module):
@@ -66,19 +96,58 @@ class Mamba2Mixer(nn.Module):
         self.A_log.copy_(torch.log(torch.arange(1, self.num_heads + 1, dtype=torch.float32)))
         self.D.fill_(1.0)
 
-    def forward(self, hidden: Tensor, seq_idx: Tensor, cu_seqlens: Tensor) -> Tensor:
+    def allocate_cache(self, batch_size: int, capacity: int) -> MambaCache:
+        weight = self.in_proj.weight
+        conv = weight.new_zeros(batch_size, self.conv_dim, self.cfg.conv_kernel - 1)
+        # At least float32 (as the scan computes): a state rounded to bf16 would drift over long generations.
+        ssm = torch.zeros(batch_size, self.num_heads, self.head_dim, self.cfg.ssm_state_size,
+                          dtype=torch.promote_types(weight.dtype, torch.float32), device=weight.device)
+        return MambaCache(conv, ssm)
+
+    def forward(self, hidden: Tensor, seq_idx: Tensor | None, cu_seqlens: Tensor,
+                cache: MambaCache | None = None) -> Tensor:
+        """(B, L, D) -> (B, L, D). With `cache` (prefill: one sample per row) it also keeps the conv
+        inputs of the last `conv_kernel - 1` tokens and the SSM state after the last token."""
         b, l, _ = hidden.shape
         z, xbc, dt = torch.split(self.in_proj(hidden), [self.inner, self.conv_dim, self.num_heads], dim=-1)
-        xbc = self.kernels.conv1d(xbc.transpose(1, 2), self.conv1d.weight.squeeze(1), self.conv1d.bias,
-                                  seq_idx, activation="silu").transpose(1, 2)  # (b, l, conv_dim)
+        xbc = xbc.transpose(1, 2)  # (b, conv_dim, l)
+        if cache is not None:
+            # A prompt shorter than the window is left-padded with the zeros the conv reads there.
+            width = self.cfg.conv_kernel - 1
+            cache.conv.copy_(F.pad(xbc, (max(0, width - l), 0))[..., -width:])
+        xbc = self.kernels.conv1d(xbc, self.conv1d.weight.squeeze(1), self.conv1d.bias, seq_idx,
+                                  activation="silu").transpose(1, 2)  # (b, l, conv_dim)
         x, B, C = torch.split(xbc, [self.inner, self.groups_state, self.groups_state], dim=-1)
         y = self.kernels.ssd(
-            x.reshape(b, l, self.num_heads, self.head_dim), dt, -torch.exp(self.A_log.float()),
+            x.reshape(b, l, self.num_heads, self.head_dim), dt, self._A(),
             B.reshape(b, l, self.cfg.n_groups, -1), C.reshape(b, l, self.cfg.n_groups, -1), self.cfg.chunk_size,
             D=self.D, dt_bias=self.dt_bias, dt_softplus=True, seq_idx=seq_idx, dt_limit=self.dt_limit,
+            return_final_states=cache is not None,
         )  # (b, l, h, p)
-        y = self.kernels.gated_norm(y.reshape(b, l, self.inner), z, self.norm.weight, self.cfg.norm_eps,
-                                    group_size=self.inner // self.cfg.n_groups)
+        if cache is not None:
+            y, final_state = y
+            cache.ssm.copy_(final_state)  # (b, h, p, n)
+        return self._gated_out(y.reshape(b, l, self.inner), z)
+
+    def step(self, hidden: Tensor, cache: MambaCache, position: int) -> Tensor:
+        """One token per row (B, D) -> (B, D); advances `cache` in place."""
+        b = hidden.shape[0]
+        z, xbc, dt = torch.split(self.in_proj(hidden), [self.inner, self.conv_dim, self.num_heads], dim=-1)
+        xbc, cache.conv = causal_conv1d_update_ref(xbc, cache.conv, self.conv1d.weight.squeeze(1), self.conv1d.bias,
+                                                   activation="silu")  # (b, conv_dim)
+        x, B, C = torch.split(xbc, [self.inner, self.groups_state, self.groups_state], dim=-1)
+        y, cache.ssm = ssd_step_ref(
+            cache.ssm, x.reshape(b, self.num_heads, self.head_dim), dt, self._A(),
+            B.reshape(b, self.cfg.n_groups, -1), C.reshape(b, self.cfg.n_groups, -1),
+            D=self.D, dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit,
+        )  # (b, h, p)
+        return self._gated_out(y.reshape(b, self.inner), z)
+
+    def _A(self) -> Tensor:
+        return -torch.exp(self.A_log.float())  # (h,) negative decay rates
+
+    def _gated_out(self, y: Tensor, z: Tensor) -> Tensor:
+        y = self.kernels.gated_norm(y, z, self.norm.weight, self.cfg.norm_eps, group_size=self.inner // self.cfg.n_groups)
         return self.out_proj(y)
 
 
@@ -94,14 +163,33 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, hidden: Tensor, seq_idx: Tensor, cu_seqlens: Tensor) -> Tensor:
+    def allocate_cache(self, batch_size: int, capacity: int) -> AttentionCache:
+        keys = self.k_proj.weight.new_zeros(batch_size, capacity, self.kv_heads, self.head_dim)
+        return AttentionCache(keys, torch.zeros_like(keys))
+
+    def forward(self, hidden: Tensor, seq_idx: Tensor | None, cu_seqlens: Tensor,
+                cache: AttentionCache | None = None) -> Tensor:
+        """(B, L, D) -> (B, L, D). With `cache` (prefill: one sample per row) the keys and values
+        of the L tokens are kept in its first L positions."""
         b, l, _ = hidden.shape
         # THD layout: the batch is one flattened packed row, boundaries in cu_seqlens.
         q = self.q_proj(hidden).reshape(b * l, self.heads, self.head_dim)
         k = self.k_proj(hidden).reshape(b * l, self.kv_heads, self.head_dim)
         v = self.v_proj(hidden).reshape(b * l, self.kv_heads, self.head_dim)
+        if cache is not None:
+            cache.keys[:, :l] = k.reshape(b, l, self.kv_heads, self.head_dim)
+            cache.values[:, :l] = v.reshape(b, l, self.kv_heads, self.head_dim)
         out = self.kernels.attention(q, k, v, cu_seqlens, causal=True)  # (b*l, heads, head_dim)
         return self.o_proj(out.reshape(b, l, -1))
+
+    def step(self, hidden: Tensor, cache: AttentionCache, position: int) -> Tensor:
+        """One token per row (B, D) at `position` -> (B, D); writes its keys and values into `cache`."""
+        b = hidden.shape[0]
+        q = self.q_proj(hidden).reshape(b, self.heads, self.head_dim)
+        cache.keys[:, position] = self.k_proj(hidden).reshape(b, self.kv_heads, self.head_dim)
+        cache.values[:, position] = self.v_proj(hidden).reshape(b, self.kv_heads, self.head_dim)
+        out = attention_with_kv_cache_ref(q, cache.keys[:, :position + 1], cache.values[:, :position + 1])
+        return self.o_proj(out.reshape(b, -1))  # out: (b, heads, head_dim)
 
 
 class SquaredReluMLP(nn.Module):
@@ -111,8 +199,14 @@ class SquaredReluMLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.mlp_hidden_size, bias=False)
         self.down_proj = nn.Linear(cfg.mlp_hidden_size, cfg.hidden_size, bias=False)
 
-    def forward(self, hidden: Tensor, seq_idx: Tensor, cu_seqlens: Tensor) -> Tensor:
+    def allocate_cache(self, batch_size: int, capacity: int) -> None:
+        return None  # position-wise: nothing to remember
+
+    def forward(self, hidden: Tensor, seq_idx: Tensor | None, cu_seqlens: Tensor, cache: None = None) -> Tensor:
         return self.down_proj(F.relu(self.up_proj(hidden)).square())
+
+    def step(self, hidden: Tensor, cache: None, position: int) -> Tensor:
+        return self.forward(hidden, None, None)
 
 
 MIXERS = {"M": Mamba2Mixer, "*": Attention, "-": SquaredReluMLP}
@@ -127,8 +221,11 @@ class HybridBlock(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, kernels.rms_norm)
         self.mixer = MIXERS[kind](cfg, kernels)
 
-    def forward(self, hidden: Tensor, seq_idx: Tensor, cu_seqlens: Tensor) -> Tensor:
-        return hidden + self.mixer(self.norm(hidden), seq_idx, cu_seqlens)
+    def forward(self, hidden: Tensor, seq_idx: Tensor | None, cu_seqlens: Tensor, cache: LayerCache = None) -> Tensor:
+        return hidden + self.mixer(self.norm(hidden), seq_idx, cu_seqlens, cache)
+
+    def step(self, hidden: Tensor, cache: LayerCache, position: int) -> Tensor:
+        return hidden + self.mixer.step(self.norm(hidden), cache, position)
 
 
 class Backbone(nn.Module):
@@ -139,14 +236,29 @@ class Backbone(nn.Module):
         self.norm_f = RMSNorm(cfg.hidden_size, cfg.norm_eps, kernels.rms_norm)
         self.activation_checkpointing = activation_checkpointing
 
-    def forward(self, embeds: Tensor, seq_idx: Tensor, cu_seqlens: Tensor) -> Tensor:
+    def forward(self, embeds: Tensor, seq_idx: Tensor | None, cu_seqlens: Tensor,
+                cache: InferenceCache | None = None) -> Tensor:
+        """(B, L, D) -> final normalised hidden states (B, L, D); with `cache`, also fills it (prefill)."""
         hidden = embeds
-        for layer in self.layers:
+        caches = cache.layers if cache is not None else [None] * len(self.layers)
+        for layer, layer_cache in zip(self.layers, caches):
             if self.activation_checkpointing and torch.is_grad_enabled():
                 # Keep only the layer's input; backward reruns its forward (same kernels, same autocast).
-                hidden = checkpoint(layer, hidden, seq_idx, cu_seqlens, use_reentrant=False)
+                hidden = checkpoint(layer, hidden, seq_idx, cu_seqlens, layer_cache, use_reentrant=False)
             else:
-                hidden = layer(hidden, seq_idx, cu_seqlens)
+                hidden = layer(hidden, seq_idx, cu_seqlens, layer_cache)
+        if cache is not None:
+            cache.length = embeds.shape[1]
+        return self.norm_f(hidden)
+
+    def step(self, embeds: Tensor, cache: InferenceCache) -> Tensor:
+        """The next token's embeddings (B, D) -> its final normalised hidden state (B, D); advances `cache`."""
+        if cache.length >= cache.capacity:
+            raise ValueError(f"the cache is full ({cache.capacity} tokens): prefill with a larger capacity")
+        hidden = embeds
+        for layer, layer_cache in zip(self.layers, cache.layers):
+            hidden = layer.step(hidden, layer_cache, cache.length)
+        cache.length += 1
         return self.norm_f(hidden)
 
 
@@ -190,6 +302,24 @@ class HybridLanguageModel(nn.Module):
         seq_idx, cu_seqlens = packing_metadata(input_ids.shape, cu_seqlens, input_ids.device)
         hidden = self.backbone(self.backbone.embeddings(input_ids), seq_idx, cu_seqlens)
         return self.lm_head(hidden)
+
+    @torch.no_grad()
+    def prefill(self, embeds: Tensor, capacity: int) -> tuple[Tensor, InferenceCache]:
+        """Prompt embeddings (B, L, D), one prompt per row -> next-token logits (B, V) and the cache
+        after the prompt. `capacity` (>= L) is the longest sequence, prompt included, it will hold."""
+        b, l, _ = embeds.shape
+        if capacity < l:
+            raise ValueError(f"capacity {capacity} is shorter than the prompt ({l} tokens)")
+        cache = InferenceCache([layer.mixer.allocate_cache(b, capacity) for layer in self.backbone.layers], 0, capacity)
+        _, rows = packing_metadata((b, l), None, embeds.device)
+        # seq_idx None: each row is one sample, and the Mamba state after its last token is wanted.
+        hidden = self.backbone(embeds, None, rows, cache)
+        return self.lm_head(hidden[:, -1]), cache
+
+    @torch.no_grad()
+    def decode_step(self, tokens: Tensor, cache: InferenceCache) -> Tensor:
+        """Next token ids (B,) -> logits (B, V) for the token after them; advances `cache` by one."""
+        return self.lm_head(self.backbone.step(self.backbone.embeddings(tokens), cache))
 
 
 def packing_metadata(shape: torch.Size, cu_seqlens: Tensor | None, device: torch.device) -> tuple[Tensor, Tensor]:
