@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install $(PIP_QUIET) -c constraints-cpu.txt torch==2.13.0 2>&1 | $(PIP_FILTER)
 	$(PY) -m pip install $(PIP_QUIET) -c constraints-cpu.txt -e '.[dev]' 2>&1 | $(PIP_FILTER)
-	$(PY) -c "import torch, hydra, webdataset, decord, av, transformers, tokenizers"
+	$(PY) -c "import torch, hydra, webdataset, decord, av, transformers, tokenizers, megatron.core, triton"
 	touch $(STAMP)
 
 # The main job: all five stages on CPU with the tiny model and the embedded synthetic data.

@@ -30,14 +30,16 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-name", "-cn", required=True)
     parser.add_argument("--out", default=None, help="directory for plan.json (default: the recipe's run.dir)")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="GPUs the run uses (default: one replica, tensor x context x pipeline)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. data.seq_length=49152")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = estimate.load_plan_config(args.config_name, args.overrides)
+        plan = estimate.make_plan(cfg, args.config_name, args.world_size)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    plan = estimate.make_plan(cfg, args.config_name)
     out = Path(args.out or cfg.run.dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "plan.json").write_text(json.dumps(plan, indent=2) + "\n")

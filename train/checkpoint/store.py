@@ -271,6 +271,16 @@ def read_rank_states(path: Path) -> list[dict]:
     return states
 
 
+def read_data_states(path: Path) -> list[dict]:
+    """The saved data position of each data-parallel rank, in data-rank order. Ranks of one replica
+    saved the same position: one of them is taken. (Checkpoints from before the parallel layout
+    name no `data_rank`: every rank was its own replica.)"""
+    by_data_rank: dict[int, dict] = {}
+    for rank, state in enumerate(read_rank_states(path)):
+        by_data_rank.setdefault(state.get("data_rank", rank), state["data"])
+    return [by_data_rank[r] for r in sorted(by_data_rank)]
+
+
 def load_model_weights(path: Path, model: torch.nn.Module) -> None:
     """Only the model weights (stage hand-off: fresh optimizer and schedule).
 

@@ -169,6 +169,9 @@ class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     kernels: KernelConfig = field(default_factory=KernelConfig)
+    # "native": plain PyTorch (data parallel by DDP / FSDP2). "mcore": the language model built on
+    # megatron-core for tensor, sequence, context and pipeline parallelism (`train.model.mcore`).
+    impl: Literal["native", "mcore"] = "native"
     # Rows of the output head and loss computed at once: full logits are never materialised.
     loss_chunk_size: int = 1024
 
@@ -322,17 +325,34 @@ class PrecisionConfig:
 
 @dataclass
 class ParallelConfig:
+    """The parallel layout (`train.parallel.dims`): data parallelism takes the ranks left over by
+    tensor x context x pipeline. Tensor, context and pipeline parallelism run on `model.impl=mcore`."""
+
     data_parallel: Literal["ddp", "fsdp"] = "ddp"
     tensor_parallel: int = 1
+    # Tensor-parallel activations split along the sequence between layers (megatron's sequence parallelism).
+    sequence_parallel: bool = False
     context_parallel: int = 1
+    pipeline_parallel: int = 1
+    # Interleaved (virtual) pipeline stages: megatron-core 0.16.1 does not support them for the hybrid stack.
+    virtual_pipeline_parallel: Optional[int] = None
+    # model.impl=mcore: optimizer state (fp32 master, Adam m and v) sharded over the data-parallel
+    # ranks (megatron-core's distributed optimizer). The native engine shards it with data_parallel=fsdp.
+    distributed_optimizer: bool = False
     backend: Literal["auto", "gloo", "nccl"] = "auto"
 
     def validate(self, path: str) -> None:
-        if self.tensor_parallel != 1 or self.context_parallel != 1:
-            raise ConfigError(
-                f"{path}: tensor/context parallelism need the megatron-core backend, which is not built yet; "
-                "set parallel.tensor_parallel=1 parallel.context_parallel=1"
-            )
+        check_positive(self, path, "tensor_parallel", "context_parallel", "pipeline_parallel")
+        if self.sequence_parallel and self.tensor_parallel == 1:
+            raise ConfigError(f"{path}.sequence_parallel=true splits tensor-parallel activations: it needs "
+                              f"{path}.tensor_parallel > 1")
+        if self.virtual_pipeline_parallel is not None:
+            raise ConfigError(f"{path}.virtual_pipeline_parallel={self.virtual_pipeline_parallel}: megatron-core "
+                              "0.16.1 has no interleaved pipeline schedule for the hybrid Mamba stack; leave it null")
+
+    @property
+    def model_parallel(self) -> bool:
+        return self.tensor_parallel * self.context_parallel * self.pipeline_parallel > 1
 
 
 @dataclass
@@ -376,6 +396,11 @@ class Config:
         for name in ("model", "data", "optim", "trainer", "trainable", "init", "parallel", "precision"):
             getattr(self, name).validate(name)
         self.model.kernels.validate_runtime("model.kernels", self.trainer.device, self.precision.name)
+        if self.parallel.model_parallel and self.model.impl != "mcore":
+            raise ConfigError(
+                f"parallel.tensor_parallel={self.parallel.tensor_parallel}, context_parallel="
+                f"{self.parallel.context_parallel}, pipeline_parallel={self.parallel.pipeline_parallel} need "
+                "model.impl=mcore (the native engine is data parallel only)")
         if self.data.tile_size != self.model.vision.image_size:
             raise ConfigError(
                 f"data.tile_size={self.data.tile_size} differs from model.vision.image_size="

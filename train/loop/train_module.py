@@ -104,12 +104,13 @@ class TrainModule:
         lr = learning_rate(step, self.cfg.optim, self.cfg.trainer.max_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        global_weight = all_reduce_sum(sum(b.loss_weight for b in micro_batches), self.info)
-        global_supervised = all_reduce_sum(sum(b.num_supervised_tokens for b in micro_batches), self.info)
+        # Ranks of one data-parallel replica hold the same batches: batch totals sum over `data`.
+        global_weight = all_reduce_sum(sum(b.loss_weight for b in micro_batches), self.info, "data")
+        global_supervised = all_reduce_sum(sum(b.num_supervised_tokens for b in micro_batches), self.info, "data")
         if global_weight == 0:
             raise RuntimeError("a whole global batch has no supervised token; check the data's assistant turns")
-        # DDP averages gradients over ranks; scale so the result is the global weighted mean.
-        scale = self.info.world_size / global_weight
+        # Data parallelism averages gradients over the replicas; scale so the result is the global weighted mean.
+        scale = self.info.data_size / global_weight
         loss_sum = 0.0
         self.optimizer.zero_grad(set_to_none=True)
         for i, batch in enumerate(micro_batches):
@@ -122,7 +123,8 @@ class TrainModule:
         clip = self.cfg.optim.clip_grad if self.cfg.optim.clip_grad > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, clip)
         grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # DTensor under FSDP2
-        loss = all_reduce_sum(loss_sum, self.info) / global_weight
+        # Context-parallel peers each hold the loss of their slice of the rows.
+        loss = all_reduce_sum(loss_sum, self.info, "data_context") / global_weight
         # clip_grad_norm_ reduces over DDP-synchronised grads, so every rank agrees on this.
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
         if finite:
@@ -142,10 +144,10 @@ class TrainModule:
             loss=loss,
             grad_norm=grad_norm,
             lr=lr,
-            real_tokens=int(all_reduce_sum(sum(b.num_real_tokens for b in micro_batches), self.info)),
+            real_tokens=int(all_reduce_sum(sum(b.num_real_tokens for b in micro_batches), self.info, "data")),
             supervised_tokens=int(global_supervised),
-            slots=int(all_reduce_sum(sum(b.input_ids.numel() for b in micro_batches), self.info)),
-            samples=int(all_reduce_sum(sum(b.num_samples for b in micro_batches), self.info)),
+            slots=int(all_reduce_sum(sum(b.input_ids.numel() for b in micro_batches), self.info, "data")),
+            samples=int(all_reduce_sum(sum(b.num_samples for b in micro_batches), self.info, "data")),
             precision_metrics=self.precision.step_metrics(),
             skipped_nonfinite=not finite,
         )

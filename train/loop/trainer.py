@@ -22,7 +22,7 @@ from data_pipelines.training.loader import PackedBatchStream, build_batch_stream
 from data_pipelines.training.samples import Tokenizer
 from train.loop.callbacks import MetricsFile, Progress, WandbLogger
 from train.checkpoint.store import (
-    Checkpointer, find_latest, load_model_weights, load_newest_readable, read_rank_states,
+    Checkpointer, find_latest, load_model_weights, load_newest_readable, read_data_states,
 )
 from train.config.schema import Config, ConfigError
 from train.parallel.distributed import DistInfo, init_distributed, shutdown, sum_counts, wrap_data_parallel
@@ -86,12 +86,13 @@ class Trainer:
             latest, saved = loaded
             self.precision.load_state_dict(precision_state)
             self.step, self.tokens = saved["step"], saved["tokens"]
-            saved_world = saved["data"].get("world_size", 1)
-            if saved_world == info.world_size:
-                self.data.load_state_dict(saved["data"])
+            # One data position per data-parallel rank; the parallel layout may have changed since.
+            data_states = read_data_states(latest)
+            if len(data_states) == info.data_size:
+                self.data.load_state_dict(data_states[info.data_rank])
             else:
-                self.data.load_resharded([state["data"] for state in read_rank_states(latest)])
-                self._log(f"resharded the data position from {saved_world} to {info.world_size} ranks")
+                self.data.load_resharded(data_states)
+                self._log(f"resharded the data position from {len(data_states)} to {info.data_size} ranks of data parallelism")
             self._log(f"resumed from {latest} at step {self.step}")
         self.train_module = TrainModule(forward_module, self.optimizer, cfg, info, self.precision)
         self.checkpointer = Checkpointer(self.ckpt_root, cfg.trainer.keep_last, cfg.trainer.async_save)
@@ -167,7 +168,7 @@ class Trainer:
                 "tokens_by_source": sum_counts(d.tokens_by_source, self.info)}
 
     def _save(self) -> None:
-        state = {"step": self.step, "tokens": self.tokens, "data": self.data.state_dict()}
+        state = {"step": self.step, "tokens": self.tokens, "data_rank": self.info.data_rank, "data": self.data.state_dict()}
         self.checkpointer.save(self.step, self.model, self.optimizer, state, self.precision.state_dict())
 
     def _write_summary(self, last_loss: float) -> dict:

@@ -1,15 +1,17 @@
-"""Process group from the torchrun environment (gloo on CPU, nccl on GPU) and the DP wrapper."""
+"""Process groups from the torchrun environment (gloo on CPU, nccl on GPU), the data-parallel
+wrapper, and the reductions the loop needs, each over a named group (`train.parallel.dims`)."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from train.config.schema import ParallelConfig
+from train.parallel.dims import GroupName, ParallelDims, ProcessGroups
 
 
 @dataclass(frozen=True)
@@ -18,13 +20,30 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
+    # The layout; default: every rank is a data-parallel replica (the native engine).
+    dims: ParallelDims | None = None
+    groups: ProcessGroups | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.dims is None:
+            object.__setattr__(self, "dims", ParallelDims(self.world_size))
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def data_rank(self) -> int:
+        """Which data-parallel replica this rank belongs to: ranks of one replica read the same samples."""
+        return self.dims.coordinates(self.rank).data
+
+    @property
+    def data_size(self) -> int:
+        return self.dims.data
+
 
 def init_distributed(parallel: ParallelConfig, device_name: str) -> DistInfo:
+    """Join the torchrun world and build the process group of every parallel dimension."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -37,7 +56,8 @@ def init_distributed(parallel: ParallelConfig, device_name: str) -> DistInfo:
     if world_size > 1 and not dist.is_initialized():
         backend = parallel.backend if parallel.backend != "auto" else ("nccl" if use_cuda else "gloo")
         dist.init_process_group(backend=backend)
-    return DistInfo(rank, world_size, local_rank, device)
+    dims = ParallelDims(world_size, parallel.tensor_parallel, parallel.context_parallel, parallel.pipeline_parallel)
+    return DistInfo(rank, world_size, local_rank, device, dims, ProcessGroups(dims, rank))
 
 
 def wrap_data_parallel(model: nn.Module, parallel: ParallelConfig, info: DistInfo) -> nn.Module:
@@ -66,11 +86,13 @@ def wrap_data_parallel(model: nn.Module, parallel: ParallelConfig, info: DistInf
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=True)
 
 
-def all_reduce_sum(value: float, info: DistInfo) -> float:
-    if info.world_size == 1:
+def all_reduce_sum(value: float, info: DistInfo, group: GroupName) -> float:
+    """`value` summed over the ranks of this rank's `group` (see `train.parallel.dims`)."""
+    process_group = info.groups.get(group) if info.groups is not None else None
+    if info.world_size == 1 or process_group is None:
         return value
     t = torch.tensor([value], dtype=torch.float64, device=info.device if info.device.type == "cuda" else "cpu")
-    dist.all_reduce(t)
+    dist.all_reduce(t, group=process_group)
     return float(t.item())
 
 
@@ -80,11 +102,13 @@ def shutdown() -> None:
 
 
 def sum_counts(counts: dict[str, int], info: DistInfo) -> dict[str, int]:
-    """{key: count} summed over ranks (every rank must call it)."""
-    if info.world_size == 1:
+    """{key: count} summed over the data-parallel replicas (every rank must call it). Ranks of one
+    replica read the same samples, so only the data group is summed: nothing counts twice."""
+    process_group = info.groups.get("data") if info.groups is not None else None
+    if info.world_size == 1 or process_group is None:
         return dict(counts)
-    gathered: list = [None] * info.world_size
-    dist.all_gather_object(gathered, dict(counts))
+    gathered: list = [None] * info.data_size
+    dist.all_gather_object(gathered, dict(counts), group=process_group)
     total: dict[str, int] = {}
     for part in gathered:
         for key, value in part.items():

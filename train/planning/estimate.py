@@ -1,6 +1,13 @@
 """Parameter counts and per-GPU memory of a recipe, from its model built on the meta device.
 
-Memory is per model replica, unsharded (divide weights/gradients/optimizer by the FSDP group size):
+Memory is per GPU under the recipe's parallel layout (`parallel.*`, `--world-size`): the language
+model's weights, gradients and optimizer state are split over tensor x pipeline ranks; the vision
+tower and projector are whole on every rank; the optimizer state is further sharded over the
+data-parallel ranks by FSDP (`parallel.data_parallel=fsdp`, with weights and gradients) or by
+megatron-core's distributed optimizer (`parallel.distributed_optimizer=true`, over data x context).
+Activations: context parallelism gives each rank 1/cp of the tokens, tensor parallelism splits the
+mixers' inner activations (and with sequence parallelism the layer inputs), pipeline stages hold
+their share of the layers with up to pp micro-batches in flight on the first stage (1F1B).
 - 16-bit compute (bf16, fp8_delayed): bf16 weights (2 B/param, every parameter) for the forward,
   fp32 gradients (4 B) and an fp32 master copy + Adam m + v (12 B) per trainable parameter.
 - fp32 compute: fp32 weights (4 B, also the master), fp32 gradients (4 B), Adam m + v (8 B).
@@ -24,7 +31,7 @@ import dataclasses
 import torch
 
 from train.config.compose import compose_raw
-from train.config.schema import Config, KernelConfig, ModelConfig, from_dict
+from train.config.schema import Config, ConfigError, KernelConfig, ModelConfig, from_dict
 
 PARTS = ("language_model", "vision_model", "projector")
 GIB = 2**30
@@ -64,55 +71,100 @@ def fp8_modules(model, cfg: Config) -> list[str]:
 
 
 def activation_bytes(cfg: Config) -> dict:
-    """Bytes of activations live in one micro-batch's backward, per part and LM layer kind."""
-    m, lm, vit = cfg.model, cfg.model.language_model, cfg.model.vision
+    """Bytes of activations live on one GPU in a micro-batch's backward, per part and LM layer kind,
+    under the recipe's parallel layout (`parallel.*`)."""
+    m, lm, vit, par = cfg.model, cfg.model.language_model, cfg.model.vision, cfg.parallel
     a = 2 if cfg.precision.resolved_compute_dtype == "bf16" else 4
-    tokens = cfg.trainer.micro_batch_size * cfg.data.seq_length
+    # Context parallelism gives each rank 1/cp of every row's tokens.
+    tokens = cfg.trainer.micro_batch_size * cfg.data.seq_length // par.context_parallel
+    tp = par.tensor_parallel
+    # Sequence parallelism splits the layer inputs and norms (the 2D terms) over the tensor-parallel
+    # ranks too; without it they are replicated on each.
+    sp = tp if par.sequence_parallel else 1
     checkpointed = m.kernels.activation_checkpointing == "layers"
     d, inner = lm.hidden_size, lm.mamba_intermediate_size
     conv_dim = inner + 2 * lm.n_groups * lm.ssm_state_size
     q, kv = lm.num_attention_heads * lm.head_dim, lm.num_key_value_heads * lm.head_dim
     per_token = {  # elements stored per token by one layer of each kind (the docstring's formulas)
-        "mamba": 2 * d + 2 * conv_dim + 3 * inner + lm.mamba_num_heads,
-        "attention": 2 * d + 2 * q + 2 * kv + lm.num_attention_heads * 4 // a,
-        "mlp": 2 * d + 2 * lm.mlp_hidden_size,
+        "mamba": 2 * d / sp + (2 * conv_dim + 3 * inner + lm.mamba_num_heads) / tp,
+        "attention": 2 * d / sp + (2 * q + 2 * kv + lm.num_attention_heads * 4 // a) / tp,
+        "mlp": 2 * d / sp + 2 * lm.mlp_hidden_size / tp,
     }
     kinds = {"M": "mamba", "*": "attention", "-": "mlp"}
-    counts = {kind: sum(kinds[c] == kind for c in lm.pattern) for kind in per_token}
-    lm_layers = {kind: counts[kind] * (d if checkpointed else per_token[kind]) * tokens * a for kind in per_token}
+    # Pipeline stages hold pattern / pp layers each; under 1F1B the first stage keeps the
+    # activations of up to pp micro-batches in flight.
+    pp = par.pipeline_parallel
+    in_flight = min(pp, cfg.trainer.grad_accum_steps) if pp > 1 else 1
+    counts = {kind: sum(kinds[c] == kind for c in lm.pattern) / pp for kind in per_token}
+    stored = {kind: d / sp if checkpointed else per_token[kind] for kind in per_token}
+    lm_layers = {kind: counts[kind] * stored[kind] * tokens * a * in_flight for kind in per_token}
     if checkpointed:  # the layer being recomputed holds its full set again
         lm_layers["recompute"] = max(per_token[k] for k in per_token if counts[k]) * tokens * a
     chunk = min(m.loss_chunk_size, tokens)
-    lm_layers["head_and_loss"] = 2 * d * tokens * a + chunk * lm.vocab_size * (a + 8)
+    # The output head is split over the vocabulary (tensor parallel): a chunk of logits is V / tp wide.
+    lm_layers["head_and_loss"] = 2 * d * tokens * a / sp + chunk * lm.vocab_size / tp * (a + 8)
+    lm_layers = {k: int(v) for k, v in lm_layers.items()}
 
+    # The vision tower and projector are replicated on every rank of a replica (data parallel
+    # only), each encoding the media of the rows it holds: worst case, every token an image token.
     tiles = tokens // m.tokens_per_tile
     vit_tokens = tiles * (vit.patches_per_side ** 2 + vit.num_prefix_tokens)
     vit_block = 8 * vit.hidden_size + 2 * int(vit.hidden_size * vit.mlp_ratio)
     vision = 0
     if cfg.trainable.vision_model:
-        stored = vit.hidden_size if checkpointed else vit_block
-        vision = (vit.num_layers * stored + (vit_block if checkpointed else 0)) * vit_tokens * a
+        stored_vit = vit.hidden_size if checkpointed else vit_block
+        vision = (vit.num_layers * stored_vit + (vit_block if checkpointed else 0)) * vit_tokens * a
     projector = 0
     if cfg.trainable.projector or cfg.trainable.vision_model:
         projector = (2 * 4 * vit.hidden_size + 2 * m.projector.hidden_size) * tiles * m.tokens_per_tile * a
     return {"language_model": lm_layers, "vision_model": vision, "projector": projector}
 
 
-def make_plan(cfg: Config, recipe: str) -> dict:
+def layout(cfg: Config, world_size: int | None) -> dict:
+    """The parallel layout the estimate is for: data parallelism takes what tensor x context x
+    pipeline leave of `world_size` (default: one replica)."""
+    par = cfg.parallel
+    model_parallel = par.tensor_parallel * par.context_parallel * par.pipeline_parallel
+    world = world_size or model_parallel
+    if world % model_parallel:
+        raise ConfigError(f"--world-size {world} is not a multiple of tensor x context x pipeline = {model_parallel}")
+    if cfg.model.impl == "mcore":
+        sharded = "distributed optimizer" if par.distributed_optimizer else "none"
+    else:
+        sharded = "fsdp (weights, gradients, optimizer)" if par.data_parallel == "fsdp" else "none"
+    return {"world_size": world, "data": world // model_parallel, "tensor": par.tensor_parallel,
+            "sequence_parallel": par.sequence_parallel, "context": par.context_parallel,
+            "pipeline": par.pipeline_parallel, "impl": cfg.model.impl, "data_parallel_sharding": sharded,
+            "vision": "replicated on every rank (data parallel only)"}
+
+
+def make_plan(cfg: Config, recipe: str, world_size: int | None = None) -> dict:
     model = meta_model(cfg.model)
     params = count_parameters(model)
     in_fp8 = fp8_modules(model, cfg)
     flags = {part: getattr(cfg.trainable, part) for part in PARTS}
     total = sum(params.values())
     trainable = sum(n for part, n in params.items() if flags[part])
+    lay = layout(cfg, world_size)
+    # Per GPU: the language model is split over tensor x pipeline ranks; the vision tower and
+    # projector are whole on every rank.
+    lm_share = 1 / (lay["tensor"] * lay["pipeline"])
+    per_gpu = {part: n * (lm_share if part == "language_model" else 1) for part, n in params.items()}
+    held = sum(per_gpu.values())
+    held_trainable = sum(n for part, n in per_gpu.items() if flags[part])
     bf16 = cfg.precision.resolved_compute_dtype == "bf16"
     per_param = {"weights": 2 if bf16 else 4, "gradients": 4, "optimizer": 12 if bf16 else 8}
+    fsdp = lay["impl"] == "native" and cfg.parallel.data_parallel == "fsdp"
+    # The distributed optimizer shards optimizer state over data x context ranks; FSDP shards all three.
+    optimizer_shards = lay["data"] * (lay["context"] if lay["impl"] == "mcore" else 1) \
+        if (fsdp or cfg.parallel.distributed_optimizer) else 1
+    state_shards = lay["data"] if fsdp else 1
     acts = activation_bytes(cfg)
     act_total = sum(acts["language_model"].values()) + acts["vision_model"] + acts["projector"]
     memory = {
-        "weights": per_param["weights"] * total / GIB,
-        "gradients": per_param["gradients"] * trainable / GIB,
-        "optimizer": per_param["optimizer"] * trainable / GIB,
+        "weights": per_param["weights"] * held / state_shards / GIB,
+        "gradients": per_param["gradients"] * held_trainable / state_shards / GIB,
+        "optimizer": per_param["optimizer"] * held_trainable / optimizer_shards / GIB,
         "activations": act_total / GIB,
     }
     memory["total"] = sum(memory.values())
@@ -120,6 +172,7 @@ def make_plan(cfg: Config, recipe: str) -> dict:
         "recipe": recipe,
         "stage": cfg.stage,
         "model": cfg.model.name,
+        "layout": lay,
         "params": {**params, "total": total, "trainable": trainable},
         "trainable_parts": flags,
         "precision": cfg.precision.name,
@@ -140,7 +193,7 @@ def make_plan(cfg: Config, recipe: str) -> dict:
             "activation_checkpointing": cfg.model.kernels.activation_checkpointing,
             "loss_chunk_size": cfg.model.loss_chunk_size,
             "media": "worst case: every token an image token",
-            "sharding": "none (per replica); divide weights/gradients/optimizer by the FSDP group size",
+            "per_gpu": "language model / (tensor x pipeline); vision and projector whole on every rank",
         },
     }
 
@@ -152,7 +205,12 @@ def format_plan(plan: dict) -> str:
         rows.append(f"{part:<16}{p[part]:>18,}  {'yes' if plan['trainable_parts'][part] else 'no'}")
     rows.append(f"{'total':<16}{p['total']:>18,}  ({p['total'] / 1e9:.3f} B)")
     rows.append(f"{'trainable':<16}{p['trainable']:>18,}  ({p['trainable'] / 1e9:.3f} B)")
-    rows.append(f"{'memory (GiB)':<16}{'':>18}")
+    lay = plan["layout"]
+    rows.append(f"layout: {lay['world_size']} GPUs = data {lay['data']} x tensor {lay['tensor']}"
+                f"{' (+SP)' if lay['sequence_parallel'] else ''} x context {lay['context']} x pipeline "
+                f"{lay['pipeline']} ({lay['impl']}); optimizer sharding: {lay['data_parallel_sharding']}; "
+                f"vision {lay['vision']}")
+    rows.append(f"{'memory per GPU (GiB)':<16}{'':>14}")
     for key in ("weights", "gradients", "optimizer", "activations", "total"):
         rows.append(f"  {key:<14}{mem[key]:>18.2f}")
     acts = plan["activations_gib"]
