@@ -63,6 +63,46 @@ class RMSNorm(nn.Module):
         return self.norm_fn(x, self.weight, self.eps)
 
 
+def mamba_dt_limit(cfg: LanguageModelConfig) -> tuple[float, float]:
+    # transformers' NemotronHMamba2Mixer floors the discretised step at time_step_min (no upper
+    # limit) whatever config.time_step_limit says; matching it keeps HF logits equal to ours.
+    return (cfg.time_step_min, math.inf)
+
+
+def mamba_mix(mixer: nn.Module, zxbcdt: Tensor, seq_idx: Tensor | None, cache: MambaCache | None = None) -> Tensor:
+    """What a Mamba2 mixer computes between its two projections, shared by the native mixer and the
+    megatron-core one (`train.model.mcore.layers`), which holds its tensor-parallel rank's heads:
+    in_proj output (B, L, inner + conv_dim + H) = [z | x B C | dt] -> causal conv over xBC, chunked
+    SSD scan, gated RMSNorm -> (B, L, inner).
+
+    `mixer` provides `conv1d`, `dt_bias`, `A_log`, `D`, `norm`, `kernels` and the sizes
+    `num_heads`, `head_dim`, `n_groups`, `inner`, `groups_state`, `conv_dim`, `conv_kernel`,
+    `chunk_size`, `norm_eps`, `dt_limit`. With `cache` (prefill: one sample per row) it also keeps
+    the conv inputs of the last `conv_kernel - 1` tokens and the SSM state after the last token.
+    """
+    b, l, _ = zxbcdt.shape
+    z, xbc, dt = torch.split(zxbcdt, [mixer.inner, mixer.conv_dim, mixer.num_heads], dim=-1)
+    xbc = xbc.transpose(1, 2)  # (b, conv_dim, l)
+    if cache is not None:
+        # A prompt shorter than the window is left-padded with the zeros the conv reads there.
+        width = mixer.conv_kernel - 1
+        cache.conv.copy_(F.pad(xbc, (max(0, width - l), 0))[..., -width:])
+    xbc = mixer.kernels.conv1d(xbc, mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias, seq_idx,
+                               activation="silu").transpose(1, 2)  # (b, l, conv_dim)
+    x, B, C = torch.split(xbc, [mixer.inner, mixer.groups_state, mixer.groups_state], dim=-1)
+    y = mixer.kernels.ssd(
+        x.reshape(b, l, mixer.num_heads, mixer.head_dim), dt, -torch.exp(mixer.A_log.float()),
+        B.reshape(b, l, mixer.n_groups, -1), C.reshape(b, l, mixer.n_groups, -1), mixer.chunk_size,
+        D=mixer.D, dt_bias=mixer.dt_bias, dt_softplus=True, seq_idx=seq_idx, dt_limit=mixer.dt_limit,
+        return_final_states=cache is not None,
+    )  # (b, l, h, p)
+    if cache is not None:
+        y, final_state = y
+        cache.ssm.copy_(final_state)  # (b, h, p, n)
+    return mixer.kernels.gated_norm(y.reshape(b, l, mixer.inner), z, mixer.norm.weight, mixer.norm_eps,
+                                    group_size=mixer.inner // mixer.n_groups)
+
+
 class Mamba2Mixer(nn.Module):
     """in_proj -> [z | xBC | dt]; causal conv over xBC; chunked SSD scan; gated RMSNorm; out_proj."""
 
@@ -70,10 +110,12 @@ class Mamba2Mixer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.kernels = kernels
-        self.num_heads, self.head_dim = cfg.mamba_num_heads, cfg.mamba_head_dim
+        self.num_heads, self.head_dim, self.n_groups = cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.n_groups
         self.inner = cfg.mamba_intermediate_size
         self.groups_state = cfg.n_groups * cfg.ssm_state_size
         self.conv_dim = self.inner + 2 * self.groups_state
+        self.conv_kernel, self.chunk_size, self.norm_eps = cfg.conv_kernel, cfg.chunk_size, cfg.norm_eps
+        self.dt_limit = mamba_dt_limit(cfg)
         self.in_proj = nn.Linear(cfg.hidden_size, self.inner + self.conv_dim + self.num_heads, bias=False)
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, cfg.conv_kernel, groups=self.conv_dim,
                                 padding=cfg.conv_kernel - 1, bias=True)
@@ -82,9 +124,6 @@ class Mamba2Mixer(nn.Module):
         self.D = nn.Parameter(torch.empty(self.num_heads))
         self.norm = RMSNorm(self.inner, cfg.norm_eps)
         self.out_proj = nn.Linear(self.inner, cfg.hidden_size, bias=False)
-        # transformers' NemotronHMamba2Mixer floors the discretised step at time_step_min (no upper
-        # limit) whatever config.time_step_limit says; matching it keeps HF logits equal to ours.
-        self.dt_limit = (cfg.time_step_min, math.inf)
 
     @torch.no_grad()
     def reset_ssm_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -98,7 +137,7 @@ class Mamba2Mixer(nn.Module):
 
     def allocate_cache(self, batch_size: int, capacity: int) -> MambaCache:
         weight = self.in_proj.weight
-        conv = weight.new_zeros(batch_size, self.conv_dim, self.cfg.conv_kernel - 1)
+        conv = weight.new_zeros(batch_size, self.conv_dim, self.conv_kernel - 1)
         # At least float32 (as the scan computes): a state rounded to bf16 would drift over long generations.
         ssm = torch.zeros(batch_size, self.num_heads, self.head_dim, self.cfg.ssm_state_size,
                           dtype=torch.promote_types(weight.dtype, torch.float32), device=weight.device)
@@ -106,28 +145,8 @@ class Mamba2Mixer(nn.Module):
 
     def forward(self, hidden: Tensor, seq_idx: Tensor | None, cu_seqlens: Tensor,
                 cache: MambaCache | None = None) -> Tensor:
-        """(B, L, D) -> (B, L, D). With `cache` (prefill: one sample per row) it also keeps the conv
-        inputs of the last `conv_kernel - 1` tokens and the SSM state after the last token."""
-        b, l, _ = hidden.shape
-        z, xbc, dt = torch.split(self.in_proj(hidden), [self.inner, self.conv_dim, self.num_heads], dim=-1)
-        xbc = xbc.transpose(1, 2)  # (b, conv_dim, l)
-        if cache is not None:
-            # A prompt shorter than the window is left-padded with the zeros the conv reads there.
-            width = self.cfg.conv_kernel - 1
-            cache.conv.copy_(F.pad(xbc, (max(0, width - l), 0))[..., -width:])
-        xbc = self.kernels.conv1d(xbc, self.conv1d.weight.squeeze(1), self.conv1d.bias, seq_idx,
-                                  activation="silu").transpose(1, 2)  # (b, l, conv_dim)
-        x, B, C = torch.split(xbc, [self.inner, self.groups_state, self.groups_state], dim=-1)
-        y = self.kernels.ssd(
-            x.reshape(b, l, self.num_heads, self.head_dim), dt, self._A(),
-            B.reshape(b, l, self.cfg.n_groups, -1), C.reshape(b, l, self.cfg.n_groups, -1), self.cfg.chunk_size,
-            D=self.D, dt_bias=self.dt_bias, dt_softplus=True, seq_idx=seq_idx, dt_limit=self.dt_limit,
-            return_final_states=cache is not None,
-        )  # (b, l, h, p)
-        if cache is not None:
-            y, final_state = y
-            cache.ssm.copy_(final_state)  # (b, h, p, n)
-        return self._gated_out(y.reshape(b, l, self.inner), z)
+        """(B, L, D) -> (B, L, D); with `cache`, prefill (see `mamba_mix`)."""
+        return self.out_proj(mamba_mix(self, self.in_proj(hidden), seq_idx, cache))
 
     def step(self, hidden: Tensor, cache: MambaCache, position: int) -> Tensor:
         """One token per row (B, D) -> (B, D); advances `cache` in place."""
@@ -137,17 +156,12 @@ class Mamba2Mixer(nn.Module):
                                                    activation="silu")  # (b, conv_dim)
         x, B, C = torch.split(xbc, [self.inner, self.groups_state, self.groups_state], dim=-1)
         y, cache.ssm = ssd_step_ref(
-            cache.ssm, x.reshape(b, self.num_heads, self.head_dim), dt, self._A(),
-            B.reshape(b, self.cfg.n_groups, -1), C.reshape(b, self.cfg.n_groups, -1),
+            cache.ssm, x.reshape(b, self.num_heads, self.head_dim), dt, -torch.exp(self.A_log.float()),
+            B.reshape(b, self.n_groups, -1), C.reshape(b, self.n_groups, -1),
             D=self.D, dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit,
         )  # (b, h, p)
-        return self._gated_out(y.reshape(b, self.inner), z)
-
-    def _A(self) -> Tensor:
-        return -torch.exp(self.A_log.float())  # (h,) negative decay rates
-
-    def _gated_out(self, y: Tensor, z: Tensor) -> Tensor:
-        y = self.kernels.gated_norm(y, z, self.norm.weight, self.cfg.norm_eps, group_size=self.inner // self.cfg.n_groups)
+        y = self.kernels.gated_norm(y.reshape(b, self.inner), z, self.norm.weight, self.norm_eps,
+                                    group_size=self.inner // self.n_groups)
         return self.out_proj(y)
 
 

@@ -1,0 +1,122 @@
+"""The hybrid language model on megatron-core, with the native model's interface.
+
+`McoreLanguageModel` wraps megatron's `MambaModel` (our spec) and offers what the vision-language
+model and the tools use from a language model: `embed_tokens`, `hidden_states` over packed rows,
+the output head's weight, `forward(input_ids, cu_seqlens)` -> logits. Rows of a micro-batch are
+flattened into one packed THD row (megatron's packed-sequence layout): its `cu_seqlens` already
+mark every sample and row boundary, so Mamba state and attention stay inside samples. Embeddings
+are computed whole on every tensor-parallel rank (so media can be spliced in), then scattered
+along the sequence when sequence parallelism is on.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.models.mamba import MambaModel
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.enums import AttnBackend
+from torch import Tensor, nn
+
+from train.config.schema import KernelConfig, LanguageModelConfig, ParallelConfig
+from train.model.language_model import packing_metadata
+from train.model.mcore import compat
+from train.model.mcore.layers import squared_relu
+from train.model.mcore.spec import SpecKind, hybrid_stack_spec
+from train.ops.dispatch import resolve_kernels
+
+
+def transformer_config(lm: LanguageModelConfig, parallel: ParallelConfig, params_dtype: torch.dtype,
+                       device: torch.device) -> TransformerConfig:
+    """megatron's config for our language model and layout (no dropout, no biases, RMSNorm, no
+    positional embedding, squared-ReLU MLP: Nemotron-H)."""
+    on_cpu = device.type == "cpu"
+    return TransformerConfig(
+        num_layers=len(lm.pattern), hidden_size=lm.hidden_size, ffn_hidden_size=lm.mlp_hidden_size,
+        num_attention_heads=lm.num_attention_heads, num_query_groups=lm.num_key_value_heads, kv_channels=lm.head_dim,
+        mamba_num_heads=lm.mamba_num_heads, mamba_head_dim=lm.mamba_head_dim, mamba_state_dim=lm.ssm_state_size,
+        mamba_num_groups=lm.n_groups, is_hybrid_model=True, normalization="RMSNorm", layernorm_epsilon=lm.norm_eps,
+        add_bias_linear=False, add_qkv_bias=False, gated_linear_unit=False, activation_func=squared_relu,
+        hidden_dropout=0.0, attention_dropout=0.0, init_method_std=lm.initializer_range,
+        tensor_model_parallel_size=parallel.tensor_parallel, sequence_parallel=parallel.sequence_parallel,
+        context_parallel_size=parallel.context_parallel, pipeline_model_parallel_size=parallel.pipeline_parallel,
+        params_dtype=params_dtype, use_cpu_initialization=on_cpu, perform_initialization=True,
+        attention_backend=AttnBackend.local if on_cpu else AttnBackend.auto,
+        # Fusions are CUDA kernels or torch.compile'd: off, our ops are already the chosen backends.
+        bias_dropout_fusion=False, masked_softmax_fusion=False, gradient_accumulation_fusion=False,
+        persist_layer_norm=False, apply_rope_fusion=False,
+    )
+
+
+class McoreLanguageModel(nn.Module):
+    def __init__(self, lm: LanguageModelConfig, kernels: KernelConfig, parallel: ParallelConfig,
+                 device: torch.device, spec: SpecKind = "local", params_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        compat.check_version()
+        if not parallel_state.model_parallel_is_initialized():
+            raise RuntimeError("megatron's model-parallel state is not set up: call "
+                               "train.model.mcore.model.initialize_megatron(parallel, device) first")
+        self.cfg, self.device = lm, device
+        self.tp_group = parallel_state.get_tensor_model_parallel_group()
+        self.sequence_parallel = parallel.sequence_parallel
+        config = transformer_config(lm, parallel, params_dtype, device)
+        self.model = MambaModel(
+            config=config, mamba_stack_spec=hybrid_stack_spec(lm, resolve_kernels(kernels), spec),
+            vocab_size=lm.vocab_size, max_sequence_length=2**31 - 1, hybrid_override_pattern=lm.pattern,
+            # hybrid_*_ratio stay 0: the pattern alone places the layers.
+            position_embedding_type="none", share_embeddings_and_output_weights=False, parallel_output=True,
+            # Embeddings stay whole (media are spliced into them); `hidden_states` scatters them.
+            scatter_embedding_sequence_parallel=False,
+            pre_process=parallel_state.is_pipeline_first_stage(), post_process=parallel_state.is_pipeline_last_stage(),
+            ).to(device)
+
+    @property
+    def head_weight(self) -> Tensor:
+        """This rank's rows of the output head (V / tp, D)."""
+        return self.model.output_layer.weight
+
+    def embed_tokens(self, input_ids: Tensor) -> Tensor:
+        """(B, L) -> (B, L, D), whole on every tensor-parallel rank."""
+        return self.model.embedding.word_embeddings(input_ids)
+
+    def hidden_states(self, embeds: Tensor, seq_idx: Tensor | None, cu_seqlens: Tensor) -> Tensor:
+        """(B, L, D) input embeddings -> final normalised hidden states (B, L, D), ready for this rank's
+        slice of the vocabulary-parallel head (their gradient is summed over the tensor-parallel ranks).
+        `cu_seqlens` marks the samples over the flattened B * L tokens; `seq_idx` is implied by it."""
+        b, l, d = embeds.shape
+        rows = embeds.reshape(b * l, 1, d)  # one packed THD row: (T, 1, D)
+        cu = cu_seqlens.to(device=embeds.device, dtype=torch.int32)
+        lengths = torch.diff(cu)
+        packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                                 max_seqlen_q=int(lengths.max()), max_seqlen_kv=int(lengths.max()))
+        if self.sequence_parallel:
+            rows = tensor_parallel.scatter_to_sequence_parallel_region(rows, group=self.tp_group)
+        hidden = self.model.decoder(hidden_states=rows, attention_mask=None, packed_seq_params=packed)
+        if self.sequence_parallel:
+            hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden, group=self.tp_group)
+        else:
+            hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden, group=self.tp_group)
+        return hidden.reshape(b, l, d)
+
+    def forward(self, input_ids: Tensor, cu_seqlens: Tensor | None = None) -> Tensor:
+        """Logits (B, L, V) over the whole vocabulary (gathered from the tensor-parallel ranks), as
+        `HybridLanguageModel.forward`: for evaluation and parity checks; training uses the chunked
+        vocabulary-parallel loss instead."""
+        seq_idx, cu_seqlens = packing_metadata(input_ids.shape, cu_seqlens, input_ids.device)
+        hidden = self.hidden_states(self.embed_tokens(input_ids), seq_idx, cu_seqlens)
+        logits = hidden @ self.head_weight.t()  # (B, L, V / tp)
+        return tensor_parallel.gather_from_tensor_model_parallel_region(logits, group=self.tp_group)
+
+
+def initialize_megatron(parallel: ParallelConfig, device: torch.device) -> None:
+    """megatron's model-parallel groups (same rank order as `train.parallel.dims`) and RNG tracker,
+    on an initialised torch.distributed world."""
+    compat.check_version()
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor_parallel, pipeline_model_parallel_size=parallel.pipeline_parallel,
+        context_parallel_size=parallel.context_parallel, virtual_pipeline_model_parallel_size=None,
+        order="tp-cp-ep-dp-pp")
+    compat.install_cpu_support(device)
+    compat.initialize_rng_tracker(device)

@@ -1,0 +1,104 @@
+"""The module spec of the hybrid stack for megatron-core's `MambaModel`.
+
+Layers are megatron's (`MambaLayer`, `TransformerLayer` with `SelfAttention`, `MLPLayer` with
+`MLP`), pre-norm and residual as Nemotron-H. What we supply: the Mamba mixer, the core attention
+and the norms (`train.model.mcore.layers`), computing through the configured op backends, and
+the linears:
+- "local": megatron's `ColumnParallelLinear` / `RowParallelLinear` (CPU with gloo, or GPU without
+  Transformer Engine);
+- "te": Transformer Engine's linears and its `DotProductAttention` (GPU; FP8; packed rows and
+  context parallelism through TE). Parameter names are the same in both, so checkpoints move
+  between them.
+`MambaStack` builds its final norm with Transformer Engine unconditionally; `HybridStack` builds
+ours instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.ssm.mamba_block import MambaStack, MambaStackSubmodules
+from megatron.core.ssm.mamba_layer import MambaLayer, MambaLayerSubmodules
+from megatron.core.ssm.mlp_layer import MLPLayer
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+from train.config.schema import LanguageModelConfig
+from train.model.mcore.layers import MambaMixer, PackedCoreAttention, RMSNorm
+from train.ops.dispatch import Kernels
+
+SpecKind = Literal["local", "te"]
+
+
+class HybridStack(MambaStack):
+    """megatron's MambaStack with our final norm in place of its Transformer Engine one."""
+
+    def __init__(self, config, submodules, *args, post_layer_norm: bool = True, kernels: Kernels = None, **kwargs):
+        super().__init__(config, submodules, *args, post_layer_norm=False, **kwargs)
+        self.post_layer_norm = post_layer_norm  # read by forward()
+        if self.post_process and post_layer_norm:
+            self.final_norm = RMSNorm(config, config.hidden_size, kernels=kernels)
+
+
+def hybrid_stack_spec(lm: LanguageModelConfig, kernels: Kernels, kind: SpecKind = "local") -> ModuleSpec:
+    if kind == "te":
+        # Imported here: Transformer Engine exists only in GPU installs.
+        from megatron.core.extensions.transformer_engine import (
+            TEColumnParallelLinear, TEDotProductAttention, TERowParallelLinear,
+        )
+
+        column, row, core_attention = TEColumnParallelLinear, TERowParallelLinear, TEDotProductAttention
+    else:
+        column, row = ColumnParallelLinear, RowParallelLinear
+        core_attention = ModuleSpec(module=PackedCoreAttention, params={"kernels": kernels})
+    norm = ModuleSpec(module=RMSNorm, params={"kernels": kernels})
+    return ModuleSpec(
+        module=HybridStack,
+        params={"kernels": kernels},
+        submodules=MambaStackSubmodules(
+            mamba_layer=ModuleSpec(
+                module=MambaLayer,
+                submodules=MambaLayerSubmodules(
+                    norm=norm,
+                    mixer=ModuleSpec(module=MambaMixer, params={"lm": lm, "kernels": kernels},
+                                     submodules=_MixerLinears(in_proj=column, out_proj=row)),
+                    mamba_bda=get_bias_dropout_add,
+                ),
+            ),
+            attention_layer=ModuleSpec(
+                module=TransformerLayer,
+                submodules=TransformerLayerSubmodules(
+                    input_layernorm=norm,
+                    self_attention=ModuleSpec(
+                        module=SelfAttention,
+                        params={"attn_mask_type": AttnMaskType.causal},
+                        submodules=SelfAttentionSubmodules(linear_qkv=column, core_attention=core_attention,
+                                                           linear_proj=row),
+                    ),
+                    self_attn_bda=get_bias_dropout_add,
+                ),
+            ),
+            mlp_layer=ModuleSpec(
+                module=MLPLayer,
+                submodules=TransformerLayerSubmodules(
+                    pre_mlp_layernorm=norm,
+                    mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=column, linear_fc2=row)),
+                    mlp_bda=get_bias_dropout_add,
+                ),
+            ),
+        ),
+    )
+
+
+@dataclass
+class _MixerLinears:
+    """The mixer's two projections (as megatron's MambaMixerSubmodules)."""
+
+    in_proj: type
+    out_proj: type

@@ -1,0 +1,154 @@
+"""Native (transformers Nemotron-H) weights <-> megatron-core's, whole and per tensor-parallel rank.
+
+Names: the native model's follow transformers (`backbone.layers.N.mixer.in_proj.weight`, ...);
+megatron's are those of `MambaModel` with our spec (`decoder.layers.N.mixer.in_proj.weight`, ...).
+Mamba parameters keep their layout; attention's q/k/v become one `linear_qkv` laid out per KV group
+[q heads of the group | k | v] (megatron's layout); the MLP's up/down become `linear_fc1/2`.
+
+Tensor-parallel split of each megatron parameter (`tp_rule`):
+- norms of the layers and the final norm: whole on every rank;
+- Mamba `in_proj`: its output is [z | x | B | C | dt]; each part is split over the ranks and rank r
+  holds [z_r | x_r | B_r | C_r | dt_r] (`conv1d` likewise over [x | B | C]);
+- per-head / per-channel Mamba parameters (`dt_bias`, `A_log`, `D`, the gated norm): split;
+- column-parallel (`linear_qkv`, `linear_fc1`, the output head, the embedding's vocabulary) along
+  dim 0, row-parallel (`out_proj`, `linear_proj`, `linear_fc2`) along dim 1.
+Every conversion is a permutation of whole tensors: round trips are bit-exact.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from train.config.schema import LanguageModelConfig
+
+_MAMBA_PARAMS = ("in_proj.weight", "conv1d.weight", "conv1d.bias", "dt_bias", "A_log", "D", "norm.weight",
+                 "out_proj.weight")
+
+
+def _qkv_to_megatron(q: Tensor, k: Tensor, v: Tensor, lm: LanguageModelConfig) -> Tensor:
+    groups, hd = lm.num_key_value_heads, lm.head_dim
+    per_group = lm.num_attention_heads // groups
+    d = q.shape[1]
+    # (groups, [per_group q heads | k | v] * head_dim, D): megatron's layout of linear_qkv.
+    return torch.cat([q.reshape(groups, per_group * hd, d), k.reshape(groups, hd, d), v.reshape(groups, hd, d)],
+                     dim=1).reshape(-1, d)
+
+
+def _qkv_from_megatron(w: Tensor, lm: LanguageModelConfig) -> tuple[Tensor, Tensor, Tensor]:
+    groups, hd = lm.num_key_value_heads, lm.head_dim
+    per_group = lm.num_attention_heads // groups
+    d = w.shape[1]
+    q, k, v = torch.split(w.reshape(groups, (per_group + 2) * hd, d), [per_group * hd, hd, hd], dim=1)
+    return q.reshape(-1, d), k.reshape(-1, d), v.reshape(-1, d)
+
+
+def native_to_megatron(state: dict[str, Tensor], lm: LanguageModelConfig) -> dict[str, Tensor]:
+    """Whole native language-model weights -> whole megatron weights."""
+    out = {"embedding.word_embeddings.weight": state["backbone.embeddings.weight"],
+           "decoder.final_norm.weight": state["backbone.norm_f.weight"],
+           "output_layer.weight": state["lm_head.weight"]}
+    for i, kind in enumerate(lm.pattern):
+        n, m = f"backbone.layers.{i}.", f"decoder.layers.{i}."
+        if kind == "M":
+            out[m + "norm.weight"] = state[n + "norm.weight"]
+            out.update({m + "mixer." + p: state[n + "mixer." + p] for p in _MAMBA_PARAMS})
+        elif kind == "*":
+            out[m + "input_layernorm.weight"] = state[n + "norm.weight"]
+            out[m + "self_attention.linear_qkv.weight"] = _qkv_to_megatron(
+                *(state[n + f"mixer.{x}_proj.weight"] for x in "qkv"), lm)
+            out[m + "self_attention.linear_proj.weight"] = state[n + "mixer.o_proj.weight"]
+        else:
+            out[m + "pre_mlp_layernorm.weight"] = state[n + "norm.weight"]
+            out[m + "mlp.linear_fc1.weight"] = state[n + "mixer.up_proj.weight"]
+            out[m + "mlp.linear_fc2.weight"] = state[n + "mixer.down_proj.weight"]
+    return out
+
+
+def megatron_to_native(state: dict[str, Tensor], lm: LanguageModelConfig) -> dict[str, Tensor]:
+    """Whole megatron weights -> whole native language-model weights."""
+    out = {"backbone.embeddings.weight": state["embedding.word_embeddings.weight"],
+           "backbone.norm_f.weight": state["decoder.final_norm.weight"],
+           "lm_head.weight": state["output_layer.weight"]}
+    for i, kind in enumerate(lm.pattern):
+        n, m = f"backbone.layers.{i}.", f"decoder.layers.{i}."
+        if kind == "M":
+            out[n + "norm.weight"] = state[m + "norm.weight"]
+            out.update({n + "mixer." + p: state[m + "mixer." + p] for p in _MAMBA_PARAMS})
+        elif kind == "*":
+            out[n + "norm.weight"] = state[m + "input_layernorm.weight"]
+            q, k, v = _qkv_from_megatron(state[m + "self_attention.linear_qkv.weight"], lm)
+            out.update({n + "mixer.q_proj.weight": q, n + "mixer.k_proj.weight": k, n + "mixer.v_proj.weight": v,
+                        n + "mixer.o_proj.weight": state[m + "self_attention.linear_proj.weight"]})
+        else:
+            out[n + "norm.weight"] = state[m + "pre_mlp_layernorm.weight"]
+            out[n + "mixer.up_proj.weight"] = state[m + "mlp.linear_fc1.weight"]
+            out[n + "mixer.down_proj.weight"] = state[m + "mlp.linear_fc2.weight"]
+    return out
+
+
+Rule = tuple[Literal["whole"]] | tuple[Literal["split"], int] | tuple[Literal["parts"], list[int]]
+
+
+def tp_rule(name: str, lm: LanguageModelConfig) -> Rule:
+    """How megatron parameter `name` is laid out over the tensor-parallel ranks (module docstring)."""
+    inner, groups_state = lm.mamba_intermediate_size, lm.n_groups * lm.ssm_state_size
+    if name.endswith("mixer.in_proj.weight"):
+        return ("parts", [inner, inner, groups_state, groups_state, lm.mamba_num_heads])
+    if name.endswith(("mixer.conv1d.weight", "mixer.conv1d.bias")):
+        return ("parts", [inner, groups_state, groups_state])
+    if name.endswith(("mixer.dt_bias", "mixer.A_log", "mixer.D", "mixer.norm.weight")):
+        return ("split", 0)
+    if name.endswith(("norm.weight", "layernorm.weight")):
+        return ("whole",)
+    if name.endswith(("mixer.out_proj.weight", "linear_proj.weight", "linear_fc2.weight")):
+        return ("split", 1)
+    if name.endswith(("linear_qkv.weight", "linear_fc1.weight", "output_layer.weight", "word_embeddings.weight")):
+        return ("split", 0)
+    raise KeyError(f"no tensor-parallel rule for megatron parameter {name}")
+
+
+def shard(full: Tensor, rule: Rule, rank: int, size: int) -> Tensor:
+    """Rank `rank`'s part of a whole parameter."""
+    if rule[0] == "whole":
+        return full.clone()
+    if rule[0] == "split":
+        return full.chunk(size, dim=rule[1])[rank].clone()
+    return torch.cat([part.chunk(size)[rank] for part in torch.split(full, rule[1])]).clone()
+
+
+def unshard(shards: list[Tensor], rule: Rule) -> Tensor:
+    """The whole parameter from every rank's part, in rank order."""
+    if rule[0] == "whole":
+        return shards[0].clone()
+    if rule[0] == "split":
+        return torch.cat(shards, dim=rule[1])
+    size = len(shards)
+    per_rank = [torch.split(s, [n // size for n in rule[1]]) for s in shards]  # [rank][part]
+    return torch.cat([per_rank[r][p] for p in range(len(rule[1])) for r in range(size)])
+
+
+def shard_state(full: dict[str, Tensor], lm: LanguageModelConfig, rank: int, size: int) -> dict[str, Tensor]:
+    return {name: shard(t, tp_rule(name, lm), rank, size) for name, t in full.items()}
+
+
+def unshard_state(shards: list[dict[str, Tensor]], lm: LanguageModelConfig) -> dict[str, Tensor]:
+    return {name: unshard([s[name] for s in shards], tp_rule(name, lm)) for name in shards[0]}
+
+
+def local_state(module: torch.nn.Module) -> dict[str, Tensor]:
+    """A megatron model's parameters on this rank (its state dict also holds empty `_extra_state`
+    slots of the linears, kept for Transformer Engine)."""
+    return {name: p.detach() for name, p in module.named_parameters()}
+
+
+def load_local_state(module: torch.nn.Module, state: dict[str, Tensor]) -> None:
+    """Load this rank's parameters (strict: every parameter, nothing else)."""
+    expected = set(local_state(module))
+    if set(state) != expected:
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise KeyError(f"megatron weights do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    extra = {k: None for k in module.state_dict() if k.endswith("._extra_state")}
+    module.load_state_dict({**extra, **state}, strict=True)
