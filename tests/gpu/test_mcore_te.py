@@ -1,0 +1,57 @@
+"""model.impl=mcore on GPU with the Transformer Engine spec (marked gpu; skipped without CUDA).
+
+The TE spec (TE linears and TE's DotProductAttention, mamba-ssm scan) against the native model on
+the same weights: packed rows through TE attention (THD), bf16 tolerances. One process (TP=1);
+the multi-rank layouts are covered on CPU by tests/integration/test_mcore_parallel.py.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from train.config.schema import KernelConfig, LanguageModelConfig, ParallelConfig
+from train.model.language_model import HybridLanguageModel
+from train.model.mcore import weights
+
+pytestmark = pytest.mark.gpu
+
+KERNELS = KernelConfig(ssd="mamba_ssm", conv1d="causal_conv1d", attention="transformer_engine", gated_norm="mamba_ssm")
+
+
+@pytest.fixture(scope="module")
+def megatron_world():
+    pytest.importorskip("transformer_engine")
+    from train.model.mcore.model import initialize_megatron
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29533")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl", rank=0, world_size=1)
+    torch.cuda.set_device(0)
+    initialize_megatron(ParallelConfig(), torch.device("cuda"))
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("pattern", ["M-M-", "M-M*M-*-"])
+def test_te_spec_equals_native_on_packed_rows(megatron_world, pattern):
+    from train.model.mcore.model import McoreLanguageModel
+
+    lm = LanguageModelConfig(pattern=pattern, hidden_size=256, vocab_size=512, num_attention_heads=8,
+                             num_key_value_heads=2, head_dim=32, mamba_num_heads=8, mamba_head_dim=32,
+                             ssm_state_size=64, n_groups=2, chunk_size=64, mlp_hidden_size=512)
+    native = HybridLanguageModel(lm, KERNELS)
+    native.reset_parameters(torch.Generator().manual_seed(0))
+    native = native.to("cuda", torch.bfloat16)
+    mcore = McoreLanguageModel(lm, KERNELS, ParallelConfig(), torch.device("cuda"), spec="te",
+                               params_dtype=torch.bfloat16)
+    weights.load_local_state(mcore.model, weights.native_to_megatron(native.state_dict(), lm))
+    ids = torch.randint(0, lm.vocab_size, (1, 512), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    cu = torch.tensor([0, 100, 357, 512], dtype=torch.int32, device="cuda")
+    with torch.no_grad():
+        expected, got = native(ids, cu).float(), mcore(ids, cu).float()
+    assert (got - expected).abs().max() / expected.abs().max() < 3e-2
