@@ -74,3 +74,12 @@ def test_hf_to_megatron_to_hf_is_bit_exact(tmp_path):
                                             LM), LM)
     again = native_to_hf_state({f"language_model.{k}": v for k, v in back.items()})
     assert_same(again, used)
+
+
+def test_every_native_parameter_names_the_megatron_parameter_it_lives_in():
+    from train.model.mcore.weights import megatron_name
+
+    native = native_state()
+    full = native_to_megatron(native, LM)
+    assert {megatron_name(name, LM) for name in native} == set(full)
+    assert megatron_name("backbone.layers.3.mixer.k_proj.weight", LM) == "decoder.layers.3.self_attention.linear_qkv.weight"

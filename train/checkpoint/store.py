@@ -21,9 +21,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions, get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict,
-)
+
+from train.checkpoint.layout import NativeLayout, StateLayout
 
 COMPLETE_MARKER = "COMPLETE"
 
@@ -89,11 +88,12 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    rank_state: dict, keep_last: int, precision_state: dict | None = None) -> Path:
+                    rank_state: dict, keep_last: int, precision_state: dict | None = None,
+                    layout: StateLayout = NativeLayout()) -> Path:
     """Write step `step` atomically and point `latest` at it; prune to `keep_last` complete ones.
 
     `precision_state` (FP8 amax histories and scales) is saved beside model and optimizer."""
-    Checkpointer(root, keep_last).save(step, model, optimizer, rank_state, precision_state)
+    Checkpointer(root, keep_last, layout=layout).save(step, model, optimizer, rank_state, precision_state)
     return root / step_dir_name(step)
 
 
@@ -110,8 +110,8 @@ class Checkpointer:
     while it is written; `wait` blocks until the pending write is done (end of training, preemption).
     """
 
-    def __init__(self, root: Path, keep_last: int, async_save: bool = False):
-        self.root, self.keep_last, self.async_save = root, keep_last, async_save
+    def __init__(self, root: Path, keep_last: int, async_save: bool = False, layout: StateLayout = NativeLayout()):
+        self.root, self.keep_last, self.async_save, self.layout = root, keep_last, async_save, layout
         self._pending: tuple[Future, Path, int] | None = None  # (shard writes, tmp dir, step)
         self._group = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
         if async_save:  # the writer thread warns after `dcp_quietly` has exited: filter it for good
@@ -126,7 +126,7 @@ class Checkpointer:
         if _rank() == 0 and tmp.exists():
             shutil.rmtree(tmp)
         _barrier()
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = self.layout.state(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd, "precision": precision_state or {}}
         try:
             # Before the shards: once rank 0's shard write completes, every rank's JSON is there.
@@ -222,16 +222,16 @@ def resolve_native_checkpoint(path: Path) -> tuple[Path, Path]:
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    precision_state: dict | None = None) -> dict:
+                    precision_state: dict | None = None, layout: StateLayout = NativeLayout()) -> dict:
     """Restore model, optimizer, RNG and (into `precision_state`'s tensors, in place) the
     precision state; returns this rank's saved state."""
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = layout.state(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     if precision_state:
         state["precision"] = precision_state
     with dcp_quietly():
         dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    layout.load_state(model, optimizer, state["model"], state["optim"])
     rank_file = path / f"rank_{_rank()}.json"
     if not rank_file.exists():  # resumed with more ranks than saved: take rank 0's counters
         rank_file = path / "rank_0.json"
@@ -241,7 +241,8 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
 
 
 def load_newest_readable(root: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                         precision_state: dict | None = None) -> tuple[Path, dict] | None:
+                         precision_state: dict | None = None,
+                         layout: StateLayout = NativeLayout()) -> tuple[Path, dict] | None:
     """Load the checkpoint `latest` names; if it cannot be read (a truncated shard, a damaged
     file), warn and fall back to the next newest complete one, never silently to step 0.
     Returns (path, this rank's saved state), or None when there is no checkpoint at all."""
@@ -251,7 +252,7 @@ def load_newest_readable(root: Path, model: torch.nn.Module, optimizer: torch.op
     candidates = [first] + [p for p in reversed(complete_checkpoints(root)) if p != first]
     for i, path in enumerate(candidates):
         try:
-            return path, load_checkpoint(path, model, optimizer, precision_state)
+            return path, load_checkpoint(path, model, optimizer, precision_state, layout)
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as err:  # DCP's CheckpointException is a BaseException
@@ -281,7 +282,7 @@ def read_data_states(path: Path) -> list[dict]:
     return [by_data_rank[r] for r in sorted(by_data_rank)]
 
 
-def load_model_weights(path: Path, model: torch.nn.Module) -> None:
+def load_model_weights(path: Path, model: torch.nn.Module, layout: StateLayout = NativeLayout()) -> None:
     """Only the model weights (stage hand-off: fresh optimizer and schedule).
 
     A checkpoint may hold a subset of the model's top-level parts (an LM-only conversion of a
@@ -291,7 +292,7 @@ def load_model_weights(path: Path, model: torch.nn.Module) -> None:
     with dcp_quietly():
         saved = {k.removeprefix("model.") for k in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
                  if k.startswith("model.")}
-    full = get_model_state_dict(model)
+    full = layout.model_state(model)
     parts = sorted({k.split(".", 1)[0] for k in full})
     absent = [p for p in parts if not any(k.startswith(p + ".") for k in saved)]
     partial = sorted(k for k in full if k not in saved and k.split(".", 1)[0] not in absent)
@@ -304,4 +305,4 @@ def load_model_weights(path: Path, model: torch.nn.Module) -> None:
     state = {"model": {k: v for k, v in full.items() if k.split(".", 1)[0] not in absent}}
     with dcp_quietly():
         dcp.load(state, checkpoint_id=str(path))
-    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
+    layout.load_model_state(model, state["model"], strict=False)

@@ -396,6 +396,8 @@ class Config:
         for name in ("model", "data", "optim", "trainer", "trainable", "init", "parallel", "precision"):
             getattr(self, name).validate(name)
         self.model.kernels.validate_runtime("model.kernels", self.trainer.device, self.precision.name)
+        if self.model.impl == "mcore":
+            self._validate_mcore()
         if self.parallel.model_parallel and self.model.impl != "mcore":
             raise ConfigError(
                 f"parallel.tensor_parallel={self.parallel.tensor_parallel}, context_parallel="
@@ -407,6 +409,36 @@ class Config:
                 f"{self.model.vision.image_size}: set them equal"
             )
         return self
+
+    def _validate_mcore(self) -> None:
+        """What the megatron-core engine supports today, and the shapes a layout needs."""
+        par, lm = self.parallel, self.model.language_model
+        if par.context_parallel > 1 or par.pipeline_parallel > 1:
+            raise ConfigError("model.impl=mcore runs tensor (and sequence) parallelism today; context and pipeline "
+                              "parallelism are not built yet: set parallel.context_parallel=1 "
+                              "parallel.pipeline_parallel=1")
+        if par.data_parallel == "fsdp":
+            raise ConfigError("model.impl=mcore shards with its own layout: set parallel.data_parallel=ddp")
+        if par.distributed_optimizer:
+            raise ConfigError("parallel.distributed_optimizer=true is not built yet for model.impl=mcore; set it false")
+        if self.precision.is_fp8:
+            raise ConfigError(f"precision={self.precision.name} with model.impl=mcore is not built yet (megatron's "
+                              "linears are not converted to FP8); use bf16 or fp32")
+        tp = par.tensor_parallel
+        _check_divides(tp, {"model.language_model.mamba_num_heads": lm.mamba_num_heads,
+                            "model.language_model.n_groups": lm.n_groups,
+                            "model.language_model.num_attention_heads": lm.num_attention_heads,
+                            "model.language_model.num_key_value_heads": lm.num_key_value_heads,
+                            "model.language_model.vocab_size": lm.vocab_size})
+        if par.sequence_parallel:
+            _check_divides(tp, {"data.seq_length": self.data.seq_length})
+
+
+def _check_divides(tp: int, pairs: dict[str, int]) -> None:
+    for field_path, value in pairs.items():
+        if value % tp:
+            raise ConfigError(f"{field_path}={value} must be a multiple of parallel.tensor_parallel={tp}: each "
+                              "tensor-parallel rank holds an equal share")
 
 
 def from_dict(cls: type, data: Any, path: str = "") -> Any:

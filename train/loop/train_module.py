@@ -16,7 +16,7 @@ from torch import nn
 
 from data_pipelines.training.batch import PackedBatch
 from train.config.schema import Config, OptimConfig, TrainableConfig
-from train.parallel.distributed import DistInfo, all_reduce_sum
+from train.parallel.distributed import DistInfo, all_reduce_sum, clip_grad_norm, finalize_tensor_parallel_grads
 from train.model.vlm import VisionLanguageModel
 from train.precision import Precision
 
@@ -120,9 +120,9 @@ class TrainModule:
                 (loss * scale).backward()
             loss_sum += float(loss.detach())
         params = [p for p in self.model.parameters() if p.requires_grad]
+        finalize_tensor_parallel_grads(params, self.info)
         clip = self.cfg.optim.clip_grad if self.cfg.optim.clip_grad > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(params, clip)
-        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # DTensor under FSDP2
+        grad_norm = clip_grad_norm(params, clip, self.info)
         # Context-parallel peers each hold the loss of their slice of the rows.
         loss = all_reduce_sum(loss_sum, self.info, "data_context") / global_weight
         # clip_grad_norm_ reduces over DDP-synchronised grads, so every rank agrees on this.

@@ -21,6 +21,7 @@ from data_pipelines.training import special_tokens as st
 from data_pipelines.training.loader import PackedBatchStream, build_batch_stream
 from data_pipelines.training.samples import Tokenizer
 from train.loop.callbacks import MetricsFile, Progress, WandbLogger
+from train.checkpoint.layout import NativeLayout, StateLayout
 from train.checkpoint.store import (
     Checkpointer, find_latest, load_model_weights, load_newest_readable, read_data_states,
 )
@@ -43,21 +44,38 @@ def prepare_data_files(cfg: Config) -> None:
 
 def build_data(cfg: Config, tokenizer: Tokenizer, info: DistInfo) -> PackedBatchStream:
     return build_batch_stream(cfg.data, tokenizer, tokens_per_tile=cfg.model.tokens_per_tile, seed=cfg.seed,
-                              micro_batch_size=cfg.trainer.micro_batch_size, rank=info.rank,
-                              world_size=info.world_size, loss_weighting=cfg.trainer.loss_weighting)
+                              micro_batch_size=cfg.trainer.micro_batch_size, rank=info.data_rank,
+                              world_size=info.data_size, loss_weighting=cfg.trainer.loss_weighting)
 
 
-def build_model(cfg: Config, tokenizer: Tokenizer) -> VisionLanguageModel:
+def build_model(cfg: Config, tokenizer: Tokenizer, device: torch.device | None = None
+                ) -> tuple[VisionLanguageModel, StateLayout]:
+    """The stage's model, initialised (seed, then `init.from_checkpoint`), with its checkpoint layout.
+
+    `model.impl=mcore` puts the language model on megatron-core (on an initialised process group);
+    the vision tower and projector are the same modules on either engine."""
     if tokenizer.vocab_size > cfg.model.language_model.vocab_size:
         raise ConfigError(f"model.language_model.vocab_size={cfg.model.language_model.vocab_size} is smaller than the "
                           f"tokenizer's {tokenizer.vocab_size} tokens: raise it")
+    engine: dict = {}
+    layout: StateLayout = NativeLayout()
+    if cfg.model.impl == "mcore":
+        from train.model.mcore.loss import VocabParallelChunkedCrossEntropy
+        from train.model.mcore.model import McoreLanguageModel, initialize_megatron
+        from train.model.mcore.state import McoreLayout
+
+        device = device or torch.device("cpu")
+        initialize_megatron(cfg.parallel, device)
+        language_model = McoreLanguageModel(cfg.model.language_model, cfg.model.kernels, cfg.parallel, device)
+        engine = {"language_model": language_model, "loss": VocabParallelChunkedCrossEntropy(cfg.model.loss_chunk_size)}
+        layout = McoreLayout(language_model)
     model = VisionLanguageModel(cfg.model, image_token_id=tokenizer.special_ids[st.IMG_CONTEXT],
-                                image_end_id=tokenizer.special_ids[st.IMG_END])
+                                image_end_id=tokenizer.special_ids[st.IMG_END], **engine)
     model.reset_parameters(cfg.seed)
     if cfg.init.from_checkpoint:
-        load_model_weights(Path(cfg.init.from_checkpoint), model)
+        load_model_weights(Path(cfg.init.from_checkpoint), model, layout)
     apply_trainable(model, cfg.trainable)
-    return model
+    return model, layout
 
 
 def seed_everything(seed: int) -> None:
@@ -73,15 +91,16 @@ class Trainer:
         self.ckpt_root = self.run_dir / "checkpoints"
         tokenizer = Tokenizer.load(cfg.data.tokenizer)
         self.precision = build_precision(cfg.precision, info.device)
+        model, self.layout = build_model(cfg, tokenizer, info.device)
         # FP8 swaps Linear modules: before the optimizer (same Parameters either way) and DDP.
-        self.model = self.precision.convert_model(build_model(cfg, tokenizer).to(info.device))
+        self.model = self.precision.convert_model(model.to(info.device))
         # Wrap before the optimizer and the resume: FSDP2 turns parameters into DTensor shards.
         forward_module = wrap_data_parallel(self.model, cfg.parallel, info)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.data = build_data(cfg, tokenizer, info)
         self.step, self.tokens = 0, 0
         precision_state = self.precision.state_dict()
-        loaded = load_newest_readable(self.ckpt_root, self.model, self.optimizer, precision_state)
+        loaded = load_newest_readable(self.ckpt_root, self.model, self.optimizer, precision_state, self.layout)
         if loaded is not None:
             latest, saved = loaded
             self.precision.load_state_dict(precision_state)
@@ -95,7 +114,7 @@ class Trainer:
                 self._log(f"resharded the data position from {len(data_states)} to {info.data_size} ranks of data parallelism")
             self._log(f"resumed from {latest} at step {self.step}")
         self.train_module = TrainModule(forward_module, self.optimizer, cfg, info, self.precision)
-        self.checkpointer = Checkpointer(self.ckpt_root, cfg.trainer.keep_last, cfg.trainer.async_save)
+        self.checkpointer = Checkpointer(self.ckpt_root, cfg.trainer.keep_last, cfg.trainer.async_save, self.layout)
 
     def _log(self, message: str) -> None:
         if self.info.is_main:
@@ -204,7 +223,8 @@ def run_stage(cfg: Config) -> dict:
     if done is not None:
         print(f"[{cfg.stage}] already finished ({done['steps']} steps) in {cfg.run.dir}; nothing to do", flush=True)
         return done
-    info = init_distributed(cfg.parallel, cfg.trainer.device)
+    # megatron-core needs a process group even for one process.
+    info = init_distributed(cfg.parallel, cfg.trainer.device, always=cfg.model.impl == "mcore")
     try:
         if info.is_main:
             prepare_data_files(cfg)

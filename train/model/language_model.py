@@ -312,10 +312,22 @@ class HybridLanguageModel(nn.Module):
                 if proj is not None:
                     proj.weight.div_(math.sqrt(2 * len(self.cfg.pattern)))
 
+    # The language-model interface the vision-language model uses, shared with the megatron-core
+    # engine (`train.model.mcore.model.McoreLanguageModel`).
+    def embed_tokens(self, input_ids: Tensor) -> Tensor:
+        return self.backbone.embeddings(input_ids)  # (B, L) -> (B, L, D)
+
+    def hidden_states(self, embeds: Tensor, seq_idx: Tensor, cu_seqlens: Tensor) -> Tensor:
+        """(B, L, D) input embeddings -> final normalised hidden states (B, L, D)."""
+        return self.backbone(embeds, seq_idx, cu_seqlens)
+
+    @property
+    def head_weight(self) -> Tensor:
+        return self.lm_head.weight  # (V, D)
+
     def forward(self, input_ids: Tensor, cu_seqlens: Tensor | None = None) -> Tensor:
         seq_idx, cu_seqlens = packing_metadata(input_ids.shape, cu_seqlens, input_ids.device)
-        hidden = self.backbone(self.backbone.embeddings(input_ids), seq_idx, cu_seqlens)
-        return self.lm_head(hidden)
+        return self.lm_head(self.hidden_states(self.embed_tokens(input_ids), seq_idx, cu_seqlens))
 
     @torch.no_grad()
     def prefill(self, embeds: Tensor, capacity: int) -> tuple[Tensor, InferenceCache]:

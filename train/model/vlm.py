@@ -17,7 +17,7 @@ from train.model.vision import VisionEncoder
 
 class VisionLanguageModel(nn.Module):
     def __init__(self, cfg: ModelConfig, image_token_id: int, image_end_id: int | None = None,
-                 loss: LanguageModelLoss | None = None):
+                 language_model: nn.Module | None = None, loss: LanguageModelLoss | None = None):
         super().__init__()
         self.cfg = cfg
         self.image_token_id = image_token_id
@@ -26,11 +26,12 @@ class VisionLanguageModel(nn.Module):
         self.vision_model = VisionEncoder(cfg.vision, cfg.kernels.activation_checkpointing == "layers")
         self.projector = Projector(cfg.projector, cfg.vision.hidden_size, cfg.language_model.hidden_size,
                                    cfg.language_model.norm_eps)
-        self.language_model = HybridLanguageModel(cfg.language_model, cfg.kernels)
+        # Another engine passes its own language model with the same interface (`embed_tokens`,
+        # `hidden_states`, `head_weight`) and the loss that goes with its head.
+        self.language_model = language_model or HybridLanguageModel(cfg.language_model, cfg.kernels)
         mean, std = IMAGE_NORMALIZATION[cfg.vision.normalization]
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
-        # An engine with a vocab-parallel output head passes its own loss (same call signature).
         self.loss = loss or ChunkedCrossEntropy(cfg.loss_chunk_size)
 
     @torch.no_grad()
@@ -65,7 +66,7 @@ class VisionLanguageModel(nn.Module):
                 raise ValueError("this batch prunes videos with EVS: build the model with image_end_id (`</img>`)")
             media, input_ids = prune_videos(media, input_ids, video_evs, self.cfg.tokens_per_tile,
                                             self.image_token_id, self.image_end_id)
-        embeds = self.language_model.backbone.embeddings(input_ids)
+        embeds = self.language_model.embed_tokens(input_ids)
         media_positions = input_ids == self.image_token_id
         num_slots = int(media_positions.sum())
         num_media = 0 if media is None else media.shape[0]
@@ -79,11 +80,11 @@ class VisionLanguageModel(nn.Module):
                       video_evs: Tensor | None = None) -> Tensor:
         """(B, L) ids + media -> final normalised hidden states (B, L, D)."""
         embeds = self.embed_inputs(input_ids, tiles, video_evs)
-        return self.language_model.backbone(embeds, seq_idx, cu_seqlens)
+        return self.language_model.hidden_states(embeds, seq_idx, cu_seqlens)
 
     def forward(self, batch: PackedBatch) -> tuple[Tensor, int]:
         """Weighted sum of next-token cross-entropy over the batch's targets, and their count
         (`self.loss`, by default `train.model.loss.ChunkedCrossEntropy`). EVS only rewrites media
         spans, which carry no loss, so the targets stay as the collator made them."""
         hidden = self.hidden_states(batch.input_ids, batch.tiles, batch.seq_idx, batch.cu_seqlens, batch.video_evs)
-        return self.loss(hidden, batch, self.language_model.lm_head.weight)
+        return self.loss(hidden, batch, self.language_model.head_weight)

@@ -42,8 +42,9 @@ class DistInfo:
         return self.dims.data
 
 
-def init_distributed(parallel: ParallelConfig, device_name: str) -> DistInfo:
-    """Join the torchrun world and build the process group of every parallel dimension."""
+def init_distributed(parallel: ParallelConfig, device_name: str, always: bool = False) -> DistInfo:
+    """Join the torchrun world and build the process group of every parallel dimension. A lone
+    process makes a 1-rank process group only when `always` (megatron-core needs one)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -53,9 +54,12 @@ def init_distributed(parallel: ParallelConfig, device_name: str) -> DistInfo:
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    if world_size > 1 and not dist.is_initialized():
+    if (world_size > 1 or always) and not dist.is_initialized():
         backend = parallel.backend if parallel.backend != "auto" else ("nccl" if use_cuda else "gloo")
-        dist.init_process_group(backend=backend)
+        if world_size == 1:  # launched without torchrun: a private 1-rank rendezvous
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
     dims = ParallelDims(world_size, parallel.tensor_parallel, parallel.context_parallel, parallel.pipeline_parallel)
     return DistInfo(rank, world_size, local_rank, device, dims, ProcessGroups(dims, rank))
 
@@ -67,7 +71,7 @@ def wrap_data_parallel(model: nn.Module, parallel: ParallelConfig, info: DistInf
     language models are shard units, then the root; parameters become DTensors in place, so the
     optimizer must be built after this. ddp: a wrapper around the unchanged model.
     """
-    if info.world_size == 1:
+    if info.data_size == 1:
         return model
     if parallel.data_parallel == "fsdp":
         from torch.distributed.fsdp import fully_shard
@@ -83,7 +87,9 @@ def wrap_data_parallel(model: nn.Module, parallel: ParallelConfig, info: DistInf
     device_ids = [info.local_rank] if info.device.type == "cuda" else None
     # A text-only micro-batch leaves the (trainable) vision side without gradients; DDP must know,
     # or its buckets for those parameters are never reduced and ranks silently diverge.
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=True)
+    # Gradients are averaged over the data-parallel replicas only (tensor-parallel peers hold other shards).
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=True,
+                                               process_group=info.groups.get("data"))
 
 
 def all_reduce_sum(value: float, info: DistInfo, group: GroupName) -> float:
@@ -94,6 +100,45 @@ def all_reduce_sum(value: float, info: DistInfo, group: GroupName) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=info.device if info.device.type == "cuda" else "cpu")
     dist.all_reduce(t, group=process_group)
     return float(t.item())
+
+
+def finalize_tensor_parallel_grads(params: list[nn.Parameter], info: DistInfo) -> None:
+    """Under sequence parallelism each tensor-parallel rank applies the norms to its slice of the
+    sequence, so their gradients (parameters tagged `sequence_parallel`) are partial: sum them."""
+    group = info.groups.get("tensor") if info.groups is not None else None
+    if group is None:
+        return
+    for p in params:
+        if p.grad is not None and getattr(p, "sequence_parallel", False):
+            dist.all_reduce(p.grad, group=group)
+
+
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float, info: DistInfo) -> float:
+    """Clip to `max_norm` by the norm of the whole model's gradient; returns that norm.
+
+    With tensor parallelism a parameter split over the ranks (tagged `tensor_model_parallel`, as
+    megatron tags them) counts each rank's part once, and a parameter every rank holds whole counts
+    once, as it does in the model the ranks hold together. Otherwise: torch's clip_grad_norm_."""
+    group = info.groups.get("tensor") if info.groups is not None else None
+    if group is None:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # DTensor under FSDP2
+    grads = [p for p in params if p.grad is not None]
+    split = torch.zeros((), dtype=torch.float64)
+    whole = torch.zeros((), dtype=torch.float64)
+    for p in grads:
+        square = p.grad.detach().double().square().sum().cpu()
+        if getattr(p, "tensor_model_parallel", False):
+            split += square
+        else:
+            whole += square
+    dist.all_reduce(split, group=group)
+    total = float((split + whole).sqrt())
+    coefficient = max_norm / (total + 1e-6)
+    if coefficient < 1:
+        for p in grads:
+            p.grad.mul_(coefficient)
+    return total
 
 
 def shutdown() -> None:
@@ -114,3 +159,11 @@ def sum_counts(counts: dict[str, int], info: DistInfo) -> dict[str, int]:
         for key, value in part.items():
             total[key] = total.get(key, 0) + value
     return dict(sorted(total.items()))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -12,6 +12,7 @@ along the sequence when sequence parallelism is on.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.mamba import MambaModel
 from megatron.core.packed_seq_params import PackedSeqParams
@@ -20,8 +21,8 @@ from megatron.core.transformer.enums import AttnBackend
 from torch import Tensor, nn
 
 from train.config.schema import KernelConfig, LanguageModelConfig, ParallelConfig
-from train.model.language_model import packing_metadata
-from train.model.mcore import compat
+from train.model.language_model import HybridLanguageModel, packing_metadata
+from train.model.mcore import compat, weights
 from train.model.mcore.layers import squared_relu
 from train.model.mcore.spec import SpecKind, hybrid_stack_spec
 from train.ops.dispatch import resolve_kernels
@@ -59,6 +60,7 @@ class McoreLanguageModel(nn.Module):
                                "train.model.mcore.model.initialize_megatron(parallel, device) first")
         self.cfg, self.device = lm, device
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
+        self.tp_rank, self.tp_size = self.tp_group.rank(), self.tp_group.size()
         self.sequence_parallel = parallel.sequence_parallel
         config = transformer_config(lm, parallel, params_dtype, device)
         self.model = MambaModel(
@@ -70,6 +72,38 @@ class McoreLanguageModel(nn.Module):
             scatter_embedding_sequence_parallel=False,
             pre_process=parallel_state.is_pipeline_first_stage(), post_process=parallel_state.is_pipeline_last_stage(),
             ).to(device)
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """The native model's initialisation, drawn from `generator` exactly as the native model
+        draws it, then split: a fresh run starts from the same weights on either engine. It builds
+        the whole language model once on the CPU (runs of the 12B start from a checkpoint instead)."""
+        native = HybridLanguageModel(self.cfg)
+        native.reset_parameters(generator)
+        self.load_native_state(native.state_dict())
+
+    def load_native_state(self, state: dict[str, Tensor]) -> None:
+        """Whole native-named weights (`backbone.*`, `lm_head.weight`) -> this rank's parameters."""
+        full = weights.native_to_megatron(state, self.cfg)
+        weights.load_local_state(self.model, {k: v.to(self.device) for k, v in weights.shard_state(
+            full, self.cfg, self.tp_rank, self.tp_size).items()})
+
+    def native_state(self) -> dict[str, Tensor]:
+        """Whole native-named weights, joined from every tensor-parallel rank (a collective)."""
+        return weights.megatron_to_native(self.gather_local(weights.local_state(self.model)), self.cfg)
+
+    def gather_local(self, local: dict[str, Tensor]) -> dict[str, Tensor]:
+        """{megatron name: this rank's tensor} -> {megatron name: whole tensor}, on every rank."""
+        if self.tp_size == 1:
+            return {name: t.detach().clone() for name, t in local.items()}
+        shards: list[dict[str, Tensor]] = [{} for _ in range(self.tp_size)]
+        for name in sorted(local):  # the same order on every rank: these are collectives
+            tensor = local[name]
+            parts = [torch.empty_like(tensor) for _ in range(self.tp_size)]
+            dist.all_gather(parts, tensor.detach().contiguous(), group=self.tp_group)
+            for rank, part in enumerate(parts):
+                shards[rank][name] = part
+        return weights.unshard_state(shards, self.cfg)
 
     @property
     def head_weight(self) -> Tensor:

@@ -89,6 +89,25 @@ def megatron_to_native(state: dict[str, Tensor], lm: LanguageModelConfig) -> dic
     return out
 
 
+def megatron_name(native_name: str, lm: LanguageModelConfig) -> str:
+    """The megatron parameter a native parameter lives in (q, k and v all live in `linear_qkv`)."""
+    fixed = {"backbone.embeddings.weight": "embedding.word_embeddings.weight",
+             "backbone.norm_f.weight": "decoder.final_norm.weight", "lm_head.weight": "output_layer.weight"}
+    if native_name in fixed:
+        return fixed[native_name]
+    _, _, index, rest = native_name.split(".", 3)  # backbone.layers.N.<rest>
+    m = f"decoder.layers.{index}."
+    kind = lm.pattern[int(index)]
+    if rest == "norm.weight":
+        return m + {"M": "norm.weight", "*": "input_layernorm.weight", "-": "pre_mlp_layernorm.weight"}[kind]
+    if kind == "M":
+        return m + rest
+    if kind == "*":
+        return m + ("self_attention.linear_proj.weight" if rest == "mixer.o_proj.weight"
+                    else "self_attention.linear_qkv.weight")
+    return m + {"mixer.up_proj.weight": "mlp.linear_fc1.weight", "mixer.down_proj.weight": "mlp.linear_fc2.weight"}[rest]
+
+
 Rule = tuple[Literal["whole"]] | tuple[Literal["split"], int] | tuple[Literal["parts"], list[int]]
 
 
