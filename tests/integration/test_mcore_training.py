@@ -22,7 +22,9 @@ TORCHRUN = ["torch.distributed.run", "--nproc-per-node", "2", "-m"]
 STAGE = ["train", "--config-name", "stage3_text_recovery", "smoke=cpu", "trainer.max_steps=8", "trainer.save_every=3",
          "optim.eps=1e-4", "logger.progress_bar=false"]
 MCORE = ["model.impl=mcore"]
-TP2 = [*MCORE, "parallel.tensor_parallel=2", "parallel.sequence_parallel=true"]
+# Layers recomputed in backward as the 12B runs them (collectives rerun inside the recompute).
+TP2 = [*MCORE, "parallel.tensor_parallel=2", "parallel.sequence_parallel=true",
+       "model.kernels.activation_checkpointing=layers"]
 
 
 def losses(run_dir) -> list[float]:

@@ -9,6 +9,7 @@ import torch
 from transformers import NemotronHConfig, NemotronHForCausalLM
 
 from train import plan
+from train.config.schema import ConfigError
 from train.planning import estimate
 
 GIB = 2**30
@@ -23,8 +24,9 @@ NANO_12B = dict(
 @pytest.fixture(scope="module")
 def stage1(tmp_path_factory):
     out = tmp_path_factory.mktemp("plan1")
-    # The recipe's data lives on a cluster; plan must not look for it.
-    assert plan.main(["--config-name", "stage1_image_sft", "--out", str(out),
+    # The recipe's data lives on a cluster; plan must not look for it. One GPU, native engine: the
+    # whole model's arithmetic (the recipe's own layout is tested below).
+    assert plan.main(["--config-name", "stage1_image_sft", "--out", str(out), "parallel=single",
                       "data.sources=[{name:x,path:/nonexistent/shards,weight:1.0}]"]) == 0
     return json.loads((out / "plan.json").read_text())
 
@@ -92,3 +94,32 @@ def test_plan_lists_the_fp8_region(tmp_path):
     assert 0 not in layers and 61 not in layers  # first and last layer kept in BF16
     assert plan.main(["--config-name", "stage1_image_sft", "--out", str(tmp_path)]) == 0
     assert json.loads((tmp_path / "plan.json").read_text())["fp8_modules"] == []
+
+
+def test_12b_recipes_fit_80gb_gpus_with_their_layouts(tmp_path):
+    """Stages 1 and 2 name a megatron-core layout; Stage 4 at 311,296 tokens fits once context
+    parallelism splits its rows (the layout the README gives), and not without it."""
+    for recipe in ("stage1_image_sft", "stage2_video_sft"):
+        cfg = estimate.load_plan_config(recipe, [])
+        assert cfg.model.impl == "mcore" and cfg.parallel.tensor_parallel > 1
+        result = estimate.make_plan(cfg, recipe)
+        assert result["memory_gib"]["total"] <= 80, (recipe, result["memory_gib"])
+        assert result["layout"]["world_size"] == cfg.parallel.tensor_parallel
+    long_layout = ["model.impl=mcore", "parallel.tensor_parallel=8", "parallel.sequence_parallel=true",
+                   "parallel.context_parallel=4"]
+    long = estimate.make_plan(estimate.load_plan_config("stage4_long_context", long_layout), "s4")
+    assert long["assumptions"]["tokens_per_micro_batch"] == 311296 and long["memory_gib"]["total"] <= 80
+    single = estimate.make_plan(estimate.load_plan_config("stage4_long_context", []), "s4")
+    assert single["memory_gib"]["total"] > 5 * long["memory_gib"]["total"]
+
+
+def test_plan_follows_the_layout_and_world_size():
+    cfg = estimate.load_plan_config("stage1_image_sft", ["parallel.distributed_optimizer=true"])
+    one_replica = estimate.make_plan(cfg, "s1")
+    two_replicas = estimate.make_plan(cfg, "s1", world_size=8)
+    assert two_replicas["layout"]["data"] == 2
+    # The distributed optimizer halves the optimizer state over 2 replicas; the rest is per GPU.
+    assert abs(two_replicas["memory_gib"]["optimizer"] * 2 - one_replica["memory_gib"]["optimizer"]) < 1e-6
+    assert two_replicas["memory_gib"]["weights"] == one_replica["memory_gib"]["weights"]
+    with pytest.raises(ConfigError, match="world-size"):
+        estimate.make_plan(cfg, "s1", world_size=6)

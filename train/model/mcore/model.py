@@ -52,7 +52,9 @@ def transformer_config(lm: LanguageModelConfig, parallel: ParallelConfig, params
 
 class McoreLanguageModel(nn.Module):
     def __init__(self, lm: LanguageModelConfig, kernels: KernelConfig, parallel: ParallelConfig,
-                 device: torch.device, spec: SpecKind = "local", params_dtype: torch.dtype = torch.float32):
+                 device: torch.device, spec: SpecKind | None = None, params_dtype: torch.dtype = torch.float32):
+        """`spec`: "te" (Transformer Engine layers) when `kernels.attention=transformer_engine`, else
+        "local" (megatron's own linears; our core attention through `kernels.attention`)."""
         super().__init__()
         compat.check_version()
         if not parallel_state.model_parallel_is_initialized():
@@ -64,7 +66,9 @@ class McoreLanguageModel(nn.Module):
         self.sequence_parallel = parallel.sequence_parallel
         config = transformer_config(lm, parallel, params_dtype, device)
         self.model = MambaModel(
-            config=config, mamba_stack_spec=hybrid_stack_spec(lm, resolve_kernels(kernels), spec),
+            config=config,
+            mamba_stack_spec=hybrid_stack_spec(lm, resolve_kernels(kernels), spec or _spec_for(kernels),
+                                               kernels.activation_checkpointing == "layers"),
             vocab_size=lm.vocab_size, max_sequence_length=2**31 - 1, hybrid_override_pattern=lm.pattern,
             # hybrid_*_ratio stay 0: the pattern alone places the layers.
             position_embedding_type="none", share_embeddings_and_output_weights=False, parallel_output=True,
@@ -154,3 +158,7 @@ def initialize_megatron(parallel: ParallelConfig, device: torch.device) -> None:
         order="tp-cp-ep-dp-pp")
     compat.install_cpu_support(device)
     compat.initialize_rng_tracker(device)
+
+
+def _spec_for(kernels: KernelConfig) -> SpecKind:
+    return "te" if kernels.attention == "transformer_engine" else "local"

@@ -15,9 +15,11 @@ ours instead.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.ssm.mamba_block import MambaStack, MambaStackSubmodules
 from megatron.core.ssm.mamba_layer import MambaLayer, MambaLayerSubmodules
@@ -29,6 +31,8 @@ from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
+from torch.utils.checkpoint import checkpoint
+
 from train.config.schema import LanguageModelConfig
 from train.model.mcore.layers import MambaMixer, PackedCoreAttention, RMSNorm
 from train.ops.dispatch import Kernels
@@ -37,16 +41,29 @@ SpecKind = Literal["local", "te"]
 
 
 class HybridStack(MambaStack):
-    """megatron's MambaStack with our final norm in place of its Transformer Engine one."""
+    """megatron's MambaStack with our final norm in place of its Transformer Engine one, and with
+    `model.kernels.activation_checkpointing=layers` as the native model does it: each layer keeps
+    only its input and reruns in backward (its collectives too, in the same order on every rank)."""
 
-    def __init__(self, config, submodules, *args, post_layer_norm: bool = True, kernels: Kernels = None, **kwargs):
+    def __init__(self, config, submodules, *args, post_layer_norm: bool = True, kernels: Kernels = None,
+                 checkpoint_layers: bool = False, **kwargs):
         super().__init__(config, submodules, *args, post_layer_norm=False, **kwargs)
         self.post_layer_norm = post_layer_norm  # read by forward()
         if self.post_process and post_layer_norm:
             self.final_norm = RMSNorm(config, config.hidden_size, kernels=kernels)
+        if checkpoint_layers:
+            for layer in self.layers:  # an instance attribute: parameter names stay as they are
+                layer.forward = functools.partial(_recomputed, layer.forward)
 
 
-def hybrid_stack_spec(lm: LanguageModelConfig, kernels: Kernels, kind: SpecKind = "local") -> ModuleSpec:
+def _recomputed(forward, *args, **kwargs):
+    if not torch.is_grad_enabled():
+        return forward(*args, **kwargs)
+    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+def hybrid_stack_spec(lm: LanguageModelConfig, kernels: Kernels, kind: SpecKind = "local",
+                      checkpoint_layers: bool = False) -> ModuleSpec:
     if kind == "te":
         # Imported here: Transformer Engine exists only in GPU installs.
         from megatron.core.extensions.transformer_engine import (
@@ -60,7 +77,7 @@ def hybrid_stack_spec(lm: LanguageModelConfig, kernels: Kernels, kind: SpecKind 
     norm = ModuleSpec(module=RMSNorm, params={"kernels": kernels})
     return ModuleSpec(
         module=HybridStack,
-        params={"kernels": kernels},
+        params={"kernels": kernels, "checkpoint_layers": checkpoint_layers},
         submodules=MambaStackSubmodules(
             mamba_layer=ModuleSpec(
                 module=MambaLayer,
