@@ -60,14 +60,14 @@ def build_model(cfg: Config, tokenizer: Tokenizer, device: torch.device | None =
     engine: dict = {}
     layout: StateLayout = NativeLayout()
     if cfg.model.impl == "mcore":
-        from train.model.mcore.loss import VocabParallelChunkedCrossEntropy
+        from train.model.mcore.loss import vocab_parallel_loss
         from train.model.mcore.model import McoreLanguageModel, initialize_megatron
         from train.model.mcore.state import McoreLayout
 
         device = device or torch.device("cpu")
         initialize_megatron(cfg.parallel, device)
         language_model = McoreLanguageModel(cfg.model.language_model, cfg.model.kernels, cfg.parallel, device)
-        engine = {"language_model": language_model, "loss": VocabParallelChunkedCrossEntropy(cfg.model.loss_chunk_size)}
+        engine = {"language_model": language_model, "loss": vocab_parallel_loss(cfg.model.loss_chunk_size)}
         layout = McoreLayout(language_model)
     model = VisionLanguageModel(cfg.model, image_token_id=tokenizer.special_ids[st.IMG_CONTEXT],
                                 image_end_id=tokenizer.special_ids[st.IMG_END], **engine)

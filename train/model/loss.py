@@ -14,7 +14,7 @@ and accumulation never change a token's weight.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -30,21 +30,35 @@ class LanguageModelLoss(Protocol):
         """hidden (B, L, D) final normalised states -> (weighted loss sum, number of targets)."""
 
 
+ChunkLoss = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+
+
+def cross_entropy_chunk(hidden: Tensor, targets: Tensor, head_weight: Tensor, weights: Tensor) -> Tensor:
+    """sum w * CE of one chunk of rows (n, D) through the whole head (V, D)."""
+    logits = hidden @ head_weight.t()
+    # bf16 logits lose too much in the softmax: accumulate in at least fp32.
+    losses = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets, reduction="none")
+    return (losses * weights.to(losses.dtype)).sum()
+
+
 @dataclass(frozen=True)
 class ChunkedCrossEntropy:
-    """Cross-entropy through the output head `chunk_size` rows at a time (see `chunked_cross_entropy`)."""
+    """Cross-entropy through the output head `chunk_size` rows at a time (see `chunked_cross_entropy`).
+    `chunk_loss` computes one chunk: the whole head here; a vocabulary-parallel head passes its own
+    (`train.model.mcore.loss`)."""
 
     chunk_size: int
+    chunk_loss: ChunkLoss = cross_entropy_chunk
 
     def __call__(self, hidden: Tensor, batch: PackedBatch, head_weight: Tensor) -> tuple[Tensor, int]:
         rows = batch.targets != IGNORE_INDEX  # (B, L)
         loss = chunked_cross_entropy(hidden[rows], batch.targets[rows], head_weight, self.chunk_size,
-                                     batch.target_weights[rows])
+                                     batch.target_weights[rows], self.chunk_loss)
         return loss, int(rows.sum())
 
 
 def chunked_cross_entropy(hidden: Tensor, targets: Tensor, head_weight: Tensor, chunk_size: int,
-                          weights: Tensor | None = None) -> Tensor:
+                          weights: Tensor | None = None, chunk_loss: ChunkLoss = cross_entropy_chunk) -> Tensor:
     """sum w * CE(hidden @ head_weight.T, targets) computed `chunk_size` rows at a time.
 
     Each chunk is recomputed in backward (activation checkpointing), so at most one chunk of
@@ -55,13 +69,6 @@ def chunked_cross_entropy(hidden: Tensor, targets: Tensor, head_weight: Tensor, 
         weights = torch.ones(targets.shape, dtype=total.dtype, device=targets.device)
     for start in range(0, hidden.shape[0], chunk_size):
         end = start + chunk_size
-        total = total + checkpoint(_chunk_ce, hidden[start:end], targets[start:end], head_weight,
+        total = total + checkpoint(chunk_loss, hidden[start:end], targets[start:end], head_weight,
                                    weights[start:end], use_reentrant=False)
     return total
-
-
-def _chunk_ce(hidden: Tensor, targets: Tensor, head_weight: Tensor, weights: Tensor) -> Tensor:
-    logits = hidden @ head_weight.t()
-    # bf16 logits lose too much in the softmax: accumulate in at least fp32.
-    losses = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets, reduction="none")
-    return (losses * weights.to(losses.dtype)).sum()

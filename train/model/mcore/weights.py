@@ -45,47 +45,38 @@ def _qkv_from_megatron(w: Tensor, lm: LanguageModelConfig) -> tuple[Tensor, Tens
     return q.reshape(-1, d), k.reshape(-1, d), v.reshape(-1, d)
 
 
+_MIXER_PARAMS = {"M": [f"mixer.{p}" for p in _MAMBA_PARAMS],
+                 "*": [f"mixer.{x}_proj.weight" for x in "qkvo"],
+                 "-": ["mixer.up_proj.weight", "mixer.down_proj.weight"]}
+
+
+def native_names(lm: LanguageModelConfig) -> list[str]:
+    """Every parameter name of the native language model."""
+    names = ["backbone.embeddings.weight", "backbone.norm_f.weight", "lm_head.weight"]
+    for i, kind in enumerate(lm.pattern):
+        names += [f"backbone.layers.{i}.{p}" for p in ["norm.weight", *_MIXER_PARAMS[kind]]]
+    return names
+
+
+def _is_qkv(megatron: str) -> bool:
+    return megatron.endswith("linear_qkv.weight")
+
+
 def native_to_megatron(state: dict[str, Tensor], lm: LanguageModelConfig) -> dict[str, Tensor]:
     """Whole native language-model weights -> whole megatron weights."""
-    out = {"embedding.word_embeddings.weight": state["backbone.embeddings.weight"],
-           "decoder.final_norm.weight": state["backbone.norm_f.weight"],
-           "output_layer.weight": state["lm_head.weight"]}
-    for i, kind in enumerate(lm.pattern):
-        n, m = f"backbone.layers.{i}.", f"decoder.layers.{i}."
-        if kind == "M":
-            out[m + "norm.weight"] = state[n + "norm.weight"]
-            out.update({m + "mixer." + p: state[n + "mixer." + p] for p in _MAMBA_PARAMS})
-        elif kind == "*":
-            out[m + "input_layernorm.weight"] = state[n + "norm.weight"]
-            out[m + "self_attention.linear_qkv.weight"] = _qkv_to_megatron(
-                *(state[n + f"mixer.{x}_proj.weight"] for x in "qkv"), lm)
-            out[m + "self_attention.linear_proj.weight"] = state[n + "mixer.o_proj.weight"]
-        else:
-            out[m + "pre_mlp_layernorm.weight"] = state[n + "norm.weight"]
-            out[m + "mlp.linear_fc1.weight"] = state[n + "mixer.up_proj.weight"]
-            out[m + "mlp.linear_fc2.weight"] = state[n + "mixer.down_proj.weight"]
+    out = {megatron_name(n, lm): state[n] for n in native_names(lm) if not _is_qkv(megatron_name(n, lm))}
+    for i in (i for i, kind in enumerate(lm.pattern) if kind == "*"):
+        out[f"decoder.layers.{i}.self_attention.linear_qkv.weight"] = _qkv_to_megatron(
+            *(state[f"backbone.layers.{i}.mixer.{x}_proj.weight"] for x in "qkv"), lm)
     return out
 
 
 def megatron_to_native(state: dict[str, Tensor], lm: LanguageModelConfig) -> dict[str, Tensor]:
     """Whole megatron weights -> whole native language-model weights."""
-    out = {"backbone.embeddings.weight": state["embedding.word_embeddings.weight"],
-           "backbone.norm_f.weight": state["decoder.final_norm.weight"],
-           "lm_head.weight": state["output_layer.weight"]}
-    for i, kind in enumerate(lm.pattern):
-        n, m = f"backbone.layers.{i}.", f"decoder.layers.{i}."
-        if kind == "M":
-            out[n + "norm.weight"] = state[m + "norm.weight"]
-            out.update({n + "mixer." + p: state[m + "mixer." + p] for p in _MAMBA_PARAMS})
-        elif kind == "*":
-            out[n + "norm.weight"] = state[m + "input_layernorm.weight"]
-            q, k, v = _qkv_from_megatron(state[m + "self_attention.linear_qkv.weight"], lm)
-            out.update({n + "mixer.q_proj.weight": q, n + "mixer.k_proj.weight": k, n + "mixer.v_proj.weight": v,
-                        n + "mixer.o_proj.weight": state[m + "self_attention.linear_proj.weight"]})
-        else:
-            out[n + "norm.weight"] = state[m + "pre_mlp_layernorm.weight"]
-            out[n + "mixer.up_proj.weight"] = state[m + "mlp.linear_fc1.weight"]
-            out[n + "mixer.down_proj.weight"] = state[m + "mlp.linear_fc2.weight"]
+    out = {n: state[megatron_name(n, lm)] for n in native_names(lm) if not _is_qkv(megatron_name(n, lm))}
+    for i in (i for i, kind in enumerate(lm.pattern) if kind == "*"):
+        q, k, v = _qkv_from_megatron(state[f"decoder.layers.{i}.self_attention.linear_qkv.weight"], lm)
+        out.update({f"backbone.layers.{i}.mixer.{x}_proj.weight": t for x, t in zip("qkv", (q, k, v))})
     return out
 
 
