@@ -1,8 +1,12 @@
-"""torchrun worker: the megatron-core language model at a tensor-parallel layout equals the native
-model on the same weights and packed rows: logits, loss and gradients.
+"""torchrun worker: the megatron-core language model at a parallel layout (tensor x context, with or
+without sequence parallelism) equals the native model on the same weights and packed rows: logits,
+loss and gradients.
 
-Every rank builds the same native model (same seed), shards its weights for its rank, runs both
-models on the same rows and writes the largest relative differences it sees.
+Every rank builds the same native model (same seed), loads its shard into the megatron model and
+runs both on the same rows. The loss is the training loss: summed cross-entropy over this rank's
+tokens through the vocabulary-parallel head, summed over context-parallel ranks; gradients are
+summed over context-parallel ranks (as data-parallel wrapping does) and joined over tensor-parallel
+ranks. Each rank writes the largest relative differences it sees.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch.nn.functional as F
 from train.config.schema import KernelConfig, LanguageModelConfig, ParallelConfig
 from train.model.language_model import HybridLanguageModel
 from train.model.mcore import weights
+from train.model.mcore.loss import vocab_parallel_chunk
 from train.model.mcore.model import McoreLanguageModel, initialize_megatron
 
 PATTERNS = {"mamba_mlp": "M-M-M-", "hybrid": "M-M*M-*-"}
@@ -26,25 +31,20 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
 
 
-def full_gradients(model: McoreLanguageModel, lm: LanguageModelConfig, tp: int) -> dict[str, torch.Tensor]:
-    """Every rank's gradients, joined into whole native-named tensors."""
+def full_gradients(model: McoreLanguageModel, lm: LanguageModelConfig) -> dict[str, torch.Tensor]:
+    """Every rank's gradients: summed over context-parallel peers, joined over tensor-parallel ranks."""
     for p in model.model.parameters():
+        if model.cp_size > 1:
+            dist.all_reduce(p.grad, group=model.cp_group)
         if getattr(p, "sequence_parallel", False):  # partial per rank under SP (finalize_model_grads sums them)
             dist.all_reduce(p.grad, group=model.tp_group)
-    local = {name: p.grad for name, p in model.model.named_parameters()}
-    shards = [dict() for _ in range(tp)]
-    for name, grad in local.items():
-        parts = [torch.empty_like(grad) for _ in range(tp)]
-        dist.all_gather(parts, grad.contiguous(), group=model.tp_group)
-        for rank, part in enumerate(parts):
-            shards[rank][name] = part
-    return weights.megatron_to_native(weights.unshard_state(shards, lm), lm)
+    return weights.megatron_to_native(model.gather_local({n: p.grad for n, p in model.model.named_parameters()}), lm)
 
 
-def main(out: str, sequence_parallel: bool) -> None:
+def main(out: str, tensor: int, context: int, sequence_parallel: bool) -> None:
     dist.init_process_group("gloo")
-    tp, rank = dist.get_world_size(), dist.get_rank()
-    parallel = ParallelConfig(tensor_parallel=tp, sequence_parallel=sequence_parallel)
+    rank = dist.get_rank()
+    parallel = ParallelConfig(tensor_parallel=tensor, context_parallel=context, sequence_parallel=sequence_parallel)
     device = torch.device("cpu")
     initialize_megatron(parallel, device)
     results = {}
@@ -55,22 +55,24 @@ def main(out: str, sequence_parallel: bool) -> None:
         native = HybridLanguageModel(lm)
         native.reset_parameters(torch.Generator().manual_seed(0))
         mcore = McoreLanguageModel(lm, KernelConfig(), parallel, device)
-        weights.load_local_state(mcore.model, weights.shard_state(weights.native_to_megatron(native.state_dict(), lm),
-                                                                  lm, rank, tp))
-        # Two rows of 16, five samples: boundaries inside rows and at the row ends.
+        mcore.load_native_state(native.state_dict())
+        # Two rows of 16, five samples: boundaries inside rows, at the row ends and inside CP chunks.
         ids = torch.randint(0, lm.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
         cu = torch.tensor([0, 5, 11, 16, 25, 32], dtype=torch.int32)
         targets = torch.roll(ids, -1, dims=1)
-        losses = []
-        for model in (mcore, native):
-            logits = model(ids, cu)
-            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-            loss.backward()
-            losses.append((logits.detach(), loss.detach()))
-        (m_logits, m_loss), (n_logits, n_loss) = losses
-        grads = full_gradients(mcore, lm, tp)
+        with torch.no_grad():
+            logits = relative(mcore(ids, cu), native(ids, cu))
+        hidden = mcore.hidden_states(mcore.embed_tokens(ids), None, cu)  # this rank's tokens
+        local = vocab_parallel_chunk(hidden.flatten(0, 1), mcore.local_tokens(targets).flatten(),
+                                     mcore.head_weight, torch.ones(hidden.shape[:2]).flatten())
+        local.backward()
+        loss = local.detach().clone()
+        dist.all_reduce(loss, group=mcore.cp_group)
+        expected = F.cross_entropy(native(ids, cu).flatten(0, 1), targets.flatten(), reduction="sum")
+        expected.backward()
+        grads = full_gradients(mcore, lm)
         results[name] = {
-            "logits": relative(m_logits, n_logits), "loss": relative(m_loss, n_loss),
+            "logits": logits, "loss": relative(loss, expected.detach()),
             "grads": max(relative(grads[k], p.grad) for k, p in native.named_parameters()),
             "samples_isolated": bool((native(ids, cu) - native(ids)).abs().max() > 1e-3),
         }
@@ -80,4 +82,4 @@ def main(out: str, sequence_parallel: bool) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2] == "sp")
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "sp")

@@ -1,5 +1,5 @@
-"""model.impl=mcore on real processes (torchrun, gloo): megatron-core's hybrid model at TP=1, TP=2
-and TP=2 with sequence parallelism equals the native model on packed rows."""
+"""model.impl=mcore on real processes (torchrun, gloo): megatron-core's hybrid model at TP=1, TP=2,
+TP=2 with sequence parallelism, CP=2 and TP=2 x CP=2 equals the native model on packed rows."""
 
 from __future__ import annotations
 
@@ -13,11 +13,13 @@ from tests.integration.helpers import run_module
 WORKER = str(Path(__file__).with_name("mcore_parity_worker.py"))
 
 
-@pytest.mark.parametrize("ranks,mode", [(1, "plain"), (2, "plain"), (2, "sp")])
-def test_mcore_equals_native_on_packed_rows(tmp_path, ranks, mode):
+@pytest.mark.parametrize("tensor,context,mode", [(1, 1, "plain"), (2, 1, "plain"), (2, 1, "sp"), (1, 2, "plain"),
+                                                (2, 2, "sp")])
+def test_mcore_equals_native_on_packed_rows(tmp_path, tensor, context, mode):
     out = tmp_path / "parity"
-    result = run_module(["torch.distributed.run", "--nproc-per-node", str(ranks), WORKER, str(out), mode],
-                        tmp_path, timeout=300)
+    ranks = tensor * context
+    result = run_module(["torch.distributed.run", "--nproc-per-node", str(ranks), WORKER, str(out), str(tensor),
+                         str(context), mode], tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     for rank in range(ranks):
         got = json.loads(Path(f"{out}.{rank}.json").read_text())

@@ -1,6 +1,6 @@
-"""A stage on model.impl=mcore under torchrun (2 processes, gloo, TP=2): it trains as the native
-engine does, survives SIGKILL exactly, and its checkpoints resume at another layout (TP=1) and on
-the native engine, data and optimizer state included.
+"""A stage on model.impl=mcore under torchrun (2 processes, gloo, TP=2 + SP, and CP=2): it trains as
+the native engine does, survives SIGKILL exactly, and its checkpoints resume at another layout
+(TP=1) and on the native engine, data and optimizer state included.
 
 Adam's eps is raised to 1e-4 here: with 1e-8 it turns the engines' fp32 rounding differences in
 near-zero gradients into visible updates after a few steps (the same holds between any two
@@ -45,6 +45,11 @@ def test_tp2_stage_trains_as_native_resumes_exactly_and_across_layouts(tmp_path)
     expected = losses(tmp_path / "tp2")
     assert expected[-1] < expected[0] - 0.5, "the loss falls"
     assert_close(expected, losses(tmp_path / "native"))
+    # Context parallelism: each rank holds half of every row (load-balanced chunks).
+    context = run_module([*TORCHRUN, *STAGE, *MCORE, "parallel.context_parallel=2", f"run.dir={tmp_path / 'cp2'}"],
+                         tmp_path)
+    assert context.returncode == 0, context.stderr[-3000:]
+    assert_close(losses(tmp_path / "cp2"), expected)
 
     # SIGKILL mid-stage (launcher and both ranks), then rerun the same command.
     killed = tmp_path / "killed"

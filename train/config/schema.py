@@ -413,10 +413,9 @@ class Config:
     def _validate_mcore(self) -> None:
         """What the megatron-core engine supports today, and the shapes a layout needs."""
         par, lm = self.parallel, self.model.language_model
-        if par.context_parallel > 1 or par.pipeline_parallel > 1:
-            raise ConfigError("model.impl=mcore runs tensor (and sequence) parallelism today; context and pipeline "
-                              "parallelism are not built yet: set parallel.context_parallel=1 "
-                              "parallel.pipeline_parallel=1")
+        if par.pipeline_parallel > 1:
+            raise ConfigError("model.impl=mcore runs tensor, sequence and context parallelism today; pipeline "
+                              "parallelism is not built yet: set parallel.pipeline_parallel=1")
         if par.data_parallel == "fsdp":
             raise ConfigError("model.impl=mcore shards with its own layout: set parallel.data_parallel=ddp")
         if par.distributed_optimizer:
@@ -430,8 +429,18 @@ class Config:
                             "model.language_model.num_attention_heads": lm.num_attention_heads,
                             "model.language_model.num_key_value_heads": lm.num_key_value_heads,
                             "model.language_model.vocab_size": lm.vocab_size})
-        if par.sequence_parallel:
-            _check_divides(tp, {"data.seq_length": self.data.seq_length})
+        cp = par.context_parallel
+        _check_divides(tp * cp, {"model.language_model.mamba_num_heads": lm.mamba_num_heads})
+        groups = lm.n_groups // tp
+        if groups % cp and cp % groups:
+            raise ConfigError(f"model.language_model.n_groups / tensor_parallel = {groups} and "
+                              f"parallel.context_parallel={cp}: one must divide the other")
+        # Each context-parallel rank takes 2 of 2 * cp equal chunks of the row, then 1/tp of its slice under SP.
+        slices = 2 * cp * (tp if par.sequence_parallel else 1)
+        if (self.trainer.micro_batch_size * self.data.seq_length) % slices:
+            raise ConfigError(f"trainer.micro_batch_size x data.seq_length = "
+                              f"{self.trainer.micro_batch_size * self.data.seq_length} tokens must split into {slices} "
+                              f"equal slices (2 x context_parallel{' x tensor_parallel' if par.sequence_parallel else ''})")
 
 
 def _check_divides(tp: int, pairs: dict[str, int]) -> None:

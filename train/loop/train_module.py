@@ -109,8 +109,9 @@ class TrainModule:
         global_supervised = all_reduce_sum(sum(b.num_supervised_tokens for b in micro_batches), self.info, "data")
         if global_weight == 0:
             raise RuntimeError("a whole global batch has no supervised token; check the data's assistant turns")
-        # Data parallelism averages gradients over the replicas; scale so the result is the global weighted mean.
-        scale = self.info.data_size / global_weight
+        # Gradients are averaged over the data (and context) replicas; scale so the result is the
+        # global weighted mean.
+        scale = self.info.gradient_replicas / global_weight
         loss_sum = 0.0
         self.optimizer.zero_grad(set_to_none=True)
         for i, batch in enumerate(micro_batches):

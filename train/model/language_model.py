@@ -69,16 +69,17 @@ def mamba_dt_limit(cfg: LanguageModelConfig) -> tuple[float, float]:
     return (cfg.time_step_min, math.inf)
 
 
-def mamba_mix(mixer: nn.Module, zxbcdt: Tensor, seq_idx: Tensor | None, cache: MambaCache | None = None) -> Tensor:
-    """What a Mamba2 mixer computes between its two projections, shared by the native mixer and the
-    megatron-core one (`train.model.mcore.layers`), which holds its tensor-parallel rank's heads:
-    in_proj output (B, L, inner + conv_dim + H) = [z | x B C | dt] -> causal conv over xBC, chunked
-    SSD scan, gated RMSNorm -> (B, L, inner).
+def mamba_scan(mixer: nn.Module, zxbcdt: Tensor, seq_idx: Tensor | None,
+               cache: MambaCache | None = None) -> tuple[Tensor, Tensor]:
+    """What a Mamba2 mixer computes between its in_proj and its gated norm, shared by the native mixer
+    and the megatron-core one (`train.model.mcore.layers`), which holds its rank's heads:
+    in_proj output (B, L, inner + conv_dim + H) = [z | x B C | dt] -> causal conv over xBC and the
+    chunked SSD scan -> (y (B, L, inner), z (B, L, inner)).
 
-    `mixer` provides `conv1d`, `dt_bias`, `A_log`, `D`, `norm`, `kernels` and the sizes
+    `mixer` provides `conv1d` (`.weight`, `.bias`), `dt_bias`, `A_log`, `D`, `kernels` and the sizes
     `num_heads`, `head_dim`, `n_groups`, `inner`, `groups_state`, `conv_dim`, `conv_kernel`,
-    `chunk_size`, `norm_eps`, `dt_limit`. With `cache` (prefill: one sample per row) it also keeps
-    the conv inputs of the last `conv_kernel - 1` tokens and the SSM state after the last token.
+    `chunk_size`, `dt_limit`. With `cache` (prefill: one sample per row) it also keeps the conv
+    inputs of the last `conv_kernel - 1` tokens and the SSM state after the last token.
     """
     b, l, _ = zxbcdt.shape
     z, xbc, dt = torch.split(zxbcdt, [mixer.inner, mixer.conv_dim, mixer.num_heads], dim=-1)
@@ -99,8 +100,14 @@ def mamba_mix(mixer: nn.Module, zxbcdt: Tensor, seq_idx: Tensor | None, cache: M
     if cache is not None:
         y, final_state = y
         cache.ssm.copy_(final_state)  # (b, h, p, n)
-    return mixer.kernels.gated_norm(y.reshape(b, l, mixer.inner), z, mixer.norm.weight, mixer.norm_eps,
-                                    group_size=mixer.inner // mixer.n_groups)
+    return y.reshape(b, l, mixer.inner), z
+
+
+def mamba_mix(mixer: nn.Module, zxbcdt: Tensor, seq_idx: Tensor | None, cache: MambaCache | None = None) -> Tensor:
+    """`mamba_scan`, then the gated RMSNorm (`mixer.norm`, per group of `inner // n_groups` channels)
+    -> (B, L, inner), the input of out_proj."""
+    y, z = mamba_scan(mixer, zxbcdt, seq_idx, cache)
+    return mixer.kernels.gated_norm(y, z, mixer.norm.weight, mixer.norm_eps, group_size=mixer.inner // mixer.n_groups)
 
 
 class Mamba2Mixer(nn.Module):
@@ -320,6 +327,9 @@ class HybridLanguageModel(nn.Module):
     def hidden_states(self, embeds: Tensor, seq_idx: Tensor, cu_seqlens: Tensor) -> Tensor:
         """(B, L, D) input embeddings -> final normalised hidden states (B, L, D)."""
         return self.backbone(embeds, seq_idx, cu_seqlens)
+
+    def local_tokens(self, tensor: Tensor) -> Tensor:
+        return tensor  # every token of the batch is this rank's (no context parallelism here)
 
     @property
     def head_weight(self) -> Tensor:

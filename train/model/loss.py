@@ -1,6 +1,6 @@
 """The language-model loss of a packed batch: one entry point an engine can swap.
 
-`ChunkedCrossEntropy(chunk_size)(hidden, batch, head_weight)` returns the weighted sum of
+`ChunkedCrossEntropy(chunk_size)(hidden, targets, weights, head_weight)` returns the weighted sum of
 next-token cross-entropy over the batch's targets and how many targets there were. Targets and
 their weights come with the batch (`data_pipelines.training.batch`: next-token ids that never
 cross a sample boundary, per-token or per-turn weights), so every engine computes the same loss;
@@ -21,13 +21,13 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from data_pipelines.training.batch import PackedBatch
 from data_pipelines.training.conversation import IGNORE_INDEX
 
 
 class LanguageModelLoss(Protocol):
-    def __call__(self, hidden: Tensor, batch: PackedBatch, head_weight: Tensor) -> tuple[Tensor, int]:
-        """hidden (B, L, D) final normalised states -> (weighted loss sum, number of targets)."""
+    def __call__(self, hidden: Tensor, targets: Tensor, weights: Tensor, head_weight: Tensor) -> tuple[Tensor, int]:
+        """hidden (..., D) final normalised states, targets and weights (...) in the same layout ->
+        (weighted loss sum, number of targets)."""
 
 
 ChunkLoss = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
@@ -50,10 +50,10 @@ class ChunkedCrossEntropy:
     chunk_size: int
     chunk_loss: ChunkLoss = cross_entropy_chunk
 
-    def __call__(self, hidden: Tensor, batch: PackedBatch, head_weight: Tensor) -> tuple[Tensor, int]:
-        rows = batch.targets != IGNORE_INDEX  # (B, L)
-        loss = chunked_cross_entropy(hidden[rows], batch.targets[rows], head_weight, self.chunk_size,
-                                     batch.target_weights[rows], self.chunk_loss)
+    def __call__(self, hidden: Tensor, targets: Tensor, weights: Tensor, head_weight: Tensor) -> tuple[Tensor, int]:
+        rows = targets != IGNORE_INDEX  # (B, L)
+        loss = chunked_cross_entropy(hidden[rows], targets[rows], head_weight, self.chunk_size, weights[rows],
+                                     self.chunk_loss)
         return loss, int(rows.sum())
 
 

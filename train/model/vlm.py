@@ -27,7 +27,7 @@ class VisionLanguageModel(nn.Module):
         self.projector = Projector(cfg.projector, cfg.vision.hidden_size, cfg.language_model.hidden_size,
                                    cfg.language_model.norm_eps)
         # Another engine passes its own language model with the same interface (`embed_tokens`,
-        # `hidden_states`, `head_weight`) and the loss that goes with its head.
+        # `hidden_states`, `local_tokens`, `head_weight`) and the loss that goes with its head.
         self.language_model = language_model or HybridLanguageModel(cfg.language_model, cfg.kernels)
         mean, std = IMAGE_NORMALIZATION[cfg.vision.normalization]
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
@@ -87,4 +87,5 @@ class VisionLanguageModel(nn.Module):
         (`self.loss`, by default `train.model.loss.ChunkedCrossEntropy`). EVS only rewrites media
         spans, which carry no loss, so the targets stay as the collator made them."""
         hidden = self.hidden_states(batch.input_ids, batch.tiles, batch.seq_idx, batch.cu_seqlens, batch.video_evs)
-        return self.loss(hidden, batch, self.language_model.head_weight)
+        lm = self.language_model  # under context parallelism, `hidden` holds this rank's tokens only
+        return self.loss(hidden, lm.local_tokens(batch.targets), lm.local_tokens(batch.target_weights), lm.head_weight)

@@ -41,6 +41,11 @@ class DistInfo:
     def data_size(self) -> int:
         return self.dims.data
 
+    @property
+    def gradient_replicas(self) -> int:
+        """Ranks whose gradients of the same parameters are averaged: data x context parallel."""
+        return self.dims.data * self.dims.context
+
 
 def init_distributed(parallel: ParallelConfig, device_name: str, always: bool = False) -> DistInfo:
     """Join the torchrun world and build the process group of every parallel dimension. A lone
@@ -71,7 +76,7 @@ def wrap_data_parallel(model: nn.Module, parallel: ParallelConfig, info: DistInf
     language models are shard units, then the root; parameters become DTensors in place, so the
     optimizer must be built after this. ddp: a wrapper around the unchanged model.
     """
-    if info.data_size == 1:
+    if info.gradient_replicas == 1:
         return model
     if parallel.data_parallel == "fsdp":
         from torch.distributed.fsdp import fully_shard
@@ -87,9 +92,10 @@ def wrap_data_parallel(model: nn.Module, parallel: ParallelConfig, info: DistInf
     device_ids = [info.local_rank] if info.device.type == "cuda" else None
     # A text-only micro-batch leaves the (trainable) vision side without gradients; DDP must know,
     # or its buckets for those parameters are never reduced and ranks silently diverge.
-    # Gradients are averaged over the data-parallel replicas only (tensor-parallel peers hold other shards).
+    # Gradients are averaged over the data-parallel replicas and their context-parallel peers (each
+    # of which saw a slice of the rows); tensor-parallel peers hold other shards.
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=True,
-                                               process_group=info.groups.get("data"))
+                                               process_group=info.groups.get("data_context"))
 
 
 def all_reduce_sum(value: float, info: DistInfo, group: GroupName) -> float:

@@ -9,10 +9,13 @@ model (`train.ops.dispatch.Kernels`), so both engines compute one function.
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.ssm.mamba_context_parallel import MambaContextParallel
+from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
@@ -21,7 +24,7 @@ from megatron.core.utils import divide
 from torch import Tensor, nn
 
 from train.config.schema import LanguageModelConfig
-from train.model.language_model import mamba_dt_limit, mamba_mix
+from train.model.language_model import mamba_dt_limit, mamba_mix, mamba_scan
 from train.ops.dispatch import Kernels
 
 
@@ -65,6 +68,11 @@ class MambaMixer(MegatronModule):
     the ranks (`train.model.mcore.weights` lays the full weight out that way); conv1d, dt_bias,
     A_log, D and the gated norm hold the rank's channels and heads; out_proj is row-parallel. The
     math between the projections is the native mixer's (`mamba_mix`).
+
+    Context parallelism (megatron's `MambaContextParallel`): each context-parallel rank holds a
+    slice of the row's tokens; an all-to-all before the conv gives every rank the whole sequence for
+    1/cp of the heads, the scan runs there, and another all-to-all returns to sequence slices before
+    the gated norm (which needs a group's channels together).
     """
 
     def __init__(self, config: TransformerConfig, submodules, d_model: int, lm: LanguageModelConfig,
@@ -100,6 +108,11 @@ class MambaMixer(MegatronModule):
         for p in (self.conv1d.weight, self.conv1d.bias, self.dt_bias, self.A_log, self.D, self.norm.weight):
             set_tensor_model_parallel_attributes(p, is_parallel=True, dim=0, stride=1)
         self._reset_ssm_parameters(lm, pg_collection.tp.rank(), tp)
+        cp_group = pg_collection.cp
+        self.cp = None
+        if cp_group is not None and cp_group.size() > 1:
+            self.cp = MambaContextParallel(cp_group, self.inner, self.num_heads, self.n_groups, lm.ssm_state_size,
+                                           self.conv1d, self.dt_bias, self.A_log, self.D, D_has_hdim=False)
 
     @torch.no_grad()
     def _reset_ssm_parameters(self, lm: LanguageModelConfig, rank: int, tp: int) -> None:
@@ -120,11 +133,31 @@ class MambaMixer(MegatronModule):
         if inference_context is not None:
             raise NotImplementedError("generation runs on the native model (train.inference); convert with "
                                       "train.model.mcore.weights")
-        zxbcdt, _ = self.in_proj(hidden_states)  # (L, B, local width), the whole sequence
-        zxbcdt = zxbcdt.transpose(0, 1)  # (B, L, local width)
+        zxbcdt, _ = self.in_proj(hidden_states)  # (L, B, local width): the rank's tokens (all of them without CP)
+        if self.cp is None:
+            zxbcdt = zxbcdt.transpose(0, 1)  # (B, L, local width)
+            seq_idx = packed_seq_idx(packed_seq_params, zxbcdt.shape[1], zxbcdt.device)
+            y = mamba_mix(self, zxbcdt, seq_idx)  # (B, L, inner of this rank)
+            return self.out_proj(y.transpose(0, 1).contiguous())
+        # (L / cp, B, w) in load-balanced order -> (L, B, w / cp) in sequence order: 1/cp of the heads.
+        zxbcdt = self.cp.pre_conv_ssm(zxbcdt).transpose(0, 1)
         seq_idx = packed_seq_idx(packed_seq_params, zxbcdt.shape[1], zxbcdt.device)
-        y = mamba_mix(self, zxbcdt, seq_idx)  # (B, L, inner of this rank)
-        return self.out_proj(y.transpose(0, 1).contiguous())
+        y, z = mamba_scan(self._context_parallel_heads(), zxbcdt, seq_idx)  # (B, L, inner / cp) each
+        gated = (y * F.silu(z)).transpose(0, 1)  # the gate, where z is whole: (L, B, inner / cp)
+        gated = self.cp.post_conv_ssm(gated)  # back to (L / cp, B, inner) in load-balanced order
+        y = self.kernels.gated_norm(gated, None, self.norm.weight, self.norm_eps, group_size=self.inner // self.n_groups)
+        return self.out_proj(y.contiguous())
+
+    def _context_parallel_heads(self) -> SimpleNamespace:
+        """This rank's heads after the context-parallel all-to-all, in the shape `mamba_scan` reads."""
+        cp = self.cp
+        inner, groups = cp.d_inner_local_tpcp, cp.ngroups_local_tpcp
+        groups_state = groups * cp.d_state
+        return SimpleNamespace(
+            kernels=self.kernels, num_heads=cp.nheads_local_tpcp, head_dim=self.head_dim, n_groups=groups,
+            inner=inner, groups_state=groups_state, conv_dim=inner + 2 * groups_state, conv_kernel=self.conv_kernel,
+            chunk_size=self.chunk_size, dt_limit=self.dt_limit, dt_bias=cp.get_dt_bias(), A_log=cp.get_A_log(),
+            D=cp.get_D(), conv1d=SimpleNamespace(weight=cp.get_conv1d_weight(), bias=cp.get_conv1d_bias()))
 
 
 class PackedCoreAttention(MegatronModule):
@@ -139,13 +172,15 @@ class PackedCoreAttention(MegatronModule):
                  attention_dropout=None, softmax_scale=None, cp_comm_type=None, pg_collection=None,
                  kernels: Kernels = None):
         super().__init__(config)
-        if config.context_parallel_size > 1:
-            raise NotImplementedError("context-parallel attention needs Transformer Engine's (the GPU spec)")
         self.kernels = kernels
         self.softmax_scale = softmax_scale
+        self.cp_group = pg_collection.cp if pg_collection is not None else None
+        self.cp_size = self.cp_group.size() if self.cp_group is not None else 1
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask=None, attn_mask_type=None,
                 attention_bias=None, packed_seq_params: PackedSeqParams | None = None) -> Tensor:
+        if self.cp_size > 1:
+            return self._context_parallel(query, key, value, packed_seq_params)
         if packed_seq_params is not None:  # THD: (T, heads, head_dim)
             cu = packed_seq_params.cu_seqlens_q_padded
             cu = packed_seq_params.cu_seqlens_q if cu is None else cu
@@ -157,3 +192,31 @@ class PackedCoreAttention(MegatronModule):
         flat = [t.transpose(0, 1).flatten(0, 1) for t in (query, key, value)]  # (B * S, heads, head_dim)
         out = self.kernels.attention(*flat, rows, causal=True, softmax_scale=self.softmax_scale)
         return out.reshape(b, s, -1).transpose(0, 1)  # (S, B, heads * head_dim)
+
+    def _context_parallel(self, query: Tensor, key: Tensor, value: Tensor, packed_seq_params: PackedSeqParams) -> Tensor:
+        """The CPU twin of context-parallel attention: the rank's queries (T / cp, heads, head_dim), in
+        load-balanced order, attend over every rank's keys and values (all-gathered: K/V are small
+        under GQA), each within its sample and causally by position in the row. On GPU the TE spec
+        runs Transformer Engine's ring attention instead."""
+        total = query.shape[0] * self.cp_size
+        order = load_balanced_order(total, self.cp_size, self.cp_group.rank(), query.device)  # (T / cp,)
+        keys, values = (gather_from_sequence_parallel_region(t, group=self.cp_group) for t in (key, value))
+        # Gathered in rank order, each rank's load-balanced slice: back to row order.
+        unpermute = torch.argsort(torch.cat([load_balanced_order(total, self.cp_size, r, query.device)
+                                             for r in range(self.cp_size)]))
+        keys, values = keys[unpermute], values[unpermute]
+        sample = packed_seq_idx(packed_seq_params, total, query.device)[0]  # (T,)
+        positions = torch.arange(total, device=query.device)
+        allowed = (sample[order, None] == sample[None, :]) & (positions[None, :] <= order[:, None])  # (T / cp, T)
+        q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (query, keys, values))  # (1, heads, tokens, head_dim)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.softmax_scale,
+                                             enable_gqa=q.shape[1] != k.shape[1])
+        return out[0].transpose(0, 1).flatten(1)  # (T / cp, heads * head_dim)
+
+
+def load_balanced_order(total: int, cp: int, rank: int, device: torch.device | None = None) -> Tensor:
+    """The row positions context-parallel rank `rank` holds: the row split into 2 * cp chunks, rank r
+    taking chunks r and 2cp - 1 - r (megatron's load balancing: causal attention costs the same on
+    every rank)."""
+    chunks = torch.arange(total, device=device).chunk(2 * cp)
+    return torch.cat([chunks[rank], chunks[2 * cp - 1 - rank]])

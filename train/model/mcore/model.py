@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from train.config.schema import KernelConfig, LanguageModelConfig, ParallelConfig
 from train.model.language_model import HybridLanguageModel, packing_metadata
 from train.model.mcore import compat, weights
-from train.model.mcore.layers import squared_relu
+from train.model.mcore.layers import load_balanced_order, squared_relu
 from train.model.mcore.spec import SpecKind, hybrid_stack_spec
 from train.ops.dispatch import resolve_kernels
 
@@ -63,6 +63,8 @@ class McoreLanguageModel(nn.Module):
         self.cfg, self.device = lm, device
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
         self.tp_rank, self.tp_size = self.tp_group.rank(), self.tp_group.size()
+        self.cp_group = parallel_state.get_context_parallel_group()
+        self.cp_rank, self.cp_size = self.cp_group.rank(), self.cp_group.size()
         self.sequence_parallel = parallel.sequence_parallel
         config = transformer_config(lm, parallel, params_dtype, device)
         self.model = MambaModel(
@@ -119,15 +121,18 @@ class McoreLanguageModel(nn.Module):
         return self.model.embedding.word_embeddings(input_ids)
 
     def hidden_states(self, embeds: Tensor, seq_idx: Tensor | None, cu_seqlens: Tensor) -> Tensor:
-        """(B, L, D) input embeddings -> final normalised hidden states (B, L, D), ready for this rank's
-        slice of the vocabulary-parallel head (their gradient is summed over the tensor-parallel ranks).
-        `cu_seqlens` marks the samples over the flattened B * L tokens; `seq_idx` is implied by it."""
+        """(B, L, D) input embeddings -> final normalised hidden states of this rank's tokens, ready
+        for its slice of the vocabulary-parallel head (their gradient is summed over the
+        tensor-parallel ranks): (B, L, D), or (1, B * L / cp, D) under context parallelism, in the
+        order `local_tokens` gives. `cu_seqlens` marks the samples over the flattened B * L tokens."""
         b, l, d = embeds.shape
         rows = embeds.reshape(b * l, 1, d)  # one packed THD row: (T, 1, D)
         cu = cu_seqlens.to(device=embeds.device, dtype=torch.int32)
         lengths = torch.diff(cu)
         packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
                                  max_seqlen_q=int(lengths.max()), max_seqlen_kv=int(lengths.max()))
+        if self.cp_size > 1:
+            rows = rows[load_balanced_order(b * l, self.cp_size, self.cp_rank, rows.device)]  # (T / cp, 1, D)
         if self.sequence_parallel:
             rows = tensor_parallel.scatter_to_sequence_parallel_region(rows, group=self.tp_group)
         hidden = self.model.decoder(hidden_states=rows, attention_mask=None, packed_seq_params=packed)
@@ -135,7 +140,15 @@ class McoreLanguageModel(nn.Module):
             hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden, group=self.tp_group)
         else:
             hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden, group=self.tp_group)
-        return hidden.reshape(b, l, d)
+        return hidden.reshape(b, l, d) if self.cp_size == 1 else hidden.reshape(1, -1, d)
+
+    def local_tokens(self, tensor: Tensor) -> Tensor:
+        """A per-token batch tensor (B, L, ...) in the layout of `hidden_states`: this
+        context-parallel rank's tokens (1, B * L / cp, ...), or unchanged without context parallelism."""
+        if self.cp_size == 1:
+            return tensor
+        flat = tensor.reshape(-1, *tensor.shape[2:])
+        return flat[load_balanced_order(flat.shape[0], self.cp_size, self.cp_rank, flat.device)].unsqueeze(0)
 
     def forward(self, input_ids: Tensor, cu_seqlens: Tensor | None = None) -> Tensor:
         """Logits (B, L, V) over the whole vocabulary (gathered from the tensor-parallel ranks), as
@@ -143,6 +156,11 @@ class McoreLanguageModel(nn.Module):
         vocabulary-parallel loss instead."""
         seq_idx, cu_seqlens = packing_metadata(input_ids.shape, cu_seqlens, input_ids.device)
         hidden = self.hidden_states(self.embed_tokens(input_ids), seq_idx, cu_seqlens)
+        if self.cp_size > 1:  # every rank's tokens, back in row order
+            b, l = input_ids.shape
+            hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden[0], group=self.cp_group)
+            order = torch.cat([load_balanced_order(b * l, self.cp_size, r, hidden.device) for r in range(self.cp_size)])
+            hidden = hidden[torch.argsort(order)].reshape(b, l, -1)
         logits = hidden @ self.head_weight.t()  # (B, L, V / tp)
         return tensor_parallel.gather_from_tensor_model_parallel_region(logits, group=self.tp_group)
 
