@@ -91,3 +91,24 @@ def test_schema_fields_absent_from_yaml_can_be_overridden():
 def test_unknown_plain_override_lists_valid_fields():
     with pytest.raises(ConfigError, match=r"unknown field trainer\.nonsense.*max_steps"):
         load_config("stage1_image_sft", ["smoke=cpu", "trainer.nonsense=1"])
+
+
+def test_mcore_layouts_are_checked_before_any_compute():
+    from train.config.compose import load_config
+
+    base = ["smoke=cpu", "model.impl=mcore"]
+    with pytest.raises(ConfigError, match="model.impl=mcore"):
+        load_config("stage3_text_recovery", ["smoke=cpu", "parallel.tensor_parallel=2"])  # native engine
+    with pytest.raises(ConfigError, match="mamba_num_heads=4 must be a multiple of parallel.tensor_parallel=8"):
+        load_config("stage3_text_recovery", [*base, "parallel.tensor_parallel=8"])
+    with pytest.raises(ConfigError, match="pipeline parallelism is not built yet"):
+        load_config("stage3_text_recovery", [*base, "parallel.pipeline_parallel=2"])
+    with pytest.raises(ConfigError, match="virtual_pipeline_parallel"):
+        load_config("stage3_text_recovery", [*base, "parallel.virtual_pipeline_parallel=2"])
+    with pytest.raises(ConfigError, match="sequence_parallel=true splits"):
+        load_config("stage3_text_recovery", [*base, "parallel.sequence_parallel=true"])
+    with pytest.raises(ConfigError, match="equal slices"):
+        load_config("stage3_text_recovery", [*base, "parallel.context_parallel=2", "trainer.micro_batch_size=1",
+                                             "data.pad_multiple=2", "data.smoke_seq_length=1026"])
+    cfg = load_config("stage3_text_recovery", [*base, "parallel.tensor_parallel=2", "parallel.context_parallel=2"])
+    assert cfg.model.impl == "mcore" and cfg.parallel.context_parallel == 2

@@ -430,6 +430,10 @@ class Config:
                             "model.language_model.num_key_value_heads": lm.num_key_value_heads,
                             "model.language_model.vocab_size": lm.vocab_size})
         cp = par.context_parallel
+        if cp > 1 and self.model.kernels.attention == "transformer_engine":
+            raise ConfigError("parallel.context_parallel > 1 with model.kernels.attention=transformer_engine: TE's "
+                              "context-parallel attention expects each sample padded to 2 x context_parallel chunks, "
+                              "which the packer does not do yet; use model.kernels.attention=torch or flash_attn")
         _check_divides(tp * cp, {"model.language_model.mamba_num_heads": lm.mamba_num_heads})
         groups = lm.n_groups // tp
         if groups % cp and cp % groups:
