@@ -40,10 +40,10 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from data_pipelines.tools.lint import VIDEO_SUFFIXES, Progress
 from data_pipelines.training import special_tokens as st
 from data_pipelines.training.conversation import SampleError, parse_messages, placeholder_order
 from data_pipelines.training.decode import to_rgb
-from data_pipelines.tools.lint import VIDEO_SUFFIXES, Progress
 from data_pipelines.training.samples import IMAGE_SUFFIXES
 
 FORMATS = ("jsonl", "parquet", "hf_disk", "llava")

@@ -24,14 +24,22 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from data_pipelines.tools.lint import add_sample_spec_arguments, sample_spec_from_args
 from data_pipelines.training import special_tokens as st
+from data_pipelines.training.batch import PackedBatch
 from data_pipelines.training.conversation import IGNORE_INDEX, SampleError
 from data_pipelines.training.decode import MediaDecodeError, probe_image
-from data_pipelines.tools.lint import add_sample_spec_arguments, sample_spec_from_args
-from data_pipelines.training.batch import PackedBatch
 from data_pipelines.training.packing import Packer, collate_rows
 from data_pipelines.training.samples import (
-    IMAGE_SUFFIXES, TILE_LADDER, Sample, SamplePlan, SampleSpec, Tokenizer, build_sample, decode_media, plan_sample,
+    IMAGE_SUFFIXES,
+    TILE_LADDER,
+    Sample,
+    SamplePlan,
+    SampleSpec,
+    Tokenizer,
+    build_sample,
+    decode_media,
+    plan_sample,
 )
 from data_pipelines.training.shards import RawSample, expand_shard_paths, index_shard, read_indexed_sample
 from data_pipelines.training.tiling import choose_tile_grid, num_tiles

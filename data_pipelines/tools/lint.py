@@ -31,7 +31,13 @@ from data_pipelines.training.conversation import SampleError
 from data_pipelines.training.decode import MediaDecodeError
 from data_pipelines.training.evs import EVS_MODES, EvsConfig
 from data_pipelines.training.samples import IMAGE_SUFFIXES, SampleSpec, Tokenizer, build_sample
-from data_pipelines.training.shards import IndexedSample, RawSample, expand_shard_paths, index_shard, read_indexed_sample
+from data_pipelines.training.shards import (
+    IndexedSample,
+    RawSample,
+    expand_shard_paths,
+    index_shard,
+    read_indexed_sample,
+)
 from data_pipelines.training.tiling import TilingConfig
 
 # The video suffixes `build_sample` reads (it keeps them inline).
@@ -189,7 +195,8 @@ def structure_only_tokenizer() -> Tokenizer:
     """A real `Tokenizer` for runs without one: byte-level with no merges (one id per UTF-8 byte)
     plus the special tokens, so `build_sample` runs its whole path; with an unbounded sequence
     length it checks structure and decodes every media item but cannot judge `too_long`."""
-    from tokenizers import Tokenizer as RustTokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())

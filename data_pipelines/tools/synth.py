@@ -32,6 +32,7 @@ import av
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from data_pipelines.tools.tokenizer_train import train_tokenizer
 from data_pipelines.training.special_tokens import (
     IMAGE_PLACEHOLDER,
     REASONING_OFF,
@@ -40,7 +41,6 @@ from data_pipelines.training.special_tokens import (
     THINK_OPEN,
     VIDEO_PLACEHOLDER,
 )
-from data_pipelines.tools.tokenizer_train import train_tokenizer
 
 KINDS = ("image", "video", "multi_image", "text")
 DEFAULT_NUM_PER_KIND = {"image": 160, "video": 48, "multi_image": 64, "text": 240}

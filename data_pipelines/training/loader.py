@@ -27,12 +27,20 @@ from dataclasses import dataclass, field
 import torch
 
 from data_pipelines.training import special_tokens as st
-from data_pipelines.training.conversation import SampleError
-from data_pipelines.training.decode import MediaDecodeError
 from data_pipelines.training.batch import PackedBatch
 from data_pipelines.training.config import DataConfig, SourceConfig
+from data_pipelines.training.conversation import SampleError
+from data_pipelines.training.decode import MediaDecodeError
 from data_pipelines.training.packing import Packer, collate_rows
-from data_pipelines.training.samples import MediaPlan, Sample, SamplePlan, SampleSpec, Tokenizer, decode_media, plan_sample
+from data_pipelines.training.samples import (
+    MediaPlan,
+    Sample,
+    SamplePlan,
+    SampleSpec,
+    Tokenizer,
+    decode_media,
+    plan_sample,
+)
 from data_pipelines.training.shards import IndexedSample, expand_shard_paths, index_shard, read_indexed_sample
 
 

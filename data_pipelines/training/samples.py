@@ -22,11 +22,23 @@ import torch
 
 from data_pipelines.training import special_tokens as st
 from data_pipelines.training.conversation import (
-    MediaSlot, SampleError, apply_reasoning_mode, frame_label, media_token_count,
-    parse_messages, placeholder_order, tokenize_conversation, tokenize_with_media_spans,
+    MediaSlot,
+    SampleError,
+    apply_reasoning_mode,
+    frame_label,
+    media_token_count,
+    parse_messages,
+    placeholder_order,
+    tokenize_conversation,
+    tokenize_with_media_spans,
 )
 from data_pipelines.training.decode import (
-    VideoProbe, decode_image, decode_video_frames, frames_to_tiles, probe_image, probe_video,
+    VideoProbe,
+    decode_image,
+    decode_video_frames,
+    frames_to_tiles,
+    probe_image,
+    probe_video,
 )
 from data_pipelines.training.evs import EvsConfig, kept_token_count, sample_q
 from data_pipelines.training.shards import RawSample, parse_json_member

@@ -47,12 +47,12 @@ import PIL
 import torch
 from PIL import Image, ImageDraw, features
 
+from data_pipelines.tools.synth import ensure_embedded_data
 from data_pipelines.training import samples as samples_module
 from data_pipelines.training import tiling as tiling_module
 from data_pipelines.training.decode import decode_image
 from data_pipelines.training.samples import SampleSpec, Tokenizer, build_sample
 from data_pipelines.training.shards import iter_shard
-from data_pipelines.tools.synth import ensure_embedded_data
 from data_pipelines.training.tiling import IMAGE_NORMALIZATION, TilingConfig, normalize_tiles, num_tiles, tile_image
 
 NAME = "bench_data_throughput"

@@ -12,9 +12,9 @@ from torch import nn
 from data_pipelines.training.packing import collate_rows
 from data_pipelines.training.samples import Sample
 from train.config.schema import LanguageModelConfig, ModelConfig, OptimConfig, PrecisionConfig
+from train.loop.train_module import build_optimizer
 from train.model.vlm import VisionLanguageModel
 from train.precision import build_precision
-from train.loop.train_module import build_optimizer
 
 pytestmark = pytest.mark.gpu
 

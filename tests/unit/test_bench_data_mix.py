@@ -16,11 +16,11 @@ import pytest
 import torch
 from PIL import Image
 
+from data_pipelines.tools.synth import ensure_embedded_data
 from data_pipelines.training import samples as samples_module
 from data_pipelines.training.decode import sample_frame_indices
 from data_pipelines.training.samples import Tokenizer, build_sample
 from data_pipelines.training.shards import iter_shard
-from data_pipelines.tools.synth import ensure_embedded_data
 from data_pipelines.training.tiling import TilingConfig, choose_tile_grid, num_tiles
 from tests.bench import bench_data_throughput as bench
 

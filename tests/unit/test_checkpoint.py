@@ -9,7 +9,12 @@ import pytest
 import torch
 
 from train.checkpoint.store import (
-    Checkpointer, complete_checkpoints, find_latest, load_checkpoint, load_model_weights, save_checkpoint,
+    Checkpointer,
+    complete_checkpoints,
+    find_latest,
+    load_checkpoint,
+    load_model_weights,
+    save_checkpoint,
 )
 
 

@@ -50,8 +50,8 @@ def test_real_recipes_carry_published_settings(tmp_path, monkeypatch):
 
 
 def test_nano12b_tokens_per_tile_and_projector_width():
-    from train.config.schema import ModelConfig, from_dict
     from train.config.compose import compose_raw
+    from train.config.schema import ModelConfig, from_dict
 
     model = from_dict(ModelConfig, compose_raw("stage1_image_sft")["model"])
     assert model.vision.patches_per_side ** 2 == 1024

@@ -6,8 +6,16 @@ import pytest
 
 from data_pipelines.training import special_tokens as st
 from data_pipelines.training.conversation import (
-    IGNORE_INDEX, MediaSlot, Message, SampleError, apply_reasoning_mode, frame_label, media_token_count,
-    parse_messages, placeholder_order, tokenize_conversation,
+    IGNORE_INDEX,
+    MediaSlot,
+    Message,
+    SampleError,
+    apply_reasoning_mode,
+    frame_label,
+    media_token_count,
+    parse_messages,
+    placeholder_order,
+    tokenize_conversation,
 )
 
 

@@ -9,10 +9,10 @@ from typing import get_args, get_type_hints
 import pytest
 import torch
 
+from data_pipelines.training.batch import PackedBatch
 from train.config.compose import list_recipes, load_config
 from train.config.schema import ConfigError, KernelConfig, LanguageModelConfig, ModelConfig
 from train.model.language_model import Attention, HybridLanguageModel, Mamba2Mixer, RMSNorm
-from data_pipelines.training.batch import PackedBatch
 from train.model.vlm import VisionLanguageModel
 from train.ops import causal_conv1d_ref, gated_rms_norm_ref, rms_norm_ref, ssd_scan_ref, varlen_attention_ref
 from train.ops.conv1d_kernels import channel_last

@@ -11,7 +11,13 @@ import pytest
 import torch
 
 from data_pipelines.training import special_tokens as st
-from data_pipelines.training.conversation import IGNORE_INDEX, MediaSlot, Message, frame_label, tokenize_with_media_spans
+from data_pipelines.training.conversation import (
+    IGNORE_INDEX,
+    MediaSlot,
+    Message,
+    frame_label,
+    tokenize_with_media_spans,
+)
 from data_pipelines.training.evs import EvsConfig, kept_token_count, provisional_frame_counts, sample_q
 from data_pipelines.training.packing import collate_rows
 from data_pipelines.training.samples import SampleSpec, build_sample

@@ -18,11 +18,11 @@ from torch import nn
 from data_pipelines.training.packing import collate_rows
 from data_pipelines.training.samples import Sample
 from train.config.schema import ConfigError, LanguageModelConfig, ModelConfig, OptimConfig, PrecisionConfig
+from train.loop.train_module import build_optimizer
 from train.model.vlm import VisionLanguageModel
 from train.precision import Precision, build_precision
 from train.precision.delayed_scaling import DelayedScalingRecipe, DelayedScalingState, quantize
 from train.precision.fp8_emulated import Fp8EmulatedLinear
-from train.loop.train_module import build_optimizer
 
 CPU = torch.device("cpu")
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2

@@ -14,8 +14,17 @@ from train.api import load_language_model
 from train.checkpoint.store import find_latest, load_model_weights
 from train.config.schema import LanguageModelConfig, ModelConfig, ProjectorConfig, VisionConfig
 from train.hf.conversion import (
-    INDEX_NAME, WEIGHTS_NAME, ConversionError, hf_lm_config_to_ours, hf_to_native, native_to_hf,
-    ours_to_hf_lm_config, read_hf_weights, read_native, write_hf_weights, write_native,
+    INDEX_NAME,
+    WEIGHTS_NAME,
+    ConversionError,
+    hf_lm_config_to_ours,
+    hf_to_native,
+    native_to_hf,
+    ours_to_hf_lm_config,
+    read_hf_weights,
+    read_native,
+    write_hf_weights,
+    write_native,
 )
 from train.model.language_model import packing_metadata
 from train.model.vlm import VisionLanguageModel

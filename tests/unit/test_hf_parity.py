@@ -17,7 +17,13 @@ from transformers import NemotronHConfig, NemotronHForCausalLM
 from transformers.models.nemotron_h_omni import NemotronH_Omni_Reasoning_V3, NemotronH_Omni_Reasoning_V3_Config
 
 from data_pipelines.training.tiling import IMAGE_NORMALIZATION
-from train.hf.conversion import hf_config_to_model_config, hf_lm_config_to_ours, hf_to_native_state, read_hf_weights, split_carried
+from train.hf.conversion import (
+    hf_config_to_model_config,
+    hf_lm_config_to_ours,
+    hf_to_native_state,
+    read_hf_weights,
+    split_carried,
+)
 from train.model.language_model import HybridLanguageModel, packing_metadata
 from train.model.vlm import VisionLanguageModel
 

@@ -10,7 +10,11 @@ from train.config.schema import LanguageModelConfig
 from train.hf.conversion import hf_to_native_state, native_to_hf_state, read_hf_weights, split_carried
 from train.model.language_model import HybridLanguageModel
 from train.model.mcore.weights import (
-    megatron_to_native, native_to_megatron, shard_state, tp_rule, unshard_state,
+    megatron_to_native,
+    native_to_megatron,
+    shard_state,
+    tp_rule,
+    unshard_state,
 )
 
 LM = LanguageModelConfig(pattern="M-M*M-*-", hidden_size=32, vocab_size=64, num_attention_heads=8,

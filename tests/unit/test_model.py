@@ -4,13 +4,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from train.config.schema import LanguageModelConfig, ModelConfig
-from train.model.language_model import HybridLanguageModel
-from train.model.projector import Projector, pixel_shuffle
 from data_pipelines.training.batch import PackedBatch, next_token_targets
+from train.config.schema import LanguageModelConfig, ModelConfig, ProjectorConfig
+from train.model.language_model import HybridLanguageModel
 from train.model.loss import chunked_cross_entropy
+from train.model.projector import Projector, pixel_shuffle
 from train.model.vlm import VisionLanguageModel
-from train.config.schema import ProjectorConfig
 
 LM = LanguageModelConfig(pattern="M-M*M-M-", hidden_size=32, vocab_size=97, num_attention_heads=4,
                          num_key_value_heads=2, head_dim=8, mamba_num_heads=4, mamba_head_dim=8,

@@ -14,8 +14,17 @@ import numpy as np
 import pytest
 
 from data_pipelines.training.packing import Packer, best_fill_subset
-from tests.bench.bench_packing import (LengthOnly, check_rows, draw_mix, first_fit_decreasing, lengths_at,
-                                       megatron_greedy_knapsack, pack_megatron, pack_ours, wait_floor)
+from tests.bench.bench_packing import (
+    LengthOnly,
+    check_rows,
+    draw_mix,
+    first_fit_decreasing,
+    lengths_at,
+    megatron_greedy_knapsack,
+    pack_megatron,
+    pack_ours,
+    wait_floor,
+)
 
 SEQ = 16_384
 

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from data_pipelines.tools.synth import KINDS
 from data_pipelines.training.config import SourceConfig
 from data_pipelines.training.loader import PackedBatchStream
 from data_pipelines.training.samples import SamplePlan, SampleSpec, build_sample, decode_media, plan_sample
 from data_pipelines.training.shards import RawSample, expand_shard_paths, iter_shard
-from data_pipelines.tools.synth import KINDS
 from data_pipelines.training.tiling import TilingConfig
 from tests.shard_writer import write_shard
 

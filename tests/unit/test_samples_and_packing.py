@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from data_pipelines.training import special_tokens as st
-from data_pipelines.training.conversation import IGNORE_INDEX, SampleError
 from data_pipelines.training.config import SourceConfig
+from data_pipelines.training.conversation import IGNORE_INDEX, SampleError
 from data_pipelines.training.loader import PackedBatchStream
 from data_pipelines.training.packing import Packer, collate_rows
 from data_pipelines.training.samples import Sample, SampleSpec, build_sample

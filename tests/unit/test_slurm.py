@@ -14,8 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from launch.slurm import (EXIT_PREEMPTED, LAUNCHER_KEYS, SIGNAL_LEAD_S, LaunchError, _time_seconds, main,
-                          split_launcher_args, with_run_dir)
+from launch.slurm import (
+    EXIT_PREEMPTED,
+    LAUNCHER_KEYS,
+    SIGNAL_LEAD_S,
+    LaunchError,
+    _time_seconds,
+    main,
+    split_launcher_args,
+    with_run_dir,
+)
 from train.config.schema import Config
 
 BRACES = "data.sources=[{name:mine,path:/data/shards,weight:1.0}]"

@@ -20,6 +20,7 @@ import webdataset as wds
 from PIL import Image
 
 from data_pipelines.tools import synth
+from data_pipelines.tools.tokenizer_train import train_tokenizer
 from data_pipelines.training.special_tokens import (
     ALL_SPECIAL_TOKENS,
     IM_START,
@@ -28,7 +29,6 @@ from data_pipelines.training.special_tokens import (
     THINK_CLOSE,
     THINK_OPEN,
 )
-from data_pipelines.tools.tokenizer_train import train_tokenizer
 
 NUM_PER_KIND = {"image": 40, "video": 12, "multi_image": 20, "text": 60}
 REPO_ROOT = Path(__file__).resolve().parents[2]

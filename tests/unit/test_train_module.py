@@ -10,10 +10,10 @@ import torch
 from data_pipelines.training.packing import collate_rows
 from data_pipelines.training.samples import Sample
 from train.config.schema import Config, LanguageModelConfig, ModelConfig, OptimConfig, TrainerConfig
-from train.parallel.distributed import DistInfo
-from train.model.vlm import VisionLanguageModel
-from train.precision import build_precision
 from train.loop.train_module import TrainModule, apply_trainable, build_optimizer, learning_rate
+from train.model.vlm import VisionLanguageModel
+from train.parallel.distributed import DistInfo
+from train.precision import build_precision
 
 LM = LanguageModelConfig(pattern="M*-", hidden_size=32, vocab_size=64, num_attention_heads=2, num_key_value_heads=1,
                          head_dim=16, mamba_num_heads=2, mamba_head_dim=16, ssm_state_size=8, n_groups=1,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, get_type_hints
 from pathlib import Path
+from typing import Any, get_type_hints
 
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf

@@ -42,10 +42,15 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from data_pipelines.training.tiling import IMAGE_NORMALIZATION
-from train.checkpoint.store import resolve_native_checkpoint
-from train.checkpoint.store import COMPLETE_MARKER, dcp_quietly, step_dir_name
+from train.checkpoint.store import COMPLETE_MARKER, dcp_quietly, resolve_native_checkpoint, step_dir_name
 from train.config.schema import (
-    Config, LanguageModelConfig, ModelConfig, ProjectorConfig, RunConfig, VisionConfig, from_dict,
+    Config,
+    LanguageModelConfig,
+    ModelConfig,
+    ProjectorConfig,
+    RunConfig,
+    VisionConfig,
+    from_dict,
 )
 
 Layout = Literal["lm", "vl"]

@@ -13,14 +13,19 @@ import yaml
 
 from data_pipelines.training import special_tokens as st
 from data_pipelines.training.conversation import (
-    MediaSlot, Message, TemplateFn, apply_reasoning_mode, frame_label, placeholder_order, template_segments,
+    MediaSlot,
+    Message,
+    TemplateFn,
+    apply_reasoning_mode,
+    frame_label,
+    placeholder_order,
+    template_segments,
     tokenize_conversation,
 )
 from data_pipelines.training.decode import decode_image, decode_video, frames_to_tiles
 from data_pipelines.training.samples import Tokenizer
 from data_pipelines.training.tiling import tile_image
-from train.checkpoint.store import resolve_native_checkpoint
-from train.checkpoint.store import load_model_weights
+from train.checkpoint.store import load_model_weights, resolve_native_checkpoint
 from train.config.schema import Config, KernelConfig, from_dict
 from train.model.vlm import VisionLanguageModel
 

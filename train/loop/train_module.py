@@ -16,8 +16,8 @@ from torch import nn
 
 from data_pipelines.training.batch import PackedBatch
 from train.config.schema import Config, OptimConfig, TrainableConfig
-from train.parallel.distributed import DistInfo, all_reduce_sum, clip_grad_norm, finalize_tensor_parallel_grads
 from train.model.vlm import VisionLanguageModel
+from train.parallel.distributed import DistInfo, all_reduce_sum, clip_grad_norm, finalize_tensor_parallel_grads
 from train.precision import Precision
 
 

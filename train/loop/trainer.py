@@ -20,17 +20,21 @@ import yaml
 from data_pipelines.training import special_tokens as st
 from data_pipelines.training.loader import PackedBatchStream, build_batch_stream
 from data_pipelines.training.samples import Tokenizer
-from train.loop.callbacks import MetricsFile, Progress, WandbLogger
 from train.checkpoint.layout import NativeLayout, StateLayout
 from train.checkpoint.store import (
-    Checkpointer, find_latest, load_model_weights, load_newest_readable, read_data_states,
+    Checkpointer,
+    find_latest,
+    load_model_weights,
+    load_newest_readable,
+    read_data_states,
 )
 from train.config.schema import Config, ConfigError
-from train.parallel.distributed import DistInfo, init_distributed, shutdown, sum_counts, wrap_data_parallel
-from train.model.vlm import VisionLanguageModel
-from train.precision import build_precision
+from train.loop.callbacks import MetricsFile, Progress, WandbLogger
 from train.loop.preemption import Preempted, PreemptionHandler
 from train.loop.train_module import TrainModule, apply_trainable, build_optimizer
+from train.model.vlm import VisionLanguageModel
+from train.parallel.distributed import DistInfo, init_distributed, shutdown, sum_counts, wrap_data_parallel
+from train.precision import build_precision
 
 
 def prepare_data_files(cfg: Config) -> None:

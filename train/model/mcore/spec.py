@@ -30,7 +30,6 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
-
 from torch.utils.checkpoint import checkpoint
 
 from train.config.schema import LanguageModelConfig
@@ -67,7 +66,9 @@ def hybrid_stack_spec(lm: LanguageModelConfig, kernels: Kernels, kind: SpecKind 
     if kind == "te":
         # Imported here: Transformer Engine exists only in GPU installs.
         from megatron.core.extensions.transformer_engine import (
-            TEColumnParallelLinear, TEDotProductAttention, TERowParallelLinear,
+            TEColumnParallelLinear,
+            TEDotProductAttention,
+            TERowParallelLinear,
         )
 
         column, row, core_attention = TEColumnParallelLinear, TERowParallelLinear, TEDotProductAttention
