@@ -9,8 +9,16 @@ from train.config.schema import ParallelConfig
 from train.parallel.distributed import all_reduce_sum, init_distributed, shutdown, sum_counts
 
 
-def main(out: str, tensor: int, context: int) -> None:
-    info = init_distributed(ParallelConfig(tensor_parallel=tensor, context_parallel=context, backend="gloo"), "cpu")
+def main(out: str, tensor: int, context: int, engine: str) -> None:
+    parallel = ParallelConfig(tensor_parallel=tensor, context_parallel=context, backend="gloo")
+    make_groups = None
+    if engine == "mcore":  # megatron builds the groups, the seam adopts them
+        import functools
+
+        from train.model.mcore.model import megatron_process_groups
+
+        make_groups = functools.partial(megatron_process_groups, parallel)
+    info = init_distributed(parallel, "cpu", make_groups=make_groups)
     value = 10.0 ** info.rank  # every rank a distinct digit, so a sum names its members
     coords = info.dims.coordinates(info.rank)
     result = {
@@ -26,4 +34,4 @@ def main(out: str, tensor: int, context: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])

@@ -17,12 +17,13 @@ def members_sum(ranks: list[int]) -> float:
     return float(sum(10.0 ** r for r in ranks))
 
 
-@pytest.mark.parametrize("tensor,context", [(2, 1), (2, 2)])
-def test_reductions_follow_the_layout(tmp_path, tensor, context):
+@pytest.mark.parametrize("tensor,context,engine", [(2, 1, "native"), (2, 2, "native"), (2, 2, "mcore")])
+def test_reductions_follow_the_layout(tmp_path, tensor, context, engine):
+    """The seam's own groups, and megatron-core's groups adopted by the seam, reduce alike."""
     world = 4
     out = tmp_path / "result"
     result = run_module(["torch.distributed.run", "--nproc-per-node", str(world), WORKER, str(out), str(tensor),
-                         str(context)], tmp_path, timeout=300)
+                         str(context), engine], tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     dims = ParallelDims(world, tensor, context)
     for rank in range(world):

@@ -6,6 +6,7 @@ The loop itself (`Trainer.fit`) fits on one screen; building and bookkeeping liv
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -56,8 +57,9 @@ def build_model(cfg: Config, tokenizer: Tokenizer, device: torch.device | None =
                 ) -> tuple[VisionLanguageModel, StateLayout]:
     """The stage's model, initialised (seed, then `init.from_checkpoint`), with its checkpoint layout.
 
-    `model.impl=mcore` puts the language model on megatron-core (on an initialised process group);
-    the vision tower and projector are the same modules on either engine."""
+    `model.impl=mcore` puts the language model on megatron-core (its groups set up by
+    `init_distributed`, see `run_stage`); the vision tower and projector are the same modules on
+    either engine."""
     if tokenizer.vocab_size > cfg.model.language_model.vocab_size:
         raise ConfigError(f"model.language_model.vocab_size={cfg.model.language_model.vocab_size} is smaller than the "
                           f"tokenizer's {tokenizer.vocab_size} tokens: raise it")
@@ -65,11 +67,10 @@ def build_model(cfg: Config, tokenizer: Tokenizer, device: torch.device | None =
     layout: StateLayout = NativeLayout()
     if cfg.model.impl == "mcore":
         from train.model.mcore.loss import vocab_parallel_loss
-        from train.model.mcore.model import McoreLanguageModel, initialize_megatron
+        from train.model.mcore.model import McoreLanguageModel
         from train.model.mcore.state import McoreLayout
 
         device = device or torch.device("cpu")
-        initialize_megatron(cfg.parallel, device)
         language_model = McoreLanguageModel(cfg.model.language_model, cfg.model.kernels, cfg.parallel, device)
         engine = {"language_model": language_model, "loss": vocab_parallel_loss(cfg.model.loss_chunk_size)}
         layout = McoreLayout(language_model)
@@ -221,14 +222,23 @@ def stage_finished(cfg: Config) -> dict | None:
     return summary if summary.get("steps") == cfg.trainer.max_steps else None
 
 
+def engine_groups(cfg: Config) -> dict:
+    """How `init_distributed` sets up the groups: megatron-core builds its own (and needs a process
+    group even for one process); the native engine takes the seam's."""
+    if cfg.model.impl != "mcore":
+        return {}
+    from train.model.mcore.model import megatron_process_groups
+
+    return {"always": True, "make_groups": functools.partial(megatron_process_groups, cfg.parallel)}
+
+
 def run_stage(cfg: Config) -> dict:
     """Train one stage to cfg.trainer.max_steps (resuming from the run dir when possible)."""
     done = stage_finished(cfg)
     if done is not None:
         print(f"[{cfg.stage}] already finished ({done['steps']} steps) in {cfg.run.dir}; nothing to do", flush=True)
         return done
-    # megatron-core needs a process group even for one process.
-    info = init_distributed(cfg.parallel, cfg.trainer.device, always=cfg.model.impl == "mcore")
+    info = init_distributed(cfg.parallel, cfg.trainer.device, **engine_groups(cfg))
     try:
         if info.is_main:
             prepare_data_files(cfg)

@@ -106,6 +106,15 @@ class ProcessGroups:
                     self._groups[name] = group
         self._groups["world"] = dist.group.WORLD
 
+    @classmethod
+    def adopt(cls, dims: ParallelDims, rank: int, groups: dict[str, object]) -> "ProcessGroups":
+        """The groups another library built for the same layout (megatron-core's, for
+        `model.impl=mcore`), so each group exists once; groups of one rank are dropped."""
+        adopted = cls(ParallelDims(1), 0)
+        adopted.dims, adopted.rank = dims, rank
+        adopted._groups = {name: g for name, g in groups.items() if g is not None and dist.get_world_size(g) > 1}
+        return adopted
+
     def get(self, name: GroupName):
         """The group, or None when this rank is alone in it (a reduction over it is the identity)."""
         return self._groups.get(name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -47,9 +48,14 @@ class DistInfo:
         return self.dims.data * self.dims.context
 
 
-def init_distributed(parallel: ParallelConfig, device_name: str, always: bool = False) -> DistInfo:
-    """Join the torchrun world and build the process group of every parallel dimension. A lone
-    process makes a 1-rank process group only when `always` (megatron-core needs one)."""
+GroupFactory = Callable[[ParallelDims, int, torch.device], ProcessGroups]
+
+
+def init_distributed(parallel: ParallelConfig, device_name: str, always: bool = False,
+                     make_groups: GroupFactory | None = None) -> DistInfo:
+    """Join the torchrun world and build the process group of every parallel dimension (with
+    `make_groups` when an engine builds them itself). A lone process makes a 1-rank process group
+    only when `always` (megatron-core needs one)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -66,7 +72,8 @@ def init_distributed(parallel: ParallelConfig, device_name: str, always: bool = 
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
     dims = ParallelDims(world_size, parallel.tensor_parallel, parallel.context_parallel, parallel.pipeline_parallel)
-    return DistInfo(rank, world_size, local_rank, device, dims, ProcessGroups(dims, rank))
+    groups = make_groups(dims, rank, device) if make_groups is not None else ProcessGroups(dims, rank)
+    return DistInfo(rank, world_size, local_rank, device, dims, groups)
 
 
 def wrap_data_parallel(model: nn.Module, parallel: ParallelConfig, info: DistInfo) -> nn.Module:

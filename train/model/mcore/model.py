@@ -26,6 +26,7 @@ from train.model.mcore import compat, weights
 from train.model.mcore.layers import load_balanced_order, squared_relu
 from train.model.mcore.spec import SpecKind, hybrid_stack_spec
 from train.ops.dispatch import resolve_kernels
+from train.parallel.dims import ParallelDims, ProcessGroups
 
 
 def transformer_config(lm: LanguageModelConfig, parallel: ParallelConfig, params_dtype: torch.dtype,
@@ -180,3 +181,18 @@ def initialize_megatron(parallel: ParallelConfig, device: torch.device) -> None:
 
 def _spec_for(kernels: KernelConfig) -> SpecKind:
     return "te" if kernels.attention == "transformer_engine" else "local"
+
+
+def megatron_process_groups(parallel: ParallelConfig, dims: ParallelDims, rank: int,
+                            device: torch.device) -> ProcessGroups:
+    """Set up megatron (`initialize_megatron`) and hand its groups to the parallel seam, so each group
+    of the layout exists once (same rank order: tested against megatron's RankGenerator)."""
+    initialize_megatron(parallel, device)
+    return ProcessGroups.adopt(dims, rank, {
+        "tensor": parallel_state.get_tensor_model_parallel_group(),
+        "context": parallel_state.get_context_parallel_group(),
+        "data": parallel_state.get_data_parallel_group(),
+        "data_context": parallel_state.get_data_parallel_group(with_context_parallel=True),
+        "pipeline": parallel_state.get_pipeline_model_parallel_group(),
+        "world": dist.group.WORLD,
+    })
