@@ -184,6 +184,21 @@ def test_varlen_attention_matches_reference(name, dtype, bounds):
     assert torch.count_nonzero(out[bounds[-1]:]) == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_flash_attention_with_separate_key_boundaries_matches_reference(dtype):
+    """Context parallelism's query pieces over their samples' keys (bottom-right causal alignment)."""
+    kernel = backend("attention", "flash_attn")
+    torch.manual_seed(5)
+    hq, hkv, d = 8, 2, 64
+    q_lengths, k_lengths = [40, 7, 64, 1], [40, 100, 64, 230]
+    inputs = {"q": torch.randn(sum(q_lengths), hq, d, device=CUDA).to(dtype),
+              "k": torch.randn(sum(k_lengths), hkv, d, device=CUDA).to(dtype),
+              "v": torch.randn(sum(k_lengths), hkv, d, device=CUDA).to(dtype)}
+    cu_q = torch.tensor([0, *q_lengths], device=CUDA).cumsum(0).to(torch.int32)
+    cu_k = torch.tensor([0, *k_lengths], device=CUDA).cumsum(0).to(torch.int32)
+    check_parity(kernel, varlen_attention_ref, inputs, dtype, cu_seqlens=cu_q, causal=True, cu_seqlens_k=cu_k)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("norm_before_gate", [False, True])
 def test_gated_rms_norm_matches_reference(dtype, norm_before_gate):

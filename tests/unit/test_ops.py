@@ -430,3 +430,24 @@ def test_gated_rms_norm_matches_formula(group_size, norm_before_gate):
 def test_gated_rms_norm_rejects_bad_group_size():
     with pytest.raises(ValueError, match="group_size"):
         gated_rms_norm_ref(torch.randn(2, 10), torch.randn(2, 10), torch.ones(10), group_size=4)
+
+
+def test_queries_over_separate_keys_equal_the_rows_of_full_attention():
+    """cu_seqlens_k (context parallelism): a rank's query pieces over their samples' keys give the
+    rows full causal attention gives those positions; pieces cut mid-sample included."""
+    from train.model.mcore.layers import context_parallel_pieces
+
+    gen = torch.Generator().manual_seed(0)
+    total, cp = 32, 2
+    q, k, v = (torch.randn(total, h, 8, generator=gen) for h in (4, 2, 2))
+    boundaries = [0, 5, 19, 27, 32]
+    full = varlen_attention_ref(q, k, v, torch.tensor(boundaries, dtype=torch.int32))
+    for rank in range(cp):
+        chunk = total // (2 * cp)
+        positions = torch.cat([torch.arange(c * chunk, (c + 1) * chunk) for c in (rank, 2 * cp - 1 - rank)])
+        lengths, keys = context_parallel_pieces(boundaries, total, cp, rank)
+        index = torch.cat([torch.arange(r.start, r.stop) for r in keys])
+        cu_q = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
+        cu_k = torch.tensor([0, *(len(r) for r in keys)]).cumsum(0).to(torch.int32)
+        got = varlen_attention_ref(q[positions], k[index], v[index], cu_q, cu_seqlens_k=cu_k)
+        torch.testing.assert_close(got, full[positions], rtol=1e-5, atol=1e-6)

@@ -35,6 +35,8 @@ def varlen_attention_ref(
     cu_seqlens: Tensor,
     causal: bool = True,
     softmax_scale: float | None = None,
+    *,
+    cu_seqlens_k: Tensor | None = None,
 ) -> Tensor:
     """Block-diagonal (optionally causal) attention over packed samples.
 
@@ -44,10 +46,17 @@ def varlen_attention_ref(
             Tokens past ``cu_seqlens[-1]`` (tail padding) get zero output.
         causal: causal mask inside each sample.
         softmax_scale: defaults to ``d ** -0.5``.
+        cu_seqlens_k: keys and values segmented on their own (as flash-attn's ``cu_seqlens_k``):
+            piece i's queries ``q[cu_seqlens[i]:cu_seqlens[i+1]]`` attend to its keys
+            ``k[cu_seqlens_k[i]:cu_seqlens_k[i+1]]``, causally aligned bottom-right (the queries are
+            the last of the piece's key positions). Context parallelism uses it: a rank's queries
+            over every rank's keys.
 
     Returns:
         (total, hq, d) in ``q.dtype``.
     """
+    if cu_seqlens_k is not None:
+        return _attention_q_over_k(q, k, v, cu_seqlens, cu_seqlens_k, causal, softmax_scale)
     if q.ndim != 3 or k.ndim != 3 or v.shape != k.shape:
         raise ValueError(
             f"expected q (total, hq, d) and k == v shape (total, hkv, d), got "
@@ -73,6 +82,28 @@ def varlen_attention_ref(
             qs, ks, vs, is_causal=causal, scale=softmax_scale, enable_gqa=hq != hkv
         )  # (hq, len, d)
         out[start:end] = o.transpose(0, 1)
+    return out
+
+
+def _attention_q_over_k(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, causal: bool,
+                        softmax_scale: float | None) -> Tensor:
+    q_bounds, k_bounds = cu_q.tolist(), cu_k.tolist()
+    if len(q_bounds) != len(k_bounds):
+        raise ValueError(f"cu_seqlens ({len(q_bounds) - 1} pieces) and cu_seqlens_k ({len(k_bounds) - 1}) differ")
+    _check_gqa(q.shape[1], k.shape[1])
+    out = q.new_zeros(q.shape)
+    for (qs, qe), (ks, ke) in zip(zip(q_bounds, q_bounds[1:]), zip(k_bounds, k_bounds[1:])):
+        if qe == qs:
+            continue
+        lq, lk = qe - qs, ke - ks
+        if lk < lq:
+            raise ValueError(f"a piece has {lq} queries but only {lk} keys: queries must be the last key positions")
+        mask = None
+        if causal:  # bottom-right: query i sits at key position i + lk - lq
+            mask = torch.arange(lk, device=q.device)[None, :] <= torch.arange(lq, device=q.device)[:, None] + (lk - lq)
+        o = F.scaled_dot_product_attention(q[qs:qe].transpose(0, 1), k[ks:ke].transpose(0, 1), v[ks:ke].transpose(0, 1),
+                                           attn_mask=mask, scale=softmax_scale, enable_gqa=q.shape[1] != k.shape[1])
+        out[qs:qe] = o.transpose(0, 1)  # (lq, hq, d)
     return out
 
 

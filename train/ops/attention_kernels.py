@@ -78,11 +78,23 @@ def flash_varlen_attention(
     cu_seqlens: Tensor,
     causal: bool = True,
     softmax_scale: float | None = None,
+    *,
+    cu_seqlens_k: Tensor | None = None,
 ) -> Tensor:
     """Block-diagonal attention over packed samples with flash-attn 2 (varlen).
 
     q: (total, hq, d); k, v: (total, hkv, d); cu_seqlens: (n + 1,) -> (total, hq, d) in q's dtype.
+    With `cu_seqlens_k` keys are segmented on their own; flash-attn >= 2.1 aligns the causal mask
+    bottom-right when a piece has more keys than queries, as the reference does.
     """
+    if cu_seqlens_k is not None:
+        cu_q, max_q, covered = _varlen_layout(q, cu_seqlens, "flash_attn")
+        cu_k, max_k, _ = _varlen_layout(k, cu_seqlens_k, "flash_attn")
+        out = flash_attn_varlen_func(
+            q[:covered], k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=softmax_scale, causal=causal,
+            deterministic=torch.are_deterministic_algorithms_enabled(),
+        )
+        return _zero_tail(out, q.shape[0])
     cu, max_seqlen, covered = _varlen_layout(q, cu_seqlens, "flash_attn")
     out = flash_attn_varlen_func(
         q[:covered], k[:covered], v[:covered], cu, cu, max_seqlen, max_seqlen, dropout_p=0.0,
@@ -106,11 +118,16 @@ def te_varlen_attention(
     cu_seqlens: Tensor,
     causal: bool = True,
     softmax_scale: float | None = None,
+    *,
+    cu_seqlens_k: Tensor | None = None,
 ) -> Tensor:
     """Block-diagonal attention over packed samples with Transformer Engine (THD layout).
 
     q: (total, hq, d); k, v: (total, hkv, d); cu_seqlens: (n + 1,) -> (total, hq, d) in q's dtype.
     """
+    if cu_seqlens_k is not None:  # refused at config time too (context parallelism with TE attention)
+        raise NotImplementedError("separate key boundaries are not wired for Transformer Engine attention: "
+                                  "use model.kernels.attention=flash_attn or torch")
     total, hq, d = q.shape
     cu, max_seqlen, covered = _varlen_layout(q, cu_seqlens, "transformer_engine")
     attention = _dot_product_attention(hq, k.shape[1], d, causal, softmax_scale)

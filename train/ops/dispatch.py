@@ -11,7 +11,7 @@ All backends of an op share its reference's signature:
 
   ssd         ssd_scan_ref(x, dt, A, B, C, chunk_size, D, z, dt_bias, *, initial_states, seq_idx, ...)
   conv1d      causal_conv1d_ref(x, weight, bias, seq_idx, *, activation)
-  attention   varlen_attention_ref(q, k, v, cu_seqlens, causal, softmax_scale)
+  attention   varlen_attention_ref(q, k, v, cu_seqlens, causal, softmax_scale, *, cu_seqlens_k)
   gated_norm  gated_rms_norm_ref(x, z, weight, eps, group_size, norm_before_gate)
   rms_norm    rms_norm_ref(x, weight, eps)
 """

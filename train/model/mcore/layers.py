@@ -194,24 +194,44 @@ class PackedCoreAttention(MegatronModule):
         return out.reshape(b, s, -1).transpose(0, 1)  # (S, B, heads * head_dim)
 
     def _context_parallel(self, query: Tensor, key: Tensor, value: Tensor, packed_seq_params: PackedSeqParams) -> Tensor:
-        """The CPU twin of context-parallel attention: the rank's queries (T / cp, heads, head_dim), in
-        load-balanced order, attend over every rank's keys and values (all-gathered: K/V are small
-        under GQA), each within its sample and causally by position in the row. On GPU the TE spec
-        runs Transformer Engine's ring attention instead."""
+        """Context-parallel attention: this rank's queries (T / cp, heads, head_dim), two contiguous
+        chunks of the row (`load_balanced_order`), attend over every rank's keys and values
+        (all-gathered: K/V are small under GQA). Each query chunk is cut at sample boundaries into
+        pieces whose keys run from their sample's start to the piece's end, and `kernels.attention`
+        computes them with separate key boundaries (causal, aligned bottom-right): the torch
+        reference on CPU, flash-attn varlen on GPU."""
         total = query.shape[0] * self.cp_size
-        order = load_balanced_order(total, self.cp_size, self.cp_group.rank(), query.device)  # (T / cp,)
         keys, values = (gather_from_sequence_parallel_region(t, group=self.cp_group) for t in (key, value))
         # Gathered in rank order, each rank's load-balanced slice: back to row order.
         unpermute = torch.argsort(torch.cat([load_balanced_order(total, self.cp_size, r, query.device)
                                              for r in range(self.cp_size)]))
         keys, values = keys[unpermute], values[unpermute]
-        sample = packed_seq_idx(packed_seq_params, total, query.device)[0]  # (T,)
-        positions = torch.arange(total, device=query.device)
-        allowed = (sample[order, None] == sample[None, :]) & (positions[None, :] <= order[:, None])  # (T / cp, T)
-        q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (query, keys, values))  # (1, heads, tokens, head_dim)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.softmax_scale,
-                                             enable_gqa=q.shape[1] != k.shape[1])
-        return out[0].transpose(0, 1).flatten(1)  # (T / cp, heads * head_dim)
+        cu = packed_seq_params.cu_seqlens_q_padded
+        cu = packed_seq_params.cu_seqlens_q if cu is None else cu
+        q_lengths, key_index = context_parallel_pieces(cu.tolist(), total, self.cp_size, self.cp_group.rank())
+        cu_q = torch.tensor([0, *q_lengths], dtype=torch.int32, device=query.device).cumsum(0, dtype=torch.int32)
+        cu_k = torch.tensor([0, *(len(r) for r in key_index)], dtype=torch.int32, device=query.device)
+        cu_k = cu_k.cumsum(0, dtype=torch.int32)
+        index = torch.cat([torch.arange(r.start, r.stop, device=query.device) for r in key_index])
+        out = self.kernels.attention(query, keys[index], values[index], cu_q, causal=True,
+                                     softmax_scale=self.softmax_scale, cu_seqlens_k=cu_k)
+        return out.flatten(1)  # (T / cp, heads * head_dim)
+
+
+def context_parallel_pieces(boundaries: list[int], total: int, cp: int, rank: int) -> tuple[list[int], list[range]]:
+    """A context-parallel rank's queries cut at sample boundaries: (query count of each piece, in the
+    rank's token order; the row positions of each piece's keys, from its sample's start to its end)."""
+    chunk = total // (2 * cp)
+    bounds = sorted(set(boundaries) | {total})
+    q_lengths, keys = [], []
+    for c in (rank, 2 * cp - 1 - rank):
+        start, stop = c * chunk, (c + 1) * chunk
+        for s0, s1 in zip(bounds, bounds[1:]):
+            lo, hi = max(start, s0), min(stop, s1)
+            if lo < hi:
+                q_lengths.append(hi - lo)
+                keys.append(range(s0, hi))
+    return q_lengths, keys
 
 
 def load_balanced_order(total: int, cp: int, rank: int, device: torch.device | None = None) -> Tensor:
