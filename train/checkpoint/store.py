@@ -226,11 +226,16 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     """Restore model, optimizer, RNG and (into `precision_state`'s tensors, in place) the
     precision state; returns this rank's saved state."""
     model_sd, optim_sd = layout.state(model, optimizer)
+    # This rank's parameter groups, not the saved ones: under a sharded optimizer each rank's differ
+    # (and the hyperparameters come from the config).
+    param_groups = optim_sd.get("param_groups")
     state = {"model": model_sd, "optim": optim_sd}
     if precision_state:
         state["precision"] = precision_state
     with dcp_quietly():
         dcp.load(state, checkpoint_id=str(path))
+    if param_groups is not None:
+        state["optim"]["param_groups"] = param_groups
     layout.load_state(model, optimizer, state["model"], state["optim"])
     rank_file = path / f"rank_{_rank()}.json"
     if not rank_file.exists():  # resumed with more ranks than saved: take rank 0's counters

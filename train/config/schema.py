@@ -336,8 +336,8 @@ class ParallelConfig:
     pipeline_parallel: int = 1
     # Interleaved (virtual) pipeline stages: megatron-core 0.16.1 does not support them for the hybrid stack.
     virtual_pipeline_parallel: Optional[int] = None
-    # model.impl=mcore: optimizer state (fp32 master, Adam m and v) sharded over the data-parallel
-    # ranks (megatron-core's distributed optimizer). The native engine shards it with data_parallel=fsdp.
+    # Optimizer state (Adam m and v) sharded over the data (x context) parallel ranks, as megatron-core's
+    # distributed optimizer does (`train.parallel.zero`); with data_parallel=ddp, either engine.
     distributed_optimizer: bool = False
     backend: Literal["auto", "gloo", "nccl"] = "auto"
 
@@ -349,6 +349,10 @@ class ParallelConfig:
         if self.virtual_pipeline_parallel is not None:
             raise ConfigError(f"{path}.virtual_pipeline_parallel={self.virtual_pipeline_parallel}: megatron-core "
                               "0.16.1 has no interleaved pipeline schedule for the hybrid Mamba stack; leave it null")
+
+        if self.distributed_optimizer and self.data_parallel == "fsdp":
+            raise ConfigError(f"{path}.distributed_optimizer=true with {path}.data_parallel=fsdp: FSDP already shards "
+                              "the optimizer state; use data_parallel=ddp for the distributed optimizer")
 
     @property
     def model_parallel(self) -> bool:
@@ -418,8 +422,6 @@ class Config:
                               "parallelism is not built yet: set parallel.pipeline_parallel=1")
         if par.data_parallel == "fsdp":
             raise ConfigError("model.impl=mcore shards with its own layout: set parallel.data_parallel=ddp")
-        if par.distributed_optimizer:
-            raise ConfigError("parallel.distributed_optimizer=true is not built yet for model.impl=mcore; set it false")
         if self.precision.is_fp8:
             raise ConfigError(f"precision={self.precision.name} with model.impl=mcore is not built yet (megatron's "
                               "linears are not converted to FP8); use bf16 or fp32")

@@ -18,6 +18,7 @@ from data_pipelines.training.batch import PackedBatch
 from train.config.schema import Config, OptimConfig, TrainableConfig
 from train.model.vlm import VisionLanguageModel
 from train.parallel.distributed import DistInfo, all_reduce_sum, clip_grad_norm, finalize_tensor_parallel_grads
+from train.parallel.zero import ShardedAdamW
 from train.precision import Precision
 
 
@@ -54,15 +55,18 @@ def learning_rate(step: int, cfg: OptimConfig, max_steps: int) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: OptimConfig, shard_over=None) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; with `shard_over` (a process group) its state is sharded
+    over that group's ranks (`train.parallel.zero.ShardedAdamW`)."""
     params = [p for p in model.parameters() if p.requires_grad]
     # No weight decay on norms, biases and 1-d SSM parameters (A_log, D, dt_bias).
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-    )
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    hyper = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps}
+    if shard_over is not None:
+        return ShardedAdamW(groups, shard_over, **hyper)
+    return torch.optim.AdamW(groups, **hyper)
 
 
 @contextlib.contextmanager

@@ -101,7 +101,13 @@ class Trainer:
         self.model = self.precision.convert_model(model.to(info.device))
         # Wrap before the optimizer and the resume: FSDP2 turns parameters into DTensor shards.
         forward_module = wrap_data_parallel(self.model, cfg.parallel, info)
-        self.optimizer = build_optimizer(self.model, cfg.optim)
+        shard_over = info.groups.get("data_context") if cfg.parallel.distributed_optimizer and info.groups else None
+        self.optimizer = build_optimizer(self.model, cfg.optim, shard_over)
+        if shard_over is not None:
+            held = sum(p.numel() for g in self.optimizer.param_groups for p in g["params"])
+            total = sum(p.numel() for p in self.optimizer.all_params)
+            self._log(f"optimizer state sharded over {info.gradient_replicas} ranks: rank 0 holds {held:,} of "
+                      f"{total:,} parameters' moments")
         self.data = build_data(cfg, tokenizer, info)
         self.step, self.tokens = 0, 0
         precision_state = self.precision.state_dict()

@@ -63,20 +63,32 @@ def _is_qkv(megatron: str) -> bool:
 
 
 def native_to_megatron(state: dict[str, Tensor], lm: LanguageModelConfig) -> dict[str, Tensor]:
-    """Whole native language-model weights -> whole megatron weights."""
-    out = {megatron_name(n, lm): state[n] for n in native_names(lm) if not _is_qkv(megatron_name(n, lm))}
+    """Native language-model tensors -> megatron's (all of them, or a subset: e.g. the optimizer state
+    of the parameters one rank's optimizer owns; q, k and v travel together)."""
+    out = {}
+    for name in native_names(lm):
+        target = megatron_name(name, lm)
+        if name in state and not _is_qkv(target):
+            out[target] = state[name]
     for i in (i for i, kind in enumerate(lm.pattern) if kind == "*"):
-        out[f"decoder.layers.{i}.self_attention.linear_qkv.weight"] = _qkv_to_megatron(
-            *(state[f"backbone.layers.{i}.mixer.{x}_proj.weight"] for x in "qkv"), lm)
+        qkv = [f"backbone.layers.{i}.mixer.{x}_proj.weight" for x in "qkv"]
+        if qkv[0] in state:
+            out[f"decoder.layers.{i}.self_attention.linear_qkv.weight"] = _qkv_to_megatron(*(state[n] for n in qkv), lm)
     return out
 
 
 def megatron_to_native(state: dict[str, Tensor], lm: LanguageModelConfig) -> dict[str, Tensor]:
-    """Whole megatron weights -> whole native language-model weights."""
-    out = {n: state[megatron_name(n, lm)] for n in native_names(lm) if not _is_qkv(megatron_name(n, lm))}
+    """Megatron tensors (all, or a subset) -> native language-model tensors."""
+    out = {}
+    for name in native_names(lm):
+        source = megatron_name(name, lm)
+        if source in state and not _is_qkv(source):
+            out[name] = state[source]
     for i in (i for i, kind in enumerate(lm.pattern) if kind == "*"):
-        q, k, v = _qkv_from_megatron(state[f"decoder.layers.{i}.self_attention.linear_qkv.weight"], lm)
-        out.update({f"backbone.layers.{i}.mixer.{x}_proj.weight": t for x, t in zip("qkv", (q, k, v))})
+        source = f"decoder.layers.{i}.self_attention.linear_qkv.weight"
+        if source in state:
+            q, k, v = _qkv_from_megatron(state[source], lm)
+            out.update({f"backbone.layers.{i}.mixer.{x}_proj.weight": t for x, t in zip("qkv", (q, k, v))})
     return out
 
 
