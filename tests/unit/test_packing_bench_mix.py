@@ -157,12 +157,17 @@ def test_max_wait_bound_is_honoured_where_it_binds():
 
 
 def test_max_wait_bound_on_the_mix(mix_lengths):
+    """A bound tighter than the free run's longest wait (so it has to force samples out), above the
+    floor no packer beats: it holds on the 16K mix, and every sample still goes out once."""
     free_run = pack_ours(mix_lengths, SEQ, 64)
-    bound = free_run.waits.max() + 1
+    floor = wait_floor(free_run, mix_lengths, SEQ)
+    assert free_run.waits.max() >= floor  # nobody beats the floor
+    bound = free_run.waits.max() - 1
+    assert bound > floor, "the mix leaves no room between the floor and the free run's wait"
     bounded = pack_ours(mix_lengths, SEQ, 64, max_wait_rows=bound)
     check_rows(bounded.rows, mix_lengths, SEQ)
-    assert bounded.waits.max() <= bound
-    assert free_run.waits.max() >= wait_floor(free_run, mix_lengths, SEQ)  # nobody beats the floor
+    assert free_run.waits.max() > bound >= bounded.waits.max()
+    assert len(bounded.rows) == len(free_run.rows)  # forcing the overdue out cost no extra row here
 
 
 def test_waits_survive_a_rebuilt_buffer():

@@ -17,6 +17,7 @@ from data_pipelines.training.packing import Packer, collate_rows
 from data_pipelines.training.samples import Sample, SampleSpec, build_sample
 from data_pipelines.training.shards import RawSample, expand_shard_paths, iter_shard
 from data_pipelines.training.tiling import TilingConfig
+from tests.batches import assert_same_batches
 
 
 def spec(seq_length=2048, max_tiles=4, tile=64, tpt=4) -> SampleSpec:
@@ -109,45 +110,43 @@ def test_collate_boundaries_positions_and_padding():
     assert batch.num_real_tokens == 16 and batch.num_samples == 3
 
 
-def _stream(synth_data, tokenizer, rank=0, world=1, workers=0, weights=(1.0, 0.5, 1.0)):
+def _stream(synth_data, tokenizer, rank=0, world=1, workers=0, weights=(1.0, 0.5, 1.0), buffer=8):
     sources = [SourceConfig(name, str(synth_data.shard_dirs[kind]), w)
                for (name, kind), w in zip([("img", "image"), ("vid", "video"), ("txt", "text")], weights)]
-    return PackedBatchStream(sources, spec(seq_length=512), tokenizer, micro_batch_size=2, pack_buffer=8,
+    return PackedBatchStream(sources, spec(seq_length=512), tokenizer, micro_batch_size=2, pack_buffer=buffer,
                              rank=rank, world_size=world, num_workers=workers)
-
-
-def _keys(batch):
-    return batch.input_ids.sum().item(), batch.cu_seqlens.tolist()
 
 
 def test_stream_is_deterministic_and_resumes_exactly(synth_data, tokenizer):
     a = _stream(synth_data, tokenizer)
-    first = [_keys(a.next_batch()) for _ in range(3)]
+    first = [a.next_batch() for _ in range(3)]
     state = json.loads(json.dumps(a.state_dict()))  # must survive JSON
-    rest = [_keys(a.next_batch()) for _ in range(3)]
+    rest = [a.next_batch() for _ in range(3)]
     b = _stream(synth_data, tokenizer)
-    assert [_keys(b.next_batch()) for _ in range(3)] == first
+    assert_same_batches([b.next_batch() for _ in range(3)], first)
     c = _stream(synth_data, tokenizer)
     c.load_state_dict(state)
-    assert [_keys(c.next_batch()) for _ in range(3)] == rest
+    assert_same_batches([c.next_batch() for _ in range(3)], rest)
 
 
-def test_worker_processes_give_the_same_sequence_and_resume_exactly(synth_data, tokenizer):
-    inline = _stream(synth_data, tokenizer)
-    expected = [_keys(inline.next_batch()) for _ in range(6)]
-    pooled = _stream(synth_data, tokenizer, workers=2)
+@pytest.mark.parametrize("workers", [1, 3])
+def test_worker_processes_give_the_same_sequence_and_resume_exactly(synth_data, tokenizer, workers):
+    inline = _stream(synth_data, tokenizer)  # 0 workers: samples built in this process
+    expected = [inline.next_batch() for _ in range(6)]
+    pooled = _stream(synth_data, tokenizer, workers=workers)
     try:
-        got = [_keys(pooled.next_batch()) for _ in range(3)]
+        got = [pooled.next_batch() for _ in range(3)]
         state = json.loads(json.dumps(pooled.state_dict()))
     finally:
         pooled.close()
-    resumed = _stream(synth_data, tokenizer, workers=2)
+    resumed = _stream(synth_data, tokenizer, workers=workers)
     try:
         resumed.load_state_dict(state)
-        got += [_keys(resumed.next_batch()) for _ in range(3)]
+        got += [resumed.next_batch() for _ in range(3)]
     finally:
         resumed.close()
-    assert got == expected
+    assert_same_batches(got, expected)
+    assert any(b.tiles.shape[0] for b in got)  # the compared batches carry media, decoded in the workers
     assert state["draws"] <= inline.state_dict()["draws"]  # prefetched work is not committed
 
 
@@ -200,21 +199,25 @@ def _consume(stream, batches):
     return used
 
 
-@pytest.mark.parametrize("old_world, new_world", [(2, 1), (1, 2)])
+@pytest.mark.parametrize("old_world, new_world", [(2, 1), (1, 2), (3, 2), (2, 3)])
 def test_resharded_resume_neither_repeats_nor_drops(synth_data, tokenizer, old_world, new_world):
-    # Weights by source size so no source wraps into a second epoch (positions stay unique).
-    weights = (24.0, 4.0, 32.0)
-    old = [_stream(synth_data, tokenizer, rank=r, world=old_world, weights=weights) for r in range(old_world)]
-    consumed = [p for r, s in enumerate(old) for p in _consume(s, 1 + r)]  # ranks at different points
+    # Weights by source size and small buffers, so no source wraps into a second epoch even with
+    # 3 ranks (positions stay unique).
+    weights, buffer = (24.0, 4.0, 32.0), 4
+    old = [_stream(synth_data, tokenizer, rank=r, world=old_world, weights=weights, buffer=buffer)
+           for r in range(old_world)]
+    consumed = [p for r, s in enumerate(old) for p in _consume(s, 1 + r % 2)]  # ranks at different points
     states = [json.loads(json.dumps(s.state_dict())) for s in old]
-    new = [_stream(synth_data, tokenizer, rank=r, world=new_world, weights=weights) for r in range(new_world)]
+    new = [_stream(synth_data, tokenizer, rank=r, world=new_world, weights=weights, buffer=buffer)
+           for r in range(new_world)]
     for s in new:
         s.load_resharded(states)
     consumed += [p for s in new for p in _consume(s, 1)]
     left = [s.position for stream in new for s in stream.packer.buffer]
     # Every draw below the point all new ranks have passed is consumed or still buffered, once.
     horizon = min(s.state_dict()["draws"] for s in new)
-    planner = _stream(synth_data, tokenizer, weights=weights)
+    planner = _stream(synth_data, tokenizer, weights=weights, buffer=buffer)
+    assert horizon <= 64, "the draws stay within the first epoch of the 64 samples"
     planned = [(job.source_id, job.shard, job.index) for job in (planner._plan() for _ in range(horizon))]
     accounted = consumed + left
     assert len(accounted) == len(set(accounted))  # nothing twice

@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from data_pipelines.training.packing import collate_rows
 from data_pipelines.training.samples import Sample
@@ -116,7 +117,22 @@ def test_sqrt_turn_step_is_the_weighted_mean():
     r_token = token.train_step([collate_rows(rows, 32, 3)], 0)
     r_sqrt = sqrt_turn.train_step([collate_rows(rows, 32, 3, loss_weighting="sqrt_turn")], 0)
     assert r_token.supervised_tokens == r_sqrt.supervised_tokens == 28
-    assert r_token.loss != r_sqrt.loss and math.isfinite(r_sqrt.loss)
+    # By hand, from the untrained model's per-token cross-entropy: each supervised label j is the
+    # target of position j - 1; a turn of n labels weighs 1/sqrt(n) per label under sqrt_turn.
+    model = module(1, 2).model
+    per_token, sqrt_weights = [], []
+    for s in (short, long_):
+        ids = torch.from_numpy(s.input_ids).unsqueeze(0)
+        with torch.no_grad():
+            logits = model.language_model(ids)[0]  # (L, V), one sample
+        supervised = np.flatnonzero(s.labels != -100)
+        per_token += [float(F.cross_entropy(logits[j - 1], ids[0, j])) for j in supervised]
+        sqrt_weights += [len(supervised) ** -0.5] * len(supervised)  # one turn per sample here
+    by_hand_token = sum(per_token) / len(per_token)
+    by_hand_sqrt = sum(w * l for w, l in zip(sqrt_weights, per_token)) / sum(sqrt_weights)
+    assert math.isclose(r_token.loss, by_hand_token, rel_tol=1e-9)
+    assert math.isclose(r_sqrt.loss, by_hand_sqrt, rel_tol=1e-6)  # the weights are float32
+    assert not math.isclose(by_hand_token, by_hand_sqrt, rel_tol=1e-3)  # the weighting matters here
     # Turns of equal length weigh equally either way: the weighted mean is the plain mean.
     equal = [[sample(12, 3, 4)], [sample(20, 4, 12)]]  # two 8-token turns
     a, b = module(1, 2), module(1, 2)

@@ -13,7 +13,6 @@ memory of one whole copy, on the CPU side of the write).
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from train.checkpoint.layout import NativeLayout
@@ -65,50 +64,38 @@ class McoreLayout:
                        optim_state_dict={"state": per_param, "param_groups": template["param_groups"]})
 
     def _optim_to_native(self, optim: dict) -> dict:
-        states: dict[str, dict] = optim["state"]
-        ours = sorted(k for k in states if k.startswith(OURS))
-        if not ours:
-            return optim
-        converted = {k: v for k, v in states.items() if k not in ours}
-        fields = next(iter(states[k] for k in ours)).keys()
-        native_names: list[str] = []
-        per_field: dict[str, dict[str, Tensor]] = {}
-        for field in fields:
-            values = {k[len(OURS):]: states[k][field] for k in ours}
-            if all(v.ndim == 0 for v in values.values()):  # step counts: one value for every parameter
-                per_field[field] = next(iter(values.values()))
-                continue
-            native = self._to_native({OURS + k: v for k, v in values.items()})
-            per_field[field] = native
-            native_names = sorted(native)
-        for name in native_names:
-            converted[name] = {f: (v[name] if isinstance(v, dict) else v.clone()) for f, v in per_field.items()}
+        states = _convert_states(optim["state"], OURS, self._to_native)
         # Each native parameter joins the group of the megatron parameter it lives in.
+        native_names = sorted(k for k in states if k.startswith(NATIVE) and k not in optim["state"])
         groups = []
         for group in optim["param_groups"]:
             mine = set(group["params"])
             params = [p for p in group["params"] if not p.startswith(OURS)]
             params += [n for n in native_names if home_of(n, self.lm) in mine]
             groups.append({**group, "params": params})
-        return {"state": converted, "param_groups": groups}
+        return {"state": states, "param_groups": groups}
 
     def _optim_fields_from_native(self, states: dict[str, dict]) -> dict[str, dict]:
-        natives = sorted(k for k in states if k.startswith(NATIVE))
-        if not natives:
-            return states
-        converted = {k: v for k, v in states.items() if k not in natives}
-        fields = next(iter(states[k] for k in natives)).keys()
-        per_field = {}
-        for field in fields:
-            values = {k: states[k][field] for k in natives}
-            if all(v.ndim == 0 for v in values.values()):
-                per_field[field] = next(iter(values.values()))
-            else:
-                per_field[field] = self._from_native(values)
-        local_names = next(v for v in per_field.values() if isinstance(v, dict)).keys()
-        for name in local_names:
-            converted[name] = {f: (v[name] if isinstance(v, dict) else v.clone()) for f, v in per_field.items()}
-        return converted
+        return _convert_states(states, NATIVE, self._from_native)
+
+
+def _convert_states(states: dict[str, dict], prefix: str, convert) -> dict[str, dict]:
+    """Per-parameter optimizer states, those under `prefix` converted field by field by `convert`
+    ({name: tensor} -> {name: tensor}, e.g. shards joined under native names); scalar fields (step
+    counts, equal for every parameter an optimizer updates) are carried over by value."""
+    mine = sorted(k for k in states if k.startswith(prefix))  # the same order on every rank: collectives
+    if not mine:
+        return states
+    out = {k: v for k, v in states.items() if k not in mine}
+    per_field = {}
+    for field in states[mine[0]]:
+        values = {k: states[k][field] for k in mine}
+        scalar = all(v.ndim == 0 for v in values.values())
+        per_field[field] = next(iter(values.values())) if scalar else convert(values)
+    names = next(v for v in per_field.values() if isinstance(v, dict))
+    for name in names:
+        out[name] = {f: (v[name] if isinstance(v, dict) else v.clone()) for f, v in per_field.items()}
+    return out
 
 
 def _extra_state_slots(model: torch.nn.Module) -> dict:
