@@ -43,12 +43,17 @@ def transformer_config(lm: LanguageModelConfig, parallel: ParallelConfig, params
         hidden_dropout=0.0, attention_dropout=0.0, init_method_std=lm.initializer_range,
         tensor_model_parallel_size=parallel.tensor_parallel, sequence_parallel=parallel.sequence_parallel,
         context_parallel_size=parallel.context_parallel, pipeline_model_parallel_size=parallel.pipeline_parallel,
-        params_dtype=params_dtype, use_cpu_initialization=on_cpu, perform_initialization=True,
+        # Each rank draws its own shard on the CPU (no CUDA RNG tracker state needed on GPU either);
+        # `reset_parameters` or a checkpoint then sets the weights.
+        params_dtype=params_dtype, use_cpu_initialization=True, perform_initialization=True,
         attention_backend=AttnBackend.local if on_cpu else AttnBackend.auto,
         # Fusions are CUDA kernels or torch.compile'd: off, our ops are already the chosen backends.
         bias_dropout_fusion=False, masked_softmax_fusion=False, gradient_accumulation_fusion=False,
         persist_layer_norm=False, apply_rope_fusion=False,
     )
+
+
+EXACT_INIT_MAX_PARAMS = 2_000_000_000
 
 
 class McoreLanguageModel(nn.Module):
@@ -83,8 +88,14 @@ class McoreLanguageModel(nn.Module):
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """The native model's initialisation, drawn from `generator` exactly as the native model
-        draws it, then split: a fresh run starts from the same weights on either engine. It builds
-        the whole language model once on the CPU (runs of the 12B start from a checkpoint instead)."""
+        draws it, then split: a fresh run starts from the same weights on either engine. That
+        builds the whole language model once on the CPU, so above `EXACT_INIT_MAX_PARAMS` (the 12B
+        on every rank would need ~50 GB of host memory each) the weights megatron drew at
+        construction stay (the same distributions; real runs of such models start from a
+        checkpoint, which `init.from_checkpoint` loads over them)."""
+        total = sum(p.numel() for p in self.model.parameters()) * self.tp_size
+        if total > EXACT_INIT_MAX_PARAMS:
+            return
         native = HybridLanguageModel(self.cfg)
         native.reset_parameters(generator)
         self.load_native_state(native.state_dict())
