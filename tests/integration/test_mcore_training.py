@@ -16,7 +16,10 @@ import subprocess
 import sys
 import time
 
+import torch
+
 from tests.integration.helpers import env, read_metrics, run_module
+from train.api import load_language_model
 
 TORCHRUN = ["torch.distributed.run", "--nproc-per-node", "2", "-m"]
 STAGE = ["train", "--config-name", "stage3_text_recovery", "smoke=cpu", "trainer.max_steps=8", "trainer.save_every=3",
@@ -45,6 +48,12 @@ def test_tp2_stage_trains_as_native_resumes_exactly_and_across_layouts(tmp_path)
     expected = losses(tmp_path / "tp2")
     assert expected[-1] < expected[0] - 0.5, "the loss falls"
     assert_close(expected, losses(tmp_path / "native"))
+    # The TP=2 checkpoint (each rank wrote its chunks) is a native checkpoint to the tools.
+    exported = run_module(["train.convert", "native-to-hf", "--src", str(tmp_path / "tp2"), "--dst", str(tmp_path / "hf")],
+                          tmp_path)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    lm = load_language_model(tmp_path / "tp2")
+    torch.testing.assert_close(lm(torch.tensor([[5, 6, 7]])), load_language_model(tmp_path / "hf")(torch.tensor([[5, 6, 7]])))
     # Context parallelism: each rank holds half of every row (load-balanced chunks).
     context = run_module([*TORCHRUN, *STAGE, *MCORE, "parallel.context_parallel=2", f"run.dir={tmp_path / 'cp2'}"],
                          tmp_path)

@@ -106,10 +106,6 @@ class McoreLanguageModel(nn.Module):
         weights.load_local_state(self.model, {k: v.to(self.device) for k, v in weights.shard_state(
             full, self.cfg, self.tp_rank, self.tp_size).items()})
 
-    def native_state(self) -> dict[str, Tensor]:
-        """Whole native-named weights, joined from every tensor-parallel rank (a collective)."""
-        return weights.megatron_to_native(self.gather_local(weights.local_state(self.model)), self.cfg)
-
     def gather_local(self, local: dict[str, Tensor]) -> dict[str, Tensor]:
         """{megatron name: this rank's tensor} -> {megatron name: whole tensor}, on every rank."""
         if self.tp_size == 1:

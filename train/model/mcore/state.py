@@ -1,18 +1,22 @@
 """Checkpoint state of a model whose language model runs on megatron-core, in the native layout
-(`train.checkpoint.layout`): the language model's tensor-parallel shards are joined into whole
-tensors under native names when saving, and split again for this rank's layout when loading. So a
-checkpoint written at TP=2 resumes at TP=1 (or on the native engine) and back, and every tool that
-reads native checkpoints (HF export, `train.api`, stage hand-off) reads it.
+(`train.checkpoint.layout`): native names and whole-tensor shapes, so a checkpoint written at TP=2
+resumes at TP=1 (or on the native engine) and back, and every tool that reads native checkpoints
+(HF export, `train.api`, stage hand-off) reads it.
 
-Optimizer state (AdamW's moments) is laid out as its parameters and converted the same way; the
-scalar step counts, equal for every parameter an optimizer updates, are carried over by value.
-Saving joins the language model and its optimizer state on every tensor-parallel rank at once (the
-memory of one whole copy, on the CPU side of the write).
+Nothing is joined in memory: each rank writes its own chunks of the native tensors
+(`weights.native_pieces`; a Mamba `in_proj` shard is five chunks, one per part) as a
+`ShardedTensor` over its tensor-parallel group, and reads back the chunks of its layout, whatever
+layout wrote them. Optimizer state (AdamW's moments) is laid out as its parameters and goes the
+same way; the scalar step counts, equal for every parameter an optimizer updates, are carried over
+by value.
 """
 
 from __future__ import annotations
 
 import torch
+from torch import Tensor
+from torch.distributed._shard.metadata import ShardMetadata
+from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, init_from_local_shards
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from train.checkpoint.layout import NativeLayout
@@ -28,74 +32,101 @@ class McoreLayout:
         self.lm = language_model
         self.native = NativeLayout()
 
-    # -- weights --------------------------------------------------------------------------------
+    # -- one {name: tensor} state: megatron shards <-> native chunks --------------------------------
     def _to_native(self, state: dict) -> dict:
-        local = {k[len(OURS):]: v for k, v in state.items() if k.startswith(OURS) and not k.endswith("_extra_state")}
-        rest = {k: v for k, v in state.items() if not k.startswith(OURS)}
-        if not local:
-            return rest
-        native = weights.megatron_to_native(self.lm.gather_local(local), self.lm.cfg)
-        return {**rest, **{NATIVE + k: v for k, v in native.items()}}
+        out = {k: v for k, v in state.items() if not k.startswith(OURS)}
+        for key in _ours(state):  # sorted: making a ShardedTensor is a collective over the TP group
+            pieces = weights.native_pieces(key[len(OURS):], state[key], self.lm.cfg, self.lm.tp_rank, self.lm.tp_size)
+            for native, (shape, chunks) in pieces.items():
+                out[NATIVE + native] = self._native_tensor(shape, chunks)
+        return out
 
-    def _from_native(self, state: dict) -> dict:
-        native = {k[len(NATIVE):]: v for k, v in state.items() if k.startswith(NATIVE)}
-        rest = {k: v for k, v in state.items() if not k.startswith(NATIVE)}
-        if not native:
-            return rest
-        cfg = self.lm.cfg
-        local = weights.shard_state(weights.native_to_megatron(native, cfg), cfg, self.lm.tp_rank, self.lm.tp_size)
-        return {**rest, **{OURS + k: v for k, v in local.items()}}
+    def _from_native(self, loaded: dict, local: dict) -> dict:
+        """`loaded` (native names, as read) -> this rank's megatron tensors, shaped as `local`'s."""
+        out = {k: v for k, v in loaded.items() if not k.startswith(NATIVE)}
+        for key in _ours(local):
+            name = key[len(OURS):]
+            pieces = weights.native_pieces(name, local[key], self.lm.cfg, self.lm.tp_rank, self.lm.tp_size)
+            if not all(NATIVE + native in loaded for native in pieces):
+                continue  # a part the checkpoint does not hold (see load_model_weights)
+            chunks = {native: _local_chunks(loaded[NATIVE + native]) for native in pieces}
+            out[key] = weights.assemble_local(name, chunks, self.lm.cfg, self.lm.tp_size)
+        return out
 
+    def _native_tensor(self, shape: tuple[int, ...], chunks: list[tuple[tuple[int, ...], Tensor]]):
+        if len(chunks) == 1 and tuple(chunks[0][1].shape) == tuple(shape):
+            return chunks[0][1]  # whole on every rank (norms; everything at TP=1)
+        rank = torch.distributed.get_rank()
+        shards = [Shard(t.contiguous(), ShardMetadata(list(offset), list(t.shape), f"rank:{rank}/{t.device}"))
+                  for offset, t in chunks]
+        return init_from_local_shards(shards, list(shape), process_group=self.lm.tp_group)
+
+    # -- weights ------------------------------------------------------------------------------------
     def model_state(self, model):
         return self._to_native(self.native.model_state(model))
 
     def load_model_state(self, model, state, strict=True):
-        self.native.load_model_state(model, {**_extra_state_slots(model), **self._from_native(state)}, strict=strict)
+        local = self.native.model_state(model)
+        self.native.load_model_state(model, {**_extra_state_slots(model), **self._from_native(state, local)},
+                                     strict=strict)
 
-    # -- weights and optimizer --------------------------------------------------------------------
+    # -- weights and optimizer ----------------------------------------------------------------------
     def state(self, model, optimizer):
         model_state, optim_state = get_state_dict(model, optimizer)
-        return self._to_native(model_state), self._optim_to_native(optim_state)
-
-    def load_state(self, model, optimizer, model_state, optim_state):
-        _, template = get_state_dict(model, optimizer)  # this rank's names and param groups
-        per_param = self._optim_fields_from_native(optim_state["state"])
-        set_state_dict(model, optimizer, model_state_dict={**_extra_state_slots(model), **self._from_native(model_state)},
-                       optim_state_dict={"state": per_param, "param_groups": template["param_groups"]})
-
-    def _optim_to_native(self, optim: dict) -> dict:
-        states = _convert_states(optim["state"], OURS, self._to_native)
+        states = optim_state["state"]
+        native_states = {k: v for k, v in states.items() if not k.startswith(OURS)}
+        for field, values in _fields(states).items():
+            if all(v.ndim == 0 for v in values.values()):
+                continue  # step counts: set below, one value for every parameter
+            for native, tensor in self._to_native(values).items():
+                native_states.setdefault(native, {})[field] = tensor
+        steps = {f: v for f, v in _fields(states).items() if all(t.ndim == 0 for t in v.values())}
+        for native in [k for k in native_states if k.startswith(NATIVE) and k not in states]:
+            native_states[native].update({f: next(iter(v.values())).clone() for f, v in steps.items()})
         # Each native parameter joins the group of the megatron parameter it lives in.
-        native_names = sorted(k for k in states if k.startswith(NATIVE) and k not in optim["state"])
         groups = []
-        for group in optim["param_groups"]:
+        for group in optim_state["param_groups"]:
             mine = set(group["params"])
             params = [p for p in group["params"] if not p.startswith(OURS)]
-            params += [n for n in native_names if home_of(n, self.lm) in mine]
+            params += sorted(n for n in native_states if n.startswith(NATIVE) and n not in states
+                             and home_of(n, self.lm) in mine)
             groups.append({**group, "params": params})
-        return {"state": states, "param_groups": groups}
+        return self._to_native(model_state), {"state": native_states, "param_groups": groups}
 
-    def _optim_fields_from_native(self, states: dict[str, dict]) -> dict[str, dict]:
-        return _convert_states(states, NATIVE, self._from_native)
+    def load_state(self, model, optimizer, model_state, optim_state):
+        local_model, local_optim = get_state_dict(model, optimizer)  # this rank's names, shapes and groups
+        states = {k: v for k, v in optim_state["state"].items() if not k.startswith(NATIVE) or k.startswith(OURS)}
+        for field, values in _fields(local_optim["state"]).items():
+            if all(v.ndim == 0 for v in values.values()):
+                step = next(v[field] for k, v in optim_state["state"].items() if k.startswith(NATIVE))
+                converted = {k: step.clone() for k in values}
+            else:
+                loaded = {k: v[field] for k, v in optim_state["state"].items() if k.startswith(NATIVE)}
+                converted = self._from_native(loaded, values)
+            for key, tensor in converted.items():
+                states.setdefault(key, {})[field] = tensor
+        set_state_dict(model, optimizer,
+                       model_state_dict={**_extra_state_slots(model), **self._from_native(model_state, local_model)},
+                       optim_state_dict={"state": states, "param_groups": local_optim["param_groups"]})
 
 
-def _convert_states(states: dict[str, dict], prefix: str, convert) -> dict[str, dict]:
-    """Per-parameter optimizer states, those under `prefix` converted field by field by `convert`
-    ({name: tensor} -> {name: tensor}, e.g. shards joined under native names); scalar fields (step
-    counts, equal for every parameter an optimizer updates) are carried over by value."""
-    mine = sorted(k for k in states if k.startswith(prefix))  # the same order on every rank: collectives
-    if not mine:
-        return states
-    out = {k: v for k, v in states.items() if k not in mine}
-    per_field = {}
-    for field in states[mine[0]]:
-        values = {k: states[k][field] for k in mine}
-        scalar = all(v.ndim == 0 for v in values.values())
-        per_field[field] = next(iter(values.values())) if scalar else convert(values)
-    names = next(v for v in per_field.values() if isinstance(v, dict))
-    for name in names:
-        out[name] = {f: (v[name] if isinstance(v, dict) else v.clone()) for f, v in per_field.items()}
+def _ours(state: dict) -> list[str]:
+    return sorted(k for k in state if k.startswith(OURS) and not k.endswith("_extra_state"))
+
+
+def _fields(states: dict[str, dict]) -> dict[str, dict[str, Tensor]]:
+    """{field: {megatron parameter: tensor}} of the language model's optimizer state."""
+    out: dict[str, dict[str, Tensor]] = {}
+    for key in _ours(states):
+        for field, tensor in states[key].items():
+            out.setdefault(field, {})[key] = tensor
     return out
+
+
+def _local_chunks(value) -> list[Tensor]:
+    if isinstance(value, ShardedTensor):
+        return [shard.tensor for shard in value.local_shards()]
+    return [value]
 
 
 def _extra_state_slots(model: torch.nn.Module) -> dict:

@@ -17,6 +17,7 @@ Every conversion is a permutation of whole tensors: round trips are bit-exact.
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import torch
@@ -174,3 +175,66 @@ def load_local_state(module: torch.nn.Module, state: dict[str, Tensor]) -> None:
         raise KeyError(f"megatron weights do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
     extra = {k: None for k in module.state_dict() if k.endswith("._extra_state")}
     module.load_state_dict({**extra, **state}, strict=True)
+
+
+Piece = tuple[tuple[int, ...], Tensor]  # (offset in the whole native tensor, this rank's chunk)
+
+
+def native_pieces(name: str, local: Tensor, lm: LanguageModelConfig, rank: int, size: int
+                  ) -> dict[str, tuple[tuple[int, ...], list[Piece]]]:
+    """This rank's megatron tensor `name` as chunks of native tensors: {native name: (whole shape,
+    [(offset, chunk), ...])}. What a checkpoint writes per rank, so nothing is joined in memory;
+    `assemble_local` is the inverse."""
+    rule = tp_rule(name, lm)
+    if name.endswith("linear_qkv.weight"):  # rank r holds whole KV groups: a block of each of q, k, v
+        local_lm = _with_heads(lm, lm.num_attention_heads // size, lm.num_key_value_heads // size)
+        out = {}
+        layer = name.split(".")[2]
+        for x, t in zip("qkv", _qkv_from_megatron(local, local_lm)):
+            out[f"backbone.layers.{layer}.mixer.{x}_proj.weight"] = ((t.shape[0] * size, t.shape[1]),
+                                                                     [((rank * t.shape[0], 0), t)])
+        return out
+    native = _native_name_of(name, lm)
+    if rule[0] == "whole":
+        return {native: (tuple(local.shape), [((0,) * local.ndim, local)])}
+    if rule[0] == "split":
+        dim = rule[1]
+        shape = list(local.shape)
+        shape[dim] *= size
+        offset = [0] * local.ndim
+        offset[dim] = rank * local.shape[dim]
+        return {native: (tuple(shape), [(tuple(offset), local)])}
+    # parts along dim 0: each part's block r.
+    pieces, start, local_start = [], 0, 0
+    for part in rule[1]:
+        rows = part // size
+        pieces.append(((start + rank * rows, *([0] * (local.ndim - 1))), local[local_start:local_start + rows]))
+        start += part
+        local_start += rows
+    return {native: ((start, *local.shape[1:]), pieces)}
+
+
+def assemble_local(name: str, chunks: dict[str, list[Tensor]], lm: LanguageModelConfig, size: int) -> Tensor:
+    """This rank's megatron tensor `name` from its native chunks, in `native_pieces` order."""
+    if name.endswith("linear_qkv.weight"):
+        layer = name.split(".")[2]
+        q, k, v = (chunks[f"backbone.layers.{layer}.mixer.{x}_proj.weight"][0] for x in "qkv")
+        return _qkv_to_megatron(q, k, v, _with_heads(lm, lm.num_attention_heads // size, lm.num_key_value_heads // size))
+    (pieces,) = chunks.values()
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
+def _native_name_of(name: str, lm: LanguageModelConfig) -> str:
+    return _native_names_by_megatron(lm.pattern)[name]
+
+
+@functools.lru_cache(maxsize=8)
+def _native_names_by_megatron(pattern: str) -> dict[str, str]:
+    lm = LanguageModelConfig(pattern=pattern)  # names depend on the pattern only
+    return {megatron_name(n, lm): n for n in native_names(lm) if not _is_qkv(megatron_name(n, lm))}
+
+
+def _with_heads(lm: LanguageModelConfig, heads: int, kv_heads: int) -> LanguageModelConfig:
+    from dataclasses import replace
+
+    return replace(lm, num_attention_heads=heads, num_key_value_heads=kv_heads)
