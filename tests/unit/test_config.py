@@ -112,3 +112,15 @@ def test_mcore_layouts_are_checked_before_any_compute():
                                              "data.pad_multiple=2", "data.smoke_seq_length=1026"])
     cfg = load_config("stage3_text_recovery", [*base, "parallel.tensor_parallel=2", "parallel.context_parallel=2"])
     assert cfg.model.impl == "mcore" and cfg.parallel.context_parallel == 2
+
+
+def test_fused_attention_is_checked_against_the_compute_dtype_not_the_precision_name():
+    """fp8_delayed_emulated computes in fp32 unless told otherwise: flash-attn cannot run there."""
+    from train.config.compose import load_config
+
+    gpu = ["smoke=gpu", "model.kernels.ssd=torch", "model.kernels.conv1d=torch", "model.kernels.gated_norm=torch",
+           "model.kernels.rms_norm=torch", "model.kernels.attention=flash_attn"]
+    with pytest.raises(ConfigError, match=r"attention=flash_attn .*precision=fp8_delayed_emulated computes in fp32"):
+        load_config("stage3_text_recovery", [*gpu, "precision=fp8_delayed_emulated"])
+    cfg = load_config("stage3_text_recovery", [*gpu, "precision=fp8_delayed_emulated", "precision.compute_dtype=bf16"])
+    assert cfg.precision.resolved_compute_dtype == "bf16"

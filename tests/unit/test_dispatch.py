@@ -136,3 +136,17 @@ def test_activation_checkpointing_gives_identical_loss_and_grads():
     for name in grads_a:
         assert grads_a[name] is not None and torch.equal(grads_a[name], grads_b[name]), name
 
+
+
+def test_gpu_extra_floors_are_the_deterministic_kernel_releases(project_root):
+    """trainer.deterministic=true is honoured by mamba-ssm from 2.3.0 and causal-conv1d from 1.6.0."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    extra = tomllib.loads((project_root / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gpu"]
+    floors = {Requirement(r).name: Requirement(r).specifier for r in extra}
+    for package, last_nondeterministic, first_deterministic in (("mamba-ssm", "2.2.6.post3", "2.3.0"),
+                                                                 ("causal-conv1d", "1.5.3.post1", "1.6.0")):
+        assert not floors[package].contains(last_nondeterministic), f"{package} {last_nondeterministic} is allowed"
+        assert floors[package].contains(first_deterministic)

@@ -151,15 +151,19 @@ class KernelConfig:
             raise ConfigError(f"{path}.attention={self.attention} needs {lm_path}.head_dim a multiple of 8 and "
                               f"<= 256, got {lm.head_dim}: set {path}.attention=torch")
 
-    def validate_runtime(self, path: str, device: str, precision: str) -> None:
-        """GPU kernels need a GPU; fused attention needs 16-bit activations (precision=bf16)."""
+    def validate_runtime(self, path: str, device: str, precision: "PrecisionConfig") -> None:
+        """GPU kernels need a GPU; fused attention needs 16-bit activations, which is what the
+        precision computes in (`precision.compute_dtype`, resolved), not what it is called:
+        `fp8_delayed_emulated` computes in fp32 unless told otherwise."""
         if device == "cpu" and self.fused:
             op, backend = next(iter(self.fused.items()))
             raise ConfigError(f"{path}.{op}={backend} runs on CUDA only but trainer.device=cpu: "
                               f"set {path}.{op}=torch or trainer.device=cuda")
-        if self.attention != "torch" and precision == "fp32":
-            raise ConfigError(f"{path}.attention={self.attention} computes in bf16/fp16 only but precision=fp32: "
-                              f"set precision=bf16 or {path}.attention=torch")
+        compute = precision.resolved_compute_dtype
+        if self.attention != "torch" and compute == "fp32":
+            raise ConfigError(f"{path}.attention={self.attention} computes in bf16/fp16 only but precision={precision.name} "
+                              f"computes in fp32 (precision.compute_dtype={precision.compute_dtype}): set "
+                              f"precision.compute_dtype=bf16, precision=bf16, or {path}.attention=torch")
 
 
 @dataclass
@@ -399,7 +403,7 @@ class Config:
             raise ConfigError("stage is empty: a recipe must set `stage` to its own name")
         for name in ("model", "data", "optim", "trainer", "trainable", "init", "parallel", "precision"):
             getattr(self, name).validate(name)
-        self.model.kernels.validate_runtime("model.kernels", self.trainer.device, self.precision.name)
+        self.model.kernels.validate_runtime("model.kernels", self.trainer.device, self.precision)
         if self.model.impl == "mcore":
             self._validate_mcore()
         if self.parallel.model_parallel and self.model.impl != "mcore":
