@@ -124,3 +124,22 @@ def test_fused_attention_is_checked_against_the_compute_dtype_not_the_precision_
         load_config("stage3_text_recovery", [*gpu, "precision=fp8_delayed_emulated"])
     cfg = load_config("stage3_text_recovery", [*gpu, "precision=fp8_delayed_emulated", "precision.compute_dtype=bf16"])
     assert cfg.precision.resolved_compute_dtype == "bf16"
+
+
+def test_gpu_kernel_preconditions_are_checked_at_config_time():
+    from train.config.compose import load_config
+
+    gpu = ["smoke=gpu"]  # causal_conv1d, mamba_ssm norms, flash_attn, bf16
+    load_config("stage3_text_recovery", gpu)  # the tiny model meets them
+    # 3 heads of 4 channels: z is 12 wide, so the conv input after it would start misaligned.
+    with pytest.raises(ConfigError, match="offset \\(mamba_num_heads \\* mamba_head_dim = 12\\) must be a multiple"):
+        load_config("stage3_text_recovery", [*gpu, "model.language_model.mamba_num_heads=3",
+                                             "model.language_model.mamba_head_dim=4",
+                                             "model.language_model.n_groups=1",
+                                             "model.language_model.ssm_state_size=14"])
+    with pytest.raises(ConfigError, match="groups of at most 16384 channels"):
+        load_config("stage3_text_recovery", [*gpu, "model.language_model.mamba_num_heads=256",
+                                             "model.language_model.mamba_head_dim=128",
+                                             "model.language_model.n_groups=1"])
+    with pytest.raises(ConfigError, match="multiples of 16: model.language_model has"):
+        load_config("stage3_text_recovery", [*gpu, "precision=fp8_delayed", "model.language_model.hidden_size=72"])

@@ -150,3 +150,15 @@ def test_gpu_extra_floors_are_the_deterministic_kernel_releases(project_root):
                                                                  ("causal-conv1d", "1.5.3.post1", "1.6.0")):
         assert not floors[package].contains(last_nondeterministic), f"{package} {last_nondeterministic} is allowed"
         assert floors[package].contains(first_deterministic)
+
+
+def test_conv_input_slices_that_start_misaligned_are_relaid_out():
+    """A slice of in_proj's output (b, l, width)[..., offset:] with aligned strides but a start that
+    is not 16-byte aligned must be copied before causal-conv1d reads it with vector loads."""
+    base = torch.arange(2 * 5 * 16, dtype=torch.bfloat16).reshape(2, 5, 16)
+    aligned = base[:, :, 8:16].transpose(1, 2)  # starts 16 bytes in: used in place
+    assert channel_last(aligned).data_ptr() == aligned.data_ptr()
+    shifted = base[:, :, 1:9].transpose(1, 2)  # same strides, starts 2 bytes in
+    relaid = channel_last(shifted)
+    assert relaid.data_ptr() % 16 == 0 and relaid.data_ptr() != shifted.data_ptr()
+    assert torch.equal(relaid, shifted) and relaid.stride(1) == 1

@@ -147,6 +147,19 @@ class KernelConfig:
                 raise ConfigError(f"{path}.conv1d=causal_conv1d needs the conv width (mamba_num_heads * "
                                   f"mamba_head_dim + 2 * n_groups * ssm_state_size = {conv_dim}) to be a multiple "
                                   f"of 8: change {lm_path} or set {path}.conv1d=torch")
+            # The conv reads xBC in place from in_proj's output [z | xBC | dt] when the strides allow:
+            # its start, after z, must then be 16-byte aligned (8 elements in 16 bits).
+            if lm.mamba_intermediate_size % 8:
+                raise ConfigError(f"{path}.conv1d=causal_conv1d reads the conv input in place from in_proj's output "
+                                  f"after z: its offset (mamba_num_heads * mamba_head_dim = "
+                                  f"{lm.mamba_intermediate_size}) must be a multiple of 8: change {lm_path} or set "
+                                  f"{path}.conv1d=torch")
+        group = lm.mamba_intermediate_size // lm.n_groups
+        if self.gated_norm == "mamba_ssm" and "M" in lm.pattern and group > 16384:
+            # mamba-ssm's fused gated norm keeps a group in one block of at most 64 KB.
+            raise ConfigError(f"{path}.gated_norm=mamba_ssm normalises groups of at most 16384 channels (64 KB in "
+                              f"fp32), got {group} (mamba_num_heads * mamba_head_dim / n_groups): raise "
+                              f"{lm_path}.n_groups or set {path}.gated_norm=torch")
         if self.attention != "torch" and "*" in lm.pattern and (lm.head_dim % 8 or lm.head_dim > 256):
             raise ConfigError(f"{path}.attention={self.attention} needs {lm_path}.head_dim a multiple of 8 and "
                               f"<= 256, got {lm.head_dim}: set {path}.attention=torch")
@@ -406,6 +419,8 @@ class Config:
         self.model.kernels.validate_runtime("model.kernels", self.trainer.device, self.precision)
         if self.model.impl == "mcore":
             self._validate_mcore()
+        if self.precision.name == "fp8_delayed":
+            self._validate_fp8_shapes()
         if self.parallel.model_parallel and self.model.impl != "mcore":
             raise ConfigError(
                 f"parallel.tensor_parallel={self.parallel.tensor_parallel}, context_parallel="
@@ -417,6 +432,25 @@ class Config:
                 f"{self.model.vision.image_size}: set them equal"
             )
         return self
+
+    def _validate_fp8_shapes(self) -> None:
+        """Transformer Engine's FP8 GEMMs need every dimension a multiple of 16, the tokens of a
+        micro-batch included."""
+        lm = self.model.language_model
+        dims = {"hidden_size": lm.hidden_size, "mlp_hidden_size": lm.mlp_hidden_size,
+                "num_attention_heads * head_dim": lm.num_attention_heads * lm.head_dim,
+                "num_key_value_heads * head_dim": lm.num_key_value_heads * lm.head_dim,
+                "mamba_num_heads * mamba_head_dim": lm.mamba_intermediate_size,
+                "in_proj width": 2 * lm.mamba_intermediate_size + 2 * lm.n_groups * lm.ssm_state_size
+                + lm.mamba_num_heads}
+        bad = {name: value for name, value in dims.items() if value % 16}
+        if bad:
+            raise ConfigError(f"precision=fp8_delayed runs Transformer Engine FP8 GEMMs, which need multiples of 16: "
+                              f"model.language_model has {bad}; change them or use precision=bf16")
+        tokens = self.trainer.micro_batch_size * self.data.seq_length
+        if tokens % 16:
+            raise ConfigError(f"precision=fp8_delayed needs the tokens of a micro-batch (trainer.micro_batch_size x "
+                              f"data.seq_length = {tokens}) to be a multiple of 16")
 
     def _validate_mcore(self) -> None:
         """What the megatron-core engine supports today, and the shapes a layout needs."""

@@ -33,8 +33,10 @@ __all__ = ["IMPORT_ERROR", "causal_conv1d_cuda", "channel_last"]
 
 
 def channel_last(x: Tensor) -> Tensor:
-    """(b, d, l) with channels contiguous and 8-aligned strides, as the seq_idx path requires."""
-    if x.stride(1) == 1 and x.stride(2) > 1 and x.stride(2) % 8 == 0 and x.stride(0) % 8 == 0:
+    """(b, d, l) with channels contiguous, 8-aligned strides and a 16-byte aligned start, as the
+    seq_idx path requires (a slice of in_proj's output starts after z)."""
+    if (x.stride(1) == 1 and x.stride(2) > 1 and x.stride(2) % 8 == 0 and x.stride(0) % 8 == 0
+            and x.data_ptr() % 16 == 0):
         return x
     return x.transpose(1, 2).contiguous().transpose(1, 2)  # same values, memory (b, l, d)
 
