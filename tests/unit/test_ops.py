@@ -451,3 +451,20 @@ def test_queries_over_separate_keys_equal_the_rows_of_full_attention():
         cu_k = torch.tensor([0, *(len(r) for r in keys)]).cumsum(0).to(torch.int32)
         got = varlen_attention_ref(q[positions], k[index], v[index], cu_q, cu_seqlens_k=cu_k)
         torch.testing.assert_close(got, full[positions], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("reference", [ssd_scan_ref, ssd_recurrent_ref])
+def test_initial_states_belong_to_sample_index_zero(reference):
+    """As mamba_ssm's kernel: with seq_idx the initial state is carried only while the sample index
+    is 0, so a row whose first token has another index (the second row of a packed batch) starts
+    from zero; the chunked and recurrent references agree on it."""
+    b, l, h, p, g, n = 2, 13, 4, 3, 2, 5
+    inp = ssd_inputs(b, l, h, p, g, n, seed=8)
+    init = torch.randn(b, h, p, n, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    seq_idx = torch.tensor([[0] * 6 + [1] * 7, [2] * 9 + [3] * 4], dtype=torch.int32)  # rows over a flat batch
+    kwargs = {"chunk_size": CHUNK} if reference is ssd_scan_ref else {}
+    with_init = reference(**inp, **kwargs, seq_idx=seq_idx, initial_states=init)
+    without = reference(**inp, **kwargs, seq_idx=seq_idx)
+    assert rel_err(with_init[1], without[1]) == 0  # row 1 starts at index 2: no initial state
+    assert rel_err(with_init[0, :6], without[0, :6]) > 1e-3  # row 0's first sample carries it
+    assert rel_err(with_init[0, 6:], without[0, 6:]) == 0  # and only that sample

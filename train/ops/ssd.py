@@ -19,7 +19,10 @@ Packed sequences ("Packing never leaks"): ``seq_idx`` (b, l) gives the sample
 index of each token (non-decreasing along a row). The state is reset to zero
 at every change of ``seq_idx``, including changes inside a chunk, so a packed
 row computes exactly what each sample would compute alone. ``initial_states``
-belongs to the first sample of a row only, as in mamba_ssm.
+belongs to the first sample of a row only, and with ``seq_idx`` only when that
+sample's index is 0: mamba_ssm's kernel carries the initial state while the
+sample index equals 0, so a row whose first token has another index starts
+from zero there, and the references do the same (`_row_initial_states`).
 
 All math runs in float32 (float64 when the inputs are float64, so gradcheck
 works); ``y`` comes back in ``x.dtype``; final states stay in the compute dtype
@@ -97,6 +100,14 @@ def _skip_and_gate(y: Tensor, x: Tensor, D: Tensor | None, z: Tensor | None) -> 
     return y
 
 
+def _row_initial_states(initial_states: Tensor, seq_idx: Tensor | None) -> Tensor:
+    """(b, h, p, n) initial states, zero for rows whose first token's sample index is not 0."""
+    if seq_idx is None:
+        return initial_states
+    keep = (seq_idx[:, 0] == 0).to(initial_states.dtype).reshape(-1, 1, 1, 1)
+    return initial_states * keep
+
+
 def _segsum(a: Tensor) -> Tensor:
     """Stable segment sums of the last dim: out[..., i, j] = sum_{j < k <= i} a[..., k].
 
@@ -146,7 +157,8 @@ def ssd_scan_ref(
         D: (h,) or (h, p) skip connection.
         z: (b, l, h, p) gate: ``y *= silu(z)`` after the skip.
         dt_bias: (h,).
-        initial_states: (b, h, p, n) state before the first token (first sample only).
+        initial_states: (b, h, p, n) state before the first token (first sample only; with
+            ``seq_idx``, only for rows whose first token has index 0, as the kernel).
         seq_idx: (b, l) int sample index per token, non-decreasing along a row;
             the state is reset at every change.
         dt_softplus, dt_limit: see :func:`_discretize_dt`.
@@ -215,7 +227,7 @@ def ssd_scan_ref(
                 f"initial_states must be (batch, nheads, headdim, dstate) = {(b, h, p, n)}, "
                 f"got {tuple(initial_states.shape)}"
             )
-        state = initial_states.to(cdt).reshape(b, g, r, p, n)
+        state = _row_initial_states(initial_states, seq_idx).to(cdt).reshape(b, g, r, p, n)
     else:
         state = xf.new_zeros(b, g, r, p, n)
     # Sample the carried state belongs to; the initial state is the first sample's.
@@ -285,7 +297,8 @@ def ssd_recurrent_ref(
     Bh = B.to(cdt).repeat_interleave(r, dim=2)  # (b, l, h, n)
     Ch = C.to(cdt).repeat_interleave(r, dim=2)  # (b, l, h, n)
     xf = x.to(cdt)
-    state = initial_states.to(cdt) if initial_states is not None else xf.new_zeros(b, h, p, n)
+    state = _row_initial_states(initial_states, seq_idx).to(cdt) if initial_states is not None \
+        else xf.new_zeros(b, h, p, n)
     ys = []
     for t in range(l):
         if seq_idx is not None and t > 0:
