@@ -143,3 +143,12 @@ def test_gpu_kernel_preconditions_are_checked_at_config_time():
                                              "model.language_model.n_groups=1"])
     with pytest.raises(ConfigError, match="multiples of 16: model.language_model has"):
         load_config("stage3_text_recovery", [*gpu, "precision=fp8_delayed", "model.language_model.hidden_size=72"])
+
+
+def test_fp8_refuses_modules_that_some_ranks_skip():
+    from train.config.compose import load_config
+
+    base = ["smoke=cpu", "precision=fp8_delayed_emulated"]
+    load_config("stage1_image_sft", base)  # the default keeps vision and projector in BF16
+    with pytest.raises(ConfigError, match=r"keep \['vision_model'\] out of FP8"):
+        load_config("stage1_image_sft", [*base, "precision.keep_patterns=[language_model.lm_head,projector]"])

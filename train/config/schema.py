@@ -333,6 +333,17 @@ class PrecisionConfig:
         for i, pattern in enumerate(self.keep_patterns):
             if not pattern.strip():
                 raise ConfigError(f"{path}.keep_patterns[{i}] is empty: give an fnmatch pattern over module names")
+        if self.is_fp8:
+            # FP8 amax histories are reduced across ranks each step, which needs every rank to run the
+            # same FP8 modules: the vision tower and projector do not run on text-only micro-batches.
+            from fnmatch import fnmatchcase
+
+            skipped = [m for m in ("vision_model", "projector")
+                       if not any(fnmatchcase(m, p) for p in self.keep_patterns)]
+            if skipped:
+                raise ConfigError(f"{path}.keep_patterns must keep {skipped} out of FP8: they are skipped on "
+                                  "text-only micro-batches, and the ranks' FP8 amax reductions would then disagree "
+                                  "(add them back to precision.keep_patterns)")
         if self.name == "fp8_delayed" and not self.fp8_wgrad:
             raise ConfigError(
                 f"{path}.fp8_wgrad=false: Transformer Engine >= 2.0 always runs the weight-gradient GEMM in FP8 "
