@@ -54,8 +54,9 @@ def main(out: str, data_parallel: str) -> None:
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if info.rank == 0:
         torch.save({"loss": result.loss, "grad_norm": result.grad_norm, "state": state}, out)
-    # Leave together: a rank tearing down gloo while its peer still works can abort under load.
-    torch.distributed.barrier()
+    if torch.distributed.is_initialized():
+        # Leave together: a rank tearing down gloo while its peer still works can abort under load.
+        torch.distributed.barrier()
     shutdown()
 
 
