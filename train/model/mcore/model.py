@@ -83,7 +83,7 @@ class McoreLanguageModel(nn.Module):
             # Embeddings stay whole (media are spliced into them); `hidden_states` scatters them.
             scatter_embedding_sequence_parallel=False,
             pre_process=parallel_state.is_pipeline_first_stage(), post_process=parallel_state.is_pipeline_last_stage(),
-            ).to(device)
+        ).to(device)
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
