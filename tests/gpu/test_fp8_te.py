@@ -64,6 +64,7 @@ def test_te_linear_records_the_same_amaxes_and_scales_as_the_emulation(algo, fp8
             with precision.autocast():
                 out = model(xi)
             out.backward(grad)
+            precision.after_backward()  # both update per micro-batch, as TE does
             precision.after_optimizer_step()
             outs[name], grads[name], metrics[name] = out.detach(), xi.grad, precision.step_metrics()
         te_state, emu_state = (runs[n][1].state_dict() for n in ("fp8_delayed", "fp8_delayed_emulated"))
@@ -107,6 +108,7 @@ class Run:
         with self.precision.autocast():
             loss, n = self.model(b.to(CUDA))
         (loss / n).backward()
+        self.precision.after_backward()
         self.optimizer.step()
         self.precision.after_optimizer_step()
         return float(loss.detach()) / n

@@ -238,6 +238,7 @@ class Run:
             with self.precision.autocast():
                 loss, _ = self.model(b)
             (loss / total).backward()
+            self.precision.after_backward()  # as TrainModule: the gradients' scales update per micro-batch
             loss_sum += float(loss.detach())
         self.optimizer.step()
         self.precision.after_optimizer_step()
@@ -393,3 +394,31 @@ def test_fp8_gemm_is_exact_for_values_on_the_e4m3_grid():
         linear.weight.copy_(torch.randint(-8, 9, (8, 16)).float() / 4)
     x = torch.randint(-8, 9, (3, 16)).float() / 8
     assert torch.equal(Fp8EmulatedLinear.from_linear(linear, state, (0, 1, 2))(x), F.linear(x, linear.weight))
+
+
+def test_scales_update_per_micro_batch_as_transformer_engine():
+    """As TE: forward tensors' scales update when the autocast exits, gradients' after their
+    backward, so with gradient accumulation the second micro-batch of a step already quantises
+    with the scales the first one set (checked against the delayed-scaling rule by hand)."""
+    precision = emulated()  # E4M3 forward (max 448), E5M2 gradients (max 57344), margin 0
+    model = nn.Sequential(nn.Linear(8, 8, bias=False))
+    precision.convert_model(model)
+    weight = model[0].weight.detach()
+    gen = torch.Generator().manual_seed(0)
+    x1, x2 = torch.randn(4, 8, generator=gen) * 3, torch.randn(4, 8, generator=gen) * 5
+    g1 = torch.randn(4, 8, generator=gen) * 0.01
+    scale = precision.state.scale
+    with precision.autocast():
+        y1 = model(x1)
+    x_scale, w_scale = torch.tensor(448.0) / x1.abs().max(), torch.tensor(448.0) / weight.abs().max()
+    assert torch.equal(scale[:2], torch.stack([x_scale, w_scale])) and scale[2] == 1  # gradients: not yet
+    y1.backward(g1)
+    precision.after_backward()
+    assert scale[2] == torch.tensor(57344.0) / g1.abs().max()
+    with precision.autocast():  # micro-batch 2, same optimizer step
+        y2 = model(x2)
+    by_hand = (quantize(x2, x_scale, torch.float8_e4m3fn).float()
+               @ quantize(weight, w_scale, torch.float8_e4m3fn).float().t()) * (x_scale.reciprocal() * w_scale.reciprocal())
+    assert torch.equal(y2.detach(), by_hand)
+    # The window's max: x2's larger amax sets the next scale.
+    assert scale[0] == torch.tensor(448.0) / torch.maximum(x1.abs().max(), x2.abs().max())

@@ -123,6 +123,7 @@ class TrainModule:
             with self._gradient_sync(sync):
                 loss, _ = self._loss(batch)
                 (loss * scale).backward()
+            self.precision.after_backward()
             loss_sum += float(loss.detach())
         params = [p for p in self.model.parameters() if p.requires_grad]
         finalize_tensor_parallel_grads(params, self.info)

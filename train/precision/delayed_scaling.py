@@ -126,19 +126,34 @@ class DelayedScalingState:
         return quantize(x, scale, self.dtypes[col]), scale.reciprocal()
 
     def step(self) -> dict[str, Tensor]:
-        """End of an optimizer step: reduce over ranks, roll histories, recompute scales.
-
-        Returns the finished step's statistics (0-d tensors, no host sync): the fraction of tensors
-        that saturated and the smallest / largest scale it used.
-        """
-        step_amax, saturated = self.amax_history[0].clone(), self.saturated.clone()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            # Every rank must quantise with the same scales, as TE's amax reduction guarantees.
-            both = torch.stack([step_amax, saturated])
-            dist.all_reduce(both, op=dist.ReduceOp.MAX)
-            step_amax, saturated = both[0], both[1]
-        stats = {"fp8_saturated_frac": saturated.mean(), "fp8_scale_min": self.scale.min(),
-                 "fp8_scale_max": self.scale.max()}
-        update_history_and_scale(self.amax_history, self.scale, self.max_value, self.recipe, step_amax)
-        self.saturated.zero_()
+        """Every column at once: `stats` (of the scales just used), then `update` of all columns."""
+        stats = self.stats()
+        self.update(torch.arange(self.num_tensors, device=self.scale.device))
         return stats
+
+    def update(self, columns: Tensor) -> None:
+        """Reduce the amaxes `columns` recorded since their last update over ranks, roll their
+        histories and recompute their scales. Transformer Engine does this for a module's forward
+        tensors when an FP8 autocast exits and for its gradients after their backward, i.e. once
+        per micro-batch; the emulation follows it (`EmulatedFp8Precision`)."""
+        step_amax = self.amax_history[0, columns].clone()
+        if _distributed():
+            # Every rank must quantise with the same scales, as TE's amax reduction guarantees.
+            dist.all_reduce(step_amax, op=dist.ReduceOp.MAX)
+        history, scale = self.amax_history[:, columns], self.scale[columns]  # copies (advanced indexing)
+        update_history_and_scale(history, scale, self.max_value[columns], self.recipe, step_amax)
+        self.amax_history[:, columns], self.scale[columns] = history, scale
+
+    def stats(self) -> dict[str, Tensor]:
+        """Statistics since the last call, over every rank (0-d tensors, no host sync): the fraction
+        of tensors that saturated and the smallest / largest scale in use."""
+        saturated = self.saturated.clone()
+        if _distributed():
+            dist.all_reduce(saturated, op=dist.ReduceOp.MAX)
+        self.saturated.zero_()
+        return {"fp8_saturated_frac": saturated.mean(), "fp8_scale_min": self.scale.min(),
+                "fp8_scale_max": self.scale.max()}
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1

@@ -9,6 +9,9 @@ unquantised input and output gradient instead.
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 from torch import Tensor, nn
 
@@ -118,11 +121,27 @@ class EmulatedFp8Precision(Precision):
         for i, name in enumerate(self.names):
             columns = (3 * i, 3 * i + 1, 3 * i + 2)
             replace_module(model, name, Fp8EmulatedLinear.from_linear(model.get_submodule(name), self.state, columns))
+        n = len(self.names)
+        self._forward_columns = torch.tensor([3 * i + c for i in range(n) for c in _FWD], device=device)
+        self._backward_columns = torch.tensor([3 * i + c for i in range(n) for c in _BWD], device=device)
         return model
+
+    @contextlib.contextmanager
+    def autocast(self) -> Iterator[None]:
+        """The compute-dtype autocast; on exit in training the forward tensors' scales update, as
+        Transformer Engine's `fp8_autocast` updates them (once per micro-batch)."""
+        with super().autocast():
+            yield
+        if self.state.num_tensors and torch.is_grad_enabled():
+            self.state.update(self._forward_columns)
+
+    def after_backward(self) -> None:
+        if self.state.num_tensors:
+            self.state.update(self._backward_columns)
 
     def after_optimizer_step(self) -> None:
         if self.state.num_tensors:
-            self._stats = self.state.step()
+            self._stats = self.state.stats()
 
     def step_metrics(self) -> dict[str, float]:
         return {key: float(value) for key, value in self._stats.items()}

@@ -43,6 +43,9 @@ class Precision:
     def pad_multiple(self) -> int:
         return FP8_PAD_MULTIPLE if self.cfg.is_fp8 else 1
 
+    def after_backward(self) -> None:
+        """After each micro-batch's backward (FP8: the gradients' scales update here, as in TE)."""
+
     def after_optimizer_step(self) -> None:
         pass
 
