@@ -135,3 +135,29 @@ def test_tiny_model_trains_alike_under_te_and_emulation_and_te_resumes():
     resumed.optimizer.load_state_dict(ckpt["optim"])
     resumed.precision.load_state_dict(ckpt["precision"])
     np.testing.assert_allclose([resumed.step(b) for b in STEPS[half:]], te_losses[half:], rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["fp8_delayed", "fp8_delayed_emulated"])
+def test_layer_recompute_reruns_inside_fp8_with_the_forward_scales(name):
+    """activation_checkpointing=layers: TE's checkpoint (and the emulation's twin) rerun each layer
+    in FP8 with the scales of its forward, so two micro-batches give the stored run's gradients."""
+    from train.config.schema import KernelConfig
+    from train.precision import build_precision
+
+    grads = {}
+    for mode in ("none", "layers"):
+        model = VisionLanguageModel(ModelConfig(language_model=LM, kernels=KernelConfig(activation_checkpointing=mode)),
+                                    image_token_id=10)
+        model.reset_parameters(0)
+        precision = build_precision(PrecisionConfig(name=name, amax_history_len=4, keep_first_last_layers=0),
+                                    torch.device(CUDA))
+        model = precision.convert_model(model.to(CUDA))
+        for batch in STEPS[:2]:
+            with precision.autocast():
+                loss, _ = model(batch.to(CUDA))
+            loss.backward()
+            precision.after_backward()
+        grads[mode] = {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+    for key, expected in grads["none"].items():
+        got = grads["layers"][key]
+        assert (got - expected).abs().max() <= 1e-3 * expected.abs().max().clamp(min=1e-12), key

@@ -422,3 +422,28 @@ def test_scales_update_per_micro_batch_as_transformer_engine():
     assert torch.equal(y2.detach(), by_hand)
     # The window's max: x2's larger amax sets the next scale.
     assert scale[0] == torch.tensor(448.0) / torch.maximum(x1.abs().max(), x2.abs().max())
+
+
+def test_fp8_layer_recompute_uses_the_scales_of_its_forward():
+    """With layers recomputed in backward, the scales have moved on (they update when the autocast
+    exits) before the rerun: it must quantise as its forward did, so gradients equal those of the
+    run that stored every activation, micro-batch after micro-batch."""
+    from train.config.schema import KernelConfig
+
+    grads = {}
+    for mode in ("none", "layers"):
+        model = VisionLanguageModel(ModelConfig(language_model=LM, kernels=KernelConfig(activation_checkpointing=mode)),
+                                    image_token_id=10)
+        model.reset_parameters(0)
+        precision = emulated(keep_first_last_layers=0)
+        precision.convert_model(model)
+        for batch in (STEPS[0][0], STEPS[1][0]):  # two micro-batches: the second starts from moved scales
+            with precision.autocast():
+                loss, _ = model(batch)
+            loss.backward()
+            precision.after_backward()
+        grads[mode] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        grads[mode]["scales"] = precision.state.scale.clone()  # and the reruns recorded no amax
+    assert grads["none"].keys() == grads["layers"].keys()
+    for name in grads["none"]:
+        assert torch.equal(grads["none"][name], grads["layers"][name]), name

@@ -23,9 +23,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from train.config.schema import KernelConfig, LanguageModelConfig
+from train.model.recompute import recompute_in_backward
 from train.ops import attention_with_kv_cache_ref, causal_conv1d_update_ref, rms_norm_ref, ssd_step_ref
 from train.ops.dispatch import Kernels, resolve_kernels
 
@@ -256,6 +256,7 @@ class Backbone(nn.Module):
         self.layers = nn.ModuleList(HybridBlock(cfg, kind, kernels) for kind in cfg.pattern)
         self.norm_f = RMSNorm(cfg.hidden_size, cfg.norm_eps, kernels.rms_norm)
         self.activation_checkpointing = activation_checkpointing
+        self.checkpoint_fn = recompute_in_backward
 
     def forward(self, embeds: Tensor, seq_idx: Tensor | None, cu_seqlens: Tensor,
                 cache: InferenceCache | None = None) -> Tensor:
@@ -265,7 +266,7 @@ class Backbone(nn.Module):
         for layer, layer_cache in zip(self.layers, caches):
             if self.activation_checkpointing and torch.is_grad_enabled():
                 # Keep only the layer's input; backward reruns its forward (same kernels, same autocast).
-                hidden = checkpoint(layer, hidden, seq_idx, cu_seqlens, layer_cache, use_reentrant=False)
+                hidden = self.checkpoint_fn(layer, hidden, seq_idx, cu_seqlens, layer_cache)
             else:
                 hidden = layer(hidden, seq_idx, cu_seqlens, layer_cache)
         if cache is not None:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from train.config.schema import VisionConfig
+from train.model.recompute import recompute_in_backward
 
 
 class LayerScale(nn.Module):
@@ -54,6 +54,7 @@ class VisionEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.activation_checkpointing = activation_checkpointing
+        self.checkpoint_fn = recompute_in_backward
         self.patch_embed = nn.Linear(3 * cfg.patch_size ** 2, cfg.hidden_size, bias=False)
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.pos_embed_side ** 2, cfg.hidden_size))
         if cfg.num_prefix_tokens:
@@ -97,7 +98,7 @@ class VisionEncoder(nn.Module):
         for block in self.blocks:
             if self.activation_checkpointing and torch.is_grad_enabled():
                 # Keep only the block's input; backward reruns its forward.
-                x = checkpoint(block, x, use_reentrant=False)
+                x = self.checkpoint_fn(block, x)
             else:
                 x = block(x)
         return self.norm(x[:, prefix:]).reshape(n, side, side, -1)

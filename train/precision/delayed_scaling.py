@@ -107,6 +107,8 @@ class DelayedScalingState:
         self.amax_history = torch.zeros(recipe.amax_history_len, n, dtype=torch.float32, device=device)
         self.scale = torch.ones(n, dtype=torch.float32, device=device)
         self.saturated = torch.zeros(n, dtype=torch.float32, device=device)  # 1 where a value clipped
+        # Off while a checkpointed layer reruns in backward: its tensors were recorded in the forward.
+        self.recording = True
 
     @property
     def num_tensors(self) -> int:
@@ -116,7 +118,7 @@ class DelayedScalingState:
         """FP8 copy of `x` with column `col`'s current scale, and that scale's inverse; records
         |x|'s max into the step's amax and whether any value clipped."""
         scale = self.scale[col]
-        if x.numel():
+        if x.numel() and self.recording:
             with torch.no_grad():
                 amax = x.detach().abs().amax().float()
                 self.amax_history[0, col] = torch.maximum(self.amax_history[0, col], amax)

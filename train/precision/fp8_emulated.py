@@ -14,8 +14,10 @@ from typing import Iterator
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from train.config.schema import PrecisionConfig
+from train.model.recompute import set_checkpoint_fn
 from train.precision.delayed_scaling import DelayedScalingRecipe, DelayedScalingState
 from train.precision.plugin import Precision, check_state_keys, unwrap
 from train.precision.region import fp8_linear_names, replace_module
@@ -121,6 +123,8 @@ class EmulatedFp8Precision(Precision):
         for i, name in enumerate(self.names):
             columns = (3 * i, 3 * i + 1, 3 * i + 2)
             replace_module(model, name, Fp8EmulatedLinear.from_linear(model.get_submodule(name), self.state, columns))
+        # A checkpointed layer reruns in backward after the autocast exit moved the scales on.
+        set_checkpoint_fn(model, self._recompute)
         n = len(self.names)
         self._forward_columns = torch.tensor([3 * i + c for i in range(n) for c in _FWD], device=device)
         self._backward_columns = torch.tensor([3 * i + c for i in range(n) for c in _BWD], device=device)
@@ -134,6 +138,27 @@ class EmulatedFp8Precision(Precision):
             yield
         if self.state.num_tensors and torch.is_grad_enabled():
             self.state.update(self._forward_columns)
+
+    def _recompute(self, function, *args):
+        """Recompute a layer in backward with the scales its forward used, recording nothing (its
+        amaxes were recorded in the forward), as Transformer Engine's checkpoint does."""
+        return checkpoint(function, *args, use_reentrant=False, context_fn=self._forward_scales)
+
+    def _forward_scales(self):
+        used = self.state.scale.clone()  # at the layer's forward
+
+        @contextlib.contextmanager
+        def replay():
+            current = self.state.scale.clone()
+            self.state.scale.copy_(used)
+            self.state.recording = False
+            try:
+                yield
+            finally:
+                self.state.scale.copy_(current)
+                self.state.recording = True
+
+        return contextlib.nullcontext(), replay()
 
     def after_backward(self) -> None:
         if self.state.num_tensors:

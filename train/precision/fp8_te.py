@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from transformer_engine.common.recipe import DelayedScaling, Format
 
 from train.config.schema import PrecisionConfig
+from train.model.recompute import set_checkpoint_fn
 from train.precision.delayed_scaling import fp8_max
 from train.precision.plugin import Precision, check_state_keys, unwrap
 from train.precision.region import fp8_linear_names, replace_module
@@ -108,6 +109,9 @@ class TEFp8Precision(Precision):
             for module in self.modules.values():
                 module.init_fp8_metadata()
         self._scales_in_use = self._used("scale")
+        # TE's own checkpoint reruns a layer inside FP8 with the forward's scales (torch's would
+        # rerun it outside the FP8 autocast).
+        set_checkpoint_fn(model, te.checkpoint)
         return model
 
     @contextlib.contextmanager
