@@ -9,7 +9,7 @@ PIP_QUIET := --quiet --disable-pip-version-check
 # pip's local index mirrors print one harmless "is ignored" line per package: hide only those.
 PIP_FILTER := { grep -v "is ignored: it is neither" || true; }
 
-.PHONY: setup smoke test test-gpu bench clean
+.PHONY: setup smoke test test-gpu bench bench-gpu clean
 
 setup: $(STAMP)
 
@@ -27,8 +27,12 @@ smoke: setup
 test: setup
 	$(PY) -m pytest -q
 
+# One screen: a line per failure, error and skip (with its reason), then the counts.
 test-gpu: setup
-	$(PY) -m pytest -q -m gpu tests/gpu
+	$(PY) -m pytest -q -m gpu tests/gpu --tb=line -rfEs -p no:warnings --timeout 600
+
+bench-gpu: setup
+	$(PY) -m tests.bench.gpu_layers
 
 bench: setup
 	$(PY) -m tests.bench.run_all
