@@ -45,8 +45,10 @@ def measure(precision_name: str) -> dict:
     kernels = KernelConfig(ssd="mamba_ssm", conv1d="causal_conv1d", attention="flash_attn", gated_norm="mamba_ssm",
                            rms_norm="mamba_ssm")
     lm = HybridLanguageModel(lm_cfg, kernels).to(device)
-    precision = build_precision(PrecisionConfig(name=precision_name, keep_first_last_layers=0, keep_patterns=[
-        "backbone.embeddings", "lm_head"]), device)
+    # Every layer's Linears in FP8 (a bare language model: the vision patterns match nothing here).
+    keep = ["backbone.embeddings", "lm_head", "vision_model", "projector"]
+    precision = build_precision(PrecisionConfig(name=precision_name, keep_first_last_layers=0, keep_patterns=keep),
+                                device)
     lm = precision.convert_model(lm)
     cu = torch.arange(0, TOKENS + 1, TOKENS // SAMPLES, dtype=torch.int32, device=device)
     seq_idx = torch.repeat_interleave(torch.arange(SAMPLES, device=device, dtype=torch.int32),
