@@ -159,16 +159,20 @@ def test_fp8_linear_forward_and_backward_match_hand_quantised_gemms(fp8_format, 
     assert not torch.allclose(x.grad, g @ module.weight.detach(), rtol=1e-3, atol=0)
 
 
-def test_bf16_autocast_quantises_the_bf16_input_and_returns_bf16():
+def test_bf16_autocast_quantises_the_incoming_input_and_returns_bf16():
+    """As Transformer Engine 2.x: the activation is quantised in the dtype it arrives in (fp32 here),
+    not cast to bf16 first; the output comes in the autocast dtype."""
     module = fp8_linear(DelayedScalingRecipe(amax_history_len=4))
-    x = torch.randn(4, 24)
+    x = torch.randn(4, 24, generator=torch.Generator().manual_seed(0))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = module(x)
     assert out.dtype == torch.bfloat16
     s_x, s_w, _ = module.state.scale.tolist()
-    xq = quantize(x.bfloat16(), torch.tensor(s_x), E4M3).float()
+    xq = quantize(x, torch.tensor(s_x), E4M3).float()
     wq = quantize(module.weight.detach(), torch.tensor(s_w), E4M3).float()
     torch.testing.assert_close(out, ((xq @ wq.t()) * (1 / s_x * (1 / s_w))).bfloat16())
+    # Casting to bf16 first quantises other values here: the check can tell the two apart.
+    assert not torch.equal(quantize(x.bfloat16(), torch.tensor(s_x), E4M3).float(), xq)
 
 
 # --- the plugin on the real model -----------------------------------------------------------------
@@ -447,3 +451,4 @@ def test_fp8_layer_recompute_uses_the_scales_of_its_forward():
     assert grads["none"].keys() == grads["layers"].keys()
     for name in grads["none"]:
         assert torch.equal(grads["none"][name], grads["layers"][name]), name
+

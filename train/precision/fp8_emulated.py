@@ -40,7 +40,7 @@ def _fp8_matmul(a: Tensor, b: Tensor, scale_inv: Tensor) -> Tensor:
 class _Fp8Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, state: DelayedScalingState,
-                cols: tuple[int, int, int]) -> Tensor:
+                cols: tuple[int, int, int], out_dtype: torch.dtype) -> Tensor:
         x2 = x.reshape(-1, x.shape[-1])  # (T, K)
         with torch.autocast(x.device.type, enabled=False):
             x_fp8, x_inv = state.quantize(x2, cols[0])
@@ -52,7 +52,7 @@ class _Fp8Linear(torch.autograd.Function):
         ctx.save_for_backward(wgrad_input if weight.requires_grad else None, w_fp8, x_inv, w_inv)
         ctx.state, ctx.cols = state, cols
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
-        return out.to(x.dtype).reshape(*x.shape[:-1], out.shape[-1])
+        return out.to(out_dtype).reshape(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
@@ -74,7 +74,7 @@ class _Fp8Linear(torch.autograd.Function):
             if ctx.needs_input_grad[2]:
                 # The bias gradient comes from the unquantised output gradient, as in TE.
                 grad_b = g2.float().sum(0).to(b_dtype)
-        return grad_x, grad_w, grad_b, None, None
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 class Fp8EmulatedLinear(nn.Linear):
@@ -94,10 +94,12 @@ class Fp8EmulatedLinear(nn.Linear):
         return new
 
     def forward(self, x: Tensor) -> Tensor:
-        # TE casts the input to the activation dtype (autocast's, if on) before quantising it.
-        if torch.is_autocast_enabled(x.device.type):
-            x = x.to(torch.get_autocast_dtype(x.device.type))
-        return _Fp8Linear.apply(x, self.weight, self.bias, self.state, self.columns)
+        # As Transformer Engine 2.x (`_Linear.forward`): the incoming activation is quantised in its
+        # own dtype, not cast to the activation dtype first; the output comes in the activation
+        # dtype (autocast's, if on).
+        device = x.device.type
+        out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        return _Fp8Linear.apply(x, self.weight, self.bias, self.state, self.columns, out_dtype)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", fp8=emulated"
