@@ -16,8 +16,14 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints-cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install $(PIP_QUIET) -c constraints-cpu.txt torch==2.13.0 2>&1 | $(PIP_FILTER)
-	$(PY) -m pip install $(PIP_QUIET) -c constraints-cpu.txt -e '.[dev]' 2>&1 | $(PIP_FILTER)
-	$(PY) -c "import torch, hydra, webdataset, decord, av, transformers, tokenizers, megatron.core, triton"
+	$(PY) -m pip install $(PIP_QUIET) -c constraints-cpu.txt -e '.[dev,eval]' 2>&1 | $(PIP_FILTER)
+	$(PY) -c "import torch, hydra, webdataset, decord, av, transformers, tokenizers, megatron.core, triton, matplotlib, lm_eval"
+	@# Headless Chromium renders report.html in its test; installed when missing and we are root.
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    { DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 || \
+	      { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1; }; }; } || \
+	  echo "note: chromium is not installed; the report's browser test will be skipped"
 	touch $(STAMP)
 
 # The main job: all five stages on CPU with the tiny model and the embedded synthetic data.

@@ -31,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
         run_stage(cfg)
     except Preempted:
         return EXIT_PREEMPTED
+    except ConfigError as err:  # found while building the stage (e.g. weights a frozen part lacks)
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

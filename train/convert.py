@@ -1,10 +1,13 @@
-"""`python -m train.convert hf-to-native|native-to-hf --src DIR --dst DIR`: checkpoint conversion.
+"""`python -m train.convert hf-to-native|native-to-hf|compose ...`: checkpoint conversion.
 
 hf-to-native: a transformers `nemotron_h` (LM) or `nemotron_h_omni` (VL) directory -> a native run
 directory (config.yaml + checkpoints/step_0000000), usable as `init.from_checkpoint=DST/checkpoints/step_0000000`
 and by `train.api.load_language_model(DST)`.
-native-to-hf: a run dir, its checkpoints/ dir or a step dir -> an HF directory; `--layout lm`
+native-to-hf: a run dir, its checkpoints/ dir or a step dir -> an HF directory with the tokenizer,
+generation config and (vl) processor files, so transformers serves it as it is; `--layout lm`
 (default) loads with `AutoModelForCausalLM.from_pretrained`, `--layout vl` writes the omni layout.
+compose: an HF Nemotron-H LM dir + an HF RADIO dir (+ a seeded fresh projector) -> a native run
+directory to start Stage 0 from (`init.from_checkpoint=DST/checkpoints/step_0000000`).
 Offline, no remote code. See train/hf/conversion.py for the name mapping.
 """
 
@@ -17,6 +20,8 @@ import sys
 
 import torch
 
+from train.config.schema import ConfigError
+from train.hf.compose import compose
 from train.hf.conversion import DEFAULT_MAX_SHARD_BYTES, ConversionError, hf_to_native, native_to_hf
 
 DTYPES = {"keep": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -49,8 +54,22 @@ def build_parser() -> argparse.ArgumentParser:
     to_hf.add_argument("--dtype", choices=sorted(DTYPES), default="keep", help="cast floating tensors (default: keep)")
     to_hf.add_argument("--max-shard-size", type=parse_size, default=DEFAULT_MAX_SHARD_BYTES,
                        help="largest safetensors shard, e.g. 5GB (default 5GiB)")
+    to_hf.add_argument("--tokenizer", default=None,
+                       help="tokenizer directory to export with the weights (default: the run's data.tokenizer)")
+    to_hf.add_argument("--weights-only", action="store_true",
+                       help="write weights and config.json only (no tokenizer, generation or processor config)")
     to_hf.add_argument("--image-token-id", type=int, default=None,
                        help="vl layout: image_token_id for config.json (default: the source's, if any)")
+    composed = sub.add_parser("compose", help="HF language model + HF RADIO vision encoder -> native Stage 0 start")
+    composed.add_argument("--lm", required=True, help="transformers nemotron_h directory (NemotronHForCausalLM)")
+    composed.add_argument("--vision", required=True, help="transformers RADIO directory (RadioModel.save_pretrained)")
+    composed.add_argument("--dst", required=True, help="new (or empty) run directory")
+    composed.add_argument("--seed", type=int, default=0, help="seed of the fresh projector (default 0)")
+    composed.add_argument("--projector-hidden-size", type=int, default=None,
+                          help="projector MLP width (default: 4x the LM hidden size, as the released 12B)")
+    composed.add_argument("--downsample-ratio", type=float, default=0.5, help="pixel-shuffle ratio (default 0.5)")
+    composed.add_argument("--image-size", type=int, default=None,
+                          help="tile size in pixels (default: the RADIO config's image_size)")
     return parser
 
 
@@ -64,10 +83,15 @@ def main(argv: list[str] | None = None) -> int:
                       f"in {args.dst}/hf_source/extra.safetensors and restored on export: "
                       f"{', '.join(summary['carried'][:6])}{' ...' if len(summary['carried']) > 6 else ''}",
                       file=sys.stderr)
+        elif args.command == "compose":
+            summary = compose(args.lm, args.vision, args.dst, seed=args.seed,
+                              projector_hidden_size=args.projector_hidden_size,
+                              downsample_ratio=args.downsample_ratio, image_size=args.image_size)
         else:
             summary = native_to_hf(args.src, args.dst, layout=args.layout, dtype=DTYPES[args.dtype],
-                                   max_shard_bytes=args.max_shard_size, image_token_id=args.image_token_id)
-    except (ConversionError, FileNotFoundError) as err:
+                                   max_shard_bytes=args.max_shard_size, image_token_id=args.image_token_id,
+                                   tokenizer=args.tokenizer, weights_only=args.weights_only)
+    except (ConversionError, ConfigError, FileNotFoundError) as err:
         print(f"convert error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=2))

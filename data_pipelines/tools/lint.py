@@ -9,8 +9,11 @@ bad), and as warnings members no sample reads (`unknown_member`) and links or de
 (`non_file_member`). An exception other than a skip reason is `unhandled_error`: training would
 stop there, not skip.
 
-CLI: `python -m data_pipelines.lint DIR_OR_PATTERN [--tokenizer DIR] [--seq-length N ...]
-[--json OUT] [--workers K]`; exit 1 when a bad sample is found, 0 when none, 2 on usage errors.
+With `--val DIR_OR_PATTERN` (held-out shards, repeatable) a training sample whose key is also a
+held-out one is bad too (`train_val_overlap`).
+
+CLI: `python -m data_pipelines.lint DIR_OR_PATTERN [--val DIR_OR_PATTERN ...] [--tokenizer DIR]
+[--seq-length N ...] [--json OUT] [--workers K]`; exit 1 when a bad sample is found, 0 when none, 2 on usage errors.
 """
 
 from __future__ import annotations
@@ -326,6 +329,14 @@ def lint_shards(shards: list[str], spec: SampleSpec, tokenizer_dir: str | None =
     return report
 
 
+def train_val_overlap(train_shards: list[str], val_shards: list[str]) -> list[Finding]:
+    """Samples of the linted (training) shards whose key is also a held-out sample's: a leak that
+    makes validation loss look better than it is. One `train_val_overlap` finding per such sample."""
+    held_out = {entry.key: shard for shard in val_shards for entry in index_shard(shard)}
+    return [Finding("train_val_overlap", shard, entry.key, index, UNKNOWN_SOURCE, f"also in {held_out[entry.key]}")
+            for shard in train_shards for index, entry in enumerate(index_shard(shard)) if entry.key in held_out]
+
+
 # --------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------
@@ -370,6 +381,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tokenizer", metavar="DIR",
                         help="tokenizer directory (data.tokenizer); enables the too_long check. Without it only "
                              "structure and media decoding are checked")
+    parser.add_argument("--val", metavar="DIR_OR_PATTERN", action="append", default=[],
+                        help="held-out shards (data.val_sources / monitor_sources paths; repeatable): a sample key "
+                             "found in both is reported as train_val_overlap")
     parser.add_argument("--json", metavar="OUT", type=Path, help="also write the full report here as JSON")
     parser.add_argument("--workers", type=int, default=1, metavar="K", help="parallel processes (default: %(default)s)")
     parser.add_argument("--max-listed", type=int, default=20, metavar="N",
@@ -392,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     try:
         shards = expand_shard_paths(args.shards)
+        val_shards = [shard for pattern in args.val for shard in expand_shard_paths(pattern)]
     except FileNotFoundError as err:
         print(f"lint: {err}", file=sys.stderr)
         return 2
@@ -403,6 +418,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print("[lint] no --tokenizer: checking structure and media decoding (too_long is not checked)", flush=True)
     report = lint_shards(shards, spec, args.tokenizer, args.workers, progress=not args.no_progress)
+    if val_shards:
+        report.bad += train_val_overlap(shards, val_shards)
+        report.sort()
     print(format_report(report, args.max_listed), flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -45,8 +45,12 @@ from data_pipelines.training.special_tokens import (
 KINDS = ("image", "video", "multi_image", "text")
 DEFAULT_NUM_PER_KIND = {"image": 160, "video": 48, "multi_image": 64, "text": 240}
 DEFAULT_SAMPLES_PER_SHARD = 32
+# Held-out shards next to the training ones (`<root>/heldout/<kind>`): other seeds, so other keys
+# and contents; the validation sources and the forgetting monitor of the smoke runs read them.
+HELDOUT_NUM_PER_KIND = {"image": 8, "video": 4, "multi_image": 4, "text": 16}
+HELDOUT_SEED_OFFSET = 1_000_003
 # Bump when the generated content changes, so stale embedded data is regenerated.
-SYNTH_VERSION = 1
+SYNTH_VERSION = 2  # 2: /no_think generation prompt opens `<think></think>`; held-out shards
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -723,10 +727,12 @@ class EmbeddedData:
     root: Path
     shard_dirs: dict[str, Path]  # kind -> directory of .tar shards
     tokenizer_dir: Path
+    heldout_dirs: dict[str, Path]  # kind -> held-out shards (never trained on)
 
 
 def _embedded_layout(root: Path) -> EmbeddedData:
-    return EmbeddedData(root, {kind: root / kind for kind in KINDS}, root / "tokenizer")
+    return EmbeddedData(root, {kind: root / kind for kind in KINDS}, root / "tokenizer",
+                        {kind: root / "heldout" / kind for kind in KINDS})
 
 
 @contextlib.contextmanager
@@ -764,6 +770,11 @@ def _generate_embedded(staging: Path, num_per_kind: dict[str, int], seed: int,
         records.extend(kind_records)
         print(f"[synth] {kind}: {len(kind_records)} samples "
               f"({time.perf_counter() - start:.1f}s)", flush=True)
+    start = time.perf_counter()
+    for kind in KINDS:  # held out: neither trained on nor seen by the tokenizer
+        write_synthetic_shards(layout.heldout_dirs[kind], kind, HELDOUT_NUM_PER_KIND[kind], seed + HELDOUT_SEED_OFFSET)
+    print(f"[synth] held-out: {sum(HELDOUT_NUM_PER_KIND.values())} samples ({time.perf_counter() - start:.1f}s)",
+          flush=True)
     start = time.perf_counter()
     train_tokenizer(_conversation_texts(records), layout.tokenizer_dir, vocab_size)
     print(f"[synth] tokenizer: vocab {vocab_size} ({time.perf_counter() - start:.1f}s)", flush=True)

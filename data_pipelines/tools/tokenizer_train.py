@@ -21,6 +21,9 @@ from data_pipelines.training.special_tokens import (
     IM_END,
     IM_START,
     PAD,
+    REASONING_OFF,
+    THINK_CLOSE,
+    THINK_OPEN,
     UNK,
 )
 
@@ -28,7 +31,9 @@ from data_pipelines.training.special_tokens import (
 MODEL_MAX_LENGTH = 1 << 20
 
 # ChatML, as in the released Nemotron Nano V2 tokenizer: one block per message, and the
-# generation prompt opens an assistant block.
+# generation prompt opens an assistant block. As in the released template, a `/no_think` system
+# prompt opens that block with an empty think (training writes it at the start of every answer),
+# so `apply_chat_template(..., add_generation_prompt=True)` prompts the way training did.
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{{- '" + IM_START + "' + message['role'] + '\\n' + message['content']"
@@ -36,6 +41,9 @@ CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}"
     "{{- '" + IM_START + "assistant\\n' -}}"
+    "{%- if messages and messages[0]['role'] == 'system' and '" + REASONING_OFF + "' in messages[0]['content'] -%}"
+    "{{- '" + THINK_OPEN + THINK_CLOSE + "' -}}"
+    "{%- endif -%}"
     "{%- endif -%}"
 )
 

@@ -52,6 +52,14 @@ class DataConfig:
     smoke_sources: list[SourceConfig] = field(default_factory=list)
     # Sequence length of the smoke stand-in (grows with the stages, like the real one).
     smoke_seq_length: int = 512
+    # Held-out sources (same schema; weights unused), evaluated every trainer.eval_every steps and at
+    # the end of the stage: loss per source, from the first trainer.eval_samples samples of each.
+    val_sources: list[SourceConfig] = field(default_factory=list)
+    smoke_val_sources: list[SourceConfig] = field(default_factory=list)
+    # The forgetting monitor: held-out text and code-reasoning sources every stage evaluates the
+    # same way (set once, in recipes/base/stage.yaml), so the pipeline shows one curve across stages.
+    monitor_sources: list[SourceConfig] = field(default_factory=list)
+    smoke_monitor_sources: list[SourceConfig] = field(default_factory=list)
     # When set, the embedded synthetic data (and its tokenizer) is generated here first.
     synth_dir: Optional[str] = None
     tokenizer: str = ""
@@ -90,9 +98,18 @@ class DataConfig:
         names = [s.name for s in self.sources]
         if len(set(names)) != len(names):
             raise ConfigError(f"{path}.sources: names must be unique, got {names}")
+        held_out = {"val_sources": self.val_sources, "monitor_sources": self.monitor_sources}
+        for field_name, sources in held_out.items():
+            for i, source in enumerate(sources):
+                source.validate(f"{path}.{field_name}[{i}]")
+        evaluated = [s.name for s in self.val_sources + self.monitor_sources]
+        if len(set(evaluated)) != len(evaluated):
+            raise ConfigError(f"{path}.val_sources + {path}.monitor_sources: names must be unique (they name the "
+                              f"val/<name>/loss metrics), got {evaluated}")
         if self.synth_dir is None:
-            for i, source in enumerate(self.sources):
-                _check_source_exists(source.path, f"{path}.sources[{i}].path")
+            for field_name, sources in {"sources": self.sources, **held_out}.items():
+                for i, source in enumerate(sources):
+                    _check_source_exists(source.path, f"{path}.{field_name}[{i}].path")
             if not self.tokenizer or not Path(self.tokenizer).exists():
                 raise ConfigError(f"{path}.tokenizer={self.tokenizer!r} does not exist: set a tokenizer directory")
         check_positive(self, path, "seq_length", "tile_size", "min_tiles", "max_tiles", "video_fps", "max_frames",

@@ -40,7 +40,7 @@ def load_stage_model(run_dir: Path, checkpoint: Path | None = None):
     cfg = from_dict(Config, yaml.safe_load((run_dir / "config.yaml").read_text()))
     cfg.init.from_checkpoint = None
     cfg.model.impl = "native"  # checkpoints hold the native layout whatever engine wrote them
-    model, _ = build_model(cfg, Tokenizer.load(cfg.data.tokenizer))
+    model, _, _ = build_model(cfg, Tokenizer.load(cfg.data.tokenizer))
     if checkpoint is not False:
         load_model_weights(checkpoint or find_latest(run_dir / "checkpoints"), model)
     return model

@@ -18,7 +18,6 @@ from tests.integration.helpers import run_module
 from train.chat import main as chat_main
 from train.config.schema import Config, from_dict
 from train.inference.chat_session import build_prompt, load_chat_model
-from train.inference.generate import greedy_tokens
 
 
 @pytest.fixture(scope="module")
@@ -43,22 +42,85 @@ def new_token_count(stderr: str) -> int:
     return int(match.group(1))
 
 
-def test_chat_streams_the_greedy_answer_about_an_image(trained_run):
+@pytest.fixture(scope="module")
+def exported(trained_run):
+    """{layout: HF directory} of the trained run, exported by the CLI as a user would."""
+    cwd, run_dir, _, _ = trained_run
+    dirs = {}
+    for layout in ("lm", "vl"):
+        result = run_module(["train.convert", "native-to-hf", "--src", str(run_dir), "--dst", f"hf_{layout}",
+                             "--layout", layout], cwd)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert json.loads(result.stdout)["tokenizer"] == str((cwd / "runs" / "synth_data" / "tokenizer").resolve())
+        dirs[layout] = cwd / f"hf_{layout}"
+    return dirs
+
+
+def hf_pixel_inputs(tiles: torch.Tensor, export_dir) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 tiles (N, 3, T, T) -> nemotron_h_omni's (pixel_values, image_grid_hw), normalised with the
+    exported preprocessor_config.json (what its image processor does to a tile-sized image)."""
+    pp = json.loads((export_dir / "preprocessor_config.json").read_text())
+    mean, std = (torch.tensor(pp[key]).view(1, 3, 1, 1) for key in ("image_mean", "image_std"))
+    pixels = (tiles.float() * pp["rescale_factor"] - mean) / std
+    n, c, t, _ = pixels.shape
+    p = pp["patch_size"]
+    g = t // p
+    patches = pixels.reshape(n, c, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(n * g * g, c * p * p)
+    return patches, torch.tensor([[g, g]] * n)
+
+
+def test_chat_answer_about_an_image_is_what_transformers_generates(trained_run, exported):
+    from transformers import AutoTokenizer
+    from transformers.models.nemotron_h_omni import NemotronH_Omni_Reasoning_V3
+
     cwd, run_dir, image, _ = trained_run
     result = run_module(["train.chat", "--ckpt", str(run_dir), "--image", str(image), "--prompt", "What shape?",
                          "--max-new-tokens", "8"], cwd)
     assert result.returncode == 0, result.stderr[-3000:]
     count = new_token_count(result.stderr)
     assert 1 <= count <= 8
-    # What it printed is the decoded greedy continuation of the training-format prompt.
+    # The same prompt (training's layout: tiles + thumbnail) through transformers' own omni model,
+    # loaded from the export with no arguments, and its generation config's stop tokens.
     chat = load_chat_model(run_dir)
     ids, tiles = build_prompt("What shape?", [image.read_bytes()], [], False, "", chat.cfg, chat.tokenizer)
-    embeds = chat.model.embed_inputs(torch.tensor([ids]), tiles)
-    special = chat.tokenizer.special_ids
-    tokens = list(greedy_tokens(chat.model.language_model, embeds, 8, [special["<|im_end|>"], special["</s>"]]))
-    assert len(tokens) == count
-    assert result.stdout == chat.tokenizer.hf.decode(tokens, skip_special_tokens=False) + "\n"
     assert tiles.shape[0] > 1  # the seeded scene is cut into a grid of tiles plus the thumbnail
+    hf = NemotronH_Omni_Reasoning_V3.from_pretrained(exported["vl"]).eval()
+    pixel_values, grid = hf_pixel_inputs(tiles, exported["vl"])
+    with torch.no_grad():
+        out = hf.generate(input_ids=torch.tensor([ids]), pixel_values=pixel_values, image_grid_hw=grid,
+                          max_new_tokens=8)
+    tokens = out[0, len(ids):].tolist()
+    assert len(tokens) == count
+    assert result.stdout == AutoTokenizer.from_pretrained(exported["vl"]).decode(tokens) + "\n"
+
+
+def test_exported_lm_prompts_and_generates_like_chat(trained_run, exported, capsys):
+    """AutoTokenizer + AutoModelForCausalLM on the LM export: the chat template renders the prompt
+    train.chat builds (the `/no_think` system prompt opens the answer with `<think></think>`), and
+    greedy generation with the exported generation config gives train.chat's tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, run_dir, _, _ = trained_run
+    tokenizer = AutoTokenizer.from_pretrained(exported["lm"])
+    model = AutoModelForCausalLM.from_pretrained(exported["lm"]).eval()
+    chat = load_chat_model(run_dir)
+    for think, system in ((False, "/no_think"), (True, "/think")):
+        ids, _ = build_prompt("Write a function that adds two numbers.", [], [], think, "", chat.cfg, chat.tokenizer)
+        messages = [{"role": "system", "content": system},
+                    {"role": "user", "content": "Write a function that adds two numbers."}]
+        assert tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                             return_dict=False) == ids
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), max_new_tokens=12)
+        code = chat_main(["--ckpt", str(run_dir), "--prompt", "Write a function that adds two numbers.",
+                          "--max-new-tokens", "12", *(["--think"] if think else [])])
+        printed, err = capsys.readouterr()
+        assert code == 0, err
+        tokens = out[0, len(ids):].tolist()
+        assert new_token_count(err) == len(tokens)
+        assert printed == tokenizer.decode(tokens) + "\n"
+    generation = json.loads((exported["lm"] / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id]
 
 
 def test_chat_on_a_video_in_reasoning_mode(trained_run, capsys):
@@ -108,6 +170,8 @@ def test_chat_prompt_is_what_training_feeds_before_the_answer(trained_run, kind)
         sample = build_sample(raw, kind, spec, tokenizer)
         assert sample.input_ids[:len(ids)].tolist() == ids
         answer_starts = int((sample.labels != -100).argmax())
-        assert answer_starts == len(ids) - (0 if think else 2)  # `<think></think>` is part of the answer
+        # The template opens a /no_think answer with `<think></think>` (as the released one does):
+        # the prompt ends where the supervised answer starts, in both modes.
+        assert answer_starts == len(ids)
         assert torch.equal(sample.tiles, tiles)
     assert modes == {True, False}  # both reasoning modes were compared

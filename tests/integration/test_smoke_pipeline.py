@@ -91,3 +91,49 @@ def test_public_api_loads_the_final_language_model(pipeline_run):
         first, second = lm(ids[:, :15]), lm(ids[:, 15:])
     assert packed.shape == (1, 40, lm.cfg.vocab_size)
     assert torch.allclose(packed, torch.cat([first, second], dim=1), rtol=1e-5, atol=1e-5)
+
+
+def test_pipeline_ends_with_a_forgetting_curve_and_a_report(pipeline_run):
+    """The shared monitor source is evaluated at the end of every stage; the pipeline's summary
+    holds that curve, and report.html is written and its path printed."""
+    _, root, result = pipeline_run
+    summary = json.loads((root / "summary.json").read_text())
+    assert [s["stage"] for s in summary["stages"]] == STAGES
+    curve = summary["forgetting"]["monitor_code_reasoning"]
+    assert [p["stage"] for p in curve] == STAGES
+    for point, stage in zip(curve, STAGES):
+        assert point["loss"] == read_metrics(root / stage)[-1]["val/monitor_code_reasoning/loss"]
+    assert "=== report: runs/smoke/report.html" in result.stdout
+    page = (root / "report.html").read_text()
+    assert all(f"id='{stage}'" in page for stage in STAGES) and "forgetting.png" in page
+    assert all((root / stage / "report.html").exists() for stage in STAGES)
+
+
+def find_chromium() -> str | None:
+    import shutil
+
+    return next((path for name in ("chromium", "chromium-browser", "google-chrome")
+                 if (path := shutil.which(name))), None)
+
+
+def test_report_renders_in_a_browser_with_every_plot(pipeline_run, tmp_path):
+    """Headless Chromium loads report.html from disk: every plot image decodes (natural width > 0,
+    counted by the page itself) and there is one section per stage."""
+    import re
+    import subprocess
+
+    browser = find_chromium()
+    if browser is None:
+        pytest.skip("chromium is not installed (make setup installs it as root with apt-get)")
+    _, root, _ = pipeline_run
+    page = root / "report.html"
+    dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path}",
+                          "--virtual-time-budget=10000", "--dump-dom", page.as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    status = re.search(r"id=\"plots-status\" data-loaded=\"(\d+)\" data-total=\"(\d+)\"", dom.stdout)
+    assert status, dom.stdout[:2000]
+    loaded, total = int(status.group(1)), int(status.group(2))
+    assert total == page.read_text().count("class='plot'") and total >= 6 * len(STAGES)
+    assert loaded == total
+    assert len(re.findall(r"<section class=\"stage\" id=\"(stage\d_\w+)\"", dom.stdout)) == len(STAGES)

@@ -12,7 +12,13 @@ import pytest
 
 from tests.integration.helpers import env, read_metrics, run_module
 
-ARGS = ["train", "--config-name", "stage1_image_sft", "smoke=cpu", "trainer.max_steps=12", "trainer.save_every=4"]
+ARGS = ["train", "--config-name", "stage1_image_sft", "smoke=cpu", "trainer.max_steps=12", "trainer.save_every=4",
+        "trainer.eval_every=4"]
+
+
+def val_records(run_dir) -> list[dict]:
+    return [{k: v for k, v in m.items() if k.startswith("val/") or k == "step"} for m in read_metrics(run_dir)
+            if any(k.startswith("val/") for k in m)]
 
 
 @pytest.mark.parametrize("workers, async_save", [(0, False), (2, False), (0, True)])
@@ -44,6 +50,9 @@ def test_killed_stage_resumes_from_latest_checkpoint(tmp_path, workers, async_sa
     reference = run_module([*args, f"run.dir={clean}"], tmp_path)
     assert reference.returncode == 0, reference.stderr[-3000:]
     assert [m["loss"] for m in read_metrics(killed)] == [m["loss"] for m in read_metrics(clean)]
+    # Held-out evaluation at steps 4, 8, 12 (one of them re-run after the resume): the same values.
+    assert [r["step"] for r in val_records(clean)] == [4, 8, 12]
+    assert val_records(killed) == val_records(clean)
 
 
 def test_invalid_override_fails_before_compute(tmp_path):

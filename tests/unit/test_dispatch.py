@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ast
 import importlib
 from typing import get_args, get_type_hints
 
@@ -15,8 +16,9 @@ from train.config.schema import ConfigError, KernelConfig, LanguageModelConfig, 
 from train.model.language_model import Attention, HybridLanguageModel, Mamba2Mixer, RMSNorm
 from train.model.vlm import VisionLanguageModel
 from train.ops import causal_conv1d_ref, gated_rms_norm_ref, rms_norm_ref, ssd_scan_ref, varlen_attention_ref
-from train.ops.conv1d_kernels import channel_last
-from train.ops.dispatch import BACKENDS, OPS, KernelUnavailableError, load_backend, resolve_kernels
+from train.ops.backends import BACKENDS, OPS
+from train.ops.backends.causal_conv1d import channel_last
+from train.ops.dispatch import KernelUnavailableError, load_backend, resolve_kernels
 
 LM = LanguageModelConfig(pattern="M-*M-", hidden_size=32, vocab_size=97, num_attention_heads=4,
                          num_key_value_heads=2, head_dim=8, mamba_num_heads=4, mamba_head_dim=8,
@@ -48,7 +50,7 @@ def test_default_config_resolves_to_the_torch_references():
 @pytest.mark.parametrize(("op", "name"), GPU_BACKENDS)
 def test_missing_gpu_library_fails_at_build_with_install_hint(op, name):
     backend = BACKENDS[op][name]
-    if getattr(importlib.import_module(backend.module), backend.import_error) is None:
+    if importlib.import_module(backend.module).IMPORT_ERROR is None:
         pytest.skip(f"{name} is installed here")
     with pytest.raises(KernelUnavailableError) as err:
         HybridLanguageModel(LM, KernelConfig(**{op: name}))
@@ -75,7 +77,7 @@ def test_smoke_gpu_composes_with_fused_kernels(recipe):
 
 @pytest.mark.parametrize(("overrides", "field"), [
     (["smoke=cpu", "model.kernels.ssd=mamba_ssm"], r"model\.kernels\.ssd=mamba_ssm runs on CUDA only"),
-    (["smoke=gpu", "precision=fp32"], r"model\.kernels\.attention=flash_attn computes in bf16/fp16 only"),
+    (["smoke=gpu", "precision=fp32"], r"model\.kernels\.attention=flash_attn computes in bf16 only"),
     (["smoke=gpu", "model.language_model.conv_kernel=5"], r"model\.language_model\.conv_kernel 2\.\.4"),
     (["smoke=gpu", "model.language_model.ssm_state_size=15"], r"model\.kernels\.conv1d=causal_conv1d needs the conv"),
     (["smoke=gpu", "model.language_model.head_dim=12"], r"model\.language_model\.head_dim a multiple of 8"),
@@ -162,3 +164,22 @@ def test_conv_input_slices_that_start_misaligned_are_relaid_out():
     relaid = channel_last(shifted)
     assert relaid.data_ptr() % 16 == 0 and relaid.data_ptr() != shifted.data_ptr()
     assert torch.equal(relaid, shifted) and relaid.stride(1) == 1
+
+
+def test_each_gpu_library_is_imported_by_its_backend_module_only(project_root):
+    """DESIGN.md's rule, checked on the source: every import of a GPU library sits in its module
+    under train/ops/backends/, which every backend of that library in the table points to."""
+    libraries = {"mamba_ssm", "causal_conv1d", "flash_attn", "transformer_engine"}
+    importers: dict[str, set[str]] = {lib: set() for lib in libraries}
+    for path in (project_root / "train").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else [])
+            for name in names:
+                if name.split(".")[0] in libraries:
+                    importers[name.split(".")[0]].add(str(path.relative_to(project_root)))
+    assert importers == {lib: {f"train/ops/backends/{lib}.py"} for lib in libraries}
+    for op in OPS:
+        for name, backend in BACKENDS[op].items():
+            if not backend.is_reference:
+                assert backend.module == f"train.ops.backends.{name}", (op, name)

@@ -6,9 +6,10 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, NemotronHConfig, NemotronHForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, NemotronHConfig, NemotronHForCausalLM
 from transformers.models.nemotron_h_omni import NemotronH_Omni_Reasoning_V3, NemotronH_Omni_Reasoning_V3_Config
 
+from data_pipelines.tools.tokenizer_train import train_tokenizer
 from train import convert
 from train.api import load_language_model
 from train.checkpoint.store import find_latest, load_model_weights
@@ -57,7 +58,8 @@ def test_lm_round_trip_is_bit_exact_and_transformers_loads_it(tmp_path, dtype, c
     native, out = tmp_path / "native", tmp_path / "out"
     assert convert.main(["hf-to-native", "--src", str(src), "--dst", str(native)]) == 0
     assert json.loads(capsys.readouterr().out)["checkpoint"] == str(native / "checkpoints" / "step_0000000")
-    assert convert.main(["native-to-hf", "--src", str(native), "--dst", str(out), "--max-shard-size", "8KB"]) == 0
+    assert convert.main(["native-to-hf", "--src", str(native), "--dst", str(out), "--max-shard-size", "8KB",
+                         "--weights-only"]) == 0
     assert json.loads(capsys.readouterr().out)["layout"] == "lm"
     assert (out / INDEX_NAME).exists() and not (out / WEIGHTS_NAME).exists()  # forced into shards
     assert_same_tensors(read_hf_weights(src), read_hf_weights(out))
@@ -87,7 +89,7 @@ def test_lm_only_native_checkpoint_layout(tmp_path):
     assert state and all(k.startswith("language_model.") for k in state)
     assert (tmp_path / "native" / "hf_source" / "config.json").exists()
     with pytest.raises(ConversionError, match="only language model"):
-        native_to_hf(tmp_path / "native", tmp_path / "vl", layout="vl")
+        native_to_hf(tmp_path / "native", tmp_path / "vl", layout="vl", weights_only=True)
 
 
 def test_lm_config_round_trip():
@@ -142,7 +144,7 @@ def test_vl_round_trip_is_bit_exact_and_feeds_init_from_checkpoint(tmp_path):
     # RADIO pieces our model has no use for travel alongside, unchanged.
     assert any("video_embedder" in k for k in summary["carried"])
     assert "vision_model.radio_model.summary_idxs" in summary["carried"]
-    native_to_hf(tmp_path / "native", tmp_path / "out", layout="vl")
+    native_to_hf(tmp_path / "native", tmp_path / "out", layout="vl", weights_only=True)
     assert_same_tensors(read_hf_weights(src), read_hf_weights(tmp_path / "out"))
 
     cfg, _, _ = read_native(tmp_path / "native")
@@ -153,7 +155,7 @@ def test_vl_round_trip_is_bit_exact_and_feeds_init_from_checkpoint(tmp_path):
     assert torch.equal(model.projector.mlp1[3].weight, hf_state["mlp1.3.weight"])
 
     # An LM-only export of the VL checkpoint is the NemotronHForCausalLM inside it.
-    native_to_hf(tmp_path / "native", tmp_path / "lm", layout="lm")
+    native_to_hf(tmp_path / "native", tmp_path / "lm", layout="lm", weights_only=True)
     lm_state = read_hf_weights(tmp_path / "lm")
     assert_same_tensors(lm_state, {k.removeprefix("language_model."): v for k, v in hf_state.items()
                                    if k.startswith("language_model.")})
@@ -169,7 +171,7 @@ def test_vl_export_of_our_model_loads_in_transformers(tmp_path):
     ours = VisionLanguageModel(cfg, image_token_id=5)
     ours.reset_parameters(seed=0)
     write_native(tmp_path / "native", cfg, ours.state_dict())
-    native_to_hf(tmp_path / "native", tmp_path / "hf", layout="vl", image_token_id=5)
+    native_to_hf(tmp_path / "native", tmp_path / "hf", layout="vl", image_token_id=5, weights_only=True)
     hf = NemotronH_Omni_Reasoning_V3.from_pretrained(tmp_path / "hf").eval()
 
     tiles = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
@@ -201,7 +203,46 @@ def test_refusals(tmp_path, capsys):
     cfg = ModelConfig(vision=VisionConfig(final_norm=True))
     write_native(tmp_path / "n4", cfg, VisionLanguageModel(cfg, image_token_id=1).state_dict())
     with pytest.raises(ConversionError, match="final_norm=false"):
-        native_to_hf(tmp_path / "n4", tmp_path / "out", layout="vl")
+        native_to_hf(tmp_path / "n4", tmp_path / "out", layout="vl", weights_only=True)
+
+
+def small_tokenizer(path, vocab_size: int):
+    texts = ["def add(a, b):\n    return a + b", "The red circle is left of the blue square."] * 20
+    return train_tokenizer(texts, path, vocab_size=vocab_size)
+
+
+def test_hf_source_tokenizer_travels_with_the_export(tmp_path):
+    """An HF model imported with its tokenizer exports with it, plus a generation config: the
+    directory is what AutoTokenizer and AutoModelForCausalLM load, chat template included."""
+    src = tmp_path / "hf"
+    torch.manual_seed(0)
+    NemotronHForCausalLM(NemotronHConfig(**{**TEXT, "vocab_size": 320})).eval().save_pretrained(src)
+    small_tokenizer(src, 300)
+    hf_to_native(src, tmp_path / "native")
+    summary = native_to_hf(tmp_path / "native", tmp_path / "out")
+    assert summary["tokenizer"] == str(tmp_path / "native" / "hf_source")
+    assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json"} <= {p.name for p in (tmp_path / "out").iterdir()}
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
+    messages = [{"role": "system", "content": "/no_think"}, {"role": "user", "content": "add"}]
+    assert tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False).endswith(
+        "<|im_start|>assistant\n<think></think>")
+    # The source's own generation config (its sampling settings) is kept, not replaced by ours.
+    assert (tmp_path / "out" / "generation_config.json").read_text() == (src / "generation_config.json").read_text()
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.vocab_size == 320
+
+
+def test_export_refuses_a_tokenizer_it_cannot_ship(tmp_path, capsys):
+    """No tokenizer, or one that is not the model's: a clear error and nothing written."""
+    hf_to_native(saved_hf_lm(tmp_path / "hf"), tmp_path / "native")  # a source without a tokenizer
+    assert convert.main(["native-to-hf", "--src", str(tmp_path / "native"), "--dst", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "no tokenizer found" in err and "--tokenizer DIR" in err and "--weights-only" in err
+    big = small_tokenizer(tmp_path / "big_tok", 300)  # 300 tokens for a 97-token embedding
+    with pytest.raises(ConversionError, match="300 tokens, more than the model's vocab_size 97"):
+        native_to_hf(tmp_path / "native", tmp_path / "b", tokenizer=big)
+    with pytest.raises(ConversionError, match="not a tokenizer directory"):
+        native_to_hf(tmp_path / "native", tmp_path / "c", tokenizer=tmp_path)
+    assert not any((tmp_path / name).exists() for name in "abc")
 
 
 def test_parse_size():

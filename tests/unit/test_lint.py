@@ -18,6 +18,7 @@ from data_pipelines.training.config import SourceConfig
 from data_pipelines.training.loader import PackedBatchStream
 from data_pipelines.training.samples import SampleSpec
 from data_pipelines.training.tiling import TilingConfig
+from tests.shard_writer import write_shard
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SPEC_ARGS = ["--seq-length", "384", "--tile-size", "64", "--max-tiles", "4", "--tokens-per-tile", "4",
@@ -179,3 +180,21 @@ def test_corrupt_tar_is_reported_not_fatal(tmp_path):
     shard.write_bytes(b"this is not a tar file at all" * 40)
     report = lint.lint_shards([str(shard)], SPEC, None, progress=False)
     assert [f.reason for f in report.bad] == ["corrupt_shard"] and report.num_samples == 0
+
+
+def test_a_key_in_both_training_and_held_out_shards_is_reported(tmp_path, capsys):
+    """Held-out samples that also train make validation loss lie: `--val` reports each one."""
+    (tmp_path / "train").mkdir()
+    (tmp_path / "val").mkdir()
+    text = {"json": doc(qa("Say hi.", "Hi."))}
+    write_shard(tmp_path / "train" / "shard-000000.tar", [("a", text), ("b", text), ("c", text)])
+    write_shard(tmp_path / "val" / "shard-000000.tar", [("b", text), ("z", text)])
+    assert lint.main([str(tmp_path / "train"), "--no-progress"]) == 0
+    capsys.readouterr()
+    report = tmp_path / "report.json"
+    assert lint.main([str(tmp_path / "train"), "--val", str(tmp_path / "val"), "--no-progress",
+                      "--json", str(report)]) == 1
+    assert "train_val_overlap" in capsys.readouterr().out
+    bad = json.loads(report.read_text())["bad"]
+    assert [(f["reason"], f["key"], f["index"]) for f in bad] == [("train_val_overlap", "b", 1)]
+    assert bad[0]["detail"] == f"also in {tmp_path / 'val' / 'shard-000000.tar'}"

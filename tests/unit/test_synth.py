@@ -259,10 +259,14 @@ def test_chat_template_renders_chatml(tokenizer_dir: Path) -> None:
     messages = [{"role": "system", "content": "/no_think"},
                 {"role": "user", "content": "<image>\nhi"}]
     rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    # Reasoning off: the generation prompt opens the answer with an empty think, as training writes it.
     assert rendered == ("<|im_start|>system\n/no_think<|im_end|>\n"
-                        "<|im_start|>user\n<image>\nhi<|im_end|>\n<|im_start|>assistant\n")
+                        "<|im_start|>user\n<image>\nhi<|im_end|>\n<|im_start|>assistant\n<think></think>")
     closed = tokenizer.apply_chat_template(messages, tokenize=False)
     assert closed.endswith("hi<|im_end|>\n")
+    thinking = [{"role": "system", "content": "/think"}, messages[1]]
+    assert tokenizer.apply_chat_template(thinking, tokenize=False, add_generation_prompt=True).endswith(
+        "<|im_start|>assistant\n")
 
 
 def test_ensure_embedded_data_is_idempotent(tmp_path: Path) -> None:

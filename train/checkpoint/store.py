@@ -110,8 +110,10 @@ class Checkpointer:
     while it is written; `wait` blocks until the pending write is done (end of training, preemption).
     """
 
-    def __init__(self, root: Path, keep_last: int, async_save: bool = False, layout: StateLayout = NativeLayout()):
+    def __init__(self, root: Path, keep_last: int, async_save: bool = False, layout: StateLayout = NativeLayout(),
+                 marker: dict | None = None):
         self.root, self.keep_last, self.async_save, self.layout = root, keep_last, async_save, layout
+        self.marker = marker or {}  # facts about the weights written into each COMPLETE marker
         self._pending: tuple[Future, Path, int] | None = None  # (shard writes, tmp dir, step)
         self._group = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
         if async_save:  # the writer thread warns after `dcp_quietly` has exited: filter it for good
@@ -170,7 +172,7 @@ class Checkpointer:
             raise
         final = self.root / step_dir_name(step)
         if _rank() == 0:
-            (tmp / COMPLETE_MARKER).write_text(json.dumps({"step": step}))
+            (tmp / COMPLETE_MARKER).write_text(json.dumps({"step": step, **self.marker}))
             _fsync_tree(tmp)
             if final.exists():
                 shutil.rmtree(final)
@@ -178,6 +180,15 @@ class Checkpointer:
             _write_json_atomic(self.root / "latest", final.name + "\n")
             prune_checkpoints(self.root, self.keep_last)
         return final
+
+
+def read_marker(step_dir: Path) -> dict:
+    """The COMPLETE marker of a checkpoint: its step, and what its writer recorded about the
+    weights (`random_parts`: parts still at their random initialisation)."""
+    try:
+        return json.loads((Path(step_dir) / COMPLETE_MARKER).read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -287,8 +298,9 @@ def read_data_states(path: Path) -> list[dict]:
     return [by_data_rank[r] for r in sorted(by_data_rank)]
 
 
-def load_model_weights(path: Path, model: torch.nn.Module, layout: StateLayout = NativeLayout()) -> None:
-    """Only the model weights (stage hand-off: fresh optimizer and schedule).
+def load_model_weights(path: Path, model: torch.nn.Module, layout: StateLayout = NativeLayout()) -> list[str]:
+    """Only the model weights (stage hand-off: fresh optimizer and schedule). Returns the parts that
+    are still random: absent from the checkpoint, or recorded random by the stage that wrote it.
 
     A checkpoint may hold a subset of the model's top-level parts (an LM-only conversion of a
     released language model, say): the parts it lacks keep their initialisation, with a warning.
@@ -311,3 +323,4 @@ def load_model_weights(path: Path, model: torch.nn.Module, layout: StateLayout =
     with dcp_quietly():
         dcp.load(state, checkpoint_id=str(path))
     layout.load_model_state(model, state["model"], strict=False)
+    return sorted(set(absent) | set(read_marker(path).get("random_parts", [])))

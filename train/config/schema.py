@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type_hints
 
 from data_pipelines.training.config import ConfigError, DataConfig, check_positive
+from train.ops.backends import BACKENDS, OPS
 
 
 @dataclass
@@ -133,36 +134,17 @@ class KernelConfig:
     @property
     def fused(self) -> dict[str, str]:
         """{op: backend} for the ops that do not run on the torch reference."""
-        ops = ("ssd", "conv1d", "attention", "gated_norm", "rms_norm")
-        return {op: getattr(self, op) for op in ops if getattr(self, op) != "torch"}
+        return {op: getattr(self, op) for op in OPS if getattr(self, op) != "torch"}
 
     def validate(self, path: str, lm: LanguageModelConfig, lm_path: str) -> None:
-        """Shape limits of the chosen kernels, checked before any compute."""
-        conv_dim = lm.mamba_intermediate_size + 2 * lm.n_groups * lm.ssm_state_size
-        if self.conv1d == "causal_conv1d" and "M" in lm.pattern:
-            if not 2 <= lm.conv_kernel <= 4:
-                raise ConfigError(f"{path}.conv1d=causal_conv1d supports {lm_path}.conv_kernel 2..4, got "
-                                  f"{lm.conv_kernel}: set {path}.conv1d=torch")
-            if conv_dim % 8:
-                raise ConfigError(f"{path}.conv1d=causal_conv1d needs the conv width (mamba_num_heads * "
-                                  f"mamba_head_dim + 2 * n_groups * ssm_state_size = {conv_dim}) to be a multiple "
-                                  f"of 8: change {lm_path} or set {path}.conv1d=torch")
-            # The conv reads xBC in place from in_proj's output [z | xBC | dt] when the strides allow:
-            # its start, after z, must then be 16-byte aligned (8 elements in 16 bits).
-            if lm.mamba_intermediate_size % 8:
-                raise ConfigError(f"{path}.conv1d=causal_conv1d reads the conv input in place from in_proj's output "
-                                  f"after z: its offset (mamba_num_heads * mamba_head_dim = "
-                                  f"{lm.mamba_intermediate_size}) must be a multiple of 8: change {lm_path} or set "
-                                  f"{path}.conv1d=torch")
-        group = lm.mamba_intermediate_size // lm.n_groups
-        if self.gated_norm == "mamba_ssm" and "M" in lm.pattern and group > 16384:
-            # mamba-ssm's fused gated norm keeps a group in one block of at most 64 KB.
-            raise ConfigError(f"{path}.gated_norm=mamba_ssm normalises groups of at most 16384 channels (64 KB in "
-                              f"fp32), got {group} (mamba_num_heads * mamba_head_dim / n_groups): raise "
-                              f"{lm_path}.n_groups or set {path}.gated_norm=torch")
-        if self.attention != "torch" and "*" in lm.pattern and (lm.head_dim % 8 or lm.head_dim > 256):
-            raise ConfigError(f"{path}.attention={self.attention} needs {lm_path}.head_dim a multiple of 8 and "
-                              f"<= 256, got {lm.head_dim}: set {path}.attention=torch")
+        """Shape limits of the chosen kernels (`train.ops.backends.BACKENDS`), checked before any compute."""
+        for op in OPS:
+            backend = BACKENDS[op][getattr(self, op)]
+            for limit in backend.limits:
+                problem = limit.layer in lm.pattern and limit.violation(lm, lm_path)
+                if problem:
+                    raise ConfigError(f"{path}.{op}={getattr(self, op)} {problem}: "
+                                      f"{limit.fix.format(lm_path=lm_path)} or set {path}.{op}=torch")
 
     def validate_runtime(self, path: str, device: str, precision: "PrecisionConfig") -> None:
         """GPU kernels need a GPU; fused attention needs 16-bit activations, which is what the
@@ -173,10 +155,12 @@ class KernelConfig:
             raise ConfigError(f"{path}.{op}={backend} runs on CUDA only but trainer.device=cpu: "
                               f"set {path}.{op}=torch or trainer.device=cuda")
         compute = precision.resolved_compute_dtype
-        if self.attention != "torch" and compute == "fp32":
-            raise ConfigError(f"{path}.attention={self.attention} computes in bf16/fp16 only but precision={precision.name} "
-                              f"computes in fp32 (precision.compute_dtype={precision.compute_dtype}): set "
-                              f"precision.compute_dtype=bf16, precision=bf16, or {path}.attention=torch")
+        for op, name in self.fused.items():
+            accepted = BACKENDS[op][name].compute_dtypes
+            if compute not in accepted:
+                raise ConfigError(f"{path}.{op}={name} computes in {'/'.join(accepted)} only but precision={precision.name} "
+                                  f"computes in {compute} (precision.compute_dtype={precision.compute_dtype}): set "
+                                  f"precision.compute_dtype=bf16, precision=bf16, or {path}.{op}=torch")
 
 
 @dataclass
@@ -247,6 +231,10 @@ class TrainerConfig:
     # Steps with a non-finite loss or gradient norm are skipped (no update); this many in a row
     # stop the run with an error, leaving the last good checkpoint as `latest`.
     max_nonfinite_steps: int = 5
+    # Held-out evaluation (data.val_sources, data.monitor_sources): every `eval_every` steps (0: only
+    # at the end of the stage), on the first `eval_samples` samples of each source.
+    eval_every: int = 0
+    eval_samples: int = 64
     # "token": every supervised token weighs the same (per-token mean over the global batch);
     # "sqrt_turn": each assistant turn weighs sqrt(its length) in total. Applied by the collator:
     # batches carry their targets' weights (`data_pipelines.training.batch.PackedBatch.target_weights`).
@@ -254,7 +242,12 @@ class TrainerConfig:
 
     def validate(self, path: str) -> None:
         check_positive(self, path, "max_steps", "micro_batch_size", "grad_accum_steps", "log_every", "save_every",
-                        "keep_last", "max_nonfinite_steps")
+                        "keep_last", "max_nonfinite_steps", "eval_samples")
+        if self.eval_every < 0:
+            raise ConfigError(f"{path}.eval_every={self.eval_every}: set 0 (evaluate at the end only) or a step count")
+
+
+MODEL_PARTS = ("language_model", "vision_model", "projector")
 
 
 @dataclass
@@ -265,6 +258,10 @@ class TrainableConfig:
     vision_model: bool = False
     projector: bool = True
 
+    @property
+    def frozen(self) -> list[str]:
+        return [part for part in MODEL_PARTS if not getattr(self, part)]
+
     def validate(self, path: str) -> None:
         if not (self.language_model or self.vision_model or self.projector):
             raise ConfigError(f"{path}: nothing would train; set at least one of language_model/vision_model/projector")
@@ -274,10 +271,16 @@ class TrainableConfig:
 class InitConfig:
     # A checkpoint directory (checkpoints/step_N) whose model weights start this stage.
     from_checkpoint: Optional[str] = None
+    # Frozen parts allowed to stay at their random initialisation (smoke runs, ablations). Any other
+    # frozen part whose weights were never loaded stops the stage before it trains.
+    allow_random: list[str] = field(default_factory=list)
 
     def validate(self, path: str) -> None:
         if self.from_checkpoint and not Path(self.from_checkpoint).is_dir():
             raise ConfigError(f"{path}.from_checkpoint={self.from_checkpoint!r} is not a checkpoint directory")
+        unknown = sorted(set(self.allow_random) - set(MODEL_PARTS))
+        if unknown:
+            raise ConfigError(f"{path}.allow_random names {unknown}: parts are {list(MODEL_PARTS)}")
 
 
 # Modules kept out of FP8 by default: the embeddings, the output head, the whole vision side.
@@ -406,6 +409,22 @@ class RunConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Benchmarks run on the stage's final checkpoint when it finishes (`train.evaluate --tasks`)."""
+
+    # EleutherAI lm-eval task names or task YAML paths; results in summary.json and <run dir>/eval/.
+    tasks: list[str] = field(default_factory=list)
+    limit: Optional[int] = None  # documents per task (None: all)
+
+    def validate(self, path: str) -> None:
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"{path}.limit={self.limit}: set a positive count or null")
+        for task in self.tasks:
+            if task.endswith((".yaml", ".yml")) and not Path(task).is_file():
+                raise ConfigError(f"{path}.tasks: task file {task} does not exist")
+
+
+@dataclass
 class Config:
     stage: str = ""
     seed: int = 0
@@ -419,13 +438,14 @@ class Config:
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     # Name of the smoke overlay in use (None for a real run); informational.
     smoke: Optional[str] = None
 
     def validate(self) -> "Config":
         if not self.stage:
             raise ConfigError("stage is empty: a recipe must set `stage` to its own name")
-        for name in ("model", "data", "optim", "trainer", "trainable", "init", "parallel", "precision"):
+        for name in ("model", "data", "optim", "trainer", "trainable", "init", "parallel", "precision", "eval"):
             getattr(self, name).validate(name)
         self.model.kernels.validate_runtime("model.kernels", self.trainer.device, self.precision)
         if self.model.impl == "mcore":

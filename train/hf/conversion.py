@@ -52,6 +52,15 @@ from train.config.schema import (
     VisionConfig,
     from_dict,
 )
+from train.hf.serving import (
+    VIDEO_TEMPORAL_PATCH,
+    ServingFilesError,
+    find_tokenizer,
+    has_tokenizer,
+    image_token_id_of,
+    load_tokenizer,
+    write_serving_files,
+)
 
 Layout = Literal["lm", "vl"]
 WEIGHTS_NAME = "model.safetensors"
@@ -214,23 +223,28 @@ def hf_config_to_model_config(hf_config: dict, name: str = "hf") -> ModelConfig:
     vision = omni.vision_config
     _require(omni.audio_config is None, "an audio tower (audio_config)")
     _require(omni.vision_hidden_size == vision.hidden_size, "vision_hidden_size != vision_config.hidden_size")
+    _require(omni.text_config.num_nextn_predict_layers == 0, "MTP layers (vision_final_layernorm)")
+    return ModelConfig(
+        name=name,
+        language_model=hf_lm_config_to_ours(omni.text_config.to_dict()),
+        vision=radio_config_to_ours(vision, omni.force_image_size or vision.image_size),
+        projector=ProjectorConfig(downsample_ratio=float(omni.downsample_ratio), hidden_size=omni.projector_hidden_size),
+    )
+
+
+def radio_config_to_ours(vision, image_size: int) -> VisionConfig:
+    """transformers' `RadioConfig` (standalone or an omni model's vision_config) -> our VisionConfig
+    for tiles of `image_size` pixels."""
     _require(not vision.use_swiglu_ffn, "RADIO use_swiglu_ffn=true")
     _require(vision.hidden_act == "gelu", f"RADIO hidden_act={vision.hidden_act!r}")
     _require(vision.qkv_bias, "RADIO qkv_bias=false")
     _require(vision.num_channels == 3, f"RADIO num_channels={vision.num_channels}")
-    _require(omni.text_config.num_nextn_predict_layers == 0, "MTP layers (vision_final_layernorm)")
-    image_size = omni.force_image_size or vision.image_size
-    return ModelConfig(
-        name=name,
-        language_model=hf_lm_config_to_ours(omni.text_config.to_dict()),
-        vision=VisionConfig(
-            image_size=image_size, patch_size=vision.patch_size, hidden_size=vision.hidden_size,
-            num_layers=vision.num_hidden_layers, num_heads=vision.num_attention_heads, mlp_ratio=float(vision.mlp_ratio),
-            norm_eps=float(vision.layer_norm_eps), normalization=_normalization_name(vision.norm_mean, vision.norm_std),
-            num_cls_tokens=vision.num_cls_tokens, num_registers=vision.num_registers,
-            max_image_size=vision.max_img_size, final_norm=False, layer_scale=True,
-        ),
-        projector=ProjectorConfig(downsample_ratio=float(omni.downsample_ratio), hidden_size=omni.projector_hidden_size),
+    return VisionConfig(
+        image_size=image_size, patch_size=vision.patch_size, hidden_size=vision.hidden_size,
+        num_layers=vision.num_hidden_layers, num_heads=vision.num_attention_heads, mlp_ratio=float(vision.mlp_ratio),
+        norm_eps=float(vision.layer_norm_eps), normalization=_normalization_name(vision.norm_mean, vision.norm_std),
+        num_cls_tokens=vision.num_cls_tokens, num_registers=vision.num_registers,
+        max_image_size=vision.max_img_size, final_norm=False, layer_scale=True,
     )
 
 
@@ -255,9 +269,9 @@ def ours_to_hf_vl_config(cfg: ModelConfig, image_token_id: int | None = None) ->
             "norm_mean": list(mean), "norm_std": list(std),
             # transformers' omni config requires a temporal video embedder (its weights are carried
             # from an HF source, or left to HF's init); our model embeds video frames one by one.
-            "video_temporal_patch_size": 2,
+            "video_temporal_patch_size": VIDEO_TEMPORAL_PATCH,
         },
-        "video_temporal_patch_size": 2,
+        "video_temporal_patch_size": VIDEO_TEMPORAL_PATCH,
         "force_image_size": v.image_size,
         "downsample_ratio": cfg.projector.downsample_ratio,
         "projector_hidden_size": cfg.projector.hidden_size,
@@ -503,13 +517,27 @@ def _export_config(cfg: ModelConfig, layout: Layout, base: dict | None, image_to
 
 
 def native_to_hf(src: Path, dst: Path, layout: Layout = "lm", dtype: torch.dtype | None = None,
-                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, image_token_id: int | None = None) -> dict:
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, image_token_id: int | None = None,
+                 tokenizer: str | Path | None = None, weights_only: bool = False) -> dict:
     """Export a native run/checkpoint dir as an HF directory (`lm`: NemotronHForCausalLM, loadable
-    with AutoModelForCausalLM; `vl`: the nemotron_h_omni layout). `dtype` None keeps stored dtypes."""
+    with AutoModelForCausalLM; `vl`: the nemotron_h_omni layout). `dtype` None keeps stored dtypes.
+
+    With the weights go the tokenizer, generation config and (vl) processor files (see
+    `train.hf.serving`); `tokenizer` overrides the run's, `weights_only` leaves them out."""
     cfg, state, run_dir = read_native(src)
     if layout == "vl" and not any(k.startswith("vision_model.") for k in state):
         raise ConversionError(f"{src} holds only language model weights: export it with layout 'lm'")
     source = run_dir / SOURCE_DIR
+    tokenizer_dir = export_tokenizer = None
+    if not weights_only:  # checked before anything is written, so a bad tokenizer leaves no half export
+        try:
+            tokenizer_dir = (source if tokenizer is None and has_tokenizer(source)
+                             else find_tokenizer(cfg, run_dir, tokenizer))
+            export_tokenizer = load_tokenizer(tokenizer_dir, cfg.model.language_model.vocab_size)
+            if layout == "vl" and image_token_id is None:  # the exported tokenizer's, so the two agree
+                image_token_id = image_token_id_of(export_tokenizer)
+        except ServingFilesError as err:
+            raise ConversionError(str(err)) from None
     base = read_hf_config(source) if (source / "config.json").exists() else None
     hf_config = _export_config(cfg.model, layout, base, image_token_id)
     hf_state = native_to_hf_state(state, layout)
@@ -531,4 +559,8 @@ def native_to_hf(src: Path, dst: Path, layout: Layout = "lm", dtype: torch.dtype
     config_text = json.dumps(_encode_special_floats(hf_config), indent=2, sort_keys=True, allow_nan=False)
     (dst / "config.json").write_text(config_text + "\n")
     files = write_hf_weights(hf_state, dst, max_shard_bytes)
-    return {"layout": layout, "tensors": len(hf_state), "files": files, "dst": str(dst)}
+    summary = {"layout": layout, "tensors": len(hf_state), "files": files, "dst": str(dst)}
+    if tokenizer_dir is not None:
+        summary["serving_files"] = write_serving_files(dst, cfg, layout, export_tokenizer, tokenizer_dir)
+        summary["tokenizer"] = str(tokenizer_dir)
+    return summary

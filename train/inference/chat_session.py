@@ -125,9 +125,12 @@ def build_prompt(prompt: str, images: list[bytes], videos: list[bytes], think: b
     if header is None:
         template, header = None, BUILTIN_ASSISTANT_HEADER
     ids, _ = tokenize_conversation(messages, slots, tokenizer.encode, tokenizer.special_ids, template)
+    # Training starts every reasoning-off answer with an empty think; a template that already
+    # opens the turn with it (as the released one does under /no_think) must not get a second.
+    empty_think = st.THINK_OPEN + st.THINK_CLOSE
+    if not reasoning_on and not header.endswith(empty_think):
+        header += empty_think
     ids += tokenizer.encode(header)
-    if not reasoning_on:
-        ids += tokenizer.encode(st.THINK_OPEN + st.THINK_CLOSE)
     return ids, tiles
 
 

@@ -19,11 +19,15 @@ class MetricsFile:
         self.path = path
         # The loss of the last kept step, so a resumed run with no step left still reports it.
         self.last_loss: float | None = None
+        self.last_val: dict[str, float] = {}
         if path.exists():
             kept = [json.loads(line) for line in path.read_text().splitlines()
                     if line.strip() and json.loads(line)["step"] <= resumed_step]
             path.write_text("".join(json.dumps(record) + "\n" for record in kept))
             self.last_loss = next((r["loss"] for r in reversed(kept) if r.get("loss") is not None), None)
+            # The last held-out evaluation, for the summary of a run resumed with no step left.
+            self.last_val = next(({k: v for k, v in r.items() if k.startswith("val/")} for r in reversed(kept)
+                                  if any(k.startswith("val/") for k in r)), {})
 
     def log(self, record: dict) -> None:
         with open(self.path, "a") as f:
@@ -70,6 +74,13 @@ class WandbLogger:
     def log(self, record: dict) -> None:
         if self.run is not None:
             self.run.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
+
+    def log_images(self, images: dict[str, Path], step: int) -> None:
+        """The report's plots as wandb images, one panel each ("report/<title>")."""
+        if self.run is not None and images:
+            import wandb
+
+            self.run.log({f"report/{title}": wandb.Image(str(path)) for title, path in images.items()}, step=step)
 
     def close(self) -> None:
         if self.run is not None:

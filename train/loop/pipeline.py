@@ -4,6 +4,8 @@ unfinished one. Entry point: `python -m train.pipeline`."""
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -11,7 +13,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from train.config.compose import RECIPES_DIR, load_config
-from train.config.schema import ConfigError
+from train.config.schema import Config, ConfigError
 
 USAGE = (
     "usage: python -m train.pipeline [run.dir=DIR] [stages=[a,b]] [overrides for every stage...]\n"
@@ -54,4 +56,33 @@ def run_pipeline(argv: list[str]) -> list[dict]:
         previous_checkpoint = summary["checkpoint"]
         if previous_checkpoint is None:
             raise RuntimeError(f"{cfg.stage} finished without a checkpoint; cannot hand off")
+    if int(os.environ.get("RANK", "0")) == 0:
+        write_pipeline_summary(root, configs, summaries)
     return summaries
+
+
+def forgetting(configs: list[Config], summaries: list[dict]) -> dict[str, list[dict]]:
+    """{monitor source: [{stage, loss}, ...]}: each stage's last held-out loss on the shared monitor sources."""
+    curve: dict[str, list[dict]] = {}
+    for cfg, summary in zip(configs, summaries):
+        for source in cfg.data.monitor_sources:
+            loss = (summary.get("val") or {}).get(f"{source.name}/loss")
+            if loss is not None:
+                curve.setdefault(source.name, []).append({"stage": cfg.stage, "loss": loss})
+    return curve
+
+
+def write_pipeline_summary(root: Path, configs: list[Config], summaries: list[dict]) -> None:
+    """summary.json (the stages' summaries in order and the forgetting curve) and report.html."""
+    from train.reporting.report import write_pipeline_report
+
+    summary = {"stages": summaries, "forgetting": forgetting(configs, summaries)}
+    (root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    for source, points in summary["forgetting"].items():
+        print(f"=== forgetting monitor {source}: " + " -> ".join(f"{p['stage']} {p['loss']:.4f}" for p in points),
+              flush=True)
+    try:
+        print(f"=== report: {write_pipeline_report(root)}", flush=True)
+    except Exception as err:  # the stages are trained and saved; a plot problem must not hide that
+        print(f"=== warning: report.html not written ({type(err).__name__}: {err}); rebuild it with "
+              f"`python -m train.report {root}`", flush=True)

@@ -33,6 +33,8 @@ class StepResult:
     samples: int  # global, this step
     precision_metrics: dict  # e.g. FP8 saturation and scale range; empty outside FP8
     skipped_nonfinite: bool = False  # the update was skipped: non-finite loss or gradient norm
+    # EVS: video tokens kept / before pruning, global this step (None without EVS videos).
+    evs_keep_ratio: float | None = None
 
 
 class NonFiniteError(RuntimeError):
@@ -156,4 +158,12 @@ class TrainModule:
             samples=int(all_reduce_sum(sum(b.num_samples for b in micro_batches), self.info, "data")),
             precision_metrics=self.precision.step_metrics(),
             skipped_nonfinite=not finite,
+            evs_keep_ratio=self._evs_keep_ratio(micro_batches),
         )
+
+    def _evs_keep_ratio(self, micro_batches: list[PackedBatch]) -> float | None:
+        """Kept video tokens over the tokens the frames had before pruning, over the global batch."""
+        per_frame = self.cfg.model.tokens_per_tile
+        kept = all_reduce_sum(sum(int(b.video_evs[:, 2].sum()) for b in micro_batches), self.info, "data")
+        total = all_reduce_sum(sum(int(b.video_evs[:, 1].sum()) * per_frame for b in micro_batches), self.info, "data")
+        return kept / total if total else None

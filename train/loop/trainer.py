@@ -29,8 +29,10 @@ from train.checkpoint.store import (
     load_newest_readable,
     read_data_states,
 )
-from train.config.schema import Config, ConfigError
+from train.config.schema import MODEL_PARTS, Config, ConfigError
 from train.loop.callbacks import MetricsFile, Progress, WandbLogger
+from train.loop.validation import Validator
+from train.reporting.report import write_stage_report
 from train.loop.preemption import Preempted, PreemptionHandler
 from train.loop.train_module import TrainModule, apply_trainable, build_optimizer
 from train.model.vlm import VisionLanguageModel
@@ -54,8 +56,9 @@ def build_data(cfg: Config, tokenizer: Tokenizer, info: DistInfo) -> PackedBatch
 
 
 def build_model(cfg: Config, tokenizer: Tokenizer, device: torch.device | None = None
-                ) -> tuple[VisionLanguageModel, StateLayout]:
-    """The stage's model, initialised (seed, then `init.from_checkpoint`), with its checkpoint layout.
+                ) -> tuple[VisionLanguageModel, StateLayout, list[str]]:
+    """The stage's model, initialised (seed, then `init.from_checkpoint`), with its checkpoint layout
+    and the parts it leaves random (frozen and never loaded: what its checkpoints record).
 
     `model.impl=mcore` puts the language model on megatron-core (its groups set up by
     `init_distributed`, see `run_stage`); the vision tower and projector are the same modules on
@@ -77,10 +80,26 @@ def build_model(cfg: Config, tokenizer: Tokenizer, device: torch.device | None =
     model = VisionLanguageModel(cfg.model, image_token_id=tokenizer.special_ids[st.IMG_CONTEXT],
                                 image_end_id=tokenizer.special_ids[st.IMG_END], **engine)
     model.reset_parameters(cfg.seed)
+    random_parts = list(MODEL_PARTS)
     if cfg.init.from_checkpoint:
-        load_model_weights(Path(cfg.init.from_checkpoint), model, layout)
+        random_parts = load_model_weights(Path(cfg.init.from_checkpoint), model, layout)
+    check_random_parts(cfg, random_parts)
     apply_trainable(model, cfg.trainable)
-    return model, layout
+    return model, layout, sorted(set(random_parts) & set(cfg.trainable.frozen))
+
+
+def check_random_parts(cfg: Config, random_parts: list[str]) -> None:
+    """A frozen part that was never loaded stays random for the whole stage: refuse to train
+    around it unless `init.allow_random` names it."""
+    refused = [part for part in cfg.trainable.frozen if part in random_parts and part not in cfg.init.allow_random]
+    if refused:
+        source = (f"init.from_checkpoint={cfg.init.from_checkpoint} holds no trained weights for them"
+                  if cfg.init.from_checkpoint else "no init.from_checkpoint loads them")
+        raise ConfigError(
+            f"{', '.join(f'trainable.{p}=false' for p in refused)} but {source}: the stage would train around "
+            f"random {' and '.join(refused)} weights. Start from a checkpoint that holds them (e.g. "
+            f"`python -m train.convert compose --lm HF_LM --vision HF_RADIO --dst DIR`, then "
+            f"init.from_checkpoint=DIR/checkpoints/step_0000000), or allow it: init.allow_random=[{','.join(refused)}]")
 
 
 def seed_everything(seed: int) -> None:
@@ -96,7 +115,7 @@ class Trainer:
         self.ckpt_root = self.run_dir / "checkpoints"
         tokenizer = Tokenizer.load(cfg.data.tokenizer)
         self.precision = build_precision(cfg.precision, info.device)
-        model, self.layout = build_model(cfg, tokenizer, info.device)
+        model, self.layout, random_parts = build_model(cfg, tokenizer, info.device)
         # FP8 swaps Linear modules: before the optimizer (same Parameters either way) and DDP.
         self.model = self.precision.convert_model(model.to(info.device))
         # Wrap before the optimizer and the resume: FSDP2 turns parameters into DTensor shards.
@@ -125,7 +144,10 @@ class Trainer:
                 self._log(f"resharded the data position from {len(data_states)} to {info.data_size} ranks of data parallelism")
             self._log(f"resumed from {latest} at step {self.step}")
         self.train_module = TrainModule(forward_module, self.optimizer, cfg, info, self.precision)
-        self.checkpointer = Checkpointer(self.ckpt_root, cfg.trainer.keep_last, cfg.trainer.async_save, self.layout)
+        self.validator = Validator(cfg, tokenizer, info, self.precision)
+        self.last_val: dict[str, float] = {}
+        self.checkpointer = Checkpointer(self.ckpt_root, cfg.trainer.keep_last, cfg.trainer.async_save, self.layout,
+                                         marker={"random_parts": random_parts})
 
     def _log(self, message: str) -> None:
         if self.info.is_main:
@@ -142,6 +164,12 @@ class Trainer:
             last_loss = self._loop(metrics, progress, wandb, preemption)
             if not math.isfinite(last_loss) and metrics is not None and metrics.last_loss is not None:
                 last_loss = metrics.last_loss  # resumed with no step left to run
+            if not self.last_val and metrics is not None:
+                self.last_val = metrics.last_val
+            self.checkpointer.wait()
+            summary = self._write_summary(last_loss)
+            if self.info.is_main:
+                self._write_report(wandb)
         finally:
             self.checkpointer.wait()  # an async save in flight completes (also on preemption)
             preemption.uninstall()
@@ -149,7 +177,19 @@ class Trainer:
             self.data.close()
             if wandb is not None:
                 wandb.close()
-        return self._write_summary(last_loss)
+        return summary
+
+    def _write_report(self, wandb: WandbLogger) -> None:
+        """report.html + plots in the run dir (and the plots in wandb). A report that cannot be
+        drawn is a warning, never a failed stage: the training it describes is done and saved."""
+        try:
+            path, plots = write_stage_report(self.run_dir)
+        except Exception as err:  # matplotlib / disk trouble must not fail a finished stage
+            self._log(f"warning: report.html not written ({type(err).__name__}: {err}); "
+                      f"rebuild it with `python -m train.report {self.run_dir}`")
+            return
+        self._log(f"report: {path}")
+        wandb.log_images(plots, self.step)
 
     def _loop(self, metrics, progress, wandb, preemption: PreemptionHandler) -> float:
         cfg, t = self.cfg, self.cfg.trainer
@@ -163,8 +203,12 @@ class Trainer:
             if not result.skipped_nonfinite:
                 last_loss = result.loss
             elapsed = time.monotonic() - started
-            log_now = self.step % t.log_every == 0 or self.step == t.max_steps
+            evaluate = self.validator.due(self.step)
+            log_now = self.step % t.log_every == 0 or self.step == t.max_steps or evaluate
             per_source = self._per_source_counts() if log_now else {}  # collective: all ranks take part
+            val = self.validator.evaluate(self.train_module.model) if evaluate else {}  # collective too
+            if val:
+                self.last_val = val
             if self.info.is_main and log_now:
                 record = {
                     # JSON has no NaN: a skipped non-finite step logs loss and grad_norm as null.
@@ -173,11 +217,15 @@ class Trainer:
                     "nonfinite_skipped": self.train_module.nonfinite_total,
                     "packing_efficiency": result.real_tokens / result.slots, "samples": result.samples,
                     "supervised_tokens": result.supervised_tokens, "epochs": round(self.data.epochs, 4),
-                    **per_source, **result.precision_metrics,
+                    **per_source, **result.precision_metrics, **val,
                 }
+                if result.evs_keep_ratio is not None:
+                    record["evs_keep_ratio"] = result.evs_keep_ratio
                 metrics.log(record)
                 wandb.log(record)
                 progress.update(self.step, result.loss, result.real_tokens / elapsed)
+                if val:
+                    self._log("val " + ", ".join(f"{k.removeprefix('val/')} {v:.4f}" for k, v in val.items()))
             saved = self.step % t.save_every == 0 or self.step == t.max_steps
             if saved:
                 self._save()
@@ -207,8 +255,11 @@ class Trainer:
             "stage": self.cfg.stage, "steps": self.step, "final_loss": _finite_or_none(last_loss),
             "tokens": self.tokens,
             "epochs": round(self.data.epochs, 4), **self._per_source_counts(),
+            "val": {k.removeprefix("val/"): _finite_or_none(v) for k, v in self.last_val.items()},
             "checkpoint": str(latest) if latest else None,
         }
+        if self.validator.enabled and self.last_val:
+            summary["val_skipped"] = self.validator.skipped()
         if self.info.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             self._log(f"done: {self.step} steps, final loss {last_loss:.4f}, checkpoint {summary['checkpoint']}")
@@ -259,6 +310,25 @@ def run_stage(cfg: Config) -> dict:
                 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
         seed_everything(cfg.seed + info.rank)
-        return Trainer(cfg, info).fit()
+        summary = Trainer(cfg, info).fit()
     finally:
         shutdown()
+    if cfg.eval.tasks and info.is_main:
+        summary = run_stage_benchmarks(cfg, summary)
+    return summary
+
+
+def run_stage_benchmarks(cfg: Config, summary: dict) -> dict:
+    """`eval.tasks` on the stage's final checkpoint (rank 0, after training): results in
+    summary.json and <run dir>/eval/."""
+    from train.evaluation.harness import export_for_harness, run_harness
+
+    run_dir = Path(cfg.run.dir)
+    step_dir = Path(summary["checkpoint"])
+    print(f"[{cfg.stage}] lm-eval: {', '.join(cfg.eval.tasks)} on {step_dir}", flush=True)
+    out_file = run_dir / "eval" / f"lm_eval_{step_dir.name}.json"
+    report = run_harness(export_for_harness(step_dir, run_dir / "eval"), cfg.eval.tasks, out_file,
+                         limit=cfg.eval.limit, device="cuda" if torch.cuda.is_available() else "cpu")
+    summary = {**summary, "lm_eval": {"file": str(out_file), "results": report.get("results", {})}}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

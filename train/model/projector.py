@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -40,6 +41,14 @@ class Projector(nn.Module):
             SquaredReLU(),
             nn.Linear(cfg.hidden_size, lm_hidden, bias=False),
         )
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=0.02, generator=generator)
+            elif hasattr(module, "weight") and module.weight is not None:
+                nn.init.ones_(module.weight)
 
     def forward(self, features: Tensor) -> Tensor:
         shuffled = pixel_shuffle(features, self.ratio)  # (N, side/2, side/2, 4*D_vit)

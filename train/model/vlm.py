@@ -39,11 +39,7 @@ class VisionLanguageModel(nn.Module):
         generator = torch.Generator().manual_seed(seed)
         self.vision_model.reset_parameters(generator)
         self.language_model.reset_parameters(generator)
-        for module in self.projector.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, std=0.02, generator=generator)
-            elif hasattr(module, "weight") and module.weight is not None:
-                nn.init.ones_(module.weight)
+        self.projector.reset_parameters(generator)
 
     def embed_media(self, tiles: Tensor) -> Tensor:
         """uint8 (N, 3, T, T) -> (N * tokens_per_tile, D_lm). Normalisation happens here, on the

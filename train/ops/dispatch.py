@@ -1,9 +1,9 @@
 """Kernel backends: which function computes each op, chosen by `model.kernels`, resolved once at model build.
 
-Every op has a pure-torch reference (the default; runs anywhere) and optional GPU backends. Each
-GPU library is imported by exactly one module (`mamba_kernels`, `conv1d_kernels`,
-`attention_kernels`), and only when a backend of it is chosen, so CPU installs never import one.
-A chosen backend whose library does not import fails here, at build, naming the pip package.
+Every op has a pure-torch reference (the default; runs anywhere) and optional GPU backends, listed
+with their limits in `train.ops.backends.BACKENDS`. A GPU library is imported only by its module
+under `train/ops/backends/`, and only when a backend of it is chosen, so CPU installs never import
+one. A chosen backend whose library does not import fails here, at build, naming the pip package.
 There is no fallback to torch: a silent fallback would change a run's numerics and speed
 depending on the machine.
 
@@ -25,52 +25,9 @@ from typing import Callable
 from torch import Tensor
 
 from train.config.schema import ConfigError, KernelConfig
+from train.ops.backends import BACKENDS, OPS
 
-__all__ = ["BACKENDS", "OPS", "Backend", "KernelUnavailableError", "Kernels", "load_backend", "resolve_kernels"]
-
-OPS = ("ssd", "conv1d", "attention", "gated_norm", "rms_norm")
-
-
-@dataclass(frozen=True)
-class Backend:
-    module: str  # the module implementing it
-    function: str
-    # GPU backends: the module attribute holding the library's import error (None when it imported),
-    # and the install command to suggest when it did not.
-    import_error: str | None = None
-    install: str | None = None
-
-
-_MAMBA = "pip install mamba-ssm --no-build-isolation"
-_CONV = "pip install causal-conv1d --no-build-isolation"
-_FLASH = "pip install flash-attn --no-build-isolation"
-_TE = "pip install --no-build-isolation 'transformer-engine[pytorch]'"
-
-BACKENDS: dict[str, dict[str, Backend]] = {
-    "ssd": {
-        "torch": Backend("train.ops.ssd", "ssd_scan_ref"),
-        "mamba_ssm": Backend("train.ops.mamba_kernels", "ssd_scan_mamba", "IMPORT_ERROR", _MAMBA),
-    },
-    "conv1d": {
-        "torch": Backend("train.ops.conv1d", "causal_conv1d_ref"),
-        "causal_conv1d": Backend("train.ops.conv1d_kernels", "causal_conv1d_cuda", "IMPORT_ERROR", _CONV),
-    },
-    "attention": {
-        "torch": Backend("train.ops.attention", "varlen_attention_ref"),
-        "flash_attn": Backend("train.ops.attention_kernels", "flash_varlen_attention",
-                              "FLASH_ATTN_IMPORT_ERROR", _FLASH),
-        "transformer_engine": Backend("train.ops.attention_kernels", "te_varlen_attention",
-                                      "TRANSFORMER_ENGINE_IMPORT_ERROR", _TE),
-    },
-    "gated_norm": {
-        "torch": Backend("train.ops.norms", "gated_rms_norm_ref"),
-        "mamba_ssm": Backend("train.ops.mamba_kernels", "gated_rms_norm_mamba", "IMPORT_ERROR", _MAMBA),
-    },
-    "rms_norm": {
-        "torch": Backend("train.ops.norms", "rms_norm_ref"),
-        "mamba_ssm": Backend("train.ops.mamba_kernels", "rms_norm_mamba", "IMPORT_ERROR", _MAMBA),
-    },
-}
+__all__ = ["KernelUnavailableError", "Kernels", "load_backend", "resolve_kernels"]
 
 
 class KernelUnavailableError(ConfigError):
@@ -97,7 +54,7 @@ def load_backend(op: str, name: str, path: str = "model.kernels") -> Callable[..
         raise ConfigError(f"{path}.{op}={name!r}: choose one of {list(choices)}")
     backend = choices[name]
     module = importlib.import_module(backend.module)
-    error = getattr(module, backend.import_error) if backend.import_error else None
+    error = None if backend.is_reference else module.IMPORT_ERROR
     if error is not None:
         raise KernelUnavailableError(
             f"{path}.{op}={name} needs a working `{name}` library, which failed to import "

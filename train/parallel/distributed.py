@@ -107,12 +107,17 @@ def wrap_data_parallel(model: nn.Module, parallel: ParallelConfig, info: DistInf
 
 def all_reduce_sum(value: float, info: DistInfo, group: GroupName) -> float:
     """`value` summed over the ranks of this rank's `group` (see `train.parallel.dims`)."""
+    return float(all_reduce_tensor_sum(torch.tensor([value], dtype=torch.float64), info, group).item())
+
+
+def all_reduce_tensor_sum(values: torch.Tensor, info: DistInfo, group: GroupName) -> torch.Tensor:
+    """A CPU tensor summed elementwise over the ranks of this rank's `group` (a CPU tensor back)."""
     process_group = info.groups.get(group) if info.groups is not None else None
     if info.world_size == 1 or process_group is None:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=info.device if info.device.type == "cuda" else "cpu")
+        return values
+    t = values.to(info.device if info.device.type == "cuda" else "cpu")
     dist.all_reduce(t, group=process_group)
-    return float(t.item())
+    return t.cpu()
 
 
 def finalize_tensor_parallel_grads(params: list[nn.Parameter], info: DistInfo) -> None:

@@ -1,4 +1,4 @@
-"""FP8 delayed scaling through Transformer Engine: the one module that imports it.
+"""FP8 delayed scaling through Transformer Engine (imported by `train.ops.backends.transformer_engine`).
 
 The FP8 region's `nn.Linear`s become `te.Linear`s, forwards run under TE's FP8 autocast with a
 `DelayedScaling` recipe, and TE itself records amaxes, rolls histories and updates scales (at the
@@ -7,8 +7,8 @@ gradients). The scales and histories (`fp8_meta["scaling_fwd" | "scaling_bwd"]`)
 plugin's state; they are kept out of the modules' own state dicts so parameter names stay those
 of `nn.Linear`.
 
-Importing this module needs a working Transformer Engine; `build_precision` imports it only for
-precision=fp8_delayed.
+Importing this module needs a working Transformer Engine (it raises TE's import error otherwise);
+`build_precision` imports it only for precision=fp8_delayed.
 """
 
 from __future__ import annotations
@@ -17,15 +17,18 @@ import contextlib
 from typing import Iterator
 
 import torch
-import transformer_engine.pytorch as te
 from torch import Tensor, nn
-from transformer_engine.common.recipe import DelayedScaling, Format
 
 from train.config.schema import PrecisionConfig
 from train.model.recompute import set_checkpoint_fn
+from train.ops.backends import transformer_engine as te_backend
 from train.precision.delayed_scaling import fp8_max
 from train.precision.plugin import Precision, check_state_keys, unwrap
 from train.precision.region import fp8_linear_names, replace_module
+
+if te_backend.IMPORT_ERROR is not None:  # TE's own error; `build_precision` adds the install hint
+    raise te_backend.IMPORT_ERROR
+te, DelayedScaling, Format = te_backend.te, te_backend.DelayedScaling, te_backend.Format
 
 # TE's FP8 GEMMs need both matrix dims divisible by 16.
 _TE_DIM_MULTIPLE = 16

@@ -2,7 +2,7 @@
 
 Each function has the exact signature of its pure-torch twin (:func:`train.ops.ssd_scan_ref`,
 :func:`train.ops.gated_rms_norm_ref`, :func:`train.ops.rms_norm_ref`), so the model swaps them by
-config (`model.kernels.ssd` / `gated_norm` / `rms_norm` = `mamba_ssm`, see `train.ops.dispatch`).
+config (`model.kernels.ssd` / `gated_norm` / `rms_norm` = `mamba_ssm`, see `train.ops.backends`).
 
 Layouts the kernels need (checked against mamba_ssm 2.2-2.3 `ssd_combined.py` / `layernorm_gated.py`):
 

@@ -1,7 +1,7 @@
 """causal-conv1d CUDA kernel behind the Mamba depthwise conv: the one module importing causal_conv1d.
 
 :func:`causal_conv1d_cuda` has the exact signature of :func:`train.ops.causal_conv1d_ref`, so the
-model swaps it by config (`model.kernels.conv1d=causal_conv1d`, see `train.ops.dispatch`).
+model swaps it by config (`model.kernels.conv1d=causal_conv1d`, see `train.ops.backends`).
 
 Layout the kernel needs (checked against causal-conv1d 1.4-1.6 ``csrc/causal_conv1d.cpp``): x is
 (b, d, l) and either channel-first (``x.stride(2) == 1``) or channel-last (``x.stride(1) == 1``).

@@ -1,0 +1,47 @@
+"""The processor files of a VL export, through transformers' own nemotron_h_omni processor.
+
+transformers' processor imports torchvision, whose PyPI builds need CUDA torch: it runs where the
+`gpu` extra is installed. On CPU, tests/integration/test_chat.py checks the same export's model and
+tokenizer against train.chat with pixels normalised from the exported preprocessor_config.json.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data_pipelines.training.tiling import IMAGE_NORMALIZATION
+from train.config.schema import ModelConfig, VisionConfig
+from train.hf.conversion import native_to_hf, write_native
+from train.model.vlm import VisionLanguageModel
+
+pytestmark = pytest.mark.gpu
+
+
+def test_exported_processor_reproduces_training_pixels_and_tokens(tmp_path, tokenizer):
+    pytest.importorskip("torchvision")
+    from transformers import AutoProcessor
+
+    vision = VisionConfig(num_cls_tokens=2, num_registers=2, max_image_size=128, final_norm=False, layer_scale=True)
+    cfg = ModelConfig(vision=vision)
+    model = VisionLanguageModel(cfg, image_token_id=tokenizer.special_ids["<image>"])
+    write_native(tmp_path / "native", cfg, model.state_dict())
+    native_to_hf(tmp_path / "native", tmp_path / "hf", layout="vl", tokenizer=tokenizer.path)
+    processor = AutoProcessor.from_pretrained(tmp_path / "hf")
+    assert type(processor).__name__ == "NemotronH_Omni_Reasoning_V3Processor"
+
+    # One tile-sized image: the processor keeps its pixels (no resize) and normalises as training does.
+    tile = torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    image = Image.fromarray(tile.permute(1, 2, 0).numpy().astype(np.uint8))
+    out = processor(text="<image>\nWhat shape?", images=[image], return_tensors="pt")
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in IMAGE_NORMALIZATION[vision.normalization])
+    ours = ((tile.float() / 255 - mean) / std).reshape(3, 4, 16, 4, 16).permute(1, 3, 0, 2, 4).reshape(16, 768)
+    assert out["image_grid_hw"].tolist() == [[4, 4]]
+    torch.testing.assert_close(out["pixel_values"].reshape(16, 768), ours, atol=1e-5, rtol=1e-5)
+    # The placeholder becomes training's one-image block: <img>, a context token per embedding, </img>.
+    ids = out["input_ids"][0].tolist()
+    special = tokenizer.special_ids
+    block = [special["<img>"]] + [special["<image>"]] * cfg.tokens_per_tile + [special["</img>"]]
+    assert ids[:len(block)] == block

@@ -1,0 +1,93 @@
+"""Benchmarks through EleutherAI's lm-eval harness, on the language model of a run.
+
+The checkpoint is exported as transformers loads it (`native_to_hf`, tokenizer and chat template
+included) and handed to the harness's own `hf` model type, so scores are what anyone running
+`lm_eval --model hf` on the export would get. Tasks are harness task names or paths to task YAML
+files (their directories are added to the harness's task index). Offline: the harness and
+`datasets` are told not to reach the hub, so a task must read local data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import yaml
+from torch.distributed.checkpoint.api import CheckpointException
+
+from train.checkpoint.store import resolve_native_checkpoint
+from train.hf.conversion import ConversionError, native_to_hf
+
+INSTALL_HINT = "pip install -e '.[eval]' (EleutherAI's lm-eval harness)"
+
+
+class EvaluationError(RuntimeError):
+    """The evaluation cannot run as asked; the message says why and what to change."""
+
+
+def resolve_tasks(tasks: list[str]) -> tuple[list[str], list[str]]:
+    """(task names for the harness, directories with task YAMLs to index). A `.yaml` path is read
+    for its `task:` name."""
+    names, include = [], []
+    for task in tasks:
+        path = Path(task)
+        if path.suffix in (".yaml", ".yml"):
+            if not path.is_file():
+                raise EvaluationError(f"task file {path} does not exist")
+            spec = yaml.safe_load(path.read_text()) or {}
+            if "task" not in spec:
+                raise EvaluationError(f"{path} has no `task:` name: not an lm-eval task YAML")
+            names.append(str(spec["task"]))
+            if str(path.parent.resolve()) not in include:
+                include.append(str(path.parent.resolve()))
+        else:
+            names.append(task)
+    return names, include
+
+
+def export_for_harness(checkpoint: Path, out: Path, tokenizer: str | None = None) -> Path:
+    """The checkpoint's language model as an HF directory under `out` (reused when already there)."""
+    step_dir, _ = resolve_native_checkpoint(Path(checkpoint))
+    export = out / f"hf_{step_dir.name}"
+    if not (export / "config.json").exists():
+        try:
+            native_to_hf(step_dir, export, layout="lm", tokenizer=tokenizer)
+        except ConversionError:
+            raise
+        except (Exception, CheckpointException) as err:  # DCP wraps a damaged file's error (a BaseException)
+            shutil.rmtree(export, ignore_errors=True)
+            cause = next(iter(getattr(err, "failures", {}).values()), err)  # DCP's per-rank failure
+            raise EvaluationError(f"{step_dir} cannot be read ({type(cause).__name__}: {cause}): the checkpoint "
+                                  "is damaged; evaluate another step (checkpoints/step_N)") from None
+    return export
+
+
+def run_harness(export: Path, tasks: list[str], out_file: Path, limit: int | None = None, batch_size: int = 1,
+                device: str = "cpu", dtype: str = "float32", chat_template: bool = False) -> dict:
+    """Run the harness on `export`; writes its results JSON to `out_file` and returns it."""
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+    except ImportError as err:
+        raise EvaluationError(f"lm-eval is not installed ({err}): {INSTALL_HINT}") from None
+    names, include = resolve_tasks(tasks)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    manager = TaskManager(include_path=include or None)
+    unknown = [n for n in names if n not in manager.all_tasks]
+    if unknown:
+        raise EvaluationError(f"unknown lm-eval tasks {unknown}: give a harness task name or a task YAML path")
+    results = lm_eval.simple_evaluate(
+        model="hf", model_args={"pretrained": str(export), "dtype": dtype, "trust_remote_code": False},
+        tasks=names, limit=limit, batch_size=batch_size, device=device, task_manager=manager,
+        apply_chat_template=chat_template, log_samples=False)
+    if results is None:  # non-zero ranks of a distributed harness run
+        return {}
+    report = {key: results[key] for key in ("results", "versions", "n-shot", "configs", "higher_is_better")
+              if key in results}
+    report["model"] = str(export)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    out_file.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    return report

@@ -1,0 +1,1 @@
+"""Run reports: `report.html` and its plots from a run directory (`train.reporting.report`)."""
