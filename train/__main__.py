@@ -6,6 +6,7 @@ import sys
 
 from train.config.args import split_args
 from train.config.compose import list_recipes, load_config
+from data_pipelines.training.shards import DataError
 from train.config.schema import ConfigError
 
 USAGE = (
@@ -29,10 +30,18 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         run_stage(cfg)
-    except Preempted:
+    except Preempted as stop:
+        if isinstance(stop.args[0] if stop.args else None, str):  # stopped during start-up
+            print(f"preempted: {stop.args[0]} (exit {EXIT_PREEMPTED}: rerun to resume)", file=sys.stderr)
         return EXIT_PREEMPTED
+    except KeyboardInterrupt:
+        print("interrupted (exit 130); rerun the same command to resume from the latest checkpoint", file=sys.stderr)
+        return 130
     except ConfigError as err:  # found while building the stage (e.g. weights a frozen part lacks)
         print(f"config error: {err}", file=sys.stderr)
+        return 2
+    except DataError as err:  # nothing usable in a source, an unreadable shard with on_corrupt_shard=error...
+        print(f"data error: {err}", file=sys.stderr)
         return 2
     return 0
 

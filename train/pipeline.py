@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 
+from data_pipelines.training.shards import DataError
 from train.config.schema import ConfigError
 from train.loop.pipeline import run_pipeline
 
@@ -22,8 +23,16 @@ def main() -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    except Preempted:
+    except DataError as err:
+        print(f"data error: {err}", file=sys.stderr)
+        return 2
+    except Preempted as stop:
+        if isinstance(stop.args[0] if stop.args else None, str):  # stopped during start-up
+            print(f"preempted: {stop.args[0]} (exit {EXIT_PREEMPTED}: rerun to resume)", file=sys.stderr)
         return EXIT_PREEMPTED
+    except KeyboardInterrupt:
+        print("interrupted (exit 130); rerun the same command to resume from the latest checkpoint", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -42,7 +42,7 @@ from PIL import Image, UnidentifiedImageError
 
 from data_pipelines.tools.lint import VIDEO_SUFFIXES, Progress
 from data_pipelines.training import special_tokens as st
-from data_pipelines.training.conversation import SampleError, parse_messages, placeholder_order
+from data_pipelines.training.conversation import SampleError, content_text, parse_messages, placeholder_order
 from data_pipelines.training.decode import to_rgb
 from data_pipelines.training.samples import IMAGE_SUFFIXES
 
@@ -223,22 +223,6 @@ class ConvertedSample:
     videos: list[tuple[str, bytes]]
 
 
-def _content_text(content: Any) -> Any:
-    """String content as is; a list of HF chat parts -> text with placeholders, parts joined by newlines."""
-    if not isinstance(content, list):
-        return content
-    pieces = []
-    for part in content:
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text":
-            pieces.append(part.get("text") or "")
-        elif kind in ("image", "video"):
-            pieces.append(st.IMAGE_PLACEHOLDER if kind == "image" else st.VIDEO_PLACEHOLDER)
-        else:
-            raise SampleError("malformed_json", f"content part of unknown type {kind!r}")
-    return "\n".join(pieces)
-
-
 def _normalize_messages(messages: Any) -> list[dict]:
     if not isinstance(messages, list):
         raise SampleError("empty_conversation", "no `messages` list")
@@ -247,7 +231,7 @@ def _normalize_messages(messages: Any) -> list[dict]:
         if not isinstance(m, dict):
             raise SampleError("malformed_json", "message is not an object")
         role = m.get("role")
-        normalized.append({"role": ROLE_ALIASES.get(role, role), "content": _content_text(m.get("content"))})
+        normalized.append({"role": ROLE_ALIASES.get(role, role), "content": content_text(m.get("content"))})
     return normalized
 
 

@@ -41,7 +41,7 @@ from data_pipelines.training.samples import (
     decode_media,
     plan_sample,
 )
-from data_pipelines.training.shards import RawSample, expand_shard_paths, index_shard, read_indexed_sample
+from data_pipelines.training.shards import ShardError, RawSample, expand_shard_paths, index_shard, read_indexed_sample
 from data_pipelines.training.tiling import choose_tile_grid, num_tiles
 
 # The text `frame_label` writes before each video frame's block.
@@ -488,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     try:
         shards = expand_shard_paths(args.shards)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, ShardError) as err:
         print(f"inspect: {err}", file=sys.stderr)
         return 2
     tokenizer = Tokenizer.load(args.tokenizer)

@@ -35,6 +35,7 @@ from data_pipelines.training.decode import MediaDecodeError
 from data_pipelines.training.evs import EVS_MODES, EvsConfig
 from data_pipelines.training.samples import IMAGE_SUFFIXES, SampleSpec, Tokenizer, build_sample
 from data_pipelines.training.shards import (
+    ShardError,
     IndexedSample,
     RawSample,
     expand_shard_paths,
@@ -407,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         shards = expand_shard_paths(args.shards)
         val_shards = [shard for pattern in args.val for shard in expand_shard_paths(pattern)]
-    except FileNotFoundError as err:
+    except (FileNotFoundError, ShardError) as err:
         print(f"lint: {err}", file=sys.stderr)
         return 2
     spec = args.spec

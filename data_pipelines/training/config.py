@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from data_pipelines.training.evs import EvsConfig
-from data_pipelines.training.shards import expand_shard_paths
+from data_pipelines.training.shards import ShardError, expand_shard_paths
 from data_pipelines.training.tiling import TilingConfig
 
 
@@ -81,6 +81,12 @@ class DataConfig:
     # Samples the packer chooses from; it holds their tokens only (pixels are decoded per chosen row).
     pack_buffer: int = 100
     max_samples_per_pack: int = 0
+    # A source whose last `max_skips_in_a_row` samples (or all of them, if fewer) were all skipped
+    # stops the run with the reasons: nothing in it is usable with these settings.
+    max_skips_in_a_row: int = 1000
+    # A file named .tar that is not a readable tar: "skip" (warn, count `corrupt_shard`, train on
+    # the others) or "error" (stop, naming it).
+    on_corrupt_shard: Literal["skip", "error"] = "skip"
     pad_multiple: int = 16
     # Efficient video sampling: prune each video's static tokens after the projector.
     evs: EvsConfig = field(default_factory=EvsConfig)
@@ -113,7 +119,7 @@ class DataConfig:
             if not self.tokenizer or not Path(self.tokenizer).exists():
                 raise ConfigError(f"{path}.tokenizer={self.tokenizer!r} does not exist: set a tokenizer directory")
         check_positive(self, path, "seq_length", "tile_size", "min_tiles", "max_tiles", "video_fps", "max_frames",
-                        "pack_buffer", "pad_multiple")
+                        "pack_buffer", "pad_multiple", "max_skips_in_a_row")
         if self.num_workers < 0:
             raise ConfigError(f"{path}.num_workers={self.num_workers} must be >= 0")
         if self.min_tiles > self.max_tiles:
@@ -132,5 +138,5 @@ def _check_source_exists(pattern: str, path: str) -> None:
     # Brace patterns ({000..009}) name files that exist one by one; check the first.
     try:
         expand_shard_paths(pattern)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, ShardError) as err:
         raise ConfigError(f"{path}: {err}") from None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from data_pipelines.training import special_tokens as st
 from data_pipelines.training.evs import provisional_frame_counts
@@ -55,13 +55,33 @@ class MediaSlot:
         return self.tokens_per_item * self.num_items if self.kept_tokens is None else self.kept_tokens
 
 
+def content_text(content: Any) -> Any:
+    """String content as is; a list of HF chat parts (`{"type": "text", "text": ...}`, `{"type":
+    "image"}`, `{"type": "video"}`) -> text with placeholders, parts joined by newlines."""
+    if not isinstance(content, list):
+        return content
+    pieces = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            pieces.append(part["text"])
+        elif kind in ("image", "video"):
+            pieces.append(st.IMAGE_PLACEHOLDER if kind == "image" else st.VIDEO_PLACEHOLDER)
+        else:
+            raise SampleError("malformed_json", f"content part of unknown type {kind!r}")
+    return "\n".join(pieces)
+
+
 def parse_messages(doc: dict) -> list[Message]:
-    """Validate the JSON schema; raises SampleError with a counted reason."""
+    """Validate the JSON schema; raises SampleError with a counted reason. Content may be a string
+    or a list of HF chat parts (see `content_text`), as the converter accepts."""
     messages = doc.get("messages")
     if not isinstance(messages, list) or not messages:
         raise SampleError("empty_conversation")
     parsed = []
     for m in messages:
+        if isinstance(m, dict) and isinstance(m.get("content"), list):
+            m = {**m, "content": content_text(m["content"])}
         if not isinstance(m, dict) or not isinstance(m.get("content"), str):
             raise SampleError("malformed_json", "message without string content")
         if m.get("role") not in ROLES:

@@ -18,8 +18,12 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing
+import os
 import random
 import signal
+import sys
+import threading
+import time
 from collections import Counter, deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -41,7 +45,13 @@ from data_pipelines.training.samples import (
     decode_media,
     plan_sample,
 )
-from data_pipelines.training.shards import IndexedSample, expand_shard_paths, index_shard, read_indexed_sample
+from data_pipelines.training.shards import (
+    DataError,
+    IndexedSample,
+    expand_shard_paths,
+    read_indexed_sample,
+    try_index_shard,
+)
 
 
 @dataclass(frozen=True)
@@ -74,10 +84,26 @@ class SourceCursor:
     _shard_ids: dict[str, int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self._shard_ids = {shard: i for i, shard in enumerate(self.shards)}
+        # Saved positions name a shard relative to the source's directory, so a source moved to
+        # another path (same shards) resumes; absolute names (older checkpoints) still resolve.
+        root = os.path.commonpath([os.path.dirname(p) for p in self.shards])
+        self._names = [os.path.relpath(p, root) for p in self.shards]
+        self._shard_ids = {**{shard: i for i, shard in enumerate(self.shards)},
+                           **{name: i for i, name in enumerate(self._names)}}
+
+    def relative(self, shard: str) -> str:
+        return self._names[self._shard_ids[shard]]
+
+    def resolve(self, name: str) -> str:
+        """The shard path a saved position names (relative or absolute)."""
+        if name not in self._shard_ids:
+            raise DataError(f"the saved data position names shard {name!r} of source {self.name!r}, which is not "
+                            f"among its shards now ({len(self.shards)} under {os.path.dirname(self.shards[0])}): put "
+                            "the shards back (any directory, same file names), or start in a new run directory")
+        return self.shards[self._shard_ids[name]]
 
     def entry(self, shard: str, index: int) -> IndexedSample:
-        """Where sample `index` of `shard` lies (a saved position names its shard by path)."""
+        """Where sample `index` of `shard` lies (a path or a saved relative name)."""
         return self.indexes[self._shard_ids[shard]][index]
 
     def shard_order(self, epoch: int) -> list[int]:
@@ -112,11 +138,23 @@ class SourceCursor:
 _WORKER: dict = {}
 
 
-def _init_worker(tokenizer_path: str, specs: list[SampleSpec], names: list[str]) -> None:
+def _exit_with_parent(parent_pid: int, interval_s: float = 1.0) -> None:
+    """Ends this worker within `interval_s` of its trainer's death. Workers ignore SIGTERM (below),
+    so a trainer killed with SIGKILL (the OOM killer) would otherwise leave them running forever."""
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(interval_s)
+        os._exit(1)  # the parent is gone: nobody will read our results
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def _init_worker(tokenizer_path: str, specs: list[SampleSpec], names: list[str], parent_pid: int) -> None:
     # Slurm signals every process of the job step: a decode worker must survive the preemption
     # notice so the trainer can finish its step and save (the trainer owns the response).
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    _exit_with_parent(parent_pid)
     _WORKER.update(tokenizer=Tokenizer.load(tokenizer_path), specs=specs, names=names)
 
 
@@ -170,7 +208,8 @@ class PackedBatchStream:
 
     def __init__(self, sources: list[SourceConfig], spec: SampleSpec, tokenizer: Tokenizer, *, micro_batch_size: int,
                  pack_buffer: int, max_samples_per_pack: int = 0, rank: int = 0, world_size: int = 1,
-                 num_workers: int = 0, prefetch_per_worker: int = 4, loss_weighting: str = "token"):
+                 num_workers: int = 0, prefetch_per_worker: int = 4, loss_weighting: str = "token",
+                 max_skips_in_a_row: int = 1000, on_corrupt_shard: str = "skip"):
         self.sources = sources
         self.loss_weighting = loss_weighting
         self.spec = spec
@@ -181,21 +220,20 @@ class PackedBatchStream:
         self.micro_batch_size = micro_batch_size
         self.pack_buffer = pack_buffer
         self.rank, self.world_size = rank, world_size
-        self.cursors = []
-        for s in sources:
-            shards = expand_shard_paths(s.path)
-            self.cursors.append(SourceCursor(s.name, shards, [index_shard(p) for p in shards], spec.seed))
-        empty = [c.name for c in self.cursors if c.num_samples == 0]
-        if empty:
-            raise ValueError(f"data source(s) {empty} hold no samples")
-        self.total_samples = sum(c.num_samples for c in self.cursors)
-        self.weights = [s.weight for s in sources]
-        self.draws = 0
-        self.packer = Packer(spec.seq_length, max_samples_per_pack)
         # Skips found while planning count when the plan reaches the packer (and are part of the
         # state of every row chosen after); decode skips and used samples count when a row is used.
         self._plan_skipped: Counter[str] = Counter()
         self._plan_skipped_by_source: Counter[str] = Counter()
+        self.cursors = [self._open_source(s, spec.seed, on_corrupt_shard) for s in sources]
+        empty = [c.name for c in self.cursors if c.num_samples == 0]
+        if empty:
+            raise DataError(f"data source(s) {empty} hold no samples")
+        self.max_skips_in_a_row = max_skips_in_a_row
+        self._streaks = [Counter() for _ in sources]  # per source: skip reasons since its last usable sample
+        self.total_samples = sum(c.num_samples for c in self.cursors)
+        self.weights = [s.weight for s in sources]
+        self.draws = 0
+        self.packer = Packer(spec.seq_length, max_samples_per_pack)
         self._decode_skipped: Counter[str] = Counter()
         self._decode_skipped_by_source: Counter[str] = Counter()
         self.samples_by_source: Counter[str] = Counter()
@@ -214,7 +252,45 @@ class PackedBatchStream:
             # spawn, not fork: the parent holds torch/OpenMP thread pools that a fork would break.
             self._pool = ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn"),
                                              initializer=_init_worker,
-                                             initargs=(tokenizer.path, self.specs, self.names))
+                                             initargs=(tokenizer.path, self.specs, self.names, os.getpid()))
+
+    def _open_source(self, source: SourceConfig, seed: int, on_corrupt_shard: str) -> SourceCursor:
+        """The source's cursor over its readable shards; an unreadable one (not a tar, gzip data,
+        truncated) stops the run or is skipped with a warning and counted as `corrupt_shard`."""
+        shards, indexes = [], []
+        for shard in expand_shard_paths(source.path):
+            index = try_index_shard(shard)
+            if isinstance(index, str):
+                if on_corrupt_shard == "error":
+                    raise DataError(f"{shard} (source {source.name!r}) is not a readable tar shard ({index}); "
+                                    "fix or remove it, or set data.on_corrupt_shard=skip to train on the others")
+                if self.rank == 0:  # counters are summed over ranks: one count per shard
+                    print(f"warning: skipping {shard} (source {source.name!r}): not a readable tar shard ({index}); "
+                          "counted as skipped/corrupt_shard", file=sys.stderr, flush=True)
+                    self._plan_skipped["corrupt_shard"] += 1
+                    self._plan_skipped_by_source[f"{source.name}/corrupt_shard"] += 1
+                continue
+            shards.append(shard)
+            indexes.append(index)
+        if not shards:
+            raise DataError(f"data source {source.name!r} ({source.path}) has no readable shard")
+        return SourceCursor(source.name, shards, indexes, seed)
+
+    def _count_skip(self, source_id: int, reason: str) -> None:
+        """Count a planning skip; a source whose recent samples were all skipped stops the run."""
+        self._plan_skipped[reason] += 1
+        self._plan_skipped_by_source[f"{self.names[source_id]}/{reason}"] += 1
+        streak = self._streaks[source_id]
+        streak[reason] += 1
+        limit = min(self.max_skips_in_a_row, self.cursors[source_id].num_samples)
+        if sum(streak.values()) >= limit:
+            reasons = ", ".join(f"{r} {n}" for r, n in streak.most_common())
+            raise DataError(
+                f"data source {self.names[source_id]!r} ({self.sources[source_id].path}): the last "
+                f"{sum(streak.values())} samples drawn from it were all skipped ({reasons}); nothing usable comes "
+                f"from it with these settings (data.seq_length={self.spec.seq_length}). Check it with "
+                f"`python -m data_pipelines.lint {self.sources[source_id].path}`, fix the data or the settings, or "
+                "drop the source (data.max_skips_in_a_row sets this limit)")
 
     # ---- planning ----------------------------------------------------------------------------
     def _pick_source(self, draw: int) -> int:
@@ -241,8 +317,10 @@ class PackedBatchStream:
         self._pending.append((job, future, self._planning_state()))
 
     def _job_at(self, position: tuple) -> Job:
-        source_id, shard, index = int(position[0]), position[1], int(position[2])
-        return Job(source_id, shard, index, self.cursors[source_id].entry(shard, index))
+        source_id, index = int(position[0]), int(position[2])
+        cursor = self.cursors[source_id]
+        shard = cursor.resolve(position[1])
+        return Job(source_id, shard, index, cursor.entry(shard, index))
 
     def _next_plan(self) -> SamplePlan:
         while True:
@@ -252,14 +330,16 @@ class PackedBatchStream:
             result = future.result() if future else _plan_job(job, self.tokenizer, self.specs, self.names)
             self._planned = state_after
             if isinstance(result, str):
-                self._plan_skipped[result] += 1
-                self._plan_skipped_by_source[f"{self.names[job.source_id]}/{result}"] += 1
+                self._count_skip(job.source_id, result)
                 continue
+            self._streaks[job.source_id].clear()
             return result
 
     # ---- choosing rows and decoding them -------------------------------------------------------
     def _row_state(self) -> dict:
-        return {**self._planned, "buffer": [list(p.position) for p in self.packer.buffer],
+        buffer = [[p.position[0], self.cursors[p.position[0]].relative(p.position[1]), p.position[2]]
+                  for p in self.packer.buffer]
+        return {**self._planned, "buffer": buffer,
                 "plan_skipped": dict(self._plan_skipped),
                 "plan_skipped_by_source": dict(self._plan_skipped_by_source)}
 
@@ -420,4 +500,5 @@ def build_batch_stream(cfg: DataConfig, tokenizer: Tokenizer, *, tokens_per_tile
     return PackedBatchStream(cfg.sources, sample_spec(cfg, tokens_per_tile, seed), tokenizer,
                              micro_batch_size=micro_batch_size, pack_buffer=cfg.pack_buffer,
                              max_samples_per_pack=cfg.max_samples_per_pack, rank=rank, world_size=world_size,
-                             num_workers=cfg.num_workers, loss_weighting=loss_weighting)
+                             num_workers=cfg.num_workers, loss_weighting=loss_weighting,
+                             max_skips_in_a_row=cfg.max_skips_in_a_row, on_corrupt_shard=cfg.on_corrupt_shard)

@@ -27,18 +27,60 @@ class RawSample:
     members: dict[str, bytes] = field(default_factory=dict)
 
 
+class DataError(RuntimeError):
+    """The data cannot be trained on as configured (e.g. nothing usable in a source): the message
+    names the source or file, the counts, and what to change."""
+
+
+class ShardError(DataError, ValueError):
+    """Shards that cannot be read as configured (remote, compressed); the message names the file
+    or pattern and the fix."""
+
+
+REMOTE_SCHEMES = ("pipe:", "http://", "https://", "s3://", "gs://", "gcs://", "hf://", "ais://")
+# Compressed tars cannot be read by seeking to a member: refused by name, never silently ignored.
+COMPRESSED_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar.zst", ".tzst")
+
+
+def _compressed_hint(paths: list[str]) -> str:
+    return (f"{len(paths)} compressed shard(s), e.g. {paths[0]!r}: training seeks inside uncompressed tar files "
+            "(random access for exact resume); decompress them (`gunzip -k FILE.tar.gz` / `zstd -d`) next to "
+            "the others")
+
+
 def expand_shard_paths(pattern: str) -> list[str]:
-    """A shard directory or a brace pattern (`/d/shard-{000..009}.tar`) -> sorted existing .tar paths."""
+    """A shard directory or a brace pattern (`/d/shard-{000..009}.tar`) -> sorted existing .tar paths.
+
+    Remote URLs and compressed tars are refused with a message (ShardError) rather than read as
+    missing files or skipped: their samples would otherwise vanish without a count."""
+    if pattern.startswith(REMOTE_SCHEMES):
+        raise ShardError(f"remote shards are not supported ({pattern!r}): training seeks inside local tar files; "
+                         "copy the shards to local or mounted storage and point the source's path there")
     if os.path.isdir(pattern):
+        compressed = sorted(p for suffix in COMPRESSED_SUFFIXES for p in glob.glob(os.path.join(pattern, "*" + suffix)))
+        if compressed:
+            raise ShardError(f"shard directory {pattern!r} holds {_compressed_hint(compressed)}")
         paths = sorted(glob.glob(os.path.join(pattern, "*.tar")))
         if not paths:
             raise FileNotFoundError(f"shard directory {pattern!r} holds no .tar files")
         return paths
     paths = sorted({p for expanded in braceexpand(pattern) for p in (glob.glob(expanded) or [expanded])})
+    compressed = [p for p in paths if p.endswith(COMPRESSED_SUFFIXES)]
+    if compressed:
+        raise ShardError(f"{pattern!r} names {_compressed_hint(compressed)}")
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         raise FileNotFoundError(f"shard path {missing[0]!r} does not exist (from {pattern!r})")
     return paths
+
+
+def try_index_shard(shard: str) -> list["IndexedSample"] | str:
+    """`index_shard`, or a one-line reason when the file is not a readable tar (gzip data, truncated
+    headers, not a tar at all)."""
+    try:
+        return index_shard(shard)
+    except (tarfile.TarError, OSError, EOFError, ValueError) as err:
+        return f"{type(err).__name__}: {err}"
 
 
 def _split_member_name(name: str) -> tuple[str, str]:
@@ -112,7 +154,7 @@ def parse_json_member(raw: RawSample) -> dict:
     if "json" not in raw.members:
         raise ValueError("missing_json")
     try:
-        doc = json.loads(raw.members["json"].decode("utf-8"))
+        doc = json.loads(raw.members["json"].decode("utf-8-sig"))  # a byte-order mark is UTF-8 too
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise ValueError("malformed_json") from None
     if not isinstance(doc, dict):

@@ -19,7 +19,7 @@ from data_pipelines.training.config import SourceConfig
 from data_pipelines.training.decode import MediaDecodeError
 from data_pipelines.training.packing import collate_rows
 from data_pipelines.training.samples import Sample, SampleError, SampleSpec, Tokenizer, build_sample
-from data_pipelines.training.shards import expand_shard_paths, iter_shard
+from data_pipelines.training.shards import DataError, expand_shard_paths, read_indexed_sample, try_index_shard
 
 
 @dataclass
@@ -50,15 +50,23 @@ def build_validation_set(source: SourceConfig, spec: SampleSpec, tokenizer: Toke
     samples: list[Sample] = []
     skipped: Counter = Counter()
     for shard in expand_shard_paths(source.path):
-        for raw in iter_shard(shard):
+        index = try_index_shard(shard)
+        if isinstance(index, str):
+            skipped["corrupt_shard"] += 1
+            continue
+        for position, entry in enumerate(index):
             if len(samples) == max_samples:
                 break
             try:
-                samples.append(build_sample(raw, source.name, spec, tokenizer))
+                samples.append(build_sample(read_indexed_sample(shard, position, entry), source.name, spec, tokenizer))
             except (SampleError, MediaDecodeError) as err:
                 skipped[err.reason] += 1
         if len(samples) == max_samples:
             break
+    if not samples:
+        reasons = ", ".join(f"{r} {n}" for r, n in skipped.most_common()) or "no samples"
+        raise DataError(f"held-out source {source.name!r} ({source.path}) has no usable sample ({reasons}): check it "
+                        f"with `python -m data_pipelines.lint {source.path}`")
     pad_id = tokenizer.special_ids[st.PAD]
     batches = [collate_rows([row], spec.seq_length, pad_id, spec.tiling.tile_size, loss_weighting="token")
                for row in pack_in_order(samples, spec.seq_length)]

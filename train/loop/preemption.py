@@ -1,4 +1,5 @@
-"""Preemption: SIGTERM / SIGUSR1 ask the run to save at the next step boundary and exit.
+"""Preemption: SIGTERM / SIGUSR1 ask the run to save at the next step boundary and exit; before
+the first step they stop it at once (nothing new to save).
 
 Slurm sends SIGUSR1 before the time limit (`--signal=B:USR1@300`) and SIGTERM on preemption;
 the run exits with EXIT_PREEMPTED so the batch script knows to requeue, and the requeued job
@@ -16,7 +17,9 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later"
 
 
 class Preempted(Exception):
-    """Raised at a step boundary after the checkpoint is written."""
+    """Raised at a step boundary after the checkpoint is written, or at once when the signal
+    comes before this process took a step (start-up, resume, data warm-up): the checkpoint on
+    disk is then still the newest state, so there is nothing to save."""
 
 
 class PreemptionHandler:
@@ -26,6 +29,11 @@ class PreemptionHandler:
         self.device = device or torch.device("cpu")  # nccl reduces only CUDA tensors
         self._requested = False
         self._previous = {}
+        # Until the first step, a signal stops the run at once (see Preempted).
+        self.stepped = False
+
+    def mark_stepped(self) -> None:
+        self.stepped = True
 
     def install(self) -> "PreemptionHandler":
         for sig in self.SIGNALS:
@@ -38,6 +46,8 @@ class PreemptionHandler:
         self._previous.clear()
 
     def _on_signal(self, signum, frame) -> None:
+        if not self.stepped:  # start-up can take minutes (data warm-up): do not make Slurm wait for it
+            raise Preempted(f"{signal.Signals(signum).name} before the first step: stopped, nothing to save")
         # Only a flag: saving inside a signal handler could interrupt a half-done step.
         self._requested = True
 

@@ -153,13 +153,13 @@ class Trainer:
         if self.info.is_main:
             print(f"[{self.cfg.stage}] {message}", flush=True)
 
-    def fit(self) -> dict:
+    def fit(self, preemption: PreemptionHandler | None = None) -> dict:
         cfg, t = self.cfg, self.cfg.trainer
         metrics = MetricsFile(self.run_dir / "metrics.jsonl", self.step) if self.info.is_main else None
         progress = Progress(cfg.stage, self.step, t.max_steps, cfg.logger.progress_bar and self.info.is_main)
         wandb = WandbLogger(cfg.logger.wandb.mode, cfg.logger.wandb.project, cfg.logger.wandb.entity, self.run_dir,
                             cfg.stage, dataclasses.asdict(cfg)) if self.info.is_main else None
-        preemption = PreemptionHandler(self.info.device).install()
+        preemption = preemption or PreemptionHandler(self.info.device).install()
         try:
             last_loss = self._loop(metrics, progress, wandb, preemption)
             if not math.isfinite(last_loss) and metrics is not None and metrics.last_loss is not None:
@@ -197,6 +197,7 @@ class Trainer:
         while self.step < t.max_steps:
             started = time.monotonic()
             result = self.train_module.train_step([self.data.next_batch() for _ in range(t.grad_accum_steps)], self.step)
+            preemption.mark_stepped()
             self.step += 1
             self.tokens += result.real_tokens
             self.checkpointer.poll()  # an async save whose writes are done becomes `latest`
@@ -295,7 +296,15 @@ def run_stage(cfg: Config) -> dict:
     if done is not None:
         print(f"[{cfg.stage}] already finished ({done['steps']} steps) in {cfg.run.dir}; nothing to do", flush=True)
         return done
-    info = init_distributed(cfg.parallel, cfg.trainer.device, **engine_groups(cfg))
+    # Installed before anything slow (process groups, data generation, resume, data warm-up), so a
+    # preemption or a kill during start-up stops the run at once (exit 75) instead of waiting.
+    preemption = PreemptionHandler().install()
+    try:
+        info = init_distributed(cfg.parallel, cfg.trainer.device, **engine_groups(cfg))
+    except BaseException:
+        preemption.uninstall()
+        raise
+    preemption.device = info.device
     try:
         if info.is_main:
             prepare_data_files(cfg)
@@ -310,8 +319,9 @@ def run_stage(cfg: Config) -> dict:
                 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
         seed_everything(cfg.seed + info.rank)
-        summary = Trainer(cfg, info).fit()
+        summary = Trainer(cfg, info).fit(preemption)
     finally:
+        preemption.uninstall()
         shutdown()
     if cfg.eval.tasks and info.is_main:
         summary = run_stage_benchmarks(cfg, summary)
