@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    from train.checkpoint.store import CheckpointWriteError
     from train.loop.preemption import EXIT_PREEMPTED, Preempted
     from train.loop.trainer import run_stage
 
@@ -34,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(stop.args[0] if stop.args else None, str):  # stopped during start-up
             print(f"preempted: {stop.args[0]} (exit {EXIT_PREEMPTED}: rerun to resume)", file=sys.stderr)
         return EXIT_PREEMPTED
+    except CheckpointWriteError as err:
+        print(f"checkpoint error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted (exit 130); rerun the same command to resume from the latest checkpoint", file=sys.stderr)
         return 130

@@ -16,6 +16,7 @@ from train.loop.pipeline import run_pipeline
 
 
 def main() -> int:
+    from train.checkpoint.store import CheckpointWriteError
     from train.loop.preemption import EXIT_PREEMPTED, Preempted
 
     try:
@@ -30,6 +31,9 @@ def main() -> int:
         if isinstance(stop.args[0] if stop.args else None, str):  # stopped during start-up
             print(f"preempted: {stop.args[0]} (exit {EXIT_PREEMPTED}: rerun to resume)", file=sys.stderr)
         return EXIT_PREEMPTED
+    except CheckpointWriteError as err:
+        print(f"checkpoint error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted (exit 130); rerun the same command to resume from the latest checkpoint", file=sys.stderr)
         return 130

@@ -201,6 +201,31 @@ def _parquet_rows(path: str, start: int, stop: int) -> list[dict]:
     return table.slice(start - first_row, stop - start).to_pylist()
 
 
+def cauldron_to_row(record: dict) -> dict:
+    """the_cauldron layout (`images` list + `texts`: [{user, assistant}, ...]) -> a messages row; the
+    images open the first user turn (LLaVA's rule for media without placeholders)."""
+    messages = []
+    for turn in record["texts"]:
+        if not isinstance(turn, dict):
+            return SampleError("malformed_json", "a `texts` entry is not an object")
+        messages += [{"role": "user", "content": turn.get("user")}, {"role": "assistant", "content": turn.get("assistant")}]
+    return {"messages": messages, "images": record.get("images"), "id": record.get("id"),
+            "source": record.get("source")}
+
+
+def recognise_row(row: Any) -> Any:
+    """Rows of the layouts users bring from the Hub, whatever the container (jsonl, parquet,
+    save_to_disk): `messages` as is; `conversations` with from/value (LLaVA, ShareGPT); `texts` +
+    `images` (the_cauldron)."""
+    if not isinstance(row, dict) or "messages" in row:
+        return row
+    if isinstance(row.get("conversations"), list):
+        return llava_to_row(row)
+    if isinstance(row.get("texts"), list):
+        return cauldron_to_row(row)
+    return row
+
+
 def llava_to_row(record: Any) -> Any:
     """A LLaVA / ShareGPT record -> a messages-format row."""
     if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
@@ -291,10 +316,14 @@ def _with_leading_placeholders(messages: list[dict], kind: str, count: int) -> l
 
 def row_to_sample(row: Any, image_root: Path, default_source: str) -> ConvertedSample:
     """Validate one messages-format row as training would; raises SampleError when it is bad."""
+    row = recognise_row(row)
     if isinstance(row, SampleError):
         raise row
     if not isinstance(row, dict):
         raise SampleError("malformed_json", "row is not an object")
+    if "messages" not in row:
+        raise SampleError("unrecognised_layout", f"row fields {sorted(row)[:8]}: no `messages`, `conversations` or "
+                                                 "`texts`")
     messages = _normalize_messages(row.get("messages"))
     image_refs, video_refs = _as_list(row.get("images")), _as_list(row.get("videos"))
     parsed = parse_messages({"messages": messages})  # the training parser: same reasons
@@ -463,7 +492,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m data_pipelines.convert",
         description="Convert local conversation data into webdataset shards (OUT/shard-NNNNNN.tar) that training "
                     "reads. Rerunning the same command resumes: finished shards are kept. Bad rows are counted and "
-                    "listed, not fatal. Exit status: 0 done, 2 usage error.")
+                    "listed, not fatal. Exit status: 0 done, 1 no row converted, 2 usage error.")
     parser.add_argument("--input", required=True, type=Path, metavar="PATH",
                         help="a .jsonl or .parquet file, a datasets.save_to_disk directory, or a LLaVA json list")
     parser.add_argument("--format", required=True, choices=FORMATS,
@@ -510,6 +539,20 @@ def format_report(report: ConvertReport) -> str:
     return "\n".join(lines)
 
 
+def nothing_converted(report: ConvertReport) -> str | None:
+    """Why a run that wrote no sample from a non-empty input failed, and what to try (None if it wrote some)."""
+    if report.samples or not report.num_rows:
+        return None
+    reasons = ", ".join(f"{r} {n}" for r, n in report.bad.items())
+    hint = ""
+    if set(report.bad) <= {"unrecognised_layout", "empty_conversation", "malformed_json"}:
+        hint = ("; the rows' layout was not recognised: rows need `messages` ([{role, content}]), `conversations` "
+                "([{from, value}], LLaVA / ShareGPT) or `texts` + `images` (the_cauldron); a LLaVA json list "
+                "takes --format llava, a save_to_disk directory --format hf_disk")
+    first = report.bad_examples[0][2] if report.bad_examples else ""
+    return f"no row of {report.num_rows} converted ({reasons}){hint}. First problem: {first}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     cfg = config_from_args(args)
@@ -519,4 +562,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"convert: {err}", file=sys.stderr)
         return 2
     print(format_report(report), flush=True)
+    failure = nothing_converted(report)
+    if failure:
+        print(f"convert: {failure}", file=sys.stderr)
+        return 1
     return 0

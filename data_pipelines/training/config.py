@@ -45,6 +45,10 @@ class SourceConfig:
             raise ConfigError(f"{path}.reasoning_on_ratio must be in [0, 1] (or null for data.reasoning_on_ratio)")
 
 
+# Rows shorter than this hold no useful conversation; longer than this is a typo, not a context.
+MIN_SEQ_LENGTH, MAX_SEQ_LENGTH = 64, 4 * 1024 * 1024
+
+
 @dataclass
 class DataConfig:
     sources: list[SourceConfig] = field(default_factory=list)
@@ -126,6 +130,9 @@ class DataConfig:
             raise ConfigError(f"{path}.min_tiles must be <= {path}.max_tiles")
         if not 0.0 <= self.reasoning_on_ratio <= 1.0:
             raise ConfigError(f"{path}.reasoning_on_ratio must be in [0, 1]")
+        if not MIN_SEQ_LENGTH <= self.seq_length <= MAX_SEQ_LENGTH:
+            raise ConfigError(f"{path}.seq_length={self.seq_length:,} is outside {MIN_SEQ_LENGTH:,}..{MAX_SEQ_LENGTH:,} "
+                              "tokens (the recipe's longest stage packs 311,296): check the value")
         if self.seq_length % self.pad_multiple:
             raise ConfigError(f"{path}.seq_length must be a multiple of {path}.pad_multiple={self.pad_multiple}")
         try:

@@ -85,7 +85,8 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(ckpt.dcp, "save", full_disk)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(ckpt.CheckpointWriteError, match=rf"no space left on device writing checkpoint step 2 to {tmp_path}.*"
+                                                         r"step_0000001\) stays latest"):
         save_checkpoint(tmp_path, 2, model, opt, {"step": 2}, keep_last=2)
     assert find_latest(tmp_path).name == "step_0000001"
     assert not (tmp_path / ".tmp_step_0000002").exists()

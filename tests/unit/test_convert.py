@@ -211,3 +211,47 @@ def test_other_arguments_into_the_same_out_are_refused(tmp_path, media_root, cap
     with pytest.raises(SystemExit) as exit_info:
         convert.main(["--input", str(tmp_path / "nope.jsonl"), "--format", "jsonl", "--out", str(tmp_path / "x")])
     assert exit_info.value.code == 2
+
+
+def test_hub_layouts_convert_without_code(tmp_path, media_root, tokenizer):
+    """the_cauldron (parquet, image structs), LLaVA as an HF dataset (save_to_disk, image paths,
+    human/gpt) and ShareGPT jsonl all convert, and training reads what they wrote."""
+    red = encoded((220, 20, 20), (96, 48), "JPEG")
+    cauldron = datasets.Dataset.from_dict(
+        {"images": [[{"bytes": red, "path": None}]],
+         "texts": [[{"user": "What colour is it?", "assistant": "Red.", "source": "x"},
+                    {"user": "Sure?", "assistant": "Yes."}]]},
+        features=datasets.Features({"images": datasets.List(datasets.Image()),
+                                    "texts": datasets.List({"user": datasets.Value("string"),
+                                                            "assistant": datasets.Value("string"),
+                                                            "source": datasets.Value("string")})}))
+    cauldron.to_parquet(str(tmp_path / "cauldron.parquet"))
+    report, out = run(tmp_path, "parquet", tmp_path / "cauldron.parquet", tmp_path, out_name="cauldron")
+    assert report.samples == 1 and report.bad == {}
+    (raw, sample), = load_all(out, tokenizer)
+    messages = json.loads(raw.members["json"])["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
+    assert messages[0]["content"] == "<image>\nWhat colour is it?" and raw.members["img0.jpg"] == red
+
+    llava = datasets.Dataset.from_dict({"id": ["l1"], "image": ["images/blue.png"], "conversations": [
+        [{"from": "human", "value": "<image>\nWhich colour?"}, {"from": "gpt", "value": "Blue."}]]})
+    llava.save_to_disk(str(tmp_path / "llava_ds"))
+    report, out = run(tmp_path, "hf_disk", tmp_path / "llava_ds", media_root, out_name="llava")
+    assert report.samples == 1 and report.bad == {}
+    (raw, _), = load_all(out, tokenizer)
+    assert json.loads(raw.members["json"])["messages"][1] == {"role": "assistant", "content": "Blue."}
+
+    sharegpt = write_jsonl(tmp_path / "sharegpt.jsonl", [
+        {"id": "s1", "conversations": [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "Hi."}]}])
+    report, out = run(tmp_path, "jsonl", sharegpt, tmp_path, out_name="sharegpt")
+    assert report.samples == 1 and report.bad == {}
+    assert len(load_all(out, tokenizer)) == 1
+
+
+def test_nothing_converted_is_a_failure_that_names_the_layout(tmp_path, capsys):
+    rows = write_jsonl(tmp_path / "odd.jsonl", [{"prompt": "Say hi.", "response": "Hi."}] * 3)
+    code = convert.main(["--input", str(rows), "--format", "jsonl", "--out", str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "no row of 3 converted (unrecognised_layout 3)" in err and "`conversations`" in err
+    assert "row fields ['prompt', 'response']" in err

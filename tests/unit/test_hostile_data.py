@@ -132,3 +132,42 @@ def test_bom_and_content_parts_load_as_the_converter_accepts_them(tokenizer):
     fancy = RawSample("k", "s.tar", 0, {"json": b"\xef\xbb\xbf" + json.dumps(parts).encode()})
     a, b = build_sample(plain, "t", spec(), tokenizer), build_sample(fancy, "t", spec(), tokenizer)
     assert a.input_ids.tolist() == b.input_ids.tolist() and a.labels.tolist() == b.labels.tolist()
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["smoke=cpuu"], r"smoke='cpuu' is not an option of the smoke group; choose one of: cpu, gpu"),
+    (["smoke=cpu", "model.language_model.hidden_size=-64"], r"model.language_model.hidden_size=-64 must be > 0"),
+    (["smoke=cpu", "data.seq_length=16"], r"data.seq_length=16 is outside 64..4,194,304"),
+    (["smoke=cpu", "data.seq_length=1000000000"], r"data.seq_length=1,000,000,000 is outside"),
+])
+def test_bad_settings_are_one_line_config_errors(overrides, message):
+    from train.config.compose import load_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_config("stage1_image_sft", overrides)
+
+
+def test_init_from_another_model_size_or_a_run_dir(tmp_path, synth_data, tokenizer):
+    """A checkpoint of another model size names the tensor, both shapes and the config to change;
+    a run directory stands for its latest checkpoint."""
+    import dataclasses
+
+    from train.config.compose import load_config
+    from train.hf.conversion import write_native
+    from train.loop.trainer import build_model
+    from train.model.vlm import VisionLanguageModel
+
+    cfg = load_config("stage1_image_sft", ["smoke=cpu", f"data.synth_dir={synth_data.root}"])
+    bigger = dataclasses.replace(cfg.model, name="wider", language_model=dataclasses.replace(
+        cfg.model.language_model, hidden_size=96))
+    write_native(tmp_path / "wider", bigger, VisionLanguageModel(bigger, image_token_id=10).state_dict())
+    cfg.init.from_checkpoint = str(tmp_path / "wider")  # the run dir: its latest step
+    with pytest.raises(ConfigError, match=r"another model size \(\S+ is \(96, 128\) in .*step_0000000 but "
+                                          r"\(64, 128\) in this model\); it was trained with model=wider"):
+        build_model(cfg, tokenizer)
+    same = VisionLanguageModel(cfg.model, image_token_id=10)
+    write_native(tmp_path / "same", cfg.model, same.state_dict())
+    cfg.init.from_checkpoint = str(tmp_path / "same")
+    model, _, random_parts = build_model(cfg, tokenizer)
+    assert random_parts == [] and all(
+        (a == b).all() for a, b in zip(model.state_dict().values(), same.state_dict().values()))

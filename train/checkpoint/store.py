@@ -9,6 +9,7 @@ so a crash at any point leaves the previous checkpoint as `latest`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import random
@@ -142,9 +143,14 @@ class Checkpointer:
                     dcp.save(state, checkpoint_id=str(tmp))
                     written = Future()
                     written.set_result(None)
-        except BaseException:
+        except BaseException as err:
             # Disk full, killed mid-write...: `latest` still names the previous complete checkpoint.
             shutil.rmtree(tmp, ignore_errors=True)
+            if _out_of_space(err):
+                raise CheckpointWriteError(
+                    f"no space left on device writing checkpoint step {step} to {tmp.parent}: free space or set "
+                    f"run.dir on a larger disk, then rerun to resume; the newest complete checkpoint "
+                    f"({find_latest(self.root) or 'none'}) stays latest") from None
             raise
         self._pending = (written, tmp, step)
         if not self.async_save:
@@ -298,6 +304,20 @@ def read_data_states(path: Path) -> list[dict]:
     return [by_data_rank[r] for r in sorted(by_data_rank)]
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (e.g. the disk is full); the previous one stays `latest`."""
+
+
+def _out_of_space(err: BaseException) -> bool:
+    """ENOSPC, raised directly or wrapped in DCP's per-rank CheckpointException."""
+    causes = [err, *getattr(err, "failures", {}).values()]
+    return any(isinstance(c, OSError) and c.errno == errno.ENOSPC for c in causes)
+
+
+class CheckpointShapeError(ValueError):
+    """A checkpoint's tensor has another shape than the model's (another model size)."""
+
+
 def load_model_weights(path: Path, model: torch.nn.Module, layout: StateLayout = NativeLayout()) -> list[str]:
     """Only the model weights (stage hand-off: fresh optimizer and schedule). Returns the parts that
     are still random: absent from the checkpoint, or recorded random by the stage that wrote it.
@@ -307,9 +327,13 @@ def load_model_weights(path: Path, model: torch.nn.Module, layout: StateLayout =
     A part that is only partly present is an error, never a silent half-load.
     """
     with dcp_quietly():
-        saved = {k.removeprefix("model.") for k in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-                 if k.startswith("model.")}
+        metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    saved = {k.removeprefix("model."): meta for k, meta in metadata.items() if k.startswith("model.")}
     full = layout.model_state(model)
+    for key, value in full.items():  # a checkpoint of another model size: name the first difference
+        size = getattr(saved.get(key), "size", None)
+        if size is not None and isinstance(value, torch.Tensor) and tuple(size) != tuple(value.shape):
+            raise CheckpointShapeError(f"{key} is {tuple(size)} in {path} but {tuple(value.shape)} in this model")
     parts = sorted({k.split(".", 1)[0] for k in full})
     absent = [p for p in parts if not any(k.startswith(p + ".") for k in saved)]
     partial = sorted(k for k in full if k not in saved and k.split(".", 1)[0] not in absent)

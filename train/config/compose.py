@@ -25,6 +25,8 @@ def compose_raw(config_name: str, overrides: list[str] | None = None) -> dict:
     """Hydra-compose `recipes/<config_name>.yaml` with overrides; returns a resolved plain dict."""
     if not (RECIPES_DIR / f"{config_name}.yaml").exists():
         raise ConfigError(f"no recipe named {config_name!r}; choose one of: {', '.join(list_recipes() + ['pipeline'])}")
+    for override in overrides or []:
+        _check_group_choice(override)
     overrides = [_add_or_override(o) for o in overrides or []]
     with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base=None):
         try:
@@ -35,6 +37,19 @@ def compose_raw(config_name: str, overrides: list[str] | None = None) -> dict:
         return OmegaConf.to_container(cfg, resolve=True)
     except Exception as err:
         raise ConfigError(f"cannot resolve {config_name}: {err}") from None
+
+
+def _check_group_choice(override: str) -> None:
+    """`smoke=cpuu` names no option of the `smoke` group: say so (Hydra skips an optional group's
+    unknown choice silently, and the run then fails somewhere unrelated)."""
+    key, sep, value = override.partition("=")
+    key = key.lstrip("+~")
+    group = CONFIGS_DIR / key
+    if not sep or "." in key or not group.is_dir() or value in ("null", ""):
+        return
+    options = sorted(p.stem for p in group.glob("*.yaml"))
+    if value not in options:
+        raise ConfigError(f"{key}={value!r} is not an option of the {key} group; choose one of: {', '.join(options)}")
 
 
 def _is_schema_field(dotted: str) -> bool:

@@ -44,6 +44,9 @@ class LanguageModelConfig:
     initializer_range: float = 0.02
 
     def validate(self, path: str) -> None:
+        check_positive(self, path, "hidden_size", "vocab_size", "num_attention_heads", "num_key_value_heads",
+                       "head_dim", "mamba_num_heads", "mamba_head_dim", "ssm_state_size", "n_groups", "conv_kernel",
+                       "chunk_size", "mlp_hidden_size")
         bad = set(self.pattern) - set("M*-")
         if not self.pattern or bad:
             raise ConfigError(f"{path}.pattern={self.pattern!r}: use only 'M' (Mamba2), '*' (attention), '-' (MLP)")
@@ -83,6 +86,7 @@ class VisionConfig:
     layer_scale: bool = False
 
     def validate(self, path: str) -> None:
+        check_positive(self, path, "image_size", "patch_size", "hidden_size", "num_layers", "num_heads", "mlp_ratio")
         if self.image_size % self.patch_size:
             raise ConfigError(f"{path}.image_size must be a multiple of {path}.patch_size")
         if self.hidden_size % self.num_heads:

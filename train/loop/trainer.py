@@ -24,10 +24,12 @@ from data_pipelines.training.samples import Tokenizer
 from train.checkpoint.layout import NativeLayout, StateLayout
 from train.checkpoint.store import (
     Checkpointer,
+    CheckpointShapeError,
     find_latest,
     load_model_weights,
     load_newest_readable,
     read_data_states,
+    resolve_native_checkpoint,
 )
 from train.config.schema import MODEL_PARTS, Config, ConfigError
 from train.loop.callbacks import MetricsFile, Progress, WandbLogger
@@ -82,10 +84,28 @@ def build_model(cfg: Config, tokenizer: Tokenizer, device: torch.device | None =
     model.reset_parameters(cfg.seed)
     random_parts = list(MODEL_PARTS)
     if cfg.init.from_checkpoint:
-        random_parts = load_model_weights(Path(cfg.init.from_checkpoint), model, layout)
+        random_parts = load_init_weights(cfg, model, layout)
     check_random_parts(cfg, random_parts)
     apply_trainable(model, cfg.trainable)
     return model, layout, sorted(set(random_parts) & set(cfg.trainable.frozen))
+
+
+def load_init_weights(cfg: Config, model: VisionLanguageModel, layout: StateLayout) -> list[str]:
+    """`init.from_checkpoint` (a step dir, or a run / checkpoints dir: its latest) into `model`;
+    returns the parts still random. Another model size is a one-line error naming the tensor."""
+    given = Path(cfg.init.from_checkpoint)
+    try:
+        checkpoint, run_dir = resolve_native_checkpoint(given)
+    except FileNotFoundError as err:
+        raise ConfigError(f"init.from_checkpoint={given}: {err}") from None
+    try:
+        return load_model_weights(checkpoint, model, layout)
+    except CheckpointShapeError as err:
+        saved_config = run_dir / "config.yaml"
+        trained_as = yaml.safe_load(saved_config.read_text()).get("model", {}).get("name") if saved_config.exists() else None
+        hint = f"it was trained with model={trained_as}: " if trained_as else ""
+        raise ConfigError(f"init.from_checkpoint={checkpoint} is another model size ({err}); {hint}set the model group "
+                          f"(model=...) or model.* sizes it was trained with (now model={cfg.model.name})") from None
 
 
 def check_random_parts(cfg: Config, random_parts: list[str]) -> None:
