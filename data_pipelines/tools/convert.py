@@ -289,10 +289,15 @@ def _image_member(ref: Any, image_root: Path) -> tuple[str, bytes]:
         return suffix, data
     try:
         with Image.open(io.BytesIO(data)) as image:
+            if getattr(image, "n_frames", 1) > 1:  # re-encoding would keep its first frame, unannounced
+                raise SampleError("animated_image", f"{name or 'image bytes'}: {image.n_frames} frames; convert it "
+                                                    "to a video (--format with `videos`) or to its first frame")
             if image.format in NATIVE_IMAGE_FORMATS:
                 return NATIVE_IMAGE_FORMATS[image.format], data
             buffer = io.BytesIO()
             to_rgb(image).save(buffer, format="PNG")
+    except SampleError:
+        raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
         raise SampleError("corrupt_image", f"{name or 'image bytes'}: {err}") from None
     return "png", buffer.getvalue()

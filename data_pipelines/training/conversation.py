@@ -89,6 +89,11 @@ def parse_messages(doc: dict) -> list[Message]:
         parsed.append(Message(m["role"], m["content"]))
     if not any(m.role == "assistant" and m.content.strip() for m in parsed):
         raise SampleError("empty_conversation", "no assistant answer")
+    turns = [m for m in parsed if m.role != "system"]
+    if turns[0].role != "user":  # the model would learn to answer a question it never saw
+        raise SampleError("assistant_first", "the first turn after the system prompt is the assistant's")
+    if any(m.role == "assistant" and not m.content.strip() for m in turns):
+        raise SampleError("empty_turn", "an assistant turn is empty (it would teach the model to answer nothing)")
     return parsed
 
 

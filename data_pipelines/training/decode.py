@@ -189,6 +189,10 @@ def probe_image(data: bytes) -> tuple[int, int]:
         image = Image.open(io.BytesIO(data))  # lazy: parses the header, checks decompression bombs
         width, height = image.size
         orientation = _exif_orientation(image)
+        frames = getattr(image, "n_frames", 1)
+    if frames > 1:  # one image stands for one moment: an animation would train on its first frame unannounced
+        raise MediaDecodeError("animated_image", f"{image.format} with {frames} frames: store it as a video "
+                                                 "(<video>, .mp4) or as its first frame")
     if width < 1 or height < 1:
         raise MediaDecodeError("corrupt_image", f"empty image {width}x{height}")
     # Orientations 5..8 transpose the axes (90 or 270 degree turns, with or without a flip).

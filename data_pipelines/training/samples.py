@@ -195,6 +195,9 @@ def build_sample(raw: RawSample, source: str, spec: SampleSpec, tokenizer: Token
 def plan_sample(raw: RawSample, source: str, spec: SampleSpec, tokenizer: Tokenizer) -> SamplePlan:
     """Raw bytes -> tokens, labels and a media plan, reading only image headers and video
     container indexes. Raises SampleError / MediaDecodeError (media that cannot even be opened)."""
+    if raw.dropped:  # a member the reader refused (unsafe name, link): the sample is not what it claims
+        name, reason = raw.dropped[0]
+        raise SampleError(reason, f"member {name!r} is never read")
     try:
         doc = parse_json_member(raw)
     except ValueError as err:

@@ -25,6 +25,8 @@ class RawSample:
     shard: str
     index: int  # position of the sample inside its shard
     members: dict[str, bytes] = field(default_factory=dict)
+    # Members never read: (name, reason), reason `unsafe_member_name` or `linked_member`.
+    dropped: tuple[tuple[str, str], ...] = ()
 
 
 class DataError(RuntimeError):
@@ -99,37 +101,49 @@ class IndexedSample:
 
     key: str
     members: tuple[tuple[str, int, int], ...]
+    dropped: tuple[tuple[str, str], ...] = ()  # (member name, reason): never read, see index_shard
+
+
+def _member_key(name: str) -> str:
+    head, base = os.path.split(name)
+    stem = base.partition(".")[0]
+    return f"{head}/{stem}" if head else stem
 
 
 def index_shard(shard: str) -> list[IndexedSample]:
     """One header scan of a shard -> its samples in order, with member offsets for direct seeks.
 
-    Payloads are not read. Members with unsafe names (`..`, absolute) are left out, so they are
-    never extracted; `data_pipelines.lint` reports them.
+    Payloads are not read. Members with unsafe names (`..`, absolute) and links or devices are
+    never read either: they are listed in their sample's `dropped`, so the sample is skipped and
+    counted under that reason (`unsafe_member_name`, `linked_member`) instead of vanishing.
     """
     samples: list[IndexedSample] = []
-    key, members = None, []
+    key, members, dropped = None, [], []
     with tarfile.open(shard, mode="r:") as tar:
         for info in tar:
-            if not info.isfile():
+            if info.isdir():
                 continue
             try:
                 member_key, suffix = _split_member_name(info.name)
+                problem = None if info.isfile() else "linked_member"
             except ValueError:
-                continue
+                member_key, suffix, problem = _member_key(info.name), "", "unsafe_member_name"
             if member_key != key:
                 if key is not None:
-                    samples.append(IndexedSample(key, tuple(members)))
-                key, members = member_key, []
-            members.append((suffix, info.offset_data, info.size))
+                    samples.append(IndexedSample(key, tuple(members), tuple(dropped)))
+                key, members, dropped = member_key, [], []
+            if problem is None:
+                members.append((suffix, info.offset_data, info.size))
+            else:
+                dropped.append((info.name, problem))
     if key is not None:
-        samples.append(IndexedSample(key, tuple(members)))
+        samples.append(IndexedSample(key, tuple(members), tuple(dropped)))
     return samples
 
 
 def read_indexed_sample(shard: str, index: int, entry: IndexedSample) -> RawSample:
     """Read one sample's payloads by seeking straight to them (resume is a seek, not a replay)."""
-    sample = RawSample(key=entry.key, shard=shard, index=index)
+    sample = RawSample(key=entry.key, shard=shard, index=index, dropped=entry.dropped)
     with open(shard, "rb") as f:
         for suffix, offset, size in entry.members:
             f.seek(offset)

@@ -171,3 +171,77 @@ def test_init_from_another_model_size_or_a_run_dir(tmp_path, synth_data, tokeniz
     model, _, random_parts = build_model(cfg, tokenizer)
     assert random_parts == [] and all(
         (a == b).all() for a, b in zip(model.state_dict().values(), same.state_dict().values()))
+
+
+def test_linked_and_unsafe_members_are_counted_under_their_own_reasons(tmp_path, tokenizer):
+    import io
+    import tarfile
+
+    from data_pipelines.training.conversation import SampleError
+    from data_pipelines.training.shards import iter_shard
+
+    path = tmp_path / "links.tar"
+    with tarfile.open(path, "w") as tar:
+        good = doc()
+        info = tarfile.TarInfo("real.json")
+        info.size = len(good)
+        tar.addfile(info, io.BytesIO(good))
+        link = tarfile.TarInfo("alias.json")
+        link.type, link.linkname = tarfile.SYMTYPE, "real.json"
+        tar.addfile(link)
+        image_link = tarfile.TarInfo("pic.img0.jpg")
+        image_link.type, image_link.linkname = tarfile.LNKTYPE, "real.json"
+        tar.addfile(image_link)
+    reasons = {}
+    for raw in iter_shard(str(path)):
+        try:
+            build_sample(raw, "t", spec(), tokenizer)
+            reasons[raw.key] = None
+        except SampleError as err:
+            reasons[raw.key] = err.reason
+    assert reasons == {"real": None, "alias": "linked_member", "pic": "linked_member"}
+
+
+def animated(fmt: str = "GIF") -> bytes:
+    import io
+
+    from PIL import Image
+
+    frames = [Image.new("RGB", (32, 32), colour) for colour in ((255, 0, 0), (0, 0, 255))]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format=fmt, save_all=True, append_images=frames[1:], duration=100)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(("messages", "members", "reason"), [
+    ([{"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Hi?"},
+      {"role": "assistant", "content": "Yes."}], {}, "assistant_first"),
+    ([{"role": "system", "content": "Be brief."}, {"role": "assistant", "content": "I start."},
+      {"role": "user", "content": "Ok."}, {"role": "assistant", "content": "Done."}], {}, "assistant_first"),
+    ([{"role": "user", "content": "One?"}, {"role": "assistant", "content": " "},
+      {"role": "user", "content": "Two?"}, {"role": "assistant", "content": "2."}], {}, "empty_turn"),
+    ([{"role": "user", "content": "<image>\nWhat colour?"}, {"role": "assistant", "content": "Red."}],
+     {"img0.webp": "animated"}, "animated_image"),
+])
+def test_conversations_and_media_that_would_train_wrong_are_skipped_with_a_reason(messages, members, reason,
+                                                                                   tokenizer):
+    from data_pipelines.training.conversation import SampleError
+    from data_pipelines.training.decode import MediaDecodeError
+
+    raw = RawSample("k", "s.tar", 0, {"json": json.dumps({"messages": messages}).encode(),
+                                      **{name: animated("WEBP") for name in members}})
+    with pytest.raises((SampleError, MediaDecodeError)) as caught:
+        build_sample(raw, "t", spec(), tokenizer)
+    assert caught.value.reason == reason
+
+
+def test_the_converter_refuses_animated_images_too(tmp_path):
+    from data_pipelines.tools import convert
+
+    (tmp_path / "anim.gif").write_bytes(animated("GIF"))
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"messages": [{"role": "user", "content": "<image>\nColour?"},
+                                             {"role": "assistant", "content": "Red."}], "images": ["anim.gif"]}) + "\n")
+    report = convert.convert(convert.ConvertConfig(str(rows), "jsonl", str(tmp_path), "t", 10), tmp_path / "out",
+                             progress=False)
+    assert report.samples == 0 and report.bad == {"animated_image": 1}

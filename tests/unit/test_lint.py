@@ -113,14 +113,13 @@ def test_each_bad_sample_reported_once_under_its_reason(shard_set, synth_data, t
     report = json.loads(out.read_text())
 
     bad_samples = [(f["key"], f["reason"]) for f in report["bad"] if f["index"] >= 0]
-    expected = {(k, r) for k, r in EXPECTED.items() if r is not None}
+    expected = {(k, r) for k, r in EXPECTED.items() if r is not None} | {("../escape", "unsafe_member_name")}
     assert sorted(bad_samples) == sorted(expected)  # each exactly once, no good sample flagged
-    member_level = [(f["key"], f["reason"]) for f in report["bad"] if f["index"] < 0]
-    assert member_level == [("../escape.json", "unsafe_member_name")]
+    assert [f for f in report["bad"] if f["index"] < 0] == []  # every finding is a sample training counts too
     assert [(f["key"], f["reason"]) for f in report["warnings"]] == [("good_with_stray", "unknown_member")]
 
     assert report["num_shards"] == 2 + 1 + 2 + 1  # image 3/2, video 2/2, text 3/2, mixed
-    assert report["num_samples"] == 3 + 2 + 3 + len(EXPECTED)
+    assert report["num_samples"] == 3 + 2 + 3 + len(EXPECTED) + 1  # + the sample of the unsafe member
     assert report["by_reason"]["corrupt_image"] == 2
     # Per source: the JSON's `source` field; undecodable JSON has none.
     assert report["by_source"]["(unknown)"] == {"malformed_json": 1, "missing_json": 1, "unsafe_member_name": 1}
@@ -150,8 +149,7 @@ def test_lint_agrees_with_training_loader(shard_set, synth_data, tokenizer):
     while stream.epochs < 1.0:
         stream.next_batch()
     assert stream.epochs == 1.0
-    lint_skips = {r: n for r, n in report.by_reason().items() if r != "unsafe_member_name"}
-    assert dict(stream.skipped) == lint_skips
+    assert dict(stream.skipped) == report.by_reason()  # the unsafe member's sample included
     assert sum(stream.samples_by_source.values()) == report.num_samples - report.num_bad_samples == 3
 
 
@@ -159,7 +157,8 @@ def test_without_tokenizer_checks_structure_and_media_only(shard_set):
     report = lint.lint_shards([str(shard_set / "mixed" / "shard-000000.tar")], SPEC, None, progress=False)
     reasons = {f.key: f.reason for f in report.bad if f.index >= 0}
     assert "too_long" not in reasons  # needs a tokenizer
-    assert reasons == {k: r for k, r in EXPECTED.items() if r not in (None, "too_long")}
+    assert reasons == {**{k: r for k, r in EXPECTED.items() if r not in (None, "too_long")},
+                       "../escape": "unsafe_member_name"}
 
 
 def test_clean_dir_exits_0(shard_set, capsys):

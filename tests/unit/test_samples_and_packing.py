@@ -180,7 +180,10 @@ def test_unsafe_member_names_are_never_read(tmp_path):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    assert [s.key for s in iter_shard(str(path))] == ["ok"]
+    first, second = iter_shard(str(path))
+    # The unsafe member is never read, and its sample is counted under its own reason, not lost.
+    assert (first.key, first.members, first.dropped) == ("../etc", {}, (("../etc.json", "unsafe_member_name"),))
+    assert second.key == "ok" and second.dropped == ()
 
 
 def _consume(stream, batches):
