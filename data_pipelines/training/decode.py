@@ -15,6 +15,7 @@ pixel, so the loader can pack on exact lengths and decode only the samples it ch
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import io
 import logging
 import math
@@ -290,6 +291,31 @@ class VideoProbe:
     native_fps: float
     num_source_frames: int
     backend: str  # "decord" or "pyav": the decoder whose frame numbering `indices` use
+    rotation: int = 0  # clockwise degrees the container's display matrix asks for (0, 90, 180, 270)
+
+
+def video_rotation(data: bytes) -> int:
+    """Clockwise degrees (0, 90, 180, 270) a player turns this video by: its display matrix (phone
+    videos shot upright are stored sideways with one). decord applies it to the frames it returns;
+    PyAV does not, so its paths turn their frames by this, and both backends agree (as
+    `decode_image` applies EXIF)."""
+    import av
+
+    try:
+        with av.open(io.BytesIO(data), mode="r") as container:
+            if not container.streams.video:
+                return 0
+            frame = next(container.decode(container.streams.video[0]), None)
+            # PyAV reports FFmpeg's av_display_rotation_get: counterclockwise degrees.
+            counterclockwise = getattr(frame, "rotation", 0) if frame is not None else 0
+    except (av.error.FFmpegError, OSError, ValueError, StopIteration):
+        return 0  # unreadable files fail in the decoders, with their own reasons
+    return int(round(-counterclockwise / 90.0)) % 4 * 90
+
+
+def _rotated(frames: np.ndarray, clockwise: int) -> np.ndarray:
+    """(T, H, W, 3) frames turned clockwise by 0/90/180/270 degrees."""
+    return np.ascontiguousarray(np.rot90(frames, k=-(clockwise // 90), axes=(1, 2))) if clockwise else frames
 
 
 def _decord_reader(data: bytes, threads: int):
@@ -459,7 +485,8 @@ def decode_video_pyav(
     with _pyav_stream(data, threads) as (container, stream, index):
         probe = _probe_pyav(stream, index, target_fps, max_frames)
         frames = _frames_pyav(container, stream, index, probe.indices)
-    return VideoFrames(frames, list(probe.timestamps), probe.native_fps, probe.num_source_frames)
+    return VideoFrames(_rotated(frames, video_rotation(data)), list(probe.timestamps), probe.native_fps,
+                       probe.num_source_frames)
 
 
 def _with_fallback(data: bytes, with_decord, with_pyav):
@@ -491,7 +518,7 @@ def decode_video(
     def with_decord(data: bytes) -> VideoFrames:
         reader = _decord_reader(data, threads)  # one open serves the probe and the decode
         probe = _probe_decord(reader, target_fps, max_frames)
-        frames = _frames_decord(reader, probe.indices)
+        frames = _frames_decord(reader, probe.indices)  # decord applies the display matrix itself
         return VideoFrames(frames, list(probe.timestamps), probe.native_fps, probe.num_source_frames)
 
     return _with_fallback(data, with_decord, lambda d: decode_video_pyav(d, target_fps, max_frames, threads))
@@ -504,7 +531,8 @@ def probe_video(data: bytes, target_fps: float = 2.0, max_frames: int = 128) -> 
         with _pyav_stream(data, 1) as (_, stream, index):
             return _probe_pyav(stream, index, target_fps, max_frames)
 
-    return _with_fallback(data, lambda d: _probe_decord(_decord_reader(d, 1), target_fps, max_frames), with_pyav)
+    probe = _with_fallback(data, lambda d: _probe_decord(_decord_reader(d, 1), target_fps, max_frames), with_pyav)
+    return dataclasses.replace(probe, rotation=video_rotation(data))
 
 
 def decode_video_frames(data: bytes, probe: VideoProbe, indices: Sequence[int], threads: int = 1) -> np.ndarray:
@@ -527,7 +555,7 @@ def decode_video_frames(data: bytes, probe: VideoProbe, indices: Sequence[int], 
     def with_pyav(data: bytes) -> np.ndarray:
         with _pyav_stream(data, threads) as (container, stream, index):
             check(len(index.frame_pts))
-            return _frames_pyav(container, stream, index, indices)
+            return _rotated(_frames_pyav(container, stream, index, indices), probe.rotation)
 
     frames = with_pyav(data) if probe.backend == "pyav" else _with_fallback(data, with_decord, with_pyav)
     if frames.shape[0] != len(indices):
