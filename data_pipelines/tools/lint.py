@@ -76,7 +76,7 @@ def add_sample_spec_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-frames", type=int, default=128, metavar="N", help="data.max_frames (default: %(default)s)")
     group.add_argument("--reasoning-on-ratio", type=float, default=0.0, metavar="P",
                        help="data.reasoning_on_ratio (default: %(default)s)")
-    group.add_argument("--chat-template", choices=("auto", "builtin"), default="auto",
+    group.add_argument("--chat-template", choices=("auto", "tokenizer", "builtin"), default="auto",
                        help="data.chat_template (default: %(default)s)")
     group.add_argument("--no-loss-on-think", action="store_true", help="data.loss_on_think=false")
     group.add_argument("--evs-mode", choices=EVS_MODES, default="off", help="data.evs.mode (default: %(default)s)")

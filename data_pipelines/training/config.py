@@ -76,8 +76,12 @@ class DataConfig:
     max_frames: int = 128
     # Share of samples without an explicit /think or /no_think that get reasoning on.
     reasoning_on_ratio: float = 0.0
-    # "auto": the tokenizer's own chat template when it has one; "builtin": ChatML.
-    chat_template: Literal["auto", "builtin"] = "auto"
+    # "auto": the tokenizer's own chat template when it has one, ChatML for a conversation it does
+    # not render prefix-stably (counted per source as `chat_template_fallback`, warned once);
+    # "tokenizer": its template or an error; "builtin": ChatML.
+    chat_template: Literal["auto", "tokenizer", "builtin"] = "auto"
+    # Who resizes tiles and frames (bicubic): "torch" (fast) or "pil" (bit-exact with InternVL's PIL path).
+    resize_backend: Literal["torch", "pil"] = "torch"
     # Loss on the <think>...</think> block of answers (off: only the final answer trains).
     loss_on_think: bool = True
     # Processes that decode and tokenize; 0 builds samples in the training process.
@@ -98,7 +102,7 @@ class DataConfig:
     @property
     def tiling(self) -> TilingConfig:
         return TilingConfig(tile_size=self.tile_size, min_tiles=self.min_tiles, max_tiles=self.max_tiles,
-                            use_thumbnail=self.use_thumbnail)
+                            use_thumbnail=self.use_thumbnail, resize_backend=self.resize_backend)
 
     def validate(self, path: str) -> None:
         if not self.sources:

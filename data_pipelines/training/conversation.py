@@ -211,9 +211,12 @@ def tokenize_with_media_spans(
     special_ids: dict[str, int],
     template: TemplateFn | None = None,
     loss_on_think: bool = True,
+    segments: list[Segment] | None = None,
 ) -> tuple[list[int], list[int], list[tuple[int, int]]]:
-    """`tokenize_conversation` plus (start, length) of each media slot's tokens, in slot order."""
-    segments = (template_segments(messages, template) if template is not None else None) or builtin_segments(messages)
+    """`tokenize_conversation` plus (start, length) of each media slot's tokens, in slot order.
+    `segments`: the template's rendering when the caller already has it (`template_segments`)."""
+    segments = (segments or (template_segments(messages, template) if template is not None else None)
+                or builtin_segments(messages))
     ids: list[int] = []
     labels: list[int] = []
     spans: list[tuple[int, int]] = []

@@ -134,6 +134,15 @@ class SourceCursor:
         self.epoch, self.shard_pos, self.sample_pos = state["epoch"], state["shard_pos"], state["sample_pos"]
 
 
+NOTE_MEANING = {
+    "chat_template_fallback": "the tokenizer's chat template is not prefix-stable on some conversations (it "
+                              "rewrites earlier turns), so those are rendered with the built-in ChatML "
+                              "(data.chat_template=tokenizer makes this an error)",
+    "video_pyav_fallback": "decord is missing or failed on some videos, so PyAV read them (same frames and "
+                           "timestamps, slower)",
+}
+
+
 # ---- planning and decoding, inline or in worker processes ---------------------------------
 _WORKER: dict = {}
 
@@ -238,6 +247,8 @@ class PackedBatchStream:
         self._decode_skipped_by_source: Counter[str] = Counter()
         self.samples_by_source: Counter[str] = Counter()
         self.tokens_by_source: Counter[str] = Counter()
+        self.fallbacks_by_source: Counter[str] = Counter()  # "<source>/<note>" of used samples
+        self._warned: set[str] = set()
         # Planned but not yet buffered samples, with the planning state right after each.
         self._pending: deque[tuple[Job, Future | None, dict]] = deque()
         self._planned = self._planning_state()  # as of the last plan that reached the packer
@@ -365,9 +376,20 @@ class PackedBatchStream:
                 continue
             self.samples_by_source[plan.source] += 1
             self.tokens_by_source[plan.source] += plan.length
+            for note in plan.notes:
+                self._note(plan.source, note)
             samples.append(plan.with_tiles(tiles))
         self._committed = row.state
         return samples
+
+    def _note(self, source: str, note: str) -> None:
+        """Count a switch a used sample took (`SamplePlan.notes`); the first of each kind is also
+        printed, so no run changes its path without saying so."""
+        if note not in self._warned and self.rank == 0:
+            self._warned.add(note)
+            print(f"warning: source {source!r}: {NOTE_MEANING.get(note, note)}; every such sample is counted in "
+                  "metrics and summary.json (fallbacks_by_source)", file=sys.stderr, flush=True)
+        self.fallbacks_by_source[f"{source}/{note}"] += 1
 
     def next_batch(self) -> PackedBatch:
         rows = [self._use_row() for _ in range(self.micro_batch_size)]
@@ -406,6 +428,7 @@ class PackedBatchStream:
             "skipped_by_source": dict(self.skipped_by_source),
             "samples_by_source": dict(self.samples_by_source),
             "tokens_by_source": dict(self.tokens_by_source),
+            "fallbacks_by_source": dict(self.fallbacks_by_source),
         }
 
     def _reset_ahead(self) -> None:
@@ -477,11 +500,12 @@ class PackedBatchStream:
 
     def _load_counters(self, states: list[dict]) -> None:
         def total(key: str) -> Counter:
-            return sum((Counter(s[key]) for s in states), Counter())
+            return sum((Counter(s.get(key, {})) for s in states), Counter())  # .get: states saved before a counter existed
 
         self._plan_skipped, self._plan_skipped_by_source = total("skipped"), total("skipped_by_source")
         self._decode_skipped, self._decode_skipped_by_source = Counter(), Counter()
         self.samples_by_source, self.tokens_by_source = total("samples_by_source"), total("tokens_by_source")
+        self.fallbacks_by_source = total("fallbacks_by_source")
 
 
 def sample_spec(cfg: DataConfig, tokens_per_tile: int, seed: int) -> SampleSpec:

@@ -29,6 +29,7 @@ from data_pipelines.training.conversation import (
     media_token_count,
     parse_messages,
     placeholder_order,
+    template_segments,
     tokenize_conversation,
     tokenize_with_media_spans,
 )
@@ -41,7 +42,7 @@ from data_pipelines.training.decode import (
     probe_video,
 )
 from data_pipelines.training.evs import EvsConfig, kept_token_count, sample_q
-from data_pipelines.training.shards import RawSample, parse_json_member
+from data_pipelines.training.shards import DataError, RawSample, parse_json_member
 from data_pipelines.training.tiling import TilingConfig, choose_tile_grid, num_tiles, tile_image
 
 TILE_LADDER = (12, 8, 6, 4, 2, 1)
@@ -109,8 +110,14 @@ class Tokenizer:
         return self.hf(text, add_special_tokens=False)["input_ids"]
 
     def template(self, mode: str):
-        """The tokenizer's chat template as (messages, add_generation_prompt) -> text, or None."""
-        if mode == "builtin" or not getattr(self.hf, "chat_template", None):
+        """The tokenizer's chat template as (messages, add_generation_prompt) -> text, or None
+        (mode "builtin", or "auto" with a tokenizer that has none; "tokenizer" requires one)."""
+        if mode == "builtin":
+            return None
+        if not getattr(self.hf, "chat_template", None):
+            if mode == "tokenizer":
+                raise DataError(f"data.chat_template=tokenizer but the tokenizer in {self.path or '(memory)'} has no "
+                                "chat template: add one or set data.chat_template=auto")
             return None
         return lambda messages, add_generation_prompt: self.hf.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=add_generation_prompt)
@@ -166,6 +173,10 @@ class SamplePlan:
     key: str
     position: tuple = ()  # as Sample.position
     video_evs: np.ndarray = field(default_factory=lambda: np.zeros((0, 5), dtype=np.int64))
+    # Switches away from the configured path this sample took (counted per source, warned once):
+    # `chat_template_fallback` (the tokenizer's template is not prefix-stable here: ChatML used),
+    # `video_pyav_fallback` (decord missing or failed on a video: PyAV read it).
+    notes: tuple[str, ...] = ()
 
     @property
     def length(self) -> int:
@@ -227,12 +238,23 @@ def plan_sample(raw: RawSample, source: str, spec: SampleSpec, tokenizer: Tokeni
     clips = [MediaPlan(m, len(keep), video=v, frames=tuple(v.indices[j] for j in keep))
              for m, v, keep in zip(video_members, videos, frame_keep)]
     slots = _slots(order, [i.num_tiles for i in images], videos, frame_keep, video_q, spec.tokens_per_tile)
+    template = tokenizer.template(spec.chat_template)
+    segments = template_segments(messages, template) if template is not None else None
+    notes = []
+    if template is not None and segments is None:
+        if spec.chat_template == "tokenizer":
+            raise DataError(f"sample {raw.key} ({raw.shard}): the tokenizer's chat template is not prefix-stable on "
+                            "this conversation (it rewrites earlier turns), and data.chat_template=tokenizer forbids "
+                            "the ChatML fallback: fix the template or set data.chat_template=auto")
+        notes.append("chat_template_fallback")
+    if any(v.backend == "pyav" for v in videos):
+        notes.append("video_pyav_fallback")
     ids, labels, spans = tokenize_with_media_spans(messages, slots, tokenizer.encode, tokenizer.special_ids,
-                                                   tokenizer.template(spec.chat_template), spec.loss_on_think)
+                                                   template, spec.loss_on_think, segments=segments)
     image_iter, clip_iter = iter(images), iter(clips)
     media = tuple(next(image_iter) if kind == "image" else next(clip_iter) for kind in order)
     return SamplePlan(np.asarray(ids, dtype=np.int64), np.asarray(labels, dtype=np.int64), media, source, raw.key,
-                      video_evs=_video_evs_rows(slots, spans))
+                      video_evs=_video_evs_rows(slots, spans), notes=tuple(notes))
 
 
 def decode_media(media: tuple[MediaPlan, ...], raw: RawSample, spec: SampleSpec) -> torch.Tensor:

@@ -305,3 +305,68 @@ def test_videos_are_turned_as_their_display_matrix_says(matrix, clockwise):
         assert first[:, 32:].mean() > 200 and first[:, :32].mean() < 50
     else:
         assert first[:, :32].mean() > 200 and first[:, 32:].mean() < 50
+
+
+# A reasoning template that drops earlier answers' thoughts (not prefix-stable on multi-turn chats).
+REWRITING_TEMPLATE = (
+    "{%- for m in messages -%}"
+    "{{- '<|im_start|>' + m['role'] + '\\n' + (m['content'] if loop.last else m['content'].split('</think>')[-1])"
+    " + '<|im_end|>\\n' -}}"
+    "{%- endfor -%}{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}")
+
+
+def multi_turn_shard(path) -> None:
+    turns = [{"role": "user", "content": "Q1?"}, {"role": "assistant", "content": "<think>hm</think>A1."},
+             {"role": "user", "content": "Q2?"}, {"role": "assistant", "content": "A2."}]
+    write_shard(path, [(f"m{i}", {"json": json.dumps({"messages": turns}).encode()}) for i in range(4)]
+                + [(f"s{i}", {"json": doc()}) for i in range(4)])
+
+
+def test_a_chat_template_fallback_is_counted_per_source_and_warned_once(tmp_path, tokenizer, capsys):
+    from data_pipelines.training.samples import Tokenizer
+
+    (tmp_path / "chats").mkdir()
+    multi_turn_shard(tmp_path / "chats" / "shard-000000.tar")
+    hf = type(tokenizer.hf).from_pretrained(tokenizer.path)
+    hf.chat_template = REWRITING_TEMPLATE
+    rewriting = Tokenizer(hf, tokenizer.path)
+    data = stream([SourceConfig("chats", str(tmp_path / "chats"))], rewriting, pack_buffer=8)
+    while data.epochs < 1.0:
+        data.next_batch()
+    assert dict(data.fallbacks_by_source) == {"chats/chat_template_fallback": 4}  # the multi-turn ones only
+    assert capsys.readouterr().err.count("chat template is not prefix-stable") == 1
+    assert data.state_dict()["fallbacks_by_source"] == {"chats/chat_template_fallback": 4}
+    strict = dataclasses_replace(spec(), chat_template="tokenizer")
+    with pytest.raises(DataError, match="not prefix-stable on this conversation.*data.chat_template=tokenizer"):
+        for shard in expand_shard_paths(str(tmp_path / "chats")):
+            from data_pipelines.training.shards import iter_shard
+
+            for raw in iter_shard(shard):
+                build_sample(raw, "chats", strict, rewriting)
+
+
+def dataclasses_replace(obj, **changes):
+    import dataclasses
+
+    return dataclasses.replace(obj, **changes)
+
+
+def test_resize_backend_is_reachable_from_config():
+    from train.config.compose import load_config
+
+    cfg = load_config("stage1_image_sft", ["smoke=cpu", "data.resize_backend=pil"])
+    assert cfg.data.tiling.resize_backend == "pil"
+    with pytest.raises(ConfigError, match="resize_backend"):
+        load_config("stage1_image_sft", ["smoke=cpu", "data.resize_backend=opencv"])
+
+
+def test_reading_videos_without_decord_is_counted_and_warned(synth_data, tokenizer, monkeypatch, capsys):
+    """decord is absent (as on aarch64, where it has no wheel): PyAV reads the videos, and says so."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "decord", None)  # `import decord` raises ImportError
+    videos = stream([SourceConfig("vid", str(synth_data.shard_dirs["video"]))], tokenizer, pack_buffer=2)
+    [videos.next_batch() for _ in range(3)]
+    used = videos.samples_by_source["vid"]
+    assert used >= 1 and dict(videos.fallbacks_by_source) == {"vid/video_pyav_fallback": used}
+    assert capsys.readouterr().err.count("PyAV read them") == 1

@@ -264,7 +264,8 @@ class Trainer:
         return {"skipped": sum_counts(d.skipped, self.info),
                 "skipped_by_source": sum_counts(d.skipped_by_source, self.info),
                 "samples_by_source": sum_counts(d.samples_by_source, self.info),
-                "tokens_by_source": sum_counts(d.tokens_by_source, self.info)}
+                "tokens_by_source": sum_counts(d.tokens_by_source, self.info),
+                "fallbacks_by_source": sum_counts(d.fallbacks_by_source, self.info)}
 
     def _save(self) -> None:
         state = {"step": self.step, "tokens": self.tokens, "data_rank": self.info.data_rank, "data": self.data.state_dict()}
