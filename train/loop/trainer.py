@@ -33,13 +33,13 @@ from train.checkpoint.store import (
 )
 from train.config.schema import MODEL_PARTS, Config, ConfigError
 from train.loop.callbacks import MetricsFile, Progress, WandbLogger
-from train.loop.validation import Validator
-from train.reporting.report import write_stage_report
 from train.loop.preemption import Preempted, PreemptionHandler
 from train.loop.train_module import TrainModule, apply_trainable, build_optimizer
+from train.loop.validation import Validator
 from train.model.vlm import VisionLanguageModel
 from train.parallel.distributed import DistInfo, init_distributed, shutdown, sum_counts, wrap_data_parallel
 from train.precision import build_precision
+from train.reporting.report import write_stage_report
 
 
 def prepare_data_files(cfg: Config) -> None:
