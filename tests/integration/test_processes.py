@@ -33,6 +33,10 @@ def test_wandb_offline_logs_into_the_run_dir_and_no_secret_leaks(tmp_path, monke
     assert result.returncode == 0, result.stderr[-3000:]
     runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+    # The report's plots go to wandb as images, as they go to report.html.
+    logged = {p.name for p in (runs[0] / "files" / "media").rglob("*.png")}
+    drawn = {p.stem for p in (run_dir / "report").glob("*.png")}
+    assert drawn and len(logged) == len(drawn)
     assert secret not in result.stdout + result.stderr
     for path in run_dir.rglob("*"):
         if path.is_file():
