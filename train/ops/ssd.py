@@ -108,12 +108,14 @@ def _row_initial_states(initial_states: Tensor, seq_idx: Tensor | None) -> Tenso
     return initial_states * keep
 
 
-def _segsum(a: Tensor) -> Tensor:
+def _segsum(a: Tensor, blocked: Tensor | None = None) -> Tensor:
     """Stable segment sums of the last dim: out[..., i, j] = sum_{j < k <= i} a[..., k].
 
-    Upper triangle (j > i) is -inf so that exp() gives the causal decay matrix.
-    Summing the masked copies directly (rather than cumsum[i] - cumsum[j])
-    avoids cancellation when the cumulative log-decay is large.
+    The upper triangle (j > i), and the pairs `blocked` marks (broadcast against the output: e.g.
+    tokens of different packed samples), are -inf so that exp() gives the causal decay matrix.
+    Summing the masked copies directly (rather than cumsum[i] - cumsum[j]) avoids cancellation
+    when the cumulative log-decay is large. One (T, T) temporary besides the result: the -inf
+    fill is in place (cumsum's backward does not need its output).
 
     a: (..., T) -> (..., T, T)
     """
@@ -121,8 +123,8 @@ def _segsum(a: Tensor) -> Tensor:
     strict = torch.ones(T, T, dtype=torch.bool, device=a.device).tril(-1)
     rep = a.unsqueeze(-1).expand(*a.shape, T)  # rep[..., i, j] = a[..., i]
     seg = rep.masked_fill(~strict, 0.0).cumsum(dim=-2)  # (..., T, T)
-    causal = torch.ones(T, T, dtype=torch.bool, device=a.device).tril(0)
-    return seg.masked_fill(~causal, -math.inf)
+    acausal = torch.ones(T, T, dtype=torch.bool, device=a.device).triu(1)
+    return seg.masked_fill_(acausal if blocked is None else acausal | blocked, -math.inf)
 
 
 def ssd_scan_ref(
@@ -204,20 +206,18 @@ def ssd_scan_ref(
     dA_cs = dA.cumsum(dim=-1)  # (b, c, g, r, cl) log-decay from chunk start to t (inclusive)
 
     # --- intra-chunk (diagonal blocks): y_i = sum_{j<=i} C_i.B_j * decay(j->i) * dt_j * x_j
-    seg = _segsum(dA)  # (b, c, g, r, cl, cl)
-    if seq is not None:
-        same = seq.unsqueeze(-1) == seq.unsqueeze(-2)  # (b, c, cl, cl)
-        seg = seg.masked_fill(~same[:, :, None, None], -math.inf)
-    decay = torch.exp(seg)  # (b, c, g, r, cl, cl); exactly 0 across samples / acausal
+    other_sample = None if seq is None else (seq.unsqueeze(-1) != seq.unsqueeze(-2))[:, :, None, None]  # (b, c, 1, 1, cl, cl)
+    decay = torch.exp(_segsum(dA, other_sample))  # (b, c, g, r, cl, cl); exactly 0 across samples / acausal
     CB = torch.einsum("bcign,bcjgn->bcgij", C_c, B_c)  # (b, c, g, cl, cl)
-    W = CB.unsqueeze(3) * decay * dt_c.unsqueeze(-2)  # (b, c, g, r, cl_i, cl_j)
-    y_diag = torch.einsum("bcgrij,bcjgrp->bcigrp", W, x_c)  # (b, c, cl, g, r, p)
+    # dt_j scales the input x_j: folded into x (small) rather than into the (cl, cl) weights.
+    x_dt = x_c * dt_c.permute(0, 1, 4, 2, 3).unsqueeze(-1)  # (b, c, cl, g, r, p)
+    W = CB.unsqueeze(3) * decay  # (b, c, g, r, cl_i, cl_j)
+    y_diag = torch.einsum("bcgrij,bcjgrp->bcigrp", W, x_dt)  # (b, c, cl, g, r, p)
 
     # --- chunk-end states from each chunk's own inputs. decay[..., -1, j] is the
     # decay from j to the chunk's last token, already 0 for tokens of an earlier
     # sample than the last token's, so those never enter the carried state.
-    w_end = decay[..., -1, :] * dt_c  # (b, c, g, r, cl)
-    chunk_states = torch.einsum("bcgrj,bcjgn,bcjgrp->bcgrpn", w_end, B_c, x_c)  # (b, c, g, r, p, n)
+    chunk_states = torch.einsum("bcgrj,bcjgn,bcjgrp->bcgrpn", decay[..., -1, :], B_c, x_dt)  # (b, c, g, r, p, n)
     chunk_decay = torch.exp(dA_cs[..., -1])  # (b, c, g, r) total decay over each chunk
 
     # --- inter-chunk state passing (sequential over chunks: linear in l).
