@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="directory for plan.json (default: the recipe's run.dir)")
     parser.add_argument("--world-size", type=int, default=None,
                         help="GPUs the run uses (default: one replica, tensor x context x pipeline)")
+    parser.add_argument("--measure", action="store_true",
+                        help="also run a few training steps on this device (one process, native engine) and print "
+                             "step time, tokens/s and peak memory beside the estimate (plan.json: measured)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. data.seq_length=49152")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
@@ -42,8 +45,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(args.out or cfg.run.dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "plan.json").write_text(json.dumps(plan, indent=2) + "\n")
     print(estimate.format_plan(plan))
+    if args.measure:
+        from train.planning.measure import format_measured, measure
+
+        plan["measured"] = measure(cfg)
+        print(format_measured(plan["measured"], plan["memory_gib"]["total"]))
+    (out / "plan.json").write_text(json.dumps(plan, indent=2) + "\n")
     print(f"wrote {out / 'plan.json'}")
     return 0
 

@@ -121,3 +121,17 @@ def test_plan_follows_the_layout_and_world_size():
     assert two_replicas["memory_gib"]["weights"] == one_replica["memory_gib"]["weights"]
     with pytest.raises(ConfigError, match="world-size"):
         estimate.make_plan(cfg, "s1", world_size=6)
+
+
+def test_measure_runs_real_steps_beside_the_estimate(tmp_path, capsys):
+    from train import plan as plan_cli
+
+    assert plan_cli.main(["--config-name", "stage3_text_recovery", "--out", str(tmp_path), "--measure", "smoke=cpu",
+                          "data.seq_length=512"]) == 0
+    printed = capsys.readouterr().out
+    saved = json.loads((tmp_path / "plan.json").read_text())
+    measured = saved["measured"]
+    assert measured["device"] == "cpu" and measured["tokens_per_step"] == 2 * 512  # micro_batch_size x seq_length
+    assert measured["step_seconds"] > 0 and measured["tokens_per_second"] == pytest.approx(1024 / measured["step_seconds"])
+    assert measured["peak_memory_gib"] > saved["memory_gib"]["weights"]  # the process holds at least the weights
+    assert "s/step" in printed and "estimated" in printed
