@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import shutil
@@ -336,19 +337,13 @@ def test_a_chat_template_fallback_is_counted_per_source_and_warned_once(tmp_path
     assert dict(data.fallbacks_by_source) == {"chats/chat_template_fallback": 4}  # the multi-turn ones only
     assert capsys.readouterr().err.count("chat template is not prefix-stable") == 1
     assert data.state_dict()["fallbacks_by_source"] == {"chats/chat_template_fallback": 4}
-    strict = dataclasses_replace(spec(), chat_template="tokenizer")
+    strict = dataclasses.replace(spec(), chat_template="tokenizer")
+    from data_pipelines.training.shards import iter_shard
+
     with pytest.raises(DataError, match="not prefix-stable on this conversation.*data.chat_template=tokenizer"):
         for shard in expand_shard_paths(str(tmp_path / "chats")):
-            from data_pipelines.training.shards import iter_shard
-
             for raw in iter_shard(shard):
                 build_sample(raw, "chats", strict, rewriting)
-
-
-def dataclasses_replace(obj, **changes):
-    import dataclasses
-
-    return dataclasses.replace(obj, **changes)
 
 
 def test_resize_backend_is_reachable_from_config():
