@@ -50,12 +50,10 @@ def evaluate(args: argparse.Namespace) -> dict:
     out = Path(args.out) if args.out else run_dir / "eval"
     results: dict = {"checkpoint": str(step_dir)}
     if args.tasks:
-        from train.evaluation.harness import export_for_harness, run_harness
+        from train.evaluation.harness import evaluate_checkpoint
 
-        export = export_for_harness(step_dir, out, args.tokenizer)
-        out_file = out / f"lm_eval_{step_dir.name}.json"
-        report = run_harness(export, args.tasks, out_file, limit=args.limit, batch_size=args.batch_size,
-                             device=args.device, dtype=args.dtype)
+        out_file, report = evaluate_checkpoint(step_dir, args.tasks, out, args.tokenizer, limit=args.limit,
+                                               batch_size=args.batch_size, device=args.device, dtype=args.dtype)
         results["lm_eval"] = {"file": str(out_file), "results": report.get("results", {})}
     if args.generation is not None:
         from train.evaluation.generation import score_source

@@ -135,7 +135,7 @@ def sample_rng(seed: int, raw: RawSample, stream: str = "") -> random.Random:
     return random.Random(zlib.crc32(key.encode()))
 
 
-def _media_members(raw: RawSample, prefix: str, suffixes: tuple[str, ...]) -> list[str]:
+def media_members(raw: RawSample, prefix: str, suffixes: tuple[str, ...]) -> list[str]:
     """Names of the `<prefix><i>.<ext>` members, in order of i."""
     found = {}
     for name in raw.members:
@@ -216,8 +216,8 @@ def plan_sample(raw: RawSample, source: str, spec: SampleSpec, tokenizer: Tokeni
     messages = parse_messages(doc)
     order = placeholder_order(messages)
     n_images, n_videos = order.count("image"), order.count("video")
-    image_members = _media_members(raw, "img", IMAGE_SUFFIXES)
-    video_members = _media_members(raw, "vid", VIDEO_SUFFIXES)
+    image_members = media_members(raw, "img", IMAGE_SUFFIXES)
+    video_members = media_members(raw, "vid", VIDEO_SUFFIXES)
     if (n_images, n_videos) != (len(image_members), len(video_members)):
         raise SampleError(
             "placeholder_mismatch",

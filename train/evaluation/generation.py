@@ -11,7 +11,6 @@ counted skips per reason.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import Counter
@@ -22,7 +21,9 @@ import torch
 from data_pipelines.training import special_tokens as st
 from data_pipelines.training.config import SourceConfig
 from data_pipelines.training.decode import MediaDecodeError
-from data_pipelines.training.shards import RawSample, expand_shard_paths, iter_shard
+from data_pipelines.training.conversation import SampleError, parse_messages
+from data_pipelines.training.samples import IMAGE_SUFFIXES, VIDEO_SUFFIXES, media_members
+from data_pipelines.training.shards import RawSample, expand_shard_paths, iter_shard, parse_json_member
 from train.inference.chat_session import ChatModel, build_prompt
 from train.inference.generate import greedy_tokens
 
@@ -63,19 +64,21 @@ class SourceScore:
 
 
 def question_and_answer(raw: RawSample) -> tuple[str, str, str, list[bytes], list[bytes]] | str:
-    """(system, question, answer, images, videos) of a one-question sample, or a skip reason."""
+    """(system, question, answer, images, videos) of a one-question sample, or a skip reason. Parsed
+    by training's own parser (same reasons, BOM and content parts accepted)."""
     try:
-        messages = json.loads(raw.members["json"])["messages"]
-    except (KeyError, ValueError, TypeError):
-        return "malformed_json"
-    system = messages[0]["content"] if messages and messages[0].get("role") == "system" else ""
+        messages = parse_messages(parse_json_member(raw))
+    except SampleError as err:
+        return err.reason
+    except ValueError as err:  # parse_json_member: missing_json / malformed_json
+        return str(err)
+    system = messages[0].content if messages[0].role == "system" else ""
     turns = messages[1:] if system else messages
-    if [m.get("role") for m in turns] != ["user", "assistant"]:
+    if [m.role for m in turns] != ["user", "assistant"]:
         return "not_single_turn"
-    media = sorted(name for name in raw.members if name.startswith(("img", "vid")))
-    images = [raw.members[name] for name in media if name.startswith("img")]
-    videos = [raw.members[name] for name in media if name.startswith("vid")]
-    return system, turns[0]["content"], turns[1]["content"], images, videos
+    images = [raw.members[name] for name in media_members(raw, "img", IMAGE_SUFFIXES)]
+    videos = [raw.members[name] for name in media_members(raw, "vid", VIDEO_SUFFIXES)]
+    return system, turns[0].content, turns[1].content, images, videos
 
 
 def score_source(chat: ChatModel, source: SourceConfig, max_samples: int, max_new_tokens: int = 64,

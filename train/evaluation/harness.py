@@ -91,3 +91,11 @@ def run_harness(export: Path, tasks: list[str], out_file: Path, limit: int | Non
     out_file.parent.mkdir(parents=True, exist_ok=True)
     out_file.write_text(json.dumps(report, indent=2, default=str) + "\n")
     return report
+
+
+def evaluate_checkpoint(checkpoint: Path, tasks: list[str], out: Path, tokenizer: str | None = None,
+                        **harness_options) -> tuple[Path, dict]:
+    """Export `checkpoint` under `out` and run the harness on it; returns (results file, results)."""
+    step_dir, _ = resolve_native_checkpoint(Path(checkpoint))
+    out_file = out / f"lm_eval_{step_dir.name}.json"
+    return out_file, run_harness(export_for_harness(step_dir, out, tokenizer), tasks, out_file, **harness_options)

@@ -561,6 +561,6 @@ def native_to_hf(src: Path, dst: Path, layout: Layout = "lm", dtype: torch.dtype
     files = write_hf_weights(hf_state, dst, max_shard_bytes)
     summary = {"layout": layout, "tensors": len(hf_state), "files": files, "dst": str(dst)}
     if tokenizer_dir is not None:
-        summary["serving_files"] = write_serving_files(dst, cfg, layout, export_tokenizer, tokenizer_dir)
+        summary["serving_files"] = write_serving_files(dst, cfg, layout, export_tokenizer)
         summary["tokenizer"] = str(tokenizer_dir)
     return summary

@@ -21,7 +21,6 @@ thumbnail) comes from `train.chat` / `train.inference.chat_session.build_prompt`
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 from data_pipelines.training import special_tokens as st
@@ -124,7 +123,7 @@ def processor_configs(cfg: Config) -> dict[str, dict]:
             "processor_config.json": processor}
 
 
-def write_serving_files(dst: Path, cfg: Config, layout: str, tokenizer, tokenizer_dir: Path) -> list[str]:
+def write_serving_files(dst: Path, cfg: Config, layout: str, tokenizer) -> list[str]:
     """Tokenizer (+ processor configs for `vl`) and generation config into `dst`; returns the files added."""
     from transformers import GenerationConfig
 
@@ -136,7 +135,4 @@ def write_serving_files(dst: Path, cfg: Config, layout: str, tokenizer, tokenize
     tokenizer.save_pretrained(dst)
     if not (dst / "generation_config.json").exists():  # an HF source's own (sampling settings) is kept
         GenerationConfig(**generation_config(tokenizer)).save_pretrained(dst)
-    # A chat template kept as its own file by newer tokenizers travels too.
-    if (tokenizer_dir / "chat_template.jinja").exists() and not (dst / "chat_template.jinja").exists():
-        shutil.copy2(tokenizer_dir / "chat_template.jinja", dst / "chat_template.jinja")
     return sorted({p.name for p in dst.iterdir()} - before)

@@ -61,22 +61,14 @@ def run_pipeline(argv: list[str]) -> list[dict]:
     return summaries
 
 
-def forgetting(configs: list[Config], summaries: list[dict]) -> dict[str, list[dict]]:
-    """{monitor source: [{stage, loss}, ...]}: each stage's last held-out loss on the shared monitor sources."""
-    curve: dict[str, list[dict]] = {}
-    for cfg, summary in zip(configs, summaries):
-        for source in cfg.data.monitor_sources:
-            loss = (summary.get("val") or {}).get(f"{source.name}/loss")
-            if loss is not None:
-                curve.setdefault(source.name, []).append({"stage": cfg.stage, "loss": loss})
-    return curve
-
-
 def write_pipeline_summary(root: Path, configs: list[Config], summaries: list[dict]) -> None:
-    """summary.json (the stages' summaries in order and the forgetting curve) and report.html."""
-    from train.reporting.report import write_pipeline_report
+    """summary.json (the stages' summaries in order and the forgetting curve: each stage's last
+    held-out loss on the shared monitor sources) and report.html."""
+    from train.reporting.report import forgetting_curve, read_stage, write_pipeline_report
 
-    summary = {"stages": summaries, "forgetting": forgetting(configs, summaries)}
+    curve = forgetting_curve([read_stage(Path(cfg.run.dir)) for cfg in configs])
+    summary = {"stages": summaries, "forgetting": {source: [{"stage": stage, "loss": loss} for stage, loss in zip(*points)]
+                                                   for source, points in curve.items()}}
     (root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     for source, points in summary["forgetting"].items():
         print(f"=== forgetting monitor {source}: " + " -> ".join(f"{p['stage']} {p['loss']:.4f}" for p in points),

@@ -352,14 +352,12 @@ def run_stage(cfg: Config) -> dict:
 def run_stage_benchmarks(cfg: Config, summary: dict) -> dict:
     """`eval.tasks` on the stage's final checkpoint (rank 0, after training): results in
     summary.json and <run dir>/eval/."""
-    from train.evaluation.harness import export_for_harness, run_harness
+    from train.evaluation.harness import evaluate_checkpoint
 
     run_dir = Path(cfg.run.dir)
-    step_dir = Path(summary["checkpoint"])
-    print(f"[{cfg.stage}] lm-eval: {', '.join(cfg.eval.tasks)} on {step_dir}", flush=True)
-    out_file = run_dir / "eval" / f"lm_eval_{step_dir.name}.json"
-    report = run_harness(export_for_harness(step_dir, run_dir / "eval"), cfg.eval.tasks, out_file,
-                         limit=cfg.eval.limit, device="cuda" if torch.cuda.is_available() else "cpu")
+    print(f"[{cfg.stage}] lm-eval: {', '.join(cfg.eval.tasks)} on {summary['checkpoint']}", flush=True)
+    out_file, report = evaluate_checkpoint(Path(summary["checkpoint"]), cfg.eval.tasks, run_dir / "eval",
+                                           limit=cfg.eval.limit, device="cuda" if torch.cuda.is_available() else "cpu")
     summary = {**summary, "lm_eval": {"file": str(out_file), "results": report.get("results", {})}}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -19,8 +19,9 @@ import torch
 
 from data_pipelines.training.batch import PackedBatch
 from train.config.schema import Config
-from train.loop.train_module import apply_trainable, build_optimizer
+from train.loop.train_module import TrainModule, apply_trainable, build_optimizer
 from train.model.vlm import VisionLanguageModel
+from train.parallel.distributed import DistInfo
 from train.precision import build_precision
 
 SAMPLES_PER_ROW = 4
@@ -37,28 +38,24 @@ def synthetic_row(cfg: Config, device: torch.device) -> PackedBatch:
 
 
 def measure(cfg: Config, steps: int = 4) -> dict:
-    """Step time, tokens/s and peak memory of `steps` optimizer steps (the first is warm-up)."""
+    """Step time, tokens/s and peak memory of `steps` optimizer steps (the first is warm-up), each
+    the trainer's own step (`TrainModule.train_step`: schedule, clipping, precision hooks)."""
     device = torch.device("cuda" if cfg.trainer.device == "cuda" or (
         cfg.trainer.device == "auto" and torch.cuda.is_available()) else "cpu")
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
     precision = build_precision(cfg.precision, device)
     model = VisionLanguageModel(cfg.model, image_token_id=10, image_end_id=9)
     model.reset_parameters(cfg.seed)
     apply_trainable(model, cfg.trainable)
     model = precision.convert_model(model.to(device))
-    optimizer = build_optimizer(model, cfg.optim)
+    step = TrainModule(model, build_optimizer(model, cfg.optim), cfg, info, precision)
     batch = synthetic_row(cfg, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
-    for _ in range(max(steps, 2)):
+    for index in range(max(steps, 2)):
         started = time.perf_counter()
-        with precision.autocast():
-            loss, _ = model(batch)
-        (loss / batch.loss_weight).backward()
-        precision.after_backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        precision.after_optimizer_step()
+        step.train_step([batch], index)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - started)
