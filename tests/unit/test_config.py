@@ -101,8 +101,9 @@ def test_mcore_layouts_are_checked_before_any_compute():
         load_config("stage3_text_recovery", ["smoke=cpu", "parallel.tensor_parallel=2"])  # native engine
     with pytest.raises(ConfigError, match="mamba_num_heads=4 must be a multiple of parallel.tensor_parallel=8"):
         load_config("stage3_text_recovery", [*base, "parallel.tensor_parallel=8"])
-    with pytest.raises(ConfigError, match="pipeline parallelism is not built yet"):
-        load_config("stage3_text_recovery", [*base, "parallel.pipeline_parallel=2"])
+    with pytest.raises(ConfigError, match="pipeline_parallel=3 must divide the 8 layers"):
+        load_config("stage3_text_recovery", [*base, "parallel.pipeline_parallel=3"])
+    assert load_config("stage3_text_recovery", [*base, "parallel.pipeline_parallel=2"]).parallel.pipeline_parallel == 2
     with pytest.raises(ConfigError, match="virtual_pipeline_parallel"):
         load_config("stage3_text_recovery", [*base, "parallel.virtual_pipeline_parallel=2"])
     with pytest.raises(ConfigError, match="sequence_parallel=true splits"):

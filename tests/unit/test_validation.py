@@ -13,6 +13,7 @@ from data_pipelines.training.validation import build_validation_set, pack_in_ord
 from tests.batches import assert_same_batches
 from tests.shard_writer import write_shard
 from train.config.compose import load_config
+from train.loop.train_module import TrainModule
 from train.loop.validation import Validator
 from train.model.vlm import VisionLanguageModel
 from train.parallel.distributed import DistInfo
@@ -84,10 +85,11 @@ def test_validator_is_the_per_token_mean_and_leaves_fp8_state_untouched(synth_da
     assert before and any(v.abs().sum() > 0 for k, v in before.items() if "amax_history" in k)
 
     validator = Validator(cfg, tokenizer, info, precision)
-    result = validator.evaluate(model)
+    loss_sum = TrainModule(model, None, cfg, info, precision).loss_sum  # the trainer's forward-only loss
+    result = validator.evaluate(loss_sum)
     after = precision.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    assert validator.evaluate(model) == result  # and evaluating again sees the same state
+    assert validator.evaluate(loss_sum) == result  # and evaluating again sees the same state
 
     # By hand: loss sums over supervised tokens, per source, then over the val sources.
     expected, totals = {}, [0.0, 0.0]

@@ -490,9 +490,9 @@ class Config:
     def _validate_mcore(self) -> None:
         """What the megatron-core engine supports today, and the shapes a layout needs."""
         par, lm = self.parallel, self.model.language_model
-        if par.pipeline_parallel > 1:
-            raise ConfigError("model.impl=mcore runs tensor, sequence and context parallelism today; pipeline "
-                              "parallelism is not built yet: set parallel.pipeline_parallel=1")
+        if len(lm.pattern) % par.pipeline_parallel:
+            raise ConfigError(f"parallel.pipeline_parallel={par.pipeline_parallel} must divide the "
+                              f"{len(lm.pattern)} layers of model.language_model.pattern: each stage takes an equal run")
         if par.data_parallel == "fsdp":
             raise ConfigError("model.impl=mcore shards with its own layout: set parallel.data_parallel=ddp")
         if self.precision.is_fp8:

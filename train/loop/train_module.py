@@ -90,6 +90,13 @@ class TrainModule:
         self.precision = precision
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
+        # Pipeline parallelism: micro-batches go through the stages in 1F1B order, and gradients are
+        # averaged over the data-parallel replicas after the last one (no DDP wrapper then).
+        self.pipeline = None
+        if info.dims.pipeline > 1:
+            from train.model.mcore.pipeline import PipelineSchedule
+
+            self.pipeline = PipelineSchedule(model, info, precision.autocast)
 
     def _gradient_sync(self, sync: bool):
         """Skip the gradient all-reduce on all but the last micro-batch (DDP no_sync; FSDP2
@@ -106,6 +113,14 @@ class TrainModule:
         with self.precision.autocast():
             return self.model(batch.to(self.info.device))
 
+    @torch.no_grad()
+    def loss_sum(self, batch: PackedBatch) -> float:
+        """The weighted loss sum of one micro-batch, forward only (validation): this rank's share
+        of it (context parallelism), the same on every pipeline stage."""
+        if self.pipeline is not None:
+            return self.pipeline.loss(batch)
+        return float(self._loss(batch)[0])
+
     def train_step(self, micro_batches: list[PackedBatch], step: int) -> StepResult:
         lr = learning_rate(step, self.cfg.optim, self.cfg.trainer.max_steps)
         for group in self.optimizer.param_groups:
@@ -118,16 +133,22 @@ class TrainModule:
         # Gradients are averaged over the data (and context) replicas; scale so the result is the
         # global weighted mean.
         scale = self.info.gradient_replicas / global_weight
-        loss_sum = 0.0
         self.optimizer.zero_grad(set_to_none=True)
-        for i, batch in enumerate(micro_batches):
-            sync = i == len(micro_batches) - 1
-            with self._gradient_sync(sync):
-                loss, _ = self._loss(batch)
-                (loss * scale).backward()
-            self.precision.after_backward()
-            loss_sum += float(loss.detach())
         params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.pipeline is not None:
+            from train.model.mcore.pipeline import reduce_gradients
+
+            loss_sum = self.pipeline.train(micro_batches, scale)
+            reduce_gradients(params, self.info)
+        else:
+            loss_sum = 0.0
+            for i, batch in enumerate(micro_batches):
+                sync = i == len(micro_batches) - 1
+                with self._gradient_sync(sync):
+                    loss, _ = self._loss(batch)
+                    (loss * scale).backward()
+                self.precision.after_backward()
+                loss_sum += float(loss.detach())
         finalize_tensor_parallel_grads(params, self.info)
         clip = self.cfg.optim.clip_grad if self.cfg.optim.clip_grad > 0 else float("inf")
         grad_norm = clip_grad_norm(params, clip, self.info)

@@ -87,6 +87,10 @@ def build_model(cfg: Config, tokenizer: Tokenizer, device: torch.device | None =
         random_parts = load_init_weights(cfg, model, layout)
     check_random_parts(cfg, random_parts)
     apply_trainable(model, cfg.trainable)
+    if not model.language_model.pre_process:
+        # A later pipeline stage: the first one runs the media side. Dropped only now, so every rank
+        # drew the same initial weights and made the same checks above.
+        model.vision_model = model.projector = None
     return model, layout, sorted(set(random_parts) & set(cfg.trainable.frozen))
 
 
@@ -227,7 +231,7 @@ class Trainer:
             evaluate = self.validator.due(self.step)
             log_now = self.step % t.log_every == 0 or self.step == t.max_steps or evaluate
             per_source = self._per_source_counts() if log_now else {}  # collective: all ranks take part
-            val = self.validator.evaluate(self.train_module.model) if evaluate else {}  # collective too
+            val = self.validator.evaluate(self.train_module.loss_sum) if evaluate else {}  # collective too
             if val:
                 self.last_val = val
             if self.info.is_main and log_now:

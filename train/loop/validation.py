@@ -15,9 +15,11 @@ world size, and invisible to training.
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+from typing import Callable
 
+import torch
+
+from data_pipelines.training.batch import PackedBatch
 from data_pipelines.training.config import SourceConfig
 from data_pipelines.training.loader import sample_spec
 from data_pipelines.training.samples import Tokenizer
@@ -49,8 +51,9 @@ class Validator:
         return self._sets
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
-        """{"val/<source>/loss": mean per-token loss, ..., "val/loss": over data.val_sources}."""
+    def evaluate(self, loss_sum: Callable[[PackedBatch], float]) -> dict[str, float]:
+        """{"val/<source>/loss": mean per-token loss, ..., "val/loss": over data.val_sources}, from
+        `loss_sum(batch)`: a row's weighted loss sum on this rank (`TrainModule.loss_sum`)."""
         sets = self.sets()
         rows = [(k, batch) for k, validation in enumerate(sets) for batch in validation.batches]
         replicas, mine = self.info.data_size, self.info.data_rank
@@ -59,8 +62,7 @@ class Validator:
         for start in range(0, len(rows), replicas):
             index = min(start + mine, len(rows) - 1)
             _, batch = rows[index]
-            with self.precision.autocast():
-                loss, _ = model(batch.to(self.info.device))
+            loss = loss_sum(batch)
             if start + mine < len(rows):
                 table[index, 0] = float(loss)
                 table[index, 1] = batch.loss_weight

@@ -288,6 +288,9 @@ class HybridLanguageModel(nn.Module):
     """Backbone + untied output head. `forward` returns logits (B, L, V) for inference; training
     uses `backbone` and the chunked loss so full logits are never materialised."""
 
+    # The whole stack in one piece: first and last pipeline stage at once (see McoreLanguageModel).
+    pre_process = post_process = True
+
     def __init__(self, cfg: LanguageModelConfig, kernels: KernelConfig | None = None):
         super().__init__()
         self.cfg = cfg

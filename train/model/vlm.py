@@ -81,7 +81,17 @@ class VisionLanguageModel(nn.Module):
     def forward(self, batch: PackedBatch) -> tuple[Tensor, int]:
         """Weighted sum of next-token cross-entropy over the batch's targets, and their count
         (`self.loss`, by default `train.model.loss.ChunkedCrossEntropy`). EVS only rewrites media
-        spans, which carry no loss, so the targets stay as the collator made them."""
-        hidden = self.hidden_states(batch.input_ids, batch.tiles, batch.seq_idx, batch.cu_seqlens, batch.video_evs)
-        lm = self.language_model  # under context parallelism, `hidden` holds this rank's tokens only
+        spans, which carry no loss, so the targets stay as the collator made them.
+
+        A pipeline stage of the language model (`train.model.mcore.pipeline`) before the last
+        returns its output activations instead of the loss; one after the first starts from the
+        previous stage's activations (no embedding, no media)."""
+        lm = self.language_model
+        if lm.pre_process:
+            hidden = self.hidden_states(batch.input_ids, batch.tiles, batch.seq_idx, batch.cu_seqlens, batch.video_evs)
+        else:
+            hidden = lm.hidden_states(None, batch.seq_idx, batch.cu_seqlens, rows=tuple(batch.input_ids.shape))
+        if not lm.post_process:
+            return hidden, 0
+        # Under context parallelism, `hidden` holds this rank's tokens only.
         return self.loss(hidden, lm.local_tokens(batch.targets), lm.local_tokens(batch.target_weights), lm.head_weight)

@@ -83,7 +83,7 @@ def wrap_data_parallel(model: nn.Module, parallel: ParallelConfig, info: DistInf
     language models are shard units, then the root; parameters become DTensors in place, so the
     optimizer must be built after this. ddp: a wrapper around the unchanged model.
     """
-    if info.gradient_replicas == 1:
+    if info.gradient_replicas == 1 or info.dims.pipeline > 1:  # a pipeline reduces after its schedule
         return model
     if parallel.data_parallel == "fsdp":
         from torch.distributed.fsdp import fully_shard
@@ -136,9 +136,12 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float, info: DistInfo) 
 
     With tensor parallelism a parameter split over the ranks (tagged `tensor_model_parallel`, as
     megatron tags them) counts each rank's part once, and a parameter every rank holds whole counts
-    once, as it does in the model the ranks hold together. Otherwise: torch's clip_grad_norm_."""
-    group = info.groups.get("tensor") if info.groups is not None else None
-    if group is None:
+    once, as it does in the model the ranks hold together; pipeline stages each add their own
+    layers. Otherwise: torch's clip_grad_norm_."""
+    groups = info.groups
+    tensor = groups.get("tensor") if groups is not None else None
+    pipeline = groups.get("pipeline") if groups is not None else None
+    if tensor is None and pipeline is None:
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # DTensor under FSDP2
     grads = [p for p in params if p.grad is not None]
@@ -150,8 +153,12 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float, info: DistInfo) 
             split += square
         else:
             whole += square
-    dist.all_reduce(split, group=group)
-    total = float((split + whole).sqrt())
+    if tensor is not None:
+        dist.all_reduce(split, group=tensor)
+    squares = split + whole
+    if pipeline is not None:
+        dist.all_reduce(squares, group=pipeline)
+    total = float(squares.sqrt())
     coefficient = max_norm / (total + 1e-6)
     if coefficient < 1:
         for p in grads:

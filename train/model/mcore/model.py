@@ -43,6 +43,8 @@ def transformer_config(lm: LanguageModelConfig, parallel: ParallelConfig, params
         hidden_dropout=0.0, attention_dropout=0.0, init_method_std=lm.initializer_range,
         tensor_model_parallel_size=parallel.tensor_parallel, sequence_parallel=parallel.sequence_parallel,
         context_parallel_size=parallel.context_parallel, pipeline_model_parallel_size=parallel.pipeline_parallel,
+        # What flows between pipeline stages (`train.model.mcore.pipeline`).
+        pipeline_dtype=params_dtype if parallel.pipeline_parallel > 1 else None,
         # Each rank draws its own shard on the CPU (no CUDA RNG tracker state needed on GPU either);
         # `reset_parameters` or a checkpoint then sets the weights.
         params_dtype=params_dtype, use_cpu_initialization=True, perform_initialization=True,
@@ -54,6 +56,7 @@ def transformer_config(lm: LanguageModelConfig, parallel: ParallelConfig, params
 
 
 EXACT_INIT_MAX_PARAMS = 2_000_000_000
+_LAYERS = "decoder.layers."
 
 
 class McoreLanguageModel(nn.Module):
@@ -71,6 +74,14 @@ class McoreLanguageModel(nn.Module):
         self.tp_rank, self.tp_size = self.tp_group.rank(), self.tp_group.size()
         self.cp_group = parallel_state.get_context_parallel_group()
         self.cp_rank, self.cp_size = self.cp_group.rank(), self.cp_group.size()
+        # Pipeline stage: megatron gives each of the `pp_size` stages an equal run of the layers; the
+        # first embeds, the last holds the final norm and the head.
+        self.pp_group = parallel_state.get_pipeline_model_parallel_group()
+        self.pp_rank, self.pp_size = self.pp_group.rank(), self.pp_group.size()
+        self.pre_process = parallel_state.is_pipeline_first_stage()
+        self.post_process = parallel_state.is_pipeline_last_stage()
+        self.layers_per_stage = len(lm.pattern) // self.pp_size
+        self.layer_offset = self.pp_rank * self.layers_per_stage
         self.sequence_parallel = parallel.sequence_parallel
         config = transformer_config(lm, parallel, params_dtype, device)
         self.model = MambaModel(
@@ -82,8 +93,29 @@ class McoreLanguageModel(nn.Module):
             position_embedding_type="none", share_embeddings_and_output_weights=False, parallel_output=True,
             # Embeddings stay whole (media are spliced into them); `hidden_states` scatters them.
             scatter_embedding_sequence_parallel=False,
-            pre_process=parallel_state.is_pipeline_first_stage(), post_process=parallel_state.is_pipeline_last_stage(),
+            pre_process=self.pre_process, post_process=self.post_process,
         ).to(device)
+        self.params_dtype = params_dtype
+
+    # -- names: megatron numbers the layers of each pipeline stage from 0 -----------------------------
+    def global_name(self, name: str) -> str:
+        """This stage's megatron parameter name -> its name in the whole model (`weights` speaks those)."""
+        if not name.startswith(_LAYERS):
+            return name
+        index, rest = name[len(_LAYERS):].split(".", 1)
+        return f"{_LAYERS}{int(index) + self.layer_offset}.{rest}"
+
+    def local_name(self, name: str) -> str | None:
+        """A whole-model megatron name -> this stage's, or None when another stage holds it."""
+        if name.startswith(_LAYERS):
+            index, rest = name[len(_LAYERS):].split(".", 1)
+            local = int(index) - self.layer_offset
+            return f"{_LAYERS}{local}.{rest}" if 0 <= local < self.layers_per_stage else None
+        if name.startswith("embedding."):
+            return name if self.pre_process else None
+        if name.startswith(("output_layer.", "decoder.final_norm.")):
+            return name if self.post_process else None
+        return name
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -93,7 +125,7 @@ class McoreLanguageModel(nn.Module):
         on every rank would need ~50 GB of host memory each) the weights megatron drew at
         construction stay (the same distributions; real runs of such models start from a
         checkpoint, which `init.from_checkpoint` loads over them)."""
-        total = sum(p.numel() for p in self.model.parameters()) * self.tp_size
+        total = sum(p.numel() for p in self.model.parameters()) * self.tp_size * self.pp_size
         if total > EXACT_INIT_MAX_PARAMS:
             return
         native = HybridLanguageModel(self.cfg)
@@ -101,13 +133,16 @@ class McoreLanguageModel(nn.Module):
         self.load_native_state(native.state_dict())
 
     def load_native_state(self, state: dict[str, Tensor]) -> None:
-        """Whole native-named weights (`backbone.*`, `lm_head.weight`) -> this rank's parameters."""
+        """Whole native-named weights (`backbone.*`, `lm_head.weight`) -> this rank's parameters
+        (its tensor-parallel shards of its pipeline stage's layers)."""
         full = weights.native_to_megatron(state, self.cfg)
-        weights.load_local_state(self.model, {k: v.to(self.device) for k, v in weights.shard_state(
-            full, self.cfg, self.tp_rank, self.tp_size).items()})
+        mine = {self.local_name(k): v for k, v in weights.shard_state(full, self.cfg, self.tp_rank, self.tp_size).items()}
+        weights.load_local_state(self.model, {k: v.to(self.device) for k, v in mine.items() if k is not None})
 
     def gather_local(self, local: dict[str, Tensor]) -> dict[str, Tensor]:
-        """{megatron name: this rank's tensor} -> {megatron name: whole tensor}, on every rank."""
+        """{this stage's megatron name: this rank's tensor} -> {whole-model megatron name: whole
+        tensor}, on every rank of the tensor-parallel group."""
+        local = {self.global_name(name): t for name, t in local.items()}
         if self.tp_size == 1:
             return {name: t.detach().clone() for name, t in local.items()}
         shards: list[dict[str, Tensor]] = [{} for _ in range(self.tp_size)]
@@ -128,22 +163,37 @@ class McoreLanguageModel(nn.Module):
         """(B, L) -> (B, L, D), whole on every tensor-parallel rank."""
         return self.model.embedding.word_embeddings(input_ids)
 
-    def hidden_states(self, embeds: Tensor, seq_idx: Tensor | None, cu_seqlens: Tensor) -> Tensor:
+    def set_input_tensor(self, tensor: Tensor) -> None:
+        """A later pipeline stage's input: the previous stage's output (`train.model.mcore.pipeline`)."""
+        self.model.set_input_tensor(tensor)
+
+    def hidden_states(self, embeds: Tensor | None, seq_idx: Tensor | None, cu_seqlens: Tensor,
+                      rows: tuple[int, int] | None = None) -> Tensor:
         """(B, L, D) input embeddings -> final normalised hidden states of this rank's tokens, ready
         for its slice of the vocabulary-parallel head (their gradient is summed over the
         tensor-parallel ranks): (B, L, D), or (1, B * L / cp, D) under context parallelism, in the
-        order `local_tokens` gives. `cu_seqlens` marks the samples over the flattened B * L tokens."""
-        b, l, d = embeds.shape
-        rows = embeds.reshape(b * l, 1, d)  # one packed THD row: (T, 1, D)
-        cu = cu_seqlens.to(device=embeds.device, dtype=torch.int32)
+        order `local_tokens` gives. `cu_seqlens` marks the samples over the flattened B * L tokens.
+
+        Pipeline stages: a stage after the first takes no embeddings (its input came through
+        `set_input_tensor`; `rows` = (B, L) gives the shape), and a stage before the last returns
+        its layers' raw output for the next stage, (B * L / cp [/ tp under SP], 1, D).
+        """
+        b, l = rows if embeds is None else embeds.shape[:2]
+        d = self.cfg.hidden_size
+        cu = cu_seqlens.to(device=self.device, dtype=torch.int32)
         lengths = torch.diff(cu)
         packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
                                  max_seqlen_q=int(lengths.max()), max_seqlen_kv=int(lengths.max()))
-        if self.cp_size > 1:
-            rows = rows[load_balanced_order(b * l, self.cp_size, self.cp_rank, rows.device)]  # (T / cp, 1, D)
-        if self.sequence_parallel:
-            rows = tensor_parallel.scatter_to_sequence_parallel_region(rows, group=self.tp_group)
-        hidden = self.model.decoder(hidden_states=rows, attention_mask=None, packed_seq_params=packed)
+        stage_input = None  # a later pipeline stage: the decoder reads its input tensor
+        if self.pre_process:
+            stage_input = embeds.reshape(b * l, 1, d)  # one packed THD row: (T, 1, D)
+            if self.cp_size > 1:  # (T / cp, 1, D)
+                stage_input = stage_input[load_balanced_order(b * l, self.cp_size, self.cp_rank, self.device)]
+            if self.sequence_parallel:
+                stage_input = tensor_parallel.scatter_to_sequence_parallel_region(stage_input, group=self.tp_group)
+        hidden = self.model.decoder(hidden_states=stage_input, attention_mask=None, packed_seq_params=packed)
+        if not self.post_process:
+            return hidden
         if self.sequence_parallel:
             hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden, group=self.tp_group)
         else:
@@ -161,7 +211,10 @@ class McoreLanguageModel(nn.Module):
     def forward(self, input_ids: Tensor, cu_seqlens: Tensor | None = None) -> Tensor:
         """Logits (B, L, V) over the whole vocabulary (gathered from the tensor-parallel ranks), as
         `HybridLanguageModel.forward`: for evaluation and parity checks; training uses the chunked
-        vocabulary-parallel loss instead."""
+        vocabulary-parallel loss instead. One pipeline stage only (a pipeline's stages run through
+        `train.model.mcore.pipeline`)."""
+        if self.pp_size > 1:
+            raise RuntimeError("logits of a pipeline-parallel model: run the stages with train.model.mcore.pipeline")
         seq_idx, cu_seqlens = packing_metadata(input_ids.shape, cu_seqlens, input_ids.device)
         hidden = self.hidden_states(self.embed_tokens(input_ids), seq_idx, cu_seqlens)
         if self.cp_size > 1:  # every rank's tokens, back in row order

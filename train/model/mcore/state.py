@@ -3,6 +3,7 @@
 resumes at TP=1 (or on the native engine) and back, and every tool that reads native checkpoints
 (HF export, `train.api`, stage hand-off) reads it.
 
+Each pipeline stage writes and reads only its own layers (under their whole-model names).
 Nothing is joined in memory: each rank writes its own chunks of the native tensors
 (`weights.native_pieces`; a Mamba `in_proj` shard is five chunks, one per part) as a
 `ShardedTensor` over its tensor-parallel group, and reads back the chunks of its layout, whatever
@@ -36,7 +37,8 @@ class McoreLayout:
     def _to_native(self, state: dict) -> dict:
         out = {k: v for k, v in state.items() if not k.startswith(OURS)}
         for key in _ours(state):  # sorted: making a ShardedTensor is a collective over the TP group
-            pieces = weights.native_pieces(key[len(OURS):], state[key], self.lm.cfg, self.lm.tp_rank, self.lm.tp_size)
+            name = self.lm.global_name(key[len(OURS):])
+            pieces = weights.native_pieces(name, state[key], self.lm.cfg, self.lm.tp_rank, self.lm.tp_size)
             for native, (shape, chunks) in pieces.items():
                 out[NATIVE + native] = self._native_tensor(shape, chunks)
         return out
@@ -45,7 +47,7 @@ class McoreLayout:
         """`loaded` (native names, as read) -> this rank's megatron tensors, shaped as `local`'s."""
         out = {k: v for k, v in loaded.items() if not k.startswith(NATIVE)}
         for key in _ours(local):
-            name = key[len(OURS):]
+            name = self.lm.global_name(key[len(OURS):])
             pieces = weights.native_pieces(name, local[key], self.lm.cfg, self.lm.tp_rank, self.lm.tp_size)
             if not all(NATIVE + native in loaded for native in pieces):
                 continue  # a part the checkpoint does not hold (see load_model_weights)
@@ -136,5 +138,6 @@ def _extra_state_slots(model: torch.nn.Module) -> dict:
 
 
 def home_of(native_name: str, lm: McoreLanguageModel) -> str:
-    """The name, inside the vision-language model, of the megatron parameter holding `native_name`."""
-    return OURS + weights.megatron_name(native_name[len(NATIVE):], lm.cfg)
+    """The name, inside the vision-language model, of the megatron parameter holding `native_name`
+    (on this rank's pipeline stage)."""
+    return OURS + str(lm.local_name(weights.megatron_name(native_name[len(NATIVE):], lm.cfg)))
