@@ -88,6 +88,38 @@ def test_schema_fields_absent_from_yaml_can_be_overridden():
     assert cfg.trainer.deterministic is False and cfg.data.loss_on_think is False
 
 
+def test_fp8_on_mcore_is_megatrons_own_with_our_settings():
+    """precision=fp8_delayed on model.impl=mcore: checked up front, then mapped field for field onto
+    megatron's config (which runs delayed scaling over the whole hybrid stack)."""
+    import torch
+
+    from train.config.compose import load_config
+    from train.config.schema import LanguageModelConfig, ParallelConfig, PrecisionConfig
+    from train.model.mcore.model import transformer_config
+
+    base = ["smoke=cpu", "model.impl=mcore", "trainer.device=cuda", "model.kernels.attention=transformer_engine"]
+    with pytest.raises(ConfigError, match="set model.kernels.attention=transformer_engine"):
+        load_config("stage3_text_recovery", ["smoke=cpu", "model.impl=mcore", "precision=fp8_delayed"])
+    with pytest.raises(ConfigError, match="keep_first_last_layers=0"):
+        load_config("stage3_text_recovery", [*base, "precision=fp8_delayed"])
+    with pytest.raises(ConfigError, match="leave keep_patterns"):
+        load_config("stage3_text_recovery", [*base, "precision=fp8_delayed", "precision.keep_first_last_layers=0",
+                                             "precision.keep_patterns=[language_model.backbone.embeddings,language_model.lm_head,"
+                                             "vision_model,projector,language_model.backbone.layers.0]"])
+    with pytest.raises(ConfigError, match="use precision=fp8_delayed"):
+        load_config("stage3_text_recovery", ["smoke=cpu", "model.impl=mcore", "precision=fp8_delayed_emulated"])
+
+    ours = PrecisionConfig(name="fp8_delayed", fp8_format="e4m3", margin=2, amax_history_len=16,
+                           amax_compute_algo="max", keep_first_last_layers=0)
+    config = transformer_config(LanguageModelConfig(pattern="M-M*M-M-"), ParallelConfig(), torch.float32,
+                                torch.device("cpu"), ours)
+    assert (config.fp8, config.fp8_recipe, config.fp8_margin, config.fp8_amax_history_len,
+            config.fp8_amax_compute_algo, config.fp8_wgrad) == ("e4m3", "delayed", 2, 16, "max", True)
+    plain = transformer_config(LanguageModelConfig(pattern="M-M*M-M-"), ParallelConfig(), torch.float32,
+                               torch.device("cpu"), PrecisionConfig(name="bf16"))
+    assert plain.fp8 is None
+
+
 def test_unknown_plain_override_lists_valid_fields():
     with pytest.raises(ConfigError, match=r"unknown field trainer\.nonsense.*max_steps"):
         load_config("stage1_image_sft", ["smoke=cpu", "trainer.nonsense=1"])

@@ -487,6 +487,28 @@ class Config:
             raise ConfigError(f"precision=fp8_delayed needs the tokens of a micro-batch (trainer.micro_batch_size x "
                               f"data.seq_length = {tokens}) to be a multiple of 16")
 
+    def _validate_mcore_fp8(self) -> None:
+        """FP8 on megatron-core is megatron's own: its config's fp8_* fields from ours, Transformer
+        Engine linears (the TE spec) in every language-model layer, delayed scaling over the whole
+        stack (megatron's FP8 context); the embedding, head, vision tower and projector stay in bf16."""
+        prec = self.precision
+        if prec.name == "fp8_delayed_emulated":
+            raise ConfigError("precision=fp8_delayed_emulated emulates FP8 in the native engine's linears; with "
+                              "model.impl=mcore use precision=fp8_delayed (GPU, Transformer Engine) or bf16")
+        if prec.name != "fp8_delayed":
+            return
+        if self.model.kernels.attention != "transformer_engine":
+            raise ConfigError("precision=fp8_delayed with model.impl=mcore runs megatron's Transformer Engine layers: "
+                              "set model.kernels.attention=transformer_engine")
+        if prec.keep_first_last_layers:
+            raise ConfigError(f"precision.keep_first_last_layers={prec.keep_first_last_layers}: megatron-core runs "
+                              "delayed scaling over the whole hybrid stack and keeps no layer in bf16 under it; set "
+                              "precision.keep_first_last_layers=0 with model.impl=mcore")
+        if sorted(prec.keep_patterns) != sorted(DEFAULT_FP8_KEEP_PATTERNS):
+            raise ConfigError(f"precision.keep_patterns={prec.keep_patterns}: with model.impl=mcore the FP8 region is "
+                              "every linear of the language model's layers (megatron's TE spec); leave keep_patterns "
+                              "at its default")
+
     def _validate_mcore(self) -> None:
         """What the megatron-core engine supports today, and the shapes a layout needs."""
         par, lm = self.parallel, self.model.language_model
@@ -495,9 +517,7 @@ class Config:
                               f"{len(lm.pattern)} layers of model.language_model.pattern: each stage takes an equal run")
         if par.data_parallel == "fsdp":
             raise ConfigError("model.impl=mcore shards with its own layout: set parallel.data_parallel=ddp")
-        if self.precision.is_fp8:
-            raise ConfigError(f"precision={self.precision.name} with model.impl=mcore is not built yet (megatron's "
-                              "linears are not converted to FP8); use bf16 or fp32")
+        self._validate_mcore_fp8()
         tp = par.tensor_parallel
         _check_divides(tp, {"model.language_model.mamba_num_heads": lm.mamba_num_heads,
                             "model.language_model.n_groups": lm.n_groups,

@@ -76,7 +76,8 @@ def build_model(cfg: Config, tokenizer: Tokenizer, device: torch.device | None =
         from train.model.mcore.state import McoreLayout
 
         device = device or torch.device("cpu")
-        language_model = McoreLanguageModel(cfg.model.language_model, cfg.model.kernels, cfg.parallel, device)
+        language_model = McoreLanguageModel(cfg.model.language_model, cfg.model.kernels, cfg.parallel, device,
+                                            precision=cfg.precision)
         engine = {"language_model": language_model, "loss": vocab_parallel_loss(cfg.model.loss_chunk_size)}
         layout = McoreLayout(language_model)
     model = VisionLanguageModel(cfg.model, image_token_id=tokenizer.special_ids[st.IMG_CONTEXT],
@@ -138,7 +139,7 @@ class Trainer:
         self.run_dir = Path(cfg.run.dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         tokenizer = Tokenizer.load(cfg.data.tokenizer)
-        self.precision = build_precision(cfg.precision, info.device)
+        self.precision = build_precision(cfg.precision, info.device, cfg.model.impl)
         model, self.layout, random_parts = build_model(cfg, tokenizer, info.device)
         # FP8 swaps Linear modules: before the optimizer (same Parameters either way) and DDP.
         self.model = self.precision.convert_model(model.to(info.device))

@@ -17,15 +17,20 @@ __all__ = ["Precision", "build_precision"]
 TE_INSTALL_HINT = "install the GPU extra (pip install -e '.[gpu]') or use precision=fp8_delayed_emulated"
 
 
-def build_precision(cfg: PrecisionConfig, device: torch.device) -> Precision:
+def build_precision(cfg: PrecisionConfig, device: torch.device, impl: str = "native") -> Precision:
+    """The plugin for `cfg` on the `impl` engine (`model.impl`): on megatron-core, FP8 is megatron's own
+    (`train.precision.fp8_mcore`)."""
     cfg.validate("precision")
     if cfg.name == "fp8_delayed_emulated":
         return EmulatedFp8Precision(cfg, device)
     if cfg.name == "fp8_delayed":
         try:
-            from train.precision.fp8_te import TEFp8Precision
+            if impl == "mcore":
+                from train.precision.fp8_mcore import McoreFp8Precision as plugin
+            else:
+                from train.precision.fp8_te import TEFp8Precision as plugin
         except Exception as err:  # absent (ImportError) or broken (OSError, RuntimeError from its CUDA libs)
             raise RuntimeError(f"precision=fp8_delayed needs Transformer Engine, which failed to import "
                                f"({type(err).__name__}: {err}); {TE_INSTALL_HINT}") from err
-        return TEFp8Precision(cfg, device)
+        return plugin(cfg, device)
     return Precision(cfg, device)

@@ -20,7 +20,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.enums import AttnBackend
 from torch import Tensor, nn
 
-from train.config.schema import KernelConfig, LanguageModelConfig, ParallelConfig
+from train.config.schema import KernelConfig, LanguageModelConfig, ParallelConfig, PrecisionConfig
 from train.model.language_model import HybridLanguageModel, packing_metadata
 from train.model.mcore import compat, weights
 from train.model.mcore.layers import load_balanced_order, squared_relu
@@ -29,12 +29,23 @@ from train.ops.dispatch import resolve_kernels
 from train.parallel.dims import ParallelDims, ProcessGroups
 
 
+def fp8_fields(precision: PrecisionConfig | None) -> dict:
+    """megatron's FP8 settings from our precision group (same meaning, megatron's names): delayed
+    scaling, which megatron's hybrid stack applies over the whole decoder pass."""
+    if precision is None or precision.name != "fp8_delayed":
+        return {}
+    return {"fp8": precision.fp8_format, "fp8_recipe": "delayed", "fp8_margin": precision.margin,
+            "fp8_amax_history_len": precision.amax_history_len,
+            "fp8_amax_compute_algo": precision.amax_compute_algo, "fp8_wgrad": precision.fp8_wgrad}
+
+
 def transformer_config(lm: LanguageModelConfig, parallel: ParallelConfig, params_dtype: torch.dtype,
-                       device: torch.device) -> TransformerConfig:
+                       device: torch.device, precision: PrecisionConfig | None = None) -> TransformerConfig:
     """megatron's config for our language model and layout (no dropout, no biases, RMSNorm, no
-    positional embedding, squared-ReLU MLP: Nemotron-H)."""
+    positional embedding, squared-ReLU MLP: Nemotron-H), and our FP8 settings."""
     on_cpu = device.type == "cpu"
     return TransformerConfig(
+        **fp8_fields(precision),
         num_layers=len(lm.pattern), hidden_size=lm.hidden_size, ffn_hidden_size=lm.mlp_hidden_size,
         num_attention_heads=lm.num_attention_heads, num_query_groups=lm.num_key_value_heads, kv_channels=lm.head_dim,
         mamba_num_heads=lm.mamba_num_heads, mamba_head_dim=lm.mamba_head_dim, mamba_state_dim=lm.ssm_state_size,
@@ -61,9 +72,11 @@ _LAYERS = "decoder.layers."
 
 class McoreLanguageModel(nn.Module):
     def __init__(self, lm: LanguageModelConfig, kernels: KernelConfig, parallel: ParallelConfig,
-                 device: torch.device, spec: SpecKind | None = None, params_dtype: torch.dtype = torch.float32):
+                 device: torch.device, spec: SpecKind | None = None, params_dtype: torch.dtype = torch.float32,
+                 precision: PrecisionConfig | None = None):
         """`spec`: "te" (Transformer Engine layers) when `kernels.attention=transformer_engine`, else
-        "local" (megatron's own linears; our core attention through `kernels.attention`)."""
+        "local" (megatron's own linears; our core attention through `kernels.attention`).
+        `precision=fp8_delayed` turns on megatron's FP8 (`fp8_fields`; the TE spec)."""
         super().__init__()
         compat.check_version()
         if not parallel_state.model_parallel_is_initialized():
@@ -83,7 +96,7 @@ class McoreLanguageModel(nn.Module):
         self.layers_per_stage = len(lm.pattern) // self.pp_size
         self.layer_offset = self.pp_rank * self.layers_per_stage
         self.sequence_parallel = parallel.sequence_parallel
-        config = transformer_config(lm, parallel, params_dtype, device)
+        config = transformer_config(lm, parallel, params_dtype, device, precision)
         self.model = MambaModel(
             config=config,
             mamba_stack_spec=hybrid_stack_spec(lm, resolve_kernels(kernels), spec or _spec_for(kernels),

@@ -51,14 +51,26 @@ class HybridStack(MambaStack):
         if self.post_process and post_layer_norm:
             self.final_norm = RMSNorm(config, config.hidden_size, kernels=kernels)
         if checkpoint_layers:
+            rerun = _recomputed_in_fp8 if config.fp8 else _recomputed
             for layer in self.layers:  # an instance attribute: parameter names stay as they are
-                layer.forward = functools.partial(_recomputed, layer.forward)
+                layer.forward = functools.partial(rerun, layer.forward)
 
 
 def _recomputed(forward, *args, **kwargs):
     if not torch.is_grad_enabled():
         return forward(*args, **kwargs)
     return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+def _recomputed_in_fp8(forward, *args, **kwargs):
+    """Under FP8, Transformer Engine's checkpoint: the rerun in backward happens inside the FP8
+    context with the forward's scales (torch's would rerun the layer outside it)."""
+    if not torch.is_grad_enabled():
+        return forward(*args, **kwargs)
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+    from transformer_engine.pytorch import checkpoint as te_checkpoint
+
+    return te_checkpoint(forward, *args, use_reentrant=False, get_rng_state_tracker=get_cuda_rng_tracker, **kwargs)
 
 
 def hybrid_stack_spec(lm: LanguageModelConfig, kernels: Kernels, kind: SpecKind = "local",
