@@ -135,7 +135,8 @@ def layout(cfg: Config, world_size: int | None) -> dict:
     return {"world_size": world, "data": world // model_parallel, "tensor": par.tensor_parallel,
             "sequence_parallel": par.sequence_parallel, "context": par.context_parallel,
             "pipeline": par.pipeline_parallel, "impl": cfg.model.impl, "data_parallel_sharding": sharded,
-            "vision": "replicated on every rank (data parallel only)"}
+            "vision": "replicated on every rank (data parallel only)" if par.pipeline_parallel == 1
+            else "replicated on every rank of the first pipeline stage (data parallel only)"}
 
 
 def make_plan(cfg: Config, recipe: str, world_size: int | None = None) -> dict:
