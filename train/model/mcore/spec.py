@@ -68,9 +68,11 @@ def _recomputed_in_fp8(forward, *args, **kwargs):
     if not torch.is_grad_enabled():
         return forward(*args, **kwargs)
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-    from transformer_engine.pytorch import checkpoint as te_checkpoint
 
-    return te_checkpoint(forward, *args, use_reentrant=False, get_rng_state_tracker=get_cuda_rng_tracker, **kwargs)
+    from train.ops.backends import transformer_engine as te_backend
+
+    return te_backend.te.checkpoint(forward, *args, use_reentrant=False, get_rng_state_tracker=get_cuda_rng_tracker,
+                                    **kwargs)
 
 
 def hybrid_stack_spec(lm: LanguageModelConfig, kernels: Kernels, kind: SpecKind = "local",
