@@ -218,42 +218,39 @@ def ssd_scan_ref(
     # decay from j to the chunk's last token, already 0 for tokens of an earlier
     # sample than the last token's, so those never enter the carried state.
     chunk_states = torch.einsum("bcgrj,bcjgn,bcjgrp->bcgrpn", decay[..., -1, :], B_c, x_dt)  # (b, c, g, r, p, n)
-    chunk_decay = torch.exp(dA_cs[..., -1])  # (b, c, g, r) total decay over each chunk
 
-    # --- inter-chunk state passing (sequential over chunks: linear in l).
+    # --- inter-chunk state passing, in closed form over chunks (as mamba's ssd_minimal): the state
+    # entering chunk z is sum_c exp(log-decay of chunks c+1..z-1) * chunk_states[c], plus the
+    # initial state decayed through chunks 0..z-1. A chunk holding a sample boundary passes no
+    # state on: its log-decay is -inf (a decay of exactly 0). One (nc+1, nc+1) matrix per head
+    # instead of a Python loop whose per-chunk slices cost a full-size gradient each in backward.
     if initial_states is not None:
         if initial_states.shape != (b, h, p, n):
             raise ValueError(
                 f"initial_states must be (batch, nheads, headdim, dstate) = {(b, h, p, n)}, "
                 f"got {tuple(initial_states.shape)}"
             )
-        state = _row_initial_states(initial_states, seq_idx).to(cdt).reshape(b, g, r, p, n)
+        first = _row_initial_states(initial_states, seq_idx).to(cdt).reshape(b, 1, g, r, p, n)
     else:
-        state = xf.new_zeros(b, g, r, p, n)
-    # Sample the carried state belongs to; the initial state is the first sample's.
-    state_sid = seq[:, 0, 0] if seq is not None else None  # (b,)
-    start_states = []
-    start_sids = []
-    for ci in range(nc):
-        start_states.append(state)
-        if seq is not None:
-            start_sids.append(state_sid)
-            end_sid = seq[:, ci, -1]  # (b,)
-            # The carried state survives the chunk only if no boundary lies in it.
-            keep = (end_sid == state_sid).to(cdt).reshape(b, 1, 1, 1, 1)
-            state = keep * chunk_decay[:, ci, :, :, None, None] * state + chunk_states[:, ci]
-            state_sid = end_sid
-        else:
-            state = chunk_decay[:, ci, :, :, None, None] * state + chunk_states[:, ci]
-    final_state = state  # (b, g, r, p, n)
-    prev = torch.stack(start_states, dim=1)  # (b, c, g, r, p, n) state entering each chunk
+        first = xf.new_zeros(b, 1, g, r, p, n)
+    chunk_log_decay = dA_cs[..., -1]  # (b, c, g, r) total log-decay over each chunk
+    if seq is not None:
+        # The carried state belongs to the sample of the previous chunk's last token (the row's
+        # first sample for chunk 0); it survives chunk c only if c ends in that same sample.
+        start_sids = torch.cat([seq[:, :1, 0], seq[:, :-1, -1]], dim=1)  # (b, c)
+        passes = seq[:, :, -1] == start_sids  # (b, c)
+        chunk_log_decay = chunk_log_decay.masked_fill(~passes[:, :, None, None], -math.inf)
+    # (b, g, r, c+1, c+1): [z, j] = decay from the end of chunk j-1 (j=0: the row start) to the start of chunk z.
+    carry = torch.exp(_segsum(F.pad(chunk_log_decay.permute(0, 2, 3, 1), (1, 0))))
+    states = torch.cat([first, chunk_states], dim=1)  # (b, c+1, g, r, p, n)
+    entering = torch.einsum("bgrzj,bjgrpn->bzgrpn", carry, states)  # (b, c+1, g, r, p, n)
+    prev, final_state = entering[:, :-1], entering[:, -1]  # (b, c, g, r, p, n), (b, g, r, p, n)
 
     # --- carried state -> outputs: y_i += exp(dA_cs[i]) * C_i . S_start,
     # zeroed for tokens of a later sample than the one the state belongs to.
     in_decay = torch.exp(dA_cs)  # (b, c, g, r, cl)
     if seq is not None:
-        sids = torch.stack(start_sids, dim=1)  # (b, c)
-        from_prev = (seq == sids.unsqueeze(-1)).to(cdt)  # (b, c, cl)
+        from_prev = (seq == start_sids.unsqueeze(-1)).to(cdt)  # (b, c, cl)
         in_decay = in_decay * from_prev[:, :, None, None, :]
     y_off = torch.einsum("bcign,bcgrpn->bcigrp", C_c, prev)  # (b, c, cl, g, r, p)
     y_off = y_off * in_decay.permute(0, 1, 4, 2, 3).unsqueeze(-1)
