@@ -427,6 +427,23 @@ def test_gated_rms_norm_matches_formula(group_size, norm_before_gate):
     assert rel_err(gated_rms_norm_ref(x, None, w, eps=1e-6, group_size=group_size), rms(x) * w) < 1e-12
 
 
+@pytest.mark.parametrize("group_size", [None, 4])
+@pytest.mark.parametrize("gated", [True, False])
+def test_norm_backwards_pass_gradcheck(group_size, gated):
+    """The norms keep only their inputs and 1/rms for backward and differentiate by hand: checked
+    against finite differences, for x, the gate z and the weight."""
+    gen = torch.Generator().manual_seed(42)
+    x = torch.randn(2, 3, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    z = torch.randn(2, 3, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(8, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b, c: gated_rms_norm_ref(a, b if gated else None, c, 1e-6, group_size),
+                                    (x, z, w))
+    assert torch.autograd.gradcheck(lambda a, c: rms_norm_ref(a, c, 1e-6), (x, w))
+    frozen = w.detach()  # a frozen weight gets no gradient, the input still does
+    rms_norm_ref(x, frozen).sum().backward()
+    assert frozen.grad is None and x.grad is not None
+
+
 def test_gated_rms_norm_rejects_bad_group_size():
     with pytest.raises(ValueError, match="group_size"):
         gated_rms_norm_ref(torch.randn(2, 10), torch.randn(2, 10), torch.ones(10), group_size=4)

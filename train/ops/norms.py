@@ -30,10 +30,39 @@ def rms_norm_ref(x: Tensor, weight: Tensor, eps: float = 1e-5) -> Tensor:
 
     x: (..., d); weight: (d,) -> (..., d) in ``x.dtype``.
     """
-    cdt = _compute_dtype(x)
-    xf = x.to(cdt)
-    rstd = torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)  # (..., 1)
-    return (xf * rstd * weight.to(cdt)).to(x.dtype)
+    return _RMSNorm.apply(x, weight, eps)
+
+
+class _RMSNorm(torch.autograd.Function):
+    """Keeps x and the per-row 1/rms for backward (not the normalised copies autograd would keep)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        xf = x.to(_compute_dtype(x))
+        rstd = torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)  # (..., 1)
+        ctx.save_for_backward(x, weight, rstd)
+        return (xf * rstd * weight.to(xf.dtype)).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        grad_x, grad_weight = _normalized_backward(grad, x.to(rstd.dtype), rstd, weight, ctx.needs_input_grad[1])
+        return grad_x.to(x.dtype), grad_weight, None
+
+
+def _normalized_backward(grad: Tensor, xg: Tensor, rstd: Tensor, weight: Tensor, weight_grad: bool
+                         ) -> tuple[Tensor, Tensor | None]:
+    """Gradients of ``out = xg * rstd * weight``, rstd = 1 / rms over the last dim of `xg`; `grad`
+    shaped as `xg`, `weight` broadcasting against it:
+    d/dxg = rstd * (gw - xhat * mean(gw * xhat)), gw = grad * weight, xhat = xg * rstd."""
+    xhat = xg * rstd
+    g = grad.to(rstd.dtype)
+    gw = g * weight.to(rstd.dtype)
+    grad_x = rstd * (gw - xhat * (gw * xhat).mean(dim=-1, keepdim=True))
+    grad_weight = None
+    if weight_grad:
+        grad_weight = (g * xhat).reshape(-1, weight.numel()).sum(0).reshape(weight.shape).to(weight.dtype)
+    return grad_x, grad_weight
 
 
 def gated_rms_norm_ref(
@@ -62,6 +91,8 @@ def gated_rms_norm_ref(
     gs = d if group_size is None else group_size
     if gs <= 0 or d % gs != 0:
         raise ValueError(f"group_size ({group_size}) must divide the channel dim ({d})")
+    if not norm_before_gate:  # Nemotron-H's order: one fused step (see _GatedRMSNorm)
+        return _GatedRMSNorm.apply(x, z, weight, eps, gs)
     cdt = _compute_dtype(x)
     xf = x.to(cdt)
     gate = F.silu(z.to(cdt)) if z is not None else None
@@ -73,3 +104,40 @@ def gated_rms_norm_ref(
     if gate is not None and norm_before_gate:
         out = out * gate
     return out.to(x.dtype)
+
+
+class _GatedRMSNorm(torch.autograd.Function):
+    """``rmsnorm(x * silu(z)) * weight`` over groups, keeping only x, z and the per-group 1/rms for
+    backward: the gate and the normalised copies (four activation-sized tensors under autograd)
+    are recomputed there."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, z: Tensor | None, weight: Tensor, eps: float, group_size: int) -> Tensor:
+        d = x.shape[-1]
+        u = x.to(_compute_dtype(x))
+        if z is not None:
+            u = u * F.silu(z.to(u.dtype))
+        ug = u.reshape(*u.shape[:-1], d // group_size, group_size)  # (..., groups, group_size)
+        rstd = torch.rsqrt(ug.pow(2).mean(dim=-1, keepdim=True) + eps)  # (..., groups, 1)
+        # z is usually a slice of a wider projection: a copy of its own lets that be freed.
+        ctx.save_for_backward(x, None if z is None else z.contiguous(), weight, rstd)
+        return ((ug * rstd).reshape(u.shape) * weight.to(u.dtype)).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, z, weight, rstd = ctx.saved_tensors
+        cdt = rstd.dtype
+        xf = x.to(cdt)
+        gate = None if z is None else F.silu(z.to(cdt))
+        u = xf if gate is None else xf * gate
+        ug = u.reshape(*rstd.shape[:-1], -1)  # (..., groups, group_size)
+        grad_u, grad_weight = _normalized_backward(grad.reshape(ug.shape), ug, rstd, weight.reshape(ug.shape[-2:]),
+                                                   ctx.needs_input_grad[2])
+        grad_u = grad_u.reshape(x.shape)
+        grad_weight = None if grad_weight is None else grad_weight.reshape(weight.shape)
+        grad_x = grad_u if gate is None else grad_u * gate
+        grad_z = None
+        if z is not None and ctx.needs_input_grad[1]:
+            sig = torch.sigmoid(z.to(cdt))
+            grad_z = (grad_u * xf * sig * (1 + z.to(cdt) * (1 - sig))).to(z.dtype)  # d silu(z) / dz
+        return grad_x.to(x.dtype), grad_z, grad_weight, None, None

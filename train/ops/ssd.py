@@ -36,6 +36,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 __all__ = ["ssd_scan_ref", "ssd_recurrent_ref", "ssd_step_ref"]
 
@@ -127,6 +128,43 @@ def _segsum(a: Tensor, blocked: Tensor | None = None) -> Tensor:
     return seg.masked_fill_(acausal if blocked is None else acausal | blocked, -math.inf)
 
 
+# Tokens whose (cl, cl) blocks are built at once (`_diagonal_blocks`).
+_DIAGONAL_GROUP_TOKENS = 1024
+
+
+def _diagonal_blocks(C_c: Tensor, B_c: Tensor, dA: Tensor, dA_cs: Tensor, x_dt: Tensor,
+                     other_sample: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Each chunk on its own: y_i = sum_{j<=i} C_i.B_j * decay(j->i) * dt_j x_j (the diagonal blocks of
+    the SSD matrix), and the state each chunk's own inputs leave at its end.
+
+    C_c, B_c: (b, c, cl, g, n); dA: (b, c, g, r, cl) per-token log-decay and dA_cs its cumulative sum
+    from each chunk's start; x_dt: (b, c, cl, g, r, p);
+    other_sample: (b, c, 1, 1, cl, cl) pairs of tokens of different samples, or None.
+    Returns y_diag (b, c, cl, g, r, p) and chunk_states (b, c, g, r, p, n).
+    """
+    # decay(j -> i) = exp(dA_cs[i] - dA_cs[j]), as mamba_ssm's chunk-scan kernel forms it; the
+    # log-decay within one chunk is small, so the difference loses nothing that matters in fp32.
+    cl = dA_cs.shape[-1]
+    log_decay = dA_cs.unsqueeze(-1) - dA_cs.unsqueeze(-2)  # (b, c, g, r, cl_i, cl_j)
+    if other_sample is not None:
+        # In a chunk holding a sample boundary the difference would round through the earlier
+        # sample's log-decay: there the sums run over each pair's own tokens (`_segsum`), so a
+        # sample's outputs stay bit-identical whatever the other samples of the row hold.
+        rows, chunks = other_sample.flatten(2).any(-1).nonzero(as_tuple=True)  # chunks with a boundary
+        if rows.numel():
+            log_decay[rows, chunks] = _segsum(dA[rows, chunks])
+    acausal = torch.ones(cl, cl, dtype=torch.bool, device=dA_cs.device).triu(1)
+    blocked = acausal if other_sample is None else acausal | other_sample
+    decay = torch.exp(log_decay.masked_fill_(blocked, -math.inf))  # exactly 0 across samples / acausal
+    CB = torch.einsum("bcign,bcjgn->bcgij", C_c, B_c)  # (b, c, g, cl, cl)
+    W = CB.unsqueeze(3) * decay  # (b, c, g, r, cl_i, cl_j)
+    y_diag = torch.einsum("bcgrij,bcjgrp->bcigrp", W, x_dt)  # (b, c, cl, g, r, p)
+    # decay[..., -1, j] is the decay from j to the chunk's last token, already 0 for tokens of an
+    # earlier sample than the last token's, so those never enter the carried state.
+    chunk_states = torch.einsum("bcgrj,bcjgn,bcjgrp->bcgrpn", decay[..., -1, :], B_c, x_dt)  # (b, c, g, r, p, n)
+    return y_diag, chunk_states
+
+
 def ssd_scan_ref(
     x: Tensor,
     dt: Tensor,
@@ -205,19 +243,20 @@ def ssd_scan_ref(
     dA = dt_c * A.to(cdt).reshape(g, r, 1)  # (b, c, g, r, cl)
     dA_cs = dA.cumsum(dim=-1)  # (b, c, g, r, cl) log-decay from chunk start to t (inclusive)
 
-    # --- intra-chunk (diagonal blocks): y_i = sum_{j<=i} C_i.B_j * decay(j->i) * dt_j * x_j
-    other_sample = None if seq is None else (seq.unsqueeze(-1) != seq.unsqueeze(-2))[:, :, None, None]  # (b, c, 1, 1, cl, cl)
-    decay = torch.exp(_segsum(dA, other_sample))  # (b, c, g, r, cl, cl); exactly 0 across samples / acausal
-    CB = torch.einsum("bcign,bcjgn->bcgij", C_c, B_c)  # (b, c, g, cl, cl)
     # dt_j scales the input x_j: folded into x (small) rather than into the (cl, cl) weights.
     x_dt = x_c * dt_c.permute(0, 1, 4, 2, 3).unsqueeze(-1)  # (b, c, cl, g, r, p)
-    W = CB.unsqueeze(3) * decay  # (b, c, g, r, cl_i, cl_j)
-    y_diag = torch.einsum("bcgrij,bcjgrp->bcigrp", W, x_dt)  # (b, c, cl, g, r, p)
-
-    # --- chunk-end states from each chunk's own inputs. decay[..., -1, j] is the
-    # decay from j to the chunk's last token, already 0 for tokens of an earlier
-    # sample than the last token's, so those never enter the carried state.
-    chunk_states = torch.einsum("bcgrj,bcjgn,bcjgrp->bcgrpn", decay[..., -1, :], B_c, x_dt)  # (b, c, g, r, p, n)
+    other_sample = None if seq is None else (seq.unsqueeze(-1) != seq.unsqueeze(-2))[:, :, None, None]  # (b, c, 1, 1, cl, cl)
+    # The (cl, cl) blocks are most of the scan's memory. They are built a few chunks at a time, and
+    # under autograd not kept: each group keeps only its inputs and is rebuilt in backward (a few
+    # elementwise passes), so the blocks of one group at a time exist, in forward and in backward.
+    per_group = max(1, _DIAGONAL_GROUP_TOKENS // cl)
+    grouped = [torch.split(t, per_group, dim=1) for t in (C_c, B_c, dA, dA_cs, x_dt)]
+    masks = torch.split(other_sample, per_group, dim=1) if other_sample is not None else [None] * len(grouped[0])
+    recompute = torch.is_grad_enabled() and any(t.requires_grad for t in (C_c, B_c, dA, x_dt))
+    parts = [checkpoint(_diagonal_blocks, *inputs, mask, use_reentrant=False) if recompute
+             else _diagonal_blocks(*inputs, mask) for *inputs, mask in zip(*grouped, masks)]
+    y_diag = torch.cat([y for y, _ in parts], dim=1)  # (b, c, cl, g, r, p)
+    chunk_states = torch.cat([state for _, state in parts], dim=1)  # (b, c, g, r, p, n)
 
     # --- inter-chunk state passing, in closed form over chunks (as mamba's ssd_minimal): the state
     # entering chunk z is sum_c exp(log-decay of chunks c+1..z-1) * chunk_states[c], plus the
