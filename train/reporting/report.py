@@ -17,10 +17,6 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only: no display, no GUI toolkit
-import matplotlib.pyplot as plt  # noqa: E402
 
 PLOTS_DIR = "report"
 
@@ -72,10 +68,21 @@ def stage_dirs(run_dir: Path) -> list[Path]:
 # plots
 
 
+def _pyplot():
+    """matplotlib, imported when a plot is drawn (a third of a second every training process
+    would otherwise pay at start-up), writing files only: no display, no GUI toolkit."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def _save(fig, path: Path) -> str:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _pyplot().close(fig)
     return path.name
 
 
@@ -84,7 +91,7 @@ def _line_plot(path: Path, title: str, lines: dict[str, tuple[list, list]], ylab
     lines = {label: xy for label, xy in lines.items() if xy[0]}
     if not lines:
         return None
-    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    fig, ax = _pyplot().subplots(figsize=(6.4, 3.4))
     for label, (x, y) in lines.items():
         ax.plot(x, y, marker="o" if markers or len(x) < 3 else None, label=label)
     ax.set_title(title)
@@ -101,7 +108,7 @@ def _line_plot(path: Path, title: str, lines: dict[str, tuple[list, list]], ylab
 def _bar_plot(path: Path, title: str, values: dict[str, float], ylabel: str) -> str | None:
     if not values:
         return None
-    fig, ax = plt.subplots(figsize=(6.4, 3.0))
+    fig, ax = _pyplot().subplots(figsize=(6.4, 3.0))
     ax.bar(list(values), list(values.values()))
     ax.set_title(title)
     ax.set_ylabel(ylabel)
