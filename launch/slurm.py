@@ -5,14 +5,19 @@ Renders an sbatch script that runs one stage (or `--pipeline`: all stages) under
 upcoming time limit, and submits it with `sbatch` when that is on PATH.
 
 Slurm keys (everything else of the form `a.b=c` is a Hydra override, passed through verbatim):
-  nodes=N (1)  gpus_per_node=G (8)  partition=P  account=A  qos=Q  time=T (e.g. 4:00:00, 2-00:00:00)
+  nodes=N (1)  gpus_per_node=G (8; 0 = a CPU job, no GPU request)
+  procs_per_node=P (training processes per node; default G, or 1 when G=0)
+  partition=P  account=A  qos=Q  time=T (e.g. 4:00:00, 2-00:00:00)
   job_name=NAME (hvl-<recipe>)  cpus_per_task=C  mem=M (e.g. 500G, 0 = all)  exclusive=true
   container_image=IMG (pyxis: run the step in that image, with `python` from its PATH)
   extra_sbatch=OPTION (one more `#SBATCH OPTION` line; repeat it, or extra_sbatch=[--a=1,--b=2])
 
 The config is composed and validated first (a bad recipe or override fails here, before any
 script exists); `--no-validate` only composes it, for rendering where the data is not mounted.
-Logs go to <run.dir>/logs/<job name>-<job id>.out/.err (appended to across requeues).
+Logs go to <run.dir>/logs/<job name>-<job id>.out/.err (appended to across requeues). A run that
+stops for preemption with its state saved writes <run.dir>/logs/.preempted-<job id> ($HVL_PREEMPTED_FILE,
+removed at each start), whichever way Slurm signalled it; the script then requeues the job, unless
+Slurm is requeueing or cancelling it itself. The step runs under `python -m launch.step` (torchrun).
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ class LaunchError(ValueError):
 class SlurmOptions:
     nodes: int = 1
     gpus_per_node: int = 8
+    procs_per_node: int | None = None  # torchrun --nproc-per-node; None: gpus_per_node (1 when that is 0)
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
@@ -102,7 +108,11 @@ def split_launcher_args(args: list[str]) -> tuple[SlurmOptions, list[str]]:
 
 
 def _parse_value(key: str, value: str) -> object:
-    if key in ("nodes", "gpus_per_node", "cpus_per_task"):
+    if key == "gpus_per_node":
+        if not value.isdigit():
+            raise LaunchError(f"{key}={value!r}: set a whole number (0 for a CPU job)")
+        return int(value)
+    if key in ("nodes", "procs_per_node", "cpus_per_task"):
         if not value.isdigit() or int(value) < 1:
             raise LaunchError(f"{key}={value!r}: set a whole number >= 1")
         return int(value)
@@ -198,8 +208,10 @@ def render_sbatch(opts: SlurmOptions, spec: LaunchSpec, run_dir: Path, workdir: 
         if not path.is_absolute() or _UNSAFE_PATH.search(str(path)):
             raise LaunchError(f"{name} {str(path)!r} must be an absolute path without spaces, quotes, \\ or %")
     job_name = opts.job_name or f"hvl-{spec.title}"
-    sbatch = [f"--job-name={job_name}", f"--nodes={opts.nodes}", "--ntasks-per-node=1",
-              f"--gpus-per-node={opts.gpus_per_node}"]
+    procs = opts.procs_per_node or opts.gpus_per_node or 1
+    sbatch = [f"--job-name={job_name}", f"--nodes={opts.nodes}", "--ntasks-per-node=1"]
+    # No GPU request at all for a CPU job: a cluster without GPU GRES refuses even --gpus-per-node=0.
+    sbatch += [f"--gpus-per-node={opts.gpus_per_node}"] if opts.gpus_per_node else []
     sbatch += [f"--{key.replace('_', '-')}={getattr(opts, key)}"
                for key in ("cpus_per_task", "mem", "time", "partition", "account", "qos") if getattr(opts, key)]
     sbatch += ["--exclusive"] if opts.exclusive else []
@@ -216,7 +228,8 @@ def render_sbatch(opts: SlurmOptions, spec: LaunchSpec, run_dir: Path, workdir: 
     module_args = train_module_args(spec.config_name, [], spec.pipeline)
     overrides = with_run_dir(spec.overrides, run_dir)
     return _Template(TEMPLATE.read_text()).substitute(
-        title=f"hybrid-vl-sft: {spec.title} on {opts.nodes} node(s) x {opts.gpus_per_node} GPU(s)",
+        title=f"hybrid-vl-sft: {spec.title} on {opts.nodes} node(s) x {procs} process(es), "
+              + (f"{opts.gpus_per_node} GPU(s) per node" if opts.gpus_per_node else "CPU only"),
         sbatch_lines="\n".join(f"#SBATCH {line}" for line in sbatch),
         signal_lead_s=SIGNAL_LEAD_S,
         exit_preempted=EXIT_PREEMPTED,
@@ -224,7 +237,7 @@ def render_sbatch(opts: SlurmOptions, spec: LaunchSpec, run_dir: Path, workdir: 
         project_root=shlex.quote(str(PROJECT_ROOT)),
         srun_options="".join(f"  {shlex.quote(s)} \\\n" for s in srun),
         python=shlex.quote(python),
-        gpus_per_node=opts.gpus_per_node,
+        procs_per_node=procs,
         train_command=" ".join(shlex.quote(a) for a in module_args),
         overrides="".join(f" \\\n    {shlex.quote(o)}" for o in overrides),
     )

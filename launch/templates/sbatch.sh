@@ -3,16 +3,26 @@
 # Rendered by `python -m launch.slurm`; render it again rather than editing it.
 @@{sbatch_lines}
 
-# Preemption: the trainer saves at its next step boundary on SIGUSR1 or SIGTERM and exits.
-# Slurm sends this shell SIGUSR1 @@{signal_lead_s} s before the time limit (--signal=B:USR1@...); it is
-# forwarded to the step, and once the step has stopped the job requeues itself and resumes
-# from <run.dir>/checkpoints/latest. SIGTERM means the job is being cancelled or preempted:
-# Slurm signals the step itself, and requeues a preempted --requeue job on its own.
+# Preemption reaches the run by one of three paths (README, "Slurm"):
+# - SIGUSR1 to this shell, @@{signal_lead_s} s before the time limit (--signal=B:USR1@...) or from
+#   `scancel --signal=USR1 --batch`: forwarded to the step.
+# - SIGTERM to the step alone (`scancel -s TERM`, preemption with a GraceTime): Slurm signals
+#   every process of the step itself.
+# - SIGTERM to the step and to this shell (`scontrol requeue`, `scancel`, preemption without a
+#   grace time): Slurm is ending the job, and requeues it or not by itself.
+# Every process of the step hears the signal; the trainer saves at its next step boundary and,
+# once the checkpoint is complete, writes $HVL_PREEMPTED_FILE. When that file exists after the
+# step, the run can resume: this script requeues the job unless Slurm is already ending it.
 set -euo pipefail
 
 readonly EXIT_PREEMPTED=@@{exit_preempted}
 readonly RUN_DIR=@@{run_dir}
 export PYTHONPATH=@@{project_root}${PYTHONPATH:+:${PYTHONPATH}}
+# Written by the step when it stopped for preemption with its state saved; fresh for each start
+# (a requeued job keeps its id), so only this start's step can have written it.
+export HVL_PREEMPTED_FILE="${RUN_DIR}/logs/.preempted-${SLURM_JOB_ID}"
+rm -f "${HVL_PREEMPTED_FILE}"
+readonly RESTARTS=${SLURM_RESTART_COUNT:-0}
 
 # The first node hosts torchrun's c10d rendezvous. The port comes from the job id so jobs that
 # share a node do not collide; a requeued job keeps its id and so its port.
@@ -30,8 +40,7 @@ echo "$(date -Is) job ${SLURM_JOB_ID} start $(( ${SLURM_RESTART_COUNT:-0} + 1 ))
 step_pid=""
 got_usr1=0
 got_term=0
-# srun passes the signal to every process of the step; torchrun hands it on to its workers
-# (--signals-to-handle) and waits --shutdown-timeout seconds for them to save and exit.
+# srun passes the signal on to every process of the step.
 # shellcheck disable=SC2329  # called by the trap below
 forward_usr1() {
   got_usr1=1
@@ -40,22 +49,34 @@ forward_usr1() {
     kill -USR1 "${step_pid}" 2>/dev/null || true
   fi
 }
-# Not forwarded: the step already has it from Slurm, and a second SIGTERM would cut torchrun's
-# graceful shutdown short. Trapping it keeps this shell (and so srun) alive while the step saves.
+# Not forwarded: Slurm has signalled the step already. Trapping it keeps this shell (and so srun)
+# alive while the step saves.
 # shellcheck disable=SC2329  # called by the trap below
 note_term() {
   got_term=1
-  echo "$(date -Is) SIGTERM: the job is being cancelled or preempted; waiting for the step" >&2
+  echo "$(date -Is) SIGTERM: Slurm is ending the job (cancel, requeue or preemption); waiting for the step" >&2
 }
 trap forward_usr1 USR1
 trap note_term TERM
 
+# Slurm's restart count of this job now (empty when scontrol cannot say): above RESTARTS once
+# Slurm has requeued the job itself.
+restarts_now() {
+  timeout 10 scontrol -o show job "${SLURM_JOB_ID}" 2>/dev/null | grep -o 'Restarts=[0-9]*' | cut -d= -f2 || true
+}
+requeued_by_slurm() {
+  local now
+  now=$(restarts_now)
+  [[ -n "${now}" ]] && (( now > RESTARTS ))
+}
+
+# launch.step is torchrun, leaving stop signals to the workers and ending in one line, no traceback.
 # --kill-on-bad-exit=0: a node whose torchrun exits first (say, right after a preemption save)
 # must not take down the others while they still write; a crash elsewhere ends them through
 # the collective timeout instead.
 srun --ntasks-per-node=1 --kill-on-bad-exit=0 \
-@@{srun_options}  @@{python} -m torch.distributed.run \
-  --nnodes="${SLURM_NNODES}" --nproc-per-node=@@{gpus_per_node} \
+@@{srun_options}  @@{python} -m launch.step \
+  --nnodes="${SLURM_NNODES}" --nproc-per-node=@@{procs_per_node} \
   --rdzv-backend=c10d --rdzv-endpoint="${MASTER_ADDR}:${MASTER_PORT}" --rdzv-id="${SLURM_JOB_ID}" \
   --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout=@@{signal_lead_s} \
   @@{train_command}@@{overrides} &
@@ -72,12 +93,41 @@ if (( step_rc == 0 )); then
   echo "$(date -Is) the step finished"
   exit 0
 fi
-# torchrun reports a worker's exit code as 1, so the SIGUSR1 seen here is what marks a
-# preemption stop; EXIT_PREEMPTED covers a step that does pass the trainer's code through.
-if (( got_usr1 )) || { (( step_rc == EXIT_PREEMPTED )) && (( ! got_term )); }; then
-  echo "$(date -Is) the step stopped for preemption (exit ${step_rc}); requeueing job ${SLURM_JOB_ID}" >&2
-  scontrol requeue "${SLURM_JOB_ID}"
+saved=""
+if [[ -f "${HVL_PREEMPTED_FILE}" ]]; then
+  saved=$(<"${HVL_PREEMPTED_FILE}")
+  rm -f "${HVL_PREEMPTED_FILE}"
+fi
+# The trainer's own exit code says the same, where torchrun lets it through (launch.step does).
+if [[ -z "${saved}" ]] && (( step_rc == EXIT_PREEMPTED )); then
+  saved="exit ${EXIT_PREEMPTED}"
+fi
+if requeued_by_slurm; then
+  echo "$(date -Is) the step stopped (${saved:-exit ${step_rc}}); Slurm is requeueing job" \
+    "${SLURM_JOB_ID} itself, and it resumes from the latest checkpoint" >&2
   exit 0
 fi
-echo "$(date -Is) the step failed with exit code ${step_rc}; not requeueing" >&2
-exit "${step_rc}"
+if [[ -z "${saved}" ]]; then
+  echo "$(date -Is) the step failed with exit code ${step_rc}; not requeueing" >&2
+  exit "${step_rc}"
+fi
+if (( got_term && ! got_usr1 )); then
+  echo "$(date -Is) the step stopped for preemption (${saved}), but job ${SLURM_JOB_ID} is being cancelled;" \
+    "not requeueing (submit it again to resume)" >&2
+  exit "${EXIT_PREEMPTED}"
+fi
+echo "$(date -Is) the step stopped for preemption (${saved}); requeueing job ${SLURM_JOB_ID}" >&2
+trap 'exit 0' TERM
+if ! out=$(timeout 30 scontrol requeue "${SLURM_JOB_ID}" 2>&1); then
+  if requeued_by_slurm; then
+    echo "$(date -Is) Slurm has requeued job ${SLURM_JOB_ID} itself meanwhile" >&2
+    exit 0
+  fi
+  echo "$(date -Is) scontrol requeue failed (${out}); submit the job again to resume" >&2
+  exit "${EXIT_PREEMPTED}"
+fi
+# The requeue ends this shell with SIGTERM: wait for it. A shell that is gone by then races the
+# requeue's kill, and slurmd may refuse the restart ("Job N already killed, do not launch").
+sleep 120 &
+wait $! || true
+exit 0

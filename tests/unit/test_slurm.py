@@ -12,12 +12,15 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
+from launch import step
 from launch.slurm import (
     EXIT_PREEMPTED,
     LAUNCHER_KEYS,
     SIGNAL_LEAD_S,
+    TEMPLATE,
     LaunchError,
     _time_seconds,
     main,
@@ -97,6 +100,22 @@ def test_rendered_script_passes_shellcheck(tmp_path, monkeypatch, capsys, nodes,
     assert pipeline == ("    'stages=[stage0_projector_warmup,stage2_video_sft]' \\\n" in script)
 
 
+@pytest.mark.parametrize("args,nproc", [(["gpus_per_node=0"], 1), (["gpus_per_node=0", "procs_per_node=3"], 3),
+                                        (["gpus_per_node=4"], 4), (["gpus_per_node=8", "procs_per_node=2"], 2)])
+def test_cpu_jobs_ask_for_no_gpu(tmp_path, monkeypatch, capsys, args, nproc):
+    """A cluster without GPU GRES refuses any --gpus-per-node, even 0: a CPU job names none."""
+    script = _render(monkeypatch, capsys, tmp_path, "--config-name", "stage1_image_sft", "nodes=2", *args,
+                     "smoke=cpu")
+    gpus = int(args[0].split("=")[1])
+    assert [line for line in _sbatch_lines(script) if line.startswith(("--gpu", "--gres"))] == ([f"--gpus-per-node={gpus}"] if gpus else [])
+    assert f"--nproc-per-node={nproc} " in script
+    shellcheck = _shellcheck()
+    if shellcheck is not None:
+        (tmp_path / "job.sh").write_text(script)
+        result = subprocess.run([shellcheck, str(tmp_path / "job.sh")], capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout
+
+
 def test_launcher_keys_are_split_from_overrides_in_order():
     opts, overrides = split_launcher_args(["nodes=2", "optim.lr=1e-5", "account=proj", BRACES, "~logger",
                                            "extra_sbatch=--gres=gpu:8,nvme:1",
@@ -120,7 +139,8 @@ def test_slurm_time_formats(value, seconds):
 
 
 @pytest.mark.parametrize("arg,message", [
-    ("nodes=0", "nodes='0'"), ("gpus_per_node=x", "gpus_per_node='x'"), ("time=4h", "time='4h'"),
+    ("nodes=0", "nodes='0'"), ("gpus_per_node=x", "gpus_per_node='x'"), ("gpus_per_node=-1", "0 for a CPU job"),
+    ("procs_per_node=0", "procs_per_node='0'"), ("time=4h", "time='4h'"),
     ("time=3:00", "preemption warning"), ("exclusive=maybe", "exclusive='maybe'"), ("mem=lots", "mem='lots'"),
     ("partition=a b", "partition='a b'"), ("extra_sbatch=constraint=h100", "sbatch option"),
 ])
@@ -203,16 +223,29 @@ def test_without_sbatch_prints_the_script_and_fails(tmp_path, monkeypatch, capsy
 
 FAKE_SRUN = """#!/bin/bash
 printf '%s\\n' "$@" > "$FAKE_LOG/srun.args"
+echo "$HVL_PREEMPTED_FILE" > "$FAKE_LOG/marker.path"
 if [[ "$FAKE_SRUN" == exit:* ]]; then exit "${FAKE_SRUN#exit:}"; fi
-# Like torchrun after its workers saved: exit 1 on SIGUSR1; a step passing the trainer's code on SIGTERM.
-trap 'echo USR1 >> "$FAKE_LOG/srun.signals"; exit 1' USR1
-trap 'echo TERM >> "$FAKE_LOG/srun.signals"; exit 75' TERM
+# A step that saved writes the marker; torchrun then reports its workers' stop as exit 1.
+if [[ "$FAKE_SRUN" == saved:* ]]; then echo "saved step 7" > "$HVL_PREEMPTED_FILE"; exit "${FAKE_SRUN#saved:}"; fi
+trap 'echo USR1 >> "$FAKE_LOG/srun.signals"; echo "saved step 7" > "$HVL_PREEMPTED_FILE"; exit 1' USR1
+trap 'echo TERM >> "$FAKE_LOG/srun.signals"; echo "saved step 7" > "$HVL_PREEMPTED_FILE"; exit 1' TERM
 echo $$ > "$FAKE_LOG/srun.pid"
 while :; do sleep 0.02; done
 """
+# `show job` reports FAKE_RESTARTS (the job starts with SLURM_RESTART_COUNT=1): 2 = Slurm requeued it.
 FAKE_SCONTROL = """#!/bin/bash
 echo "$*" >> "$FAKE_LOG/scontrol.calls"
 if [[ "$1 $2" == "show hostnames" ]]; then printf '%s\\n' gpu-node-07 gpu-node-08; fi
+if [[ "$1 $2 $3" == "-o show job" ]]; then echo "JobId=$4 JobState=RUNNING Requeue=1 Restarts=${FAKE_RESTARTS:-1} x=y"; fi
+# Like Slurm, a requeue ends the batch shell (our outermost ancestor running job.sh) with SIGTERM.
+if [[ "$1" == requeue ]]; then
+  pid=$PPID batch=""
+  while (( pid > 1 )); do
+    if grep -q job.sh "/proc/$pid/cmdline"; then batch=$pid; fi
+    pid=$(ps -o ppid= -p "$pid" | tr -d ' ')
+  done
+  kill -TERM "$batch"
+fi
 """
 
 
@@ -230,10 +263,10 @@ def slurm_job(tmp_path, monkeypatch, capsys):
     _executable(bin_dir / "scontrol", FAKE_SCONTROL)
     started: list[subprocess.Popen] = []
 
-    def start(srun_mode: str) -> subprocess.Popen:
+    def start(srun_mode: str, restarts_seen: int = 1) -> subprocess.Popen:
         env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", FAKE_LOG=str(log),
-                   FAKE_SRUN=srun_mode, SLURM_JOB_ID="1234", SLURM_JOB_NODELIST="gpu-node-[07-08]",
-                   SLURM_NNODES="2", SLURM_RESTART_COUNT="1")
+                   FAKE_SRUN=srun_mode, FAKE_RESTARTS=str(restarts_seen), SLURM_JOB_ID="1234",
+                   SLURM_JOB_NODELIST="gpu-node-[07-08]", SLURM_NNODES="2", SLURM_RESTART_COUNT="1")
         proc = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True)
         started.append(proc)
@@ -272,21 +305,36 @@ def test_script_runs_torchrun_with_exact_arguments(slurm_job):
     assert proc.returncode == 0, err
     assert (log / "srun.args").read_text().splitlines() == [
         "--ntasks-per-node=1", "--kill-on-bad-exit=0",
-        sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=4",
+        sys.executable, "-m", "launch.step", "--nnodes=2", "--nproc-per-node=4",
         "--rdzv-backend=c10d", "--rdzv-endpoint=gpu-node-07:21234", "--rdzv-id=1234",
         TORCHRUN_SIGNALS, f"--shutdown-timeout={SIGNAL_LEAD_S}",
         "-m", "train", "--config-name", "stage1_image_sft", "smoke=cpu", BRACES, f"run.dir={run_dir}",
     ]
+    # The marker the trainer writes after a preemption save: one per job id, in the run's logs/.
+    assert (log / "marker.path").read_text().strip() == f"{run_dir}/logs/.preempted-1234"
     assert "start 2 on 2 node(s)" in out and _requeues(log) == []
 
 
-@pytest.mark.parametrize("srun_mode,rc,requeued", [("exit:75", 0, True), ("exit:1", 1, False)])
-def test_exit_code_decides_requeue(slurm_job, srun_mode, rc, requeued):
-    start, log, _ = slurm_job
+@pytest.mark.parametrize("srun_mode,rc,requeued,message", [
+    ("saved:1", 0, True, "stopped for preemption (saved step 7); requeueing job 1234"),  # torchrun says 1
+    ("exit:75", 0, True, "stopped for preemption (exit 75); requeueing job 1234"),  # the trainer's own code
+    ("exit:1", 1, False, "the step failed with exit code 1; not requeueing"),
+])
+def test_a_saved_stop_requeues_whatever_the_exit_code(slurm_job, srun_mode, rc, requeued, message):
+    start, log, run_dir = slurm_job
     proc = start(srun_mode)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == rc, err
-    assert _requeues(log) == (["requeue 1234"] if requeued else [])
+    assert _requeues(log) == (["requeue 1234"] if requeued else []) and message in err
+    assert not (run_dir / "logs" / ".preempted-1234").exists()
+
+
+def test_a_marker_left_by_an_earlier_start_does_not_count(slurm_job):
+    start, log, run_dir = slurm_job
+    (run_dir / "logs" / ".preempted-1234").write_text("saved step 3\n")
+    proc = start("exit:1")
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1 and _requeues(log) == [], err
 
 
 def test_usr1_is_forwarded_to_the_step_and_requeues(slurm_job):
@@ -299,19 +347,99 @@ def test_usr1_is_forwarded_to_the_step_and_requeues(slurm_job):
     assert proc.returncode == 0 and _requeues(log) == ["requeue 1234"], err
 
 
-def test_term_waits_for_the_step_without_requeue(slurm_job):
+@pytest.mark.parametrize("restarts_seen,rc,message", [
+    (1, EXIT_PREEMPTED, "job 1234 is being cancelled; not requeueing"),  # scancel: the shell is signalled too
+    (2, 0, "Slurm is requeueing job 1234 itself"),  # scontrol requeue: Slurm counted a restart already
+])
+def test_term_to_the_shell_leaves_the_requeue_to_slurm(slurm_job, restarts_seen, rc, message):
     start, log, _ = slurm_job
-    proc = start("wait")
+    proc = start("wait", restarts_seen)
     srun_pid = int(_wait_for(log / "srun.pid"))
-    proc.send_signal(signal.SIGTERM)  # scancel / preemption: Slurm signals the shell and the step alike
+    proc.send_signal(signal.SIGTERM)  # Slurm ending the job signals the shell and the step alike
     time.sleep(0.3)
     assert proc.poll() is None, "the batch shell must outlive SIGTERM while the step saves"
     assert not (log / "srun.signals").exists(), "SIGTERM must not be forwarded a second time"
     os.kill(srun_pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=30)
-    assert proc.returncode == EXIT_PREEMPTED and _requeues(log) == [], err
+    assert proc.returncode == rc and _requeues(log) == [], err
+    assert message in err.replace("\n", " ") and "failed" not in err
 
 
-def test_exit_code_matches_the_trainer():
+def test_exit_code_and_marker_match_the_trainer():
     preemption = pytest.importorskip("train.loop.preemption")
-    assert preemption.EXIT_PREEMPTED == EXIT_PREEMPTED
+    assert preemption.EXIT_PREEMPTED == EXIT_PREEMPTED == step.EXIT_PREEMPTED
+    assert preemption.PREEMPTED_FILE_ENV == step.PREEMPTED_FILE_ENV == "HVL_PREEMPTED_FILE"
+    assert "HVL_PREEMPTED_FILE" in TEMPLATE.read_text()
+
+
+def test_a_stop_before_the_first_step_marks_the_run_resumable_once(tmp_path, monkeypatch):
+    preemption = pytest.importorskip("train.loop.preemption")
+    marker = tmp_path / ".preempted-1"
+    monkeypatch.setenv("HVL_PREEMPTED_FILE", str(marker))
+    monkeypatch.delenv("RANK", raising=False)
+    handler = preemption.PreemptionHandler().install()
+    try:
+        with pytest.raises(preemption.Preempted):
+            os.kill(os.getpid(), signal.SIGTERM)
+            signal.sigtimedwait([], 0.1)
+        os.kill(os.getpid(), signal.SIGTERM)  # delivered twice (Slurm and srun): no second stop mid-unwind
+        signal.sigtimedwait([], 0.1)
+    finally:
+        handler.uninstall()
+    assert marker.read_text() == "SIGTERM before the first step: stopped, nothing to save\n"
+    monkeypatch.setenv("RANK", "1")
+    marker.unlink()
+    preemption.mark_preempted("saved step 5")  # rank 0 alone writes it
+    assert not marker.exists()
+
+
+# --- launch.step: torchrun whose stops are one line each -------------------------------------------
+
+WORKER = """import os, signal, sys, time
+stop = []
+for sig in (signal.SIGTERM, signal.SIGUSR1):
+    signal.signal(sig, lambda s, f: stop.append(s))
+open(os.path.join(sys.argv[1], f"ready.{os.environ['RANK']}"), "w").close()
+if sys.argv[2] != "wait":
+    sys.exit(int(sys.argv[2]))
+for _ in range(600):  # until a stop signal, as the trainer saves at its next step and exits 75
+    if stop:
+        sys.exit(75)
+    time.sleep(0.05)
+"""
+
+
+def _run_step(tmp_path: Path, worker_rc: str, sig: signal.Signals | None):
+    """Runs `launch.step` over 2 tiny workers; `sig` goes to every process, as Slurm signals a step."""
+    (tmp_path / "worker.py").write_text(WORKER)
+    proc = subprocess.Popen([sys.executable, "-m", "launch.step", "--standalone", "--nproc-per-node=2",
+                             TORCHRUN_SIGNALS, "--shutdown-timeout=30", str(tmp_path / "worker.py"), str(tmp_path),
+                             str(worker_rc)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2])))
+    try:
+        deadline = time.monotonic() + 60
+        while sig is not None and not all((tmp_path / f"ready.{r}").exists() for r in (0, 1)):
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() else ""
+            time.sleep(0.05)
+        if sig is not None:
+            for pid in [proc.pid, *(c.pid for c in psutil.Process(proc.pid).children())]:
+                os.kill(pid, sig)
+                os.kill(pid, sig)  # twice: as Slurm and srun both deliver SIGTERM
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    return proc.returncode, err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_step_leaves_stop_signals_to_the_workers_and_passes_their_code_on(tmp_path, sig):
+    rc, err = _run_step(tmp_path, "wait", sig)
+    assert rc == EXIT_PREEMPTED, err
+    assert err.count(f"launch.step: {sig.name}: the workers save and stop") == 1
+    assert "launch.step: worker rank" in err and f"exit {EXIT_PREEMPTED}" in err
+    assert "Traceback" not in err and "SignalException" not in err
+
+
+def test_step_reports_a_failed_worker_in_one_line(tmp_path):
+    rc, err = _run_step(tmp_path, "3", None)
+    assert rc == 3 and "exited with code 3" in err and "Traceback" not in err, err

@@ -2,18 +2,32 @@
 the first step they stop it at once (nothing new to save).
 
 Slurm sends SIGUSR1 before the time limit (`--signal=B:USR1@300`) and SIGTERM on preemption;
-the run exits with EXIT_PREEMPTED so the batch script knows to requeue, and the requeued job
-resumes from the checkpoint written here.
+the run exits with EXIT_PREEMPTED, and the requeued job resumes from the checkpoint written here.
+Exit codes do not survive torchrun (it reports a failed worker as 1), so the batch script learns
+of the stop from a file instead: rank 0 writes the file named by $HVL_PREEMPTED_FILE (see
+`mark_preempted`) once the newest state is on disk, and the script requeues the job when it exists.
 """
 
 from __future__ import annotations
 
+import os
 import signal
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later"
+# Set by the sbatch script (launch/templates/sbatch.sh), fresh for each start of the job.
+PREEMPTED_FILE_ENV = "HVL_PREEMPTED_FILE"
+
+
+def mark_preempted(what: str) -> None:
+    """Tell the launcher this run stopped for preemption with its newest state on disk (so a
+    rerun resumes): rank 0 writes `what` to $HVL_PREEMPTED_FILE, when that is set."""
+    path = os.environ.get(PREEMPTED_FILE_ENV)
+    if path and os.environ.get("RANK", "0") == "0":
+        Path(path).write_text(what + "\n")
 
 
 class Preempted(Exception):
@@ -47,7 +61,12 @@ class PreemptionHandler:
 
     def _on_signal(self, signum, frame) -> None:
         if not self.stepped:  # start-up can take minutes (data warm-up): do not make Slurm wait for it
-            raise Preempted(f"{signal.Signals(signum).name} before the first step: stopped, nothing to save")
+            if self._requested:  # the same stop delivered twice (Slurm signals and srun forwards): unwinding
+                return
+            self._requested = True
+            message = f"{signal.Signals(signum).name} before the first step: stopped, nothing to save"
+            mark_preempted(message)
+            raise Preempted(message)
         # Only a flag: saving inside a signal handler could interrupt a half-done step.
         self._requested = True
 

@@ -33,7 +33,7 @@ from train.checkpoint.store import (
 )
 from train.config.schema import MODEL_PARTS, Config, ConfigError
 from train.loop.callbacks import MetricsFile, Progress, WandbLogger
-from train.loop.preemption import Preempted, PreemptionHandler
+from train.loop.preemption import Preempted, PreemptionHandler, mark_preempted
 from train.loop.train_module import TrainModule, apply_trainable, build_optimizer
 from train.loop.validation import Validator
 from train.model.vlm import VisionLanguageModel
@@ -260,6 +260,7 @@ class Trainer:
                     self._save()
                 self.checkpointer.wait()
                 self._log(f"preempted: saved step {self.step}; rerun the same command to resume")
+                mark_preempted(f"saved step {self.step}")
                 raise Preempted(self.step)
         return last_loss
 
