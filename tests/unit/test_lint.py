@@ -69,7 +69,6 @@ EXPECTED = {
 
 def write_mixed_shard(path: Path) -> None:
     jpeg = noisy_jpeg()
-    video = synth.build_sample("video", seed=0, index=0).videos[0]
     members = {
         "good_image": {"json": doc(qa()), "img0.jpg": jpeg},
         "truncated_jpeg": {"json": doc(qa()), "img0.jpg": jpeg[: len(jpeg) // 2]},

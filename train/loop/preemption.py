@@ -70,6 +70,11 @@ class PreemptionHandler:
         # Only a flag: saving inside a signal handler could interrupt a half-done step.
         self._requested = True
 
+    @property
+    def requested(self) -> bool:
+        """This process was signalled (no collective: for between stages, where no group exists)."""
+        return self._requested
+
     def should_stop(self) -> bool:
         """True on every rank when any rank was signalled (ranks must save together)."""
         if not (dist.is_available() and dist.is_initialized()):

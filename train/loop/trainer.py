@@ -184,7 +184,8 @@ class Trainer:
         progress = Progress(cfg.stage, self.step, t.max_steps, cfg.logger.progress_bar and self.info.is_main)
         wandb = WandbLogger(cfg.logger.wandb.mode, cfg.logger.wandb.project, cfg.logger.wandb.entity, self.run_dir,
                             cfg.stage, dataclasses.asdict(cfg)) if self.info.is_main else None
-        preemption = preemption or PreemptionHandler(self.info.device).install()
+        own_handler = preemption is None
+        preemption = PreemptionHandler(self.info.device).install() if own_handler else preemption
         try:
             last_loss = self._loop(metrics, progress, wandb, preemption)
             if not math.isfinite(last_loss) and metrics is not None and metrics.last_loss is not None:
@@ -197,7 +198,8 @@ class Trainer:
                 self._write_report(wandb)
         finally:
             self.checkpointer.wait()  # an async save in flight completes (also on preemption)
-            preemption.uninstall()
+            if own_handler:
+                preemption.uninstall()
             progress.close()
             self.data.close()
             if wandb is not None:
@@ -317,19 +319,23 @@ def engine_groups(cfg: Config) -> dict:
     return {"always": True, "make_groups": functools.partial(megatron_process_groups, cfg.parallel)}
 
 
-def run_stage(cfg: Config) -> dict:
-    """Train one stage to cfg.trainer.max_steps (resuming from the run dir when possible)."""
+def run_stage(cfg: Config, preemption: PreemptionHandler | None = None) -> dict:
+    """Train one stage to cfg.trainer.max_steps (resuming from the run dir when possible).
+    `preemption`: an installed handler that outlives the stage (the pipeline's), else one for it."""
     done = stage_finished(cfg)
     if done is not None:
         print(f"[{cfg.stage}] already finished ({done['steps']} steps) in {cfg.run.dir}; nothing to do", flush=True)
         return done
     # Installed before anything slow (process groups, data generation, resume, data warm-up), so a
     # preemption or a kill during start-up stops the run at once (exit 75) instead of waiting.
-    preemption = PreemptionHandler().install()
+    own_handler = preemption is None
+    preemption = PreemptionHandler().install() if own_handler else preemption
+    preemption.stepped = False
     try:
         info = init_distributed(cfg.parallel, cfg.trainer.device, **engine_groups(cfg))
     except BaseException:
-        preemption.uninstall()
+        if own_handler:
+            preemption.uninstall()
         raise
     preemption.device = info.device
     try:
@@ -348,7 +354,8 @@ def run_stage(cfg: Config) -> dict:
         seed_everything(cfg.seed + info.rank)
         summary = Trainer(cfg, info).fit(preemption)
     finally:
-        preemption.uninstall()
+        if own_handler:
+            preemption.uninstall()
         shutdown()
     if cfg.eval.tasks and info.is_main:
         summary = run_stage_benchmarks(cfg, summary)
