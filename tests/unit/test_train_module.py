@@ -139,3 +139,14 @@ def test_sqrt_turn_step_is_the_weighted_mean():
     assert math.isclose(a.train_step([collate_rows(equal, 32, 3)], 0).loss,
                         b.train_step([collate_rows(equal, 32, 3, loss_weighting="sqrt_turn")], 0).loss,
                         rel_tol=1e-6)  # fp32 weights
+
+
+def test_deterministic_algorithms_are_switched_on_without_loading_inductor():
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from train.loop.trainer import use_deterministic_algorithms; "
+            "use_deterministic_algorithms(); "
+            "print(torch.are_deterministic_algorithms_enabled(), 'torch._inductor' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "False"]

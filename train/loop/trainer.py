@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -125,6 +126,20 @@ def check_random_parts(cfg: Config, random_parts: list[str]) -> None:
             f"random {' and '.join(refused)} weights. Start from a checkpoint that holds them (e.g. "
             f"`python -m train.convert compose --lm HF_LM --vision HF_RADIO --dst DIR`, then "
             f"init.from_checkpoint=DIR/checkpoints/step_0000000), or allow it: init.allow_random=[{','.join(refused)}]")
+
+
+def use_deterministic_algorithms() -> None:
+    """`torch.use_deterministic_algorithms(True)` without the import of torch._inductor it makes
+    only to set inductor's own flag (a second of every stage's start-up; nothing here is compiled):
+    that flag is set too when inductor is already loaded."""
+    set_flag = getattr(torch._C, "_set_deterministic_algorithms", None)
+    if set_flag is None:  # another torch: the public call
+        torch.use_deterministic_algorithms(True)
+        return
+    set_flag(True, warn_only=False)
+    inductor_config = sys.modules.get("torch._inductor.config")
+    if inductor_config is not None:
+        inductor_config.deterministic = True
 
 
 def seed_everything(seed: int) -> None:
@@ -350,7 +365,7 @@ def run_stage(cfg: Config, preemption: PreemptionHandler | None = None) -> dict:
         if cfg.trainer.deterministic:
             if info.device.type == "cuda":  # cuBLAS is deterministic only with a fixed workspace
                 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True)
+            use_deterministic_algorithms()
         seed_everything(cfg.seed + info.rank)
         summary = Trainer(cfg, info).fit(preemption)
     finally:
