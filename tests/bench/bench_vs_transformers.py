@@ -4,7 +4,8 @@ fresh process (peak RSS is per process), the two implementations interleaved, be
 
 Config (issue 16): hidden 256, pattern `M-M*M-M-`, 8 query / 2 KV heads of 32, Mamba 8 heads x 64,
 state 64, 2 groups, chunk 128, vocab 4096; 2 threads. Also ours on a packed row of 8 samples
-(transformers cannot isolate packed samples). Ratios are ours / transformers.
+(transformers cannot isolate packed samples), and ours compiled (`model.compile=true`, inductor):
+a step after two warm-up steps, beside the warm-up's seconds. Ratios are ours / transformers (eager).
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ def _save_model(directory: Path) -> None:
 
 
 def _measure(which: str, directory: str, tokens: int, packed: bool) -> dict:
-    """In a fresh process: one forward + backward; seconds and peak RSS of this process."""
+    """In a fresh process: one forward + backward; seconds and peak RSS of this process. "ours_compiled"
+    (`model.compile=true`): two forward + backward passes compile the layers (their seconds are
+    `warmup_seconds`), the third is timed."""
     import torch
 
     torch.set_num_threads(int(THREADS))
@@ -53,10 +56,20 @@ def _measure(which: str, directory: str, tokens: int, packed: bool) -> dict:
         forward = lambda: model(ids, cu_seqlens=cu)  # noqa: E731
     for p in model.parameters():
         p.requires_grad_(True)
+    warmup = 0.0
+    if which == "ours_compiled":
+        from train.model.compile import compile_language_model
+
+        compile_language_model(model)
+        started = time.perf_counter()
+        for _ in range(2):
+            forward().float().sum().backward()
+        warmup = time.perf_counter() - started
     started = time.perf_counter()
     forward().float().sum().backward()
     seconds = time.perf_counter() - started
-    return {"seconds": seconds, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    result = {"seconds": seconds, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {**result, "warmup_seconds": warmup} if warmup else result
 
 
 def _run_worker(which: str, directory: Path, tokens: int, packed: bool = False) -> dict:
@@ -87,13 +100,16 @@ def run() -> dict:
                     if previous is None or "error" in previous or result["seconds"] < previous["seconds"]:
                         best[which] = result
             packed = _run_worker("ours", directory, tokens, packed=True)
+            compiled = _run_worker("ours_compiled", directory, tokens)
             rows.append({"tokens": tokens, "transformers": best["transformers"], "ours": best["ours"],
-                         "ours_packed_8": packed})
+                         "ours_packed_8": packed, "ours_compiled": compiled})
     for row in rows:
         t, o = row["transformers"], row["ours"]
         if "error" not in t and "error" not in o:
             row["time_ratio"] = o["seconds"] / t["seconds"]
             row["memory_ratio"] = o["peak_rss_mib"] / t["peak_rss_mib"]
+        if "error" not in t and "error" not in row["ours_compiled"]:
+            row["compiled_time_ratio"] = row["ours_compiled"]["seconds"] / t["seconds"]
     return {"config": CONFIG, "threads": int(THREADS), "rounds": ROUNDS, "rows": rows}
 
 
@@ -101,14 +117,16 @@ def render(data: dict) -> str:
     def cell(result: dict, key: str, fmt: str) -> str:
         return "error" if "error" in result else format(result[key], fmt)
 
-    lines = ["| tokens | transformers s | ours s | ratio | transformers MiB | ours MiB | ratio | ours packed x8 s |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| tokens | transformers s | ours s | ratio | transformers MiB | ours MiB | ratio | ours packed x8 s "
+             "| ours compiled s (warm-up s) | ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in data["rows"]:
-        t, o, p = row["transformers"], row["ours"], row["ours_packed_8"]
+        t, o, p, c = row["transformers"], row["ours"], row["ours_packed_8"], row.get("ours_compiled", {"error": ""})
+        compiled = "error" if "error" in c else f"{c['seconds']:.2f} ({c['warmup_seconds']:.0f})"
         lines.append(f"| {row['tokens']:,} | {cell(t, 'seconds', '.2f')} | {cell(o, 'seconds', '.2f')} | "
                      f"{row.get('time_ratio', float('nan')):.2f} | {cell(t, 'peak_rss_mib', ',.0f')} | "
                      f"{cell(o, 'peak_rss_mib', ',.0f')} | {row.get('memory_ratio', float('nan')):.2f} | "
-                     f"{cell(p, 'seconds', '.2f')} |")
+                     f"{cell(p, 'seconds', '.2f')} | {compiled} | {row.get('compiled_time_ratio', float('nan')):.2f} |")
     return "\n".join(lines)
 
 

@@ -139,6 +139,41 @@ def test_activation_checkpointing_gives_identical_loss_and_grads():
         assert grads_a[name] is not None and torch.equal(grads_a[name], grads_b[name]), name
 
 
+def test_compiled_blocks_equal_eager_on_packed_rows_and_keep_their_names():
+    """model.compile=true (`compile_blocks`): dynamo captures every block (aot_eager here: the same
+    capture and autograd as inductor, without its code generation), the sample-boundary handling
+    breaks the graph and runs eagerly, and two different packings give eager's loss and gradients."""
+    import torch._dynamo
+
+    from train.model.compile import compile_blocks
+
+    gen = torch.Generator().manual_seed(0)
+    tiles = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8, generator=gen)
+    ids = torch.randint(10, 90, (1, 40), generator=gen)
+    ids[0, 3:11] = 5  # 2 tiles x 4 tokens
+    eager, compiled = _tiny_vlm("none"), _tiny_vlm("none")
+    names = list(compiled.state_dict())
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compile_blocks(compiled, backend="aot_eager")
+    assert list(compiled.state_dict()) == names  # checkpoints and conversions see the same model
+    for split in (13, 29):  # a second packing must not need another compiled graph to be right
+        seq_idx = torch.tensor([[0] * split + [1] * (40 - split)], dtype=torch.int32)
+        batch = PackedBatch.build(ids, ids.clone(), seq_idx, torch.tensor([0, split, 40], dtype=torch.int32), tiles)
+        losses = []
+        for model in (eager, compiled):
+            model.zero_grad()
+            loss, _ = model(batch)
+            loss.backward()
+            losses.append(loss.detach())
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=0)
+        for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-7, msg=name)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= len(LM.pattern)  # really compiled
+    torch._dynamo.reset()
+    with pytest.raises(ConfigError, match="model.compile=true compiles the native engine"):
+        load_config("stage3_text_recovery", ["smoke=cpu", "model.impl=mcore", "model.compile=true"])
+
 
 def test_gpu_extra_floors_are_the_deterministic_kernel_releases(project_root):
     """trainer.deterministic=true is honoured by mamba-ssm from 2.3.0 and causal-conv1d from 1.6.0."""

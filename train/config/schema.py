@@ -179,8 +179,15 @@ class ModelConfig:
     impl: Literal["native", "mcore"] = "native"
     # Rows of the output head and loss computed at once: full logits are never materialised.
     loss_chunk_size: int = 1024
+    # torch.compile each language-model layer and vision block (`train.model.compile`): inductor
+    # fuses the reference ops' elementwise work. The first steps pay the compilation (about a
+    # minute on CPU for the tiny model); sample-boundary handling stays eager (graph breaks).
+    compile: bool = False
 
     def validate(self, path: str) -> None:
+        if self.compile and self.impl == "mcore":
+            raise ConfigError(f"{path}.compile=true compiles the native engine's layers; with {path}.impl=mcore "
+                              "leave it false")
         self.language_model.validate(f"{path}.language_model")
         self.vision.validate(f"{path}.vision")
         self.kernels.validate(f"{path}.kernels", self.language_model, f"{path}.language_model")

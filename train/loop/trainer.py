@@ -158,6 +158,10 @@ class Trainer:
         model, self.layout, random_parts = build_model(cfg, tokenizer, info.device)
         # FP8 swaps Linear modules: before the optimizer (same Parameters either way) and DDP.
         self.model = self.precision.convert_model(model.to(info.device))
+        if cfg.model.compile:  # after FP8 swapped its linears: the compiled blocks hold the final modules
+            from train.model.compile import compile_blocks
+
+            compile_blocks(self.model)
         # Wrap before the optimizer and the resume: FSDP2 turns parameters into DTensor shards.
         forward_module = wrap_data_parallel(self.model, cfg.parallel, info)
         shard_over = info.groups.get("data_context") if cfg.parallel.distributed_optimizer and info.groups else None
