@@ -17,7 +17,13 @@ from torch import nn
 from data_pipelines.training.batch import PackedBatch
 from train.config.schema import Config, OptimConfig, TrainableConfig
 from train.model.vlm import VisionLanguageModel
-from train.parallel.distributed import DistInfo, all_reduce_sum, clip_grad_norm, finalize_tensor_parallel_grads
+from train.parallel.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    average_gradients,
+    clip_grad_norm,
+    finalize_tensor_parallel_grads,
+)
 from train.parallel.zero import ShardedAdamW
 from train.precision import Precision
 
@@ -136,10 +142,8 @@ class TrainModule:
         self.optimizer.zero_grad(set_to_none=True)
         params = [p for p in self.model.parameters() if p.requires_grad]
         if self.pipeline is not None:
-            from train.model.mcore.pipeline import reduce_gradients
-
             loss_sum = self.pipeline.train(micro_batches, scale)
-            reduce_gradients(params, self.info)
+            average_gradients(params, self.info)
         else:
             loss_sum = 0.0
             for i, batch in enumerate(micro_batches):

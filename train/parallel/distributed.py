@@ -138,9 +138,8 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float, info: DistInfo) 
     megatron tags them) counts each rank's part once, and a parameter every rank holds whole counts
     once, as it does in the model the ranks hold together; pipeline stages each add their own
     layers. Otherwise: torch's clip_grad_norm_."""
-    groups = info.groups
-    tensor = groups.get("tensor") if groups is not None else None
-    pipeline = groups.get("pipeline") if groups is not None else None
+    tensor = info.groups.get("tensor") if info.groups is not None else None
+    pipeline = info.groups.get("pipeline") if info.groups is not None else None
     if tensor is None and pipeline is None:
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # DTensor under FSDP2
@@ -164,6 +163,24 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float, info: DistInfo) 
         for p in grads:
             p.grad.mul_(coefficient)
     return total
+
+
+def average_gradients(params: list[nn.Parameter], info: DistInfo) -> None:
+    """Average the gradients over the data (and context) parallel replicas, as DDP does, in one flat
+    all-reduce per dtype: for a pipeline, which runs without the DDP wrapper."""
+    group = info.groups.get("data_context") if info.groups is not None else None
+    if group is None:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    for dtype in {g.dtype for g in grads}:
+        same = [g for g in grads if g.dtype == dtype]
+        flat = torch.cat([g.reshape(-1) for g in same])
+        dist.all_reduce(flat, group=group)
+        flat /= info.gradient_replicas
+        offset = 0
+        for g in same:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
 
 
 def shutdown() -> None:

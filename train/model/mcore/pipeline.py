@@ -11,7 +11,7 @@ group, so at most `pipeline_parallel - stage` micro-batches are in flight on a s
 The schedule is ours rather than megatron's: megatron's allocates on "cuda" by name (CPU runs
 use gloo) and expects megatron's DDP and loss conventions, while the loop here keeps the
 trainer's own normalisation (each micro-batch's loss sum times `scale`) and leaves the gradient
-reduction over data-parallel replicas to the caller (`reduce_gradients`), after the last
+reduction over data-parallel replicas to the caller (`train.parallel.distributed.average_gradients`), after the last
 micro-batch. The loss sum comes back on every stage, so reductions after it are the same on
 every rank.
 """
@@ -144,20 +144,3 @@ class PipelineSchedule:
             return self._shared_loss(0.0)
         return self._shared_loss(float(output))
 
-
-def reduce_gradients(params: list[nn.Parameter], info: DistInfo) -> None:
-    """Average the gradients over the data (and context) parallel replicas, as DDP does without a
-    pipeline: one flat all-reduce per dtype."""
-    group = info.groups.get("data_context") if info.groups is not None else None
-    if group is None:
-        return
-    grads = [p.grad for p in params if p.grad is not None]
-    for dtype in {g.dtype for g in grads}:
-        same = [g for g in grads if g.dtype == dtype]
-        flat = torch.cat([g.reshape(-1) for g in same])
-        dist.all_reduce(flat, group=group)
-        flat /= info.gradient_replicas
-        offset = 0
-        for g in same:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
