@@ -242,6 +242,37 @@ def test_ssd_gradcheck_with_seq_idx():
     assert torch.autograd.gradcheck(fn, tensors)
 
 
+@pytest.mark.parametrize("lengths", [None, [3, 9, 1, 14, 6]])
+def test_ssd_chunked_gradients_match_recurrent(lengths, monkeypatch):
+    """The scan's hand-written backward (`ChunkedScan`) against autograd through the token loop, over
+    chunks processed a few at a time (two chunks per group here), with and without boundaries, with
+    the skip, an initial state and the final state."""
+    from train.ops import ssd_chunked
+
+    monkeypatch.setattr(ssd_chunked, "_GROUP_TOKENS", 2 * CHUNK)
+    b, l, h, p, g, n = 1, 33, 4, 3, 2, 5
+    inp = ssd_inputs(b, l, h, p, g, n, seed=14)
+    gen = torch.Generator().manual_seed(15)
+    d_shape = (h, p) if lengths is None else (h,)  # D per head, or per channel
+    inp.update(D=torch.randn(*d_shape, generator=gen, dtype=torch.float64),
+               z=torch.randn(b, l, h, p, generator=gen, dtype=torch.float64),
+               dt_bias=torch.randn(h, generator=gen, dtype=torch.float64) * 0.1,
+               initial_states=torch.randn(b, h, p, n, generator=gen, dtype=torch.float64))
+    seq_idx = None if lengths is None else seq_idx_from_lengths(lengths)
+    weights = torch.randn(b, l, h, p, generator=gen, dtype=torch.float64)
+    weights_final = torch.randn(b, h, p, n, generator=gen, dtype=torch.float64)
+
+    def grads(fn):
+        leaves = {k: v.clone().requires_grad_(True) for k, v in inp.items()}
+        y, final = fn(**leaves, chunk_size=CHUNK, seq_idx=seq_idx, dt_softplus=True, return_final_states=True)
+        ((y * weights).sum() + (final * weights_final).sum()).backward()
+        return {k: v.grad for k, v in leaves.items()}
+
+    chunked, recurrent = grads(ssd_scan_ref), grads(ssd_recurrent_ref)
+    for name in inp:
+        assert rel_err(chunked[name], recurrent[name]) < 1e-10, name
+
+
 def test_ssd_gradients_finite_at_fp32():
     inp = ssd_inputs(1, 40, 4, 4, 2, 4, dtype=torch.float32, seed=13)
     leaves = {k: v.requires_grad_(True) for k, v in inp.items()}
@@ -275,10 +306,23 @@ def test_conv1d_packed_equals_per_sample(lengths):
     x = torch.randn(1, 5, total, generator=gen)
     w = torch.randn(5, 4, generator=gen)
     bias = torch.randn(5, generator=gen)
-    y = causal_conv1d_ref(x, w, bias, seq_idx_from_lengths(lengths), activation="silu")
-    parts = torch.split(x, lengths, dim=-1)
-    ref = torch.cat([causal_conv1d_ref(part, w, bias, activation="silu") for part in parts], dim=-1)
+    upstream = torch.randn(1, 5, total, generator=gen)
+
+    def run(packed: bool):
+        leaves = [t.clone().requires_grad_(True) for t in (x, w, bias)]
+        xl, wl, bl = leaves
+        if packed:
+            y = causal_conv1d_ref(xl, wl, bl, seq_idx_from_lengths(lengths), activation="silu")
+        else:
+            y = torch.cat([causal_conv1d_ref(part, wl, bl, activation="silu")
+                           for part in torch.split(xl, lengths, dim=-1)], dim=-1)
+        (y * upstream).sum().backward()
+        return y, [t.grad for t in leaves]
+
+    (y, grads), (ref, ref_grads) = run(packed=True), run(packed=False)
     assert rel_err(y, ref) < 1e-6
+    for grad, ref_grad in zip(grads, ref_grads):  # input, weight and bias gradients
+        assert rel_err(grad, ref_grad) < 1e-5
 
 
 def test_conv1d_perturbing_one_sample_leaves_others_bit_identical():

@@ -36,7 +36,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
+
+from train.ops.ssd_chunked import ChunkedScan
 
 __all__ = ["ssd_scan_ref", "ssd_recurrent_ref", "ssd_step_ref"]
 
@@ -109,62 +110,6 @@ def _row_initial_states(initial_states: Tensor, seq_idx: Tensor | None) -> Tenso
     return initial_states * keep
 
 
-def _segsum(a: Tensor, blocked: Tensor | None = None) -> Tensor:
-    """Stable segment sums of the last dim: out[..., i, j] = sum_{j < k <= i} a[..., k].
-
-    The upper triangle (j > i), and the pairs `blocked` marks (broadcast against the output: e.g.
-    tokens of different packed samples), are -inf so that exp() gives the causal decay matrix.
-    Summing the masked copies directly (rather than cumsum[i] - cumsum[j]) avoids cancellation
-    when the cumulative log-decay is large. One (T, T) temporary besides the result: the -inf
-    fill is in place (cumsum's backward does not need its output).
-
-    a: (..., T) -> (..., T, T)
-    """
-    T = a.shape[-1]
-    strict = torch.ones(T, T, dtype=torch.bool, device=a.device).tril(-1)
-    rep = a.unsqueeze(-1).expand(*a.shape, T)  # rep[..., i, j] = a[..., i]
-    seg = rep.masked_fill(~strict, 0.0).cumsum(dim=-2)  # (..., T, T)
-    acausal = torch.ones(T, T, dtype=torch.bool, device=a.device).triu(1)
-    return seg.masked_fill_(acausal if blocked is None else acausal | blocked, -math.inf)
-
-
-# Tokens whose (cl, cl) blocks are built at once (`_diagonal_blocks`).
-_DIAGONAL_GROUP_TOKENS = 1024
-
-
-def _diagonal_blocks(C_c: Tensor, B_c: Tensor, dA: Tensor, dA_cs: Tensor, x_dt: Tensor,
-                     other_sample: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Each chunk on its own: y_i = sum_{j<=i} C_i.B_j * decay(j->i) * dt_j x_j (the diagonal blocks of
-    the SSD matrix), and the state each chunk's own inputs leave at its end.
-
-    C_c, B_c: (b, c, cl, g, n); dA: (b, c, g, r, cl) per-token log-decay and dA_cs its cumulative sum
-    from each chunk's start; x_dt: (b, c, cl, g, r, p);
-    other_sample: (b, c, 1, 1, cl, cl) pairs of tokens of different samples, or None.
-    Returns y_diag (b, c, cl, g, r, p) and chunk_states (b, c, g, r, p, n).
-    """
-    # decay(j -> i) = exp(dA_cs[i] - dA_cs[j]), as mamba_ssm's chunk-scan kernel forms it; the
-    # log-decay within one chunk is small, so the difference loses nothing that matters in fp32.
-    cl = dA_cs.shape[-1]
-    log_decay = dA_cs.unsqueeze(-1) - dA_cs.unsqueeze(-2)  # (b, c, g, r, cl_i, cl_j)
-    if other_sample is not None:
-        # In a chunk holding a sample boundary the difference would round through the earlier
-        # sample's log-decay: there the sums run over each pair's own tokens (`_segsum`), so a
-        # sample's outputs stay bit-identical whatever the other samples of the row hold.
-        rows, chunks = other_sample.flatten(2).any(-1).nonzero(as_tuple=True)  # chunks with a boundary
-        if rows.numel():
-            log_decay[rows, chunks] = _segsum(dA[rows, chunks])
-    acausal = torch.ones(cl, cl, dtype=torch.bool, device=dA_cs.device).triu(1)
-    blocked = acausal if other_sample is None else acausal | other_sample
-    decay = torch.exp(log_decay.masked_fill_(blocked, -math.inf))  # exactly 0 across samples / acausal
-    CB = torch.einsum("bcign,bcjgn->bcgij", C_c, B_c)  # (b, c, g, cl, cl)
-    W = CB.unsqueeze(3) * decay  # (b, c, g, r, cl_i, cl_j)
-    y_diag = torch.einsum("bcgrij,bcjgrp->bcigrp", W, x_dt)  # (b, c, cl, g, r, p)
-    # decay[..., -1, j] is the decay from j to the chunk's last token, already 0 for tokens of an
-    # earlier sample than the last token's, so those never enter the carried state.
-    chunk_states = torch.einsum("bcgrj,bcjgn,bcjgrp->bcgrpn", decay[..., -1, :], B_c, x_dt)  # (b, c, g, r, p, n)
-    return y_diag, chunk_states
-
-
 def ssd_scan_ref(
     x: Tensor,
     dt: Tensor,
@@ -211,11 +156,9 @@ def ssd_scan_ref(
     b, l, h, p, g, n = _check_shapes(x, dt, A, B, C)
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    r = h // g  # heads per group
     cdt = _compute_dtype(x)
     cl = chunk_size
     pad = (-l) % cl
-    nc = (l + pad) // cl
 
     dtf = _discretize_dt(dt, dt_bias, dt_softplus, dt_limit, cdt)  # (b, l, h)
     xf, Bf, Cf = x.to(cdt), B.to(cdt), C.to(cdt)
@@ -234,71 +177,20 @@ def ssd_scan_ref(
         if pad:
             # Padding continues the last sample so it never triggers a reset.
             seq = torch.cat([seq, seq[:, -1:].expand(b, pad)], dim=1)
-        seq = seq.reshape(b, nc, cl)  # (b, c, cl)
-
-    x_c = xf.reshape(b, nc, cl, g, r, p)  # (b, c, cl, g, r, p)
-    B_c = Bf.reshape(b, nc, cl, g, n)  # (b, c, cl, g, n)
-    C_c = Cf.reshape(b, nc, cl, g, n)  # (b, c, cl, g, n)
-    dt_c = dtf.reshape(b, nc, cl, g, r).permute(0, 1, 3, 4, 2)  # (b, c, g, r, cl)
-    dA = dt_c * A.to(cdt).reshape(g, r, 1)  # (b, c, g, r, cl)
-    dA_cs = dA.cumsum(dim=-1)  # (b, c, g, r, cl) log-decay from chunk start to t (inclusive)
-
-    # dt_j scales the input x_j: folded into x (small) rather than into the (cl, cl) weights.
-    x_dt = x_c * dt_c.permute(0, 1, 4, 2, 3).unsqueeze(-1)  # (b, c, cl, g, r, p)
-    other_sample = None if seq is None else (seq.unsqueeze(-1) != seq.unsqueeze(-2))[:, :, None, None]  # (b, c, 1, 1, cl, cl)
-    # The (cl, cl) blocks are most of the scan's memory. They are built a few chunks at a time, and
-    # under autograd not kept: each group keeps only its inputs and is rebuilt in backward (a few
-    # elementwise passes), so the blocks of one group at a time exist, in forward and in backward.
-    per_group = max(1, _DIAGONAL_GROUP_TOKENS // cl)
-    grouped = [torch.split(t, per_group, dim=1) for t in (C_c, B_c, dA, dA_cs, x_dt)]
-    masks = torch.split(other_sample, per_group, dim=1) if other_sample is not None else [None] * len(grouped[0])
-    recompute = torch.is_grad_enabled() and any(t.requires_grad for t in (C_c, B_c, dA, x_dt))
-    parts = [checkpoint(_diagonal_blocks, *inputs, mask, use_reentrant=False) if recompute
-             else _diagonal_blocks(*inputs, mask) for *inputs, mask in zip(*grouped, masks)]
-    y_diag = torch.cat([y for y, _ in parts], dim=1)  # (b, c, cl, g, r, p)
-    chunk_states = torch.cat([state for _, state in parts], dim=1)  # (b, c, g, r, p, n)
-
-    # --- inter-chunk state passing, in closed form over chunks (as mamba's ssd_minimal): the state
-    # entering chunk z is sum_c exp(log-decay of chunks c+1..z-1) * chunk_states[c], plus the
-    # initial state decayed through chunks 0..z-1. A chunk holding a sample boundary passes no
-    # state on: its log-decay is -inf (a decay of exactly 0). One (nc+1, nc+1) matrix per head
-    # instead of a Python loop whose per-chunk slices cost a full-size gradient each in backward.
     if initial_states is not None:
         if initial_states.shape != (b, h, p, n):
             raise ValueError(
                 f"initial_states must be (batch, nheads, headdim, dstate) = {(b, h, p, n)}, "
                 f"got {tuple(initial_states.shape)}"
             )
-        first = _row_initial_states(initial_states, seq_idx).to(cdt).reshape(b, 1, g, r, p, n)
+        first = _row_initial_states(initial_states, seq_idx).to(cdt)
     else:
-        first = xf.new_zeros(b, 1, g, r, p, n)
-    chunk_log_decay = dA_cs[..., -1]  # (b, c, g, r) total log-decay over each chunk
-    if seq is not None:
-        # The carried state belongs to the sample of the previous chunk's last token (the row's
-        # first sample for chunk 0); it survives chunk c only if c ends in that same sample.
-        start_sids = torch.cat([seq[:, :1, 0], seq[:, :-1, -1]], dim=1)  # (b, c)
-        passes = seq[:, :, -1] == start_sids  # (b, c)
-        chunk_log_decay = chunk_log_decay.masked_fill(~passes[:, :, None, None], -math.inf)
-    # (b, g, r, c+1, c+1): [z, j] = decay from the end of chunk j-1 (j=0: the row start) to the start of chunk z.
-    carry = torch.exp(_segsum(F.pad(chunk_log_decay.permute(0, 2, 3, 1), (1, 0))))
-    states = torch.cat([first, chunk_states], dim=1)  # (b, c+1, g, r, p, n)
-    entering = torch.einsum("bgrzj,bjgrpn->bzgrpn", carry, states)  # (b, c+1, g, r, p, n)
-    prev, final_state = entering[:, :-1], entering[:, -1]  # (b, c, g, r, p, n), (b, g, r, p, n)
-
-    # --- carried state -> outputs: y_i += exp(dA_cs[i]) * C_i . S_start,
-    # zeroed for tokens of a later sample than the one the state belongs to.
-    in_decay = torch.exp(dA_cs)  # (b, c, g, r, cl)
-    if seq is not None:
-        from_prev = (seq == start_sids.unsqueeze(-1)).to(cdt)  # (b, c, cl)
-        in_decay = in_decay * from_prev[:, :, None, None, :]
-    y_off = torch.einsum("bcign,bcgrpn->bcigrp", C_c, prev)  # (b, c, cl, g, r, p)
-    y_off = y_off * in_decay.permute(0, 1, 4, 2, 3).unsqueeze(-1)
-
-    y = (y_diag + y_off).reshape(b, nc * cl, h, p)[:, :l]  # (b, l, h, p)
-    y = _skip_and_gate(y, x, D, z)
-    y = y.to(x.dtype)
+        first = xf.new_zeros(b, h, p, n)
+    y, final_state = ChunkedScan.apply(xf, dtf, A.to(cdt), Bf, Cf, None if D is None else D.to(cdt), first, seq,
+                                       cl, g)  # (b, nc * cl, h, p), (b, h, p, n)
+    y = _skip_and_gate(y[:, :l], x, None, z).to(x.dtype)
     if return_final_states:
-        return y, final_state.reshape(b, h, p, n)
+        return y, final_state
     return y
 
 
