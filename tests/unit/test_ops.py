@@ -24,6 +24,7 @@ from train.ops import (
     ssd_step_ref,
     varlen_attention_ref,
 )
+from train.ops.activations import squared_relu
 
 CHUNK = 8
 # 1-token samples, exact chunk multiples (8, 16) and boundaries inside chunks.
@@ -529,3 +530,16 @@ def test_initial_states_belong_to_sample_index_zero(reference):
     assert rel_err(with_init[1], without[1]) == 0  # row 1 starts at index 2: no initial state
     assert rel_err(with_init[0, :6], without[0, :6]) > 1e-3  # row 0's first sample carries it
     assert rel_err(with_init[0, 6:], without[0, 6:]) == 0  # and only that sample
+
+
+def test_squared_relu_matches_autograd_of_relu_square():
+    gen = torch.Generator().manual_seed(40)
+    x = torch.randn(3, 17, generator=gen, dtype=torch.float64)
+    x[0, :4] = 0.0  # the kink: gradient 0, as relu's
+    upstream = torch.randn(3, 17, generator=gen, dtype=torch.float64)
+    ours, ref = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    (squared_relu(ours) * upstream).sum().backward()
+    (F.relu(ref).square() * upstream).sum().backward()
+    assert torch.equal(squared_relu(x), F.relu(x).square())
+    assert rel_err(ours.grad, ref.grad) < 1e-15
+    assert torch.autograd.gradcheck(squared_relu, (torch.randn(5, generator=gen, dtype=torch.float64).requires_grad_(True),))

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from train.config.schema import KernelConfig, LanguageModelConfig
 from train.model.recompute import recompute_in_backward
 from train.ops import attention_with_kv_cache_ref, causal_conv1d_update_ref, rms_norm_ref, ssd_step_ref
+from train.ops.activations import squared_relu
 from train.ops.dispatch import Kernels, resolve_kernels
 
 
@@ -224,7 +225,7 @@ class SquaredReluMLP(nn.Module):
         return None  # position-wise: nothing to remember
 
     def forward(self, hidden: Tensor, seq_idx: Tensor | None, cu_seqlens: Tensor, cache: None = None) -> Tensor:
-        return self.down_proj(F.relu(self.up_proj(hidden)).square())
+        return self.down_proj(squared_relu(self.up_proj(hidden)))
 
     def step(self, hidden: Tensor, cache: None, position: int) -> Tensor:
         return self.forward(hidden, None, None)

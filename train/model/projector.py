@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from train.config.schema import ProjectorConfig
 from train.model.language_model import RMSNorm
+from train.ops.activations import squared_relu
 
 
 def pixel_shuffle(x: Tensor, ratio: float) -> Tensor:
@@ -24,7 +24,7 @@ def pixel_shuffle(x: Tensor, ratio: float) -> Tensor:
 
 class SquaredReLU(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
-        return F.relu(x).square()
+        return squared_relu(x)
 
 
 class Projector(nn.Module):

@@ -41,7 +41,7 @@ class _RMSNorm(torch.autograd.Function):
         xf = x.to(_compute_dtype(x))
         rstd = torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)  # (..., 1)
         ctx.save_for_backward(x, weight, rstd)
-        return (xf * rstd * weight.to(xf.dtype)).to(x.dtype)
+        return (xf * rstd).mul_(weight.to(xf.dtype)).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -57,11 +57,12 @@ def _normalized_backward(grad: Tensor, xg: Tensor, rstd: Tensor, weight: Tensor,
     d/dxg = rstd * (gw - xhat * mean(gw * xhat)), gw = grad * weight, xhat = xg * rstd."""
     xhat = xg * rstd
     g = grad.to(rstd.dtype)
-    gw = g * weight.to(rstd.dtype)
-    grad_x = rstd * (gw - xhat * (gw * xhat).mean(dim=-1, keepdim=True))
     grad_weight = None
     if weight_grad:
         grad_weight = (g * xhat).reshape(-1, weight.numel()).sum(0).reshape(weight.shape).to(weight.dtype)
+    gw = g * weight.to(rstd.dtype)
+    # In place on the one new activation-sized tensor: each pass over it costs as much as the math.
+    grad_x = gw.addcmul_(xhat, (gw * xhat).mean(dim=-1, keepdim=True), value=-1.0).mul_(rstd)
     return grad_x, grad_weight
 
 
@@ -121,23 +122,23 @@ class _GatedRMSNorm(torch.autograd.Function):
         rstd = torch.rsqrt(ug.pow(2).mean(dim=-1, keepdim=True) + eps)  # (..., groups, 1)
         # z is usually a slice of a wider projection: a copy of its own lets that be freed.
         ctx.save_for_backward(x, None if z is None else z.contiguous(), weight, rstd)
-        return ((ug * rstd).reshape(u.shape) * weight.to(u.dtype)).to(x.dtype)
+        return (ug * rstd).reshape(u.shape).mul_(weight.to(u.dtype)).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         x, z, weight, rstd = ctx.saved_tensors
         cdt = rstd.dtype
         xf = x.to(cdt)
-        gate = None if z is None else F.silu(z.to(cdt))
+        zf = None if z is None else z.to(cdt)
+        gate = None if zf is None else F.silu(zf)
         u = xf if gate is None else xf * gate
         ug = u.reshape(*rstd.shape[:-1], -1)  # (..., groups, group_size)
         grad_u, grad_weight = _normalized_backward(grad.reshape(ug.shape), ug, rstd, weight.reshape(ug.shape[-2:]),
                                                    ctx.needs_input_grad[2])
         grad_u = grad_u.reshape(x.shape)
         grad_weight = None if grad_weight is None else grad_weight.reshape(weight.shape)
-        grad_x = grad_u if gate is None else grad_u * gate
         grad_z = None
-        if z is not None and ctx.needs_input_grad[1]:
-            sig = torch.sigmoid(z.to(cdt))
-            grad_z = (grad_u * xf * sig * (1 + z.to(cdt) * (1 - sig))).to(z.dtype)  # d silu(z) / dz
+        if zf is not None and ctx.needs_input_grad[1]:
+            grad_z = torch.ops.aten.silu_backward(grad_u * xf, zf).to(z.dtype)  # d silu(z) / dz
+        grad_x = grad_u if gate is None else grad_u.mul_(gate)
         return grad_x.to(x.dtype), grad_z, grad_weight, None, None

@@ -9,7 +9,8 @@ Three views of one recurrence, per head ``h`` with a ``(p, n)`` state::
 - :func:`ssd_scan_ref` is the chunked SSD form (quadratic inside a chunk, state
   passing between chunks) that the model uses on CPU. Its signature mirrors
   ``mamba_ssm.ops.triton.ssd_combined.mamba_chunk_scan_combined`` so the Triton
-  kernel can be swapped in by config.
+  kernel can be swapped in by config. Its math, forward and hand-written backward,
+  is :class:`train.ops.ssd_chunked.ChunkedScan`.
 - :func:`ssd_recurrent_ref` is the plain token-by-token loop: slow, obviously
   right, the ground truth for tests.
 - :func:`ssd_step_ref` advances a cached state by one token for generation

@@ -28,11 +28,6 @@ from train.model.language_model import mamba_dt_limit, mamba_mix, mamba_scan
 from train.ops.dispatch import Kernels
 
 
-def squared_relu(x: Tensor) -> Tensor:
-    # megatron's own squared_relu is wrapped in torch.compile (jit_fuser): this one is plain.
-    return F.relu(x).square()
-
-
 class RMSNorm(nn.Module):
     """RMSNorm with megatron's norm constructor. Under sequence parallelism each tensor-parallel rank
     normalises its slice of the sequence, so its weight's gradient is partial: the `sequence_parallel`

@@ -23,8 +23,9 @@ from torch import Tensor, nn
 from train.config.schema import KernelConfig, LanguageModelConfig, ParallelConfig, PrecisionConfig
 from train.model.language_model import HybridLanguageModel, packing_metadata
 from train.model.mcore import compat, weights
-from train.model.mcore.layers import load_balanced_order, squared_relu
+from train.model.mcore.layers import load_balanced_order
 from train.model.mcore.spec import SpecKind, hybrid_stack_spec
+from train.ops.activations import squared_relu
 from train.ops.dispatch import resolve_kernels
 from train.parallel.dims import ParallelDims, ProcessGroups
 
