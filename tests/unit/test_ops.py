@@ -243,16 +243,20 @@ def test_ssd_gradcheck_with_seq_idx():
     assert torch.autograd.gradcheck(fn, tensors)
 
 
+@pytest.mark.parametrize("steep", [False, True])
 @pytest.mark.parametrize("lengths", [None, [3, 9, 1, 14, 6]])
-def test_ssd_chunked_gradients_match_recurrent(lengths, monkeypatch):
+def test_ssd_chunked_gradients_match_recurrent(lengths, steep, monkeypatch):
     """The scan's hand-written backward (`ChunkedScan`) against autograd through the token loop, over
     chunks processed a few at a time (two chunks per group here), with and without boundaries, with
-    the skip, an initial state and the final state."""
+    the skip, an initial state and the final state. `steep`: two heads decay by ~e^-100 over a chunk,
+    where a decay factored as exp(s_i) * exp(-s_j) would overflow fp32."""
     from train.ops import ssd_chunked
 
     monkeypatch.setattr(ssd_chunked, "_GROUP_TOKENS", 2 * CHUNK)
     b, l, h, p, g, n = 1, 33, 4, 3, 2, 5
     inp = ssd_inputs(b, l, h, p, g, n, seed=14)
+    if steep:  # log-decay over a chunk of 8 tokens: about -8 * 0.35 * 40 = -112 for heads 1 and 2
+        inp["A"] = torch.tensor([-0.5, -40.0, -45.0, -1.0], dtype=torch.float64)
     gen = torch.Generator().manual_seed(15)
     d_shape = (h, p) if lengths is None else (h,)  # D per head, or per channel
     inp.update(D=torch.randn(*d_shape, generator=gen, dtype=torch.float64),
@@ -272,6 +276,11 @@ def test_ssd_chunked_gradients_match_recurrent(lengths, monkeypatch):
     chunked, recurrent = grads(ssd_scan_ref), grads(ssd_recurrent_ref)
     for name in inp:
         assert rel_err(chunked[name], recurrent[name]) < 1e-10, name
+    kwargs = dict(chunk_size=CHUNK, seq_idx=seq_idx, dt_softplus=True)
+    reference = ssd_recurrent_ref(**inp, **kwargs)
+    assert rel_err(ssd_scan_ref(**inp, **kwargs), reference) < 1e-10
+    # In fp32 too: decays are formed as exp(s_i - s_j), never as a product that could overflow.
+    assert rel_err(ssd_scan_ref(**{k: v.float() for k, v in inp.items()}, **kwargs), reference) < 1e-5
 
 
 def test_ssd_gradients_finite_at_fp32():
