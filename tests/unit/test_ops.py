@@ -252,8 +252,8 @@ def test_ssd_chunked_gradients_match_recurrent(lengths, steep, monkeypatch):
     where a decay factored as exp(s_i) * exp(-s_j) would overflow fp32."""
     from train.ops import ssd_chunked
 
-    monkeypatch.setattr(ssd_chunked, "_GROUP_TOKENS", 2 * CHUNK)
     b, l, h, p, g, n = 1, 33, 4, 3, 2, 5
+    monkeypatch.setattr(ssd_chunked, "_GROUP_ELEMENTS", 2 * h * CHUNK * CHUNK)
     inp = ssd_inputs(b, l, h, p, g, n, seed=14)
     if steep:  # log-decay over a chunk of 8 tokens: about -8 * 0.35 * 40 = -112 for heads 1 and 2
         inp["A"] = torch.tensor([-0.5, -40.0, -45.0, -1.0], dtype=torch.float64)

@@ -27,9 +27,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-# Tokens of the chunks processed at once: small enough that one group's (cl, cl) blocks stay in
-# cache, large enough that the Python overhead per group stays small.
-_GROUP_TOKENS = 512
+# Elements of the (chunk, chunk) blocks of the chunks processed at once (k * h * cl * cl): 2 MiB in
+# fp32, small enough that one group's blocks stay in cache, large enough that the Python overhead
+# per group stays small (4 chunks of 128 tokens x 8 heads; a whole row for the tiny smoke model).
+_GROUP_ELEMENTS = 1 << 19
 
 
 def _segsum(a: Tensor, blocked: Tensor | None = None) -> Tensor:
@@ -128,8 +129,8 @@ def _decay_from_start(ch: _Chunks) -> Tensor:
     return decay if ch.from_prev is None else decay * ch.from_prev[:, None, None, :]
 
 
-def _group_slices(num_chunks: int, chunk_len: int) -> list[slice]:
-    per_group = max(1, _GROUP_TOKENS // chunk_len)
+def _group_slices(num_chunks: int, chunk_len: int, heads: int) -> list[slice]:
+    per_group = max(1, _GROUP_ELEMENTS // (heads * chunk_len * chunk_len))
     return [slice(start, start + per_group) for start in range(0, num_chunks, per_group)]
 
 
@@ -154,7 +155,7 @@ class ChunkedScan(torch.autograd.Function):
         b, L, h, p = x.shape
         n, cl, nc = B.shape[-1], chunk_size, L // chunk_size
         row, passes = _row(x, dt, A, B, C, seq, cl)
-        parts = _group_slices(b * nc, cl)
+        parts = _group_slices(b * nc, cl, h)
 
         # 1. What each chunk's own tokens leave in the state at its end, and its total log-decay.
         own = x.new_empty(b * nc, h, p, n)
@@ -199,7 +200,7 @@ class ChunkedScan(torch.autograd.Function):
         n, nc = B.shape[-1], L // cl
         r = h // groups
         row, _ = _row(x, dt, A, B, C, seq, cl)
-        parts = _group_slices(b * nc, cl)
+        parts = _group_slices(b * nc, cl, h)
         grad_y = grad_y.reshape(b * nc, cl, h, p)
 
         # 1. Through the entering state's outputs: gradients of prev, of exp(s) and of C.
