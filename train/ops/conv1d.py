@@ -143,9 +143,9 @@ def _conv_token_major(padded: Tensor, weight: Tensor, bias: Tensor | None, seq_i
 
 
 def _crossing(seq_idx: Tensor, shifts: int | range, reverse: bool) -> tuple[Tensor, Tensor]:
-    """(rows, cols) of the outputs that a tap `shifts` tokens back (forward) or ahead (`reverse`)
-    would read from another sample (or, reading ahead, from past the row's end, where it reads
-    the padding's zeros and needs no fix)."""
+    """(rows, cols) of the outputs whose tap `shifts` tokens back (forward) or ahead (`reverse`)
+    reads a token of another sample. Taps reading before the row's start or past its end read the
+    padding's zeros, as an unpacked sample would."""
     b, l = seq_idx.shape
     crossing = torch.zeros(b, l, dtype=torch.bool, device=seq_idx.device)
     for shift in [shifts] if isinstance(shifts, int) else shifts:

@@ -75,12 +75,9 @@ class _Row(NamedTuple):
     from_prev: Tensor | None  # (N, cl)
 
     def chunks(self, part: slice, groups: int) -> _Chunks:
-        x = self.x[part]
-        k, cl, h, p = x.shape
-        r = h // groups
-        x_h = x.reshape(k, cl, groups, r, p).permute(0, 2, 3, 1, 4)  # (k, g, r, cl, p)
-        dt_h = self.dt[part].reshape(k, cl, groups, r).permute(0, 2, 3, 1)  # (k, g, r, cl)
-        dA = dt_h * self.A.reshape(groups, r, 1)
+        x_h = _head_major(self.x[part], groups)  # (k, g, r, cl, p)
+        dt_h = _head_major(self.dt[part].unsqueeze(-1), groups).squeeze(-1)  # (k, g, r, cl)
+        dA = dt_h * self.A.reshape(groups, -1, 1)
         return _Chunks(
             x=x_h, dt=dt_h, x_dt=(x_h * dt_h.unsqueeze(-1)).contiguous(), dA=dA, s=dA.cumsum(-1),
             B=self.B[part].transpose(1, 2).contiguous(), C=self.C[part].transpose(1, 2).contiguous(),
