@@ -180,8 +180,8 @@ class ModelConfig:
     # Rows of the output head and loss computed at once: full logits are never materialised.
     loss_chunk_size: int = 1024
     # torch.compile each language-model layer and vision block (`train.model.compile`): inductor
-    # fuses the reference ops' elementwise work. The first steps pay the compilation (about a
-    # minute on CPU for the tiny model); sample-boundary handling stays eager (graph breaks).
+    # fuses the elementwise work between the reference ops. The first steps pay the compilation
+    # (20-30 s on CPU in the benchmark); sample-boundary handling stays eager (graph breaks).
     compile: bool = False
 
     def validate(self, path: str) -> None:

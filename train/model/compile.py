@@ -2,7 +2,8 @@
 
 Each language-model layer and vision block is compiled on its own (`nn.Module.compile`: parameter
 names, state dicts and checkpoints stay as they are, and FSDP2 / DDP wrap the model unchanged).
-Inductor fuses the reference ops' elementwise passes (norms, gates, the SSD's decay and scaling).
+Inductor fuses the elementwise work between the reference ops (whose heavy parts, the SSD scan,
+conv and norms, are hand-written autograd Functions already).
 The parts that depend on the data, the handling of sample boundaries (`nonzero` over `seq_idx`,
 per-sample attention), break the graph and run eagerly, so a new packing never recompiles them.
 """

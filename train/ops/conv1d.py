@@ -65,9 +65,7 @@ def causal_conv1d_ref(
         raise ValueError(f"weight must be (dim={d}, width), got {tuple(weight.shape)}")
     if seq_idx is not None and seq_idx.shape != (b, l):
         raise ValueError(f"seq_idx must be (batch, seqlen) = {(b, l)}, got {tuple(seq_idx.shape)}")
-    if activation not in (None, "silu", "swish"):
-        raise ValueError(f"activation must be None, 'silu' or 'swish', got {activation!r}")
-    y = _CausalConv1d.apply(x.transpose(1, 2), weight, bias, seq_idx, activation is not None)  # (b, l, d)
+    y = _CausalConv1d.apply(x.transpose(1, 2), weight, bias, seq_idx, activation)  # (b, l, d)
     return y.transpose(1, 2)
 
 
@@ -86,7 +84,7 @@ class _CausalConv1d(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Tensor | None,
-                silu: bool) -> Tensor:
+                activation: str | None) -> Tensor:
         cdt = _compute_dtype(x)
         k = weight.shape[1]
         wf = weight.to(cdt)
@@ -94,8 +92,8 @@ class _CausalConv1d(torch.autograd.Function):
         padded = F.pad(x.to(cdt), (0, 0, k - 1, 0))  # (b, k-1+l, d): zeros before the first token
         pre = _conv_token_major(padded, wf, bf, seq_idx)  # (b, l, d)
         ctx.save_for_backward(padded, wf, bf, seq_idx)
-        ctx.silu, ctx.in_dtype, ctx.weight_dtype = silu, x.dtype, weight.dtype
-        return (F.silu(pre) if silu else pre).to(x.dtype)
+        ctx.activated, ctx.in_dtype, ctx.weight_dtype = activation is not None, x.dtype, weight.dtype
+        return _activate(pre, activation).to(x.dtype)
 
     @staticmethod
     @once_differentiable
@@ -104,7 +102,7 @@ class _CausalConv1d(torch.autograd.Function):
         k = wf.shape[1]
         l = padded.shape[1] - (k - 1)
         grad = grad.to(padded.dtype)
-        if ctx.silu:
+        if ctx.activated:  # silu
             grad = torch.ops.aten.silu_backward(grad, _conv_token_major(padded, wf, bf, seq_idx))
         # d/dx[t] = sum_s w[:, k-1-s] * grad[t+s]: the same conv, anti-causal, with the taps reversed.
         grad_x = _conv_token_major(F.pad(grad, (0, 0, 0, k - 1)), wf.flip(1), None, seq_idx, reverse=True)

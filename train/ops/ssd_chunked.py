@@ -60,6 +60,7 @@ class _Chunks(NamedTuple):
     s: Tensor  # (k, g, r, cl) cumulative log-decay from the chunk's start (inclusive)
     B: Tensor  # (k, g, cl, n)
     C: Tensor  # (k, g, cl, n)
+    boundary: Tensor | None  # indices of the chunks holding a sample boundary, or None
     other_sample: Tensor | None  # (k, cl, cl) pairs of tokens of different samples
     from_prev: Tensor | None  # (k, cl) 1 for tokens of the sample the entering state belongs to
 
@@ -71,6 +72,7 @@ class _Row(NamedTuple):
     A: Tensor  # (h,)
     B: Tensor  # (N, cl, g, n)
     C: Tensor  # (N, cl, g, n)
+    boundary: Tensor | None  # (N,) bool: the chunk holds a sample boundary
     other_sample: Tensor | None  # (N, cl, cl)
     from_prev: Tensor | None  # (N, cl)
 
@@ -78,20 +80,16 @@ class _Row(NamedTuple):
         x_h = _head_major(self.x[part], groups)  # (k, g, r, cl, p)
         dt_h = _head_major(self.dt[part].unsqueeze(-1), groups).squeeze(-1)  # (k, g, r, cl)
         dA = dt_h * self.A.reshape(groups, -1, 1)
+        boundary = None
+        if self.boundary is not None:
+            boundary = self.boundary[part].nonzero(as_tuple=True)[0]
+            boundary = boundary if boundary.numel() else None
         return _Chunks(
             x=x_h, dt=dt_h, x_dt=(x_h * dt_h.unsqueeze(-1)).contiguous(), dA=dA, s=dA.cumsum(-1),
             B=self.B[part].transpose(1, 2).contiguous(), C=self.C[part].transpose(1, 2).contiguous(),
-            other_sample=None if self.other_sample is None else self.other_sample[part],
+            boundary=boundary, other_sample=None if self.other_sample is None else self.other_sample[part],
             from_prev=None if self.from_prev is None else self.from_prev[part],
         )
-
-
-def _boundary_chunks(other_sample: Tensor | None) -> Tensor | None:
-    """Indices of the chunks that hold a sample boundary, or None."""
-    if other_sample is None:
-        return None
-    found = other_sample.flatten(1).any(-1).nonzero(as_tuple=True)[0]
-    return found if found.numel() else None
 
 
 def _decay(ch: _Chunks) -> Tensor:
@@ -101,7 +99,7 @@ def _decay(ch: _Chunks) -> Tensor:
     # small enough that the difference loses nothing that matters in fp32. Above the diagonal the
     # difference is positive and may overflow to inf; tril_ writes zeros there.
     decay = (ch.s.unsqueeze(-1) - ch.s.unsqueeze(-2)).exp_().tril_()
-    boundary = _boundary_chunks(ch.other_sample)
+    boundary = ch.boundary  # (m,) chunks holding a sample boundary
     if boundary is not None:
         # The difference would round through the earlier sample's log-decay: there the sums run
         # over each pair's own tokens, so a sample's outputs never depend on another's values.
@@ -112,7 +110,7 @@ def _decay(ch: _Chunks) -> Tensor:
 def _decay_to_end(ch: _Chunks) -> Tensor:
     """decay[..., -1, :] of `_decay` without the (cl, cl) blocks -> (k, g, r, cl)."""
     last = torch.exp(ch.s[..., -1:] - ch.s)
-    boundary = _boundary_chunks(ch.other_sample)
+    boundary = ch.boundary  # (m,) chunks holding a sample boundary
     if boundary is not None:
         blocked = ch.other_sample[boundary, None, None]
         last[boundary] = torch.exp(_segsum(ch.dA[boundary], blocked)[..., -1, :])
@@ -297,7 +295,8 @@ def _row(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, seq: Tensor | N
         from_prev = (seq == start_sids.unsqueeze(-1)).to(x.dtype).reshape(b * nc, cl)
         passes = seq[:, :, -1] == start_sids
     row = _Row(x=x.reshape(b * nc, cl, h, p), dt=dt.reshape(b * nc, cl, h), A=A, B=B.reshape(b * nc, cl, g, n),
-               C=C.reshape(b * nc, cl, g, n), other_sample=other, from_prev=from_prev)
+               C=C.reshape(b * nc, cl, g, n), boundary=None if other is None else other.flatten(1).any(-1),
+               other_sample=other, from_prev=from_prev)
     return row, passes
 
 
