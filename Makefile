@@ -5,26 +5,57 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+LOCK := requirements-cpu.lock
+UV := $(VENV)/bin/uv
+# The lock pins uv too; setup bootstraps that version with pip, then uv installs the lock exactly.
+UV_VERSION := $(shell sed -n 's/^uv==\([^ ]*\).*/\1/p' $(LOCK) 2>/dev/null)
+# A folder holding the CPU torch wheel the lock names (torch-2.13.0+cpu). Elsewhere:
+#   pip download --no-deps torch==2.13.0+cpu --index-url https://download.pytorch.org/whl/cpu -d wheels
+#   make setup TORCH_FIND_LINKS=wheels
+TORCH_FIND_LINKS ?= /opt/wheels
+UV_FLAGS := $(if $(wildcard $(TORCH_FIND_LINKS)),--find-links $(TORCH_FIND_LINKS)) --no-progress
 PIP_QUIET := --quiet --disable-pip-version-check
 # pip's local index mirrors print one harmless "is ignored" line per package: hide only those.
 PIP_FILTER := { grep -v "is ignored: it is neither" || true; }
+IMPORT_CHECK := import torch, hydra, webdataset, braceexpand, decord, av, transformers, tokenizers, megatron.core, triton, matplotlib, lm_eval
 
-.PHONY: setup smoke test test-gpu bench bench-gpu clean
+.PHONY: setup smoke test test-latest lock test-gpu bench bench-gpu clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml constraints-cpu.txt
+$(UV):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install $(PIP_QUIET) -c constraints-cpu.txt torch==2.13.0 2>&1 | $(PIP_FILTER)
-	$(PY) -m pip install $(PIP_QUIET) -c constraints-cpu.txt -e '.[dev,eval]' 2>&1 | $(PIP_FILTER)
-	$(PY) -c "import torch, hydra, webdataset, decord, av, transformers, tokenizers, megatron.core, triton, matplotlib, lm_eval"
+	@echo "setup: installing uv $(or $(UV_VERSION),(newest)) into $(VENV) (it installs the lock)"
+	$(PY) -m pip install $(PIP_QUIET) "uv$(if $(UV_VERSION),==$(UV_VERSION))" 2>&1 | $(PIP_FILTER)
+
+$(STAMP): pyproject.toml $(LOCK) | $(UV)
+	@echo "setup: installing the $$(grep -c '^[a-z]' $(LOCK)) packages of $(LOCK) into $(VENV) exactly (hash-checked; about a minute from a cold cache)"
+	$(UV) pip sync --python $(PY) $(UV_FLAGS) --require-hashes $(LOCK)
+	$(UV) pip install --python $(PY) $(UV_FLAGS) --quiet --no-deps -e .
+	$(PY) -W ignore -c "$(IMPORT_CHECK)"
 	@# Headless Chromium renders report.html in its test; installed when missing and we are root.
 	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
 	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    echo "setup: installing Debian's chromium with apt-get (the report's browser test; a few minutes)" && \
 	    { DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 || \
 	      { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1; }; }; } || \
 	  echo "note: chromium is not installed; the report's browser test will be skipped"
 	touch $(STAMP)
+
+# Regenerate the lock from pyproject.toml (+ constraints-cpu.txt): Linux x86_64, Python 3.11, hashes.
+# Pins already in the lock stay unless a bound forces a change; `make lock UPGRADE=1` moves all to newest.
+lock: | $(UV)
+	$(UV) pip compile pyproject.toml --extra dev --extra eval -c constraints-cpu.txt --generate-hashes \
+	  --python-version 3.11 --python-platform x86_64-manylinux_2_28 $(UV_FLAGS) $(if $(UPGRADE),--upgrade) \
+	  --custom-compile-command "make lock" --quiet -o $(LOCK)
+
+# The newest releases pyproject.toml allows, in their own venv, then the suite: drift shows here first.
+LATEST := .venv-latest
+test-latest: | $(UV)
+	test -x $(LATEST)/bin/python || $(PYTHON) -m venv $(LATEST)
+	$(UV) pip install --python $(LATEST)/bin/python $(UV_FLAGS) --upgrade -c constraints-cpu.txt -e '.[dev,eval]'
+	$(LATEST)/bin/python -m pip list --format=freeze 2>/dev/null | diff <(sed -n 's/^\([a-z0-9._-]*==[^ ]*\).*/\1/p' $(LOCK) | sort -f) <(sort -f) | grep '^[<>]' || true
+	$(LATEST)/bin/python -m pytest -q
 
 # The main job: all five stages on CPU with the tiny model and the embedded synthetic data.
 smoke: setup
@@ -44,4 +75,4 @@ bench: setup
 	$(PY) -m tests.bench.run_all
 
 clean:
-	rm -rf runs
+	rm -rf runs $(LATEST)

@@ -9,6 +9,7 @@ benchmarks whose name contains "packing".
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 import pkgutil
@@ -46,12 +47,27 @@ def write_json(name: str, data: dict) -> Path:
     return path
 
 
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.bench.run_all",
+        description="Run the benchmarks in tests/bench side by side; each prints its table and writes "
+                    f"bench_results/<name>.json. Available: {', '.join(discover([]))}.")
+    parser.add_argument("filters", nargs="*", metavar="NAME",
+                        help="run only benchmarks whose module name contains one of these (default: all)")
+    parser.add_argument("--list", action="store_true", help="list the matching benchmarks and exit")
+    return parser.parse_args(argv)
+
+
 def main(argv: list[str]) -> int:
     """Run all (or the named) benchmarks; a benchmark that raises fails the run, after the rest."""
-    names = discover(argv)
+    args = parse_args(argv)
+    names = discover(args.filters)
     if not names:
-        print(f"no benchmark in {BENCH_DIR} matches {argv}", file=sys.stderr)
+        print(f"no benchmark in {BENCH_DIR} matches {args.filters}", file=sys.stderr)
         return 2
+    if args.list:
+        print("\n".join(names))
+        return 0
     failed = []
     for name in names:
         print(f"== {name} ==", flush=True)

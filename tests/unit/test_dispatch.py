@@ -167,8 +167,11 @@ def test_compiled_blocks_equal_eager_on_packed_rows_and_keep_their_names():
             loss.backward()
             losses.append(loss.detach())
         torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=0)
+        # Compiled graphs reorder fp32 sums, so entries near zero differ by more than any elementwise
+        # rtol allows while the tensor agrees: bound the error by the gradient's norm (fp32 eps ~1e-7
+        # times the reduction depths here stays below 1e-5; a missing or wrong term is >= 1e-2).
         for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
-            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-7, msg=name)
+            assert float((q.grad - p.grad).norm()) <= 1e-5 * float(p.grad.norm()), name
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= len(LM.pattern)  # really compiled
     torch._dynamo.reset()
     with pytest.raises(ConfigError, match="model.compile=true compiles the native engine"):

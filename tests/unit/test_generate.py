@@ -15,11 +15,12 @@ VOCAB = 256
 IMAGE_TOKEN = 7
 
 
-def lm_config(pattern: str, n_groups: int) -> LanguageModelConfig:
+def lm_config(pattern: str, n_groups: int, **overrides) -> LanguageModelConfig:
     # chunk_size 8 < prompt length, so prefill's final SSM state crosses chunk boundaries.
     return LanguageModelConfig(pattern=pattern, hidden_size=32, vocab_size=VOCAB, num_attention_heads=4,
                                num_key_value_heads=2, head_dim=8, mamba_num_heads=4, mamba_head_dim=8,
-                               ssm_state_size=8, n_groups=n_groups, conv_kernel=4, chunk_size=8, mlp_hidden_size=64)
+                               ssm_state_size=8, n_groups=n_groups, conv_kernel=4, chunk_size=8, mlp_hidden_size=64,
+                               **overrides)
 
 
 def build_lm(pattern: str, n_groups: int, seed: int = 0) -> HybridLanguageModel:
@@ -69,6 +70,23 @@ def test_cached_generation_equals_uncached(pattern, n_groups, prompt_length):
 def test_cached_step_logits_match_the_forward_in_float64():
     # In float64 the recurrent step and the chunked scan agree to rounding of the last digits.
     lm = build_lm("M-M*M-M-", 2).double()
+    prompt = torch.randint(IMAGE_TOKEN + 1, VOCAB, (1, 13), generator=torch.Generator().manual_seed(2))
+    expected, expected_logits = uncached_greedy(lambda ids: lm(ids)[0, -1], prompt, NEW_TOKENS)
+    tokens, logits = cached_greedy(lm, lm.backbone.embeddings(prompt), NEW_TOKENS)
+    assert tokens == expected
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-10, atol=1e-10)
+
+
+@torch.no_grad()
+def test_decode_step_clamps_dt_as_the_prefill_scan_does():
+    # A time_step_limit that binds at both ends (dt_bias spread so softplus falls below, inside and
+    # above it): the recurrent step and the chunked scan must clamp alike, or the logits part.
+    model = HybridLanguageModel(lm_config("M-M*", 2, time_step_limit=[0.02, 0.05]))
+    model.reset_parameters(torch.Generator().manual_seed(3))
+    lm = model.double().eval()
+    for mixer in (lm.backbone.layers[0].mixer, lm.backbone.layers[2].mixer):
+        mixer.dt_bias.copy_(torch.tensor([-12.0, -3.5, -3.0, 2.0]))
+        assert mixer.dt_limit == (0.02, 0.05)
     prompt = torch.randint(IMAGE_TOKEN + 1, VOCAB, (1, 13), generator=torch.Generator().manual_seed(2))
     expected, expected_logits = uncached_greedy(lambda ids: lm(ids)[0, -1], prompt, NEW_TOKENS)
     tokens, logits = cached_greedy(lm, lm.backbone.embeddings(prompt), NEW_TOKENS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from train.hf.conversion import (
     hf_to_native,
     native_to_hf,
     ours_to_hf_lm_config,
+    read_hf_config,
     read_hf_weights,
     read_native,
     write_hf_weights,
@@ -96,10 +98,20 @@ def test_lm_config_round_trip():
     cfg = LanguageModelConfig(pattern="M*-M-", hidden_size=48, vocab_size=300, num_attention_heads=6,
                               num_key_value_heads=3, head_dim=8, mamba_num_heads=6, mamba_head_dim=8, ssm_state_size=4,
                               n_groups=3, conv_kernel=3, chunk_size=8, mlp_hidden_size=40, norm_eps=1e-6,
-                              time_step_min=0.002, time_step_max=0.2, time_step_floor=1e-3, initializer_range=0.01)
+                              time_step_min=0.002, time_step_max=0.2, time_step_floor=1e-3, initializer_range=0.01,
+                              time_step_limit=[1e-4, 0.5])
     hf = NemotronHConfig.from_dict(ours_to_hf_lm_config(cfg))
+    assert tuple(hf.time_step_limit) == (1e-4, 0.5)
     assert hf.layers_block_type == ["linear_attention", "full_attention", "mlp", "linear_attention", "mlp"]
     assert hf_lm_config_to_ours(hf.to_dict()) == cfg
+
+
+def test_time_step_limit_defaults_to_the_kernels_and_survives_config_json(tmp_path):
+    # A config that never mentions it gets the kernels' (0, inf); an infinite bound goes through
+    # config.json (transformers' {"__float__": "Infinity"} encoding) and back unchanged.
+    assert hf_lm_config_to_ours(TEXT).time_step_limit == [0.0, math.inf]
+    NemotronHConfig.from_dict(ours_to_hf_lm_config(hf_lm_config_to_ours(TEXT))).save_pretrained(tmp_path)
+    assert hf_lm_config_to_ours(read_hf_config(tmp_path)).time_step_limit == [0.0, math.inf]
 
 
 def test_unsupported_hf_settings_are_refused():

@@ -84,12 +84,19 @@ def test_lm_logits_equal_transformers(tmp_path, pattern, n_groups, chunk_size):
         assert rel_err(expected, got) < 1e-4, (pattern, n_groups, chunk_size, length)
 
 
-def test_dt_floor_is_what_makes_them_agree(tmp_path):
-    """transformers floors the discretised dt at time_step_min. With every head's dt_bias very
-    negative and D = 0, a Mamba mixer's output is the floored scan alone: ours matches only with
-    the floor, so the parity above really covers it."""
-    hf = saved_hf_lm(tmp_path, "M-", 2, 4, floored_heads=4)
+@pytest.mark.parametrize("hf_limit", [None, (1e-2, 0.5)])
+def test_mamba_time_step_limit_matches_transformers(tmp_path, hf_limit):
+    """transformers clamps the discretised dt to config.time_step_limit, (0, inf) by default, as
+    megatron-core's MambaMixer (which trained the released models) does; time_step_min only
+    initialises. With every head's dt_bias at -12 (softplus far below time_step_min) and D = 0, a
+    mixer's output is the clamped scan alone, so any other clamp shows at once."""
+    config = text_config("M-", 2, 4) | ({"time_step_limit": hf_limit} if hf_limit else {})
+    torch.manual_seed(0)
+    hf = NemotronHForCausalLM(NemotronHConfig(**config))
+    perturb(hf, 0, floored_heads=4)
+    hf.eval().save_pretrained(tmp_path)
     ours = ours_from_hf_dir(tmp_path)
+    assert ours.cfg.time_step_limit == list(hf_limit or (0.0, math.inf))
     hf_mixer, our_mixer = hf.model.layers[0].mixer, ours.backbone.layers[0].mixer
     hidden = torch.randn(1, 13, 32, generator=torch.Generator().manual_seed(3))
     seq_idx, cu = packing_metadata((1, 13), None, hidden.device)
@@ -98,8 +105,11 @@ def test_dt_floor_is_what_makes_them_agree(tmp_path):
         our_mixer.D.zero_()
         expected = hf_mixer(hidden)
         assert rel_err(expected, our_mixer(hidden, seq_idx, cu)) < 1e-4
-        our_mixer.dt_limit = (0.0, math.inf)
-        assert rel_err(expected, our_mixer(hidden, seq_idx, cu)) > 0.5
+        # Any other clamp is far off: the floor at time_step_min an earlier version applied, or
+        # ignoring the config's limit.
+        for wrong in {(ours.cfg.time_step_min, math.inf), (0.0, math.inf)} - {tuple(ours.cfg.time_step_limit)}:
+            our_mixer.dt_limit = wrong
+            assert rel_err(expected, our_mixer(hidden, seq_idx, cu)) > 0.5, wrong
 
 
 def test_packed_rows_equal_transformers_per_sample(tmp_path):

@@ -8,6 +8,7 @@ instead of after a model build.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,15 +39,22 @@ class LanguageModelConfig:
     chunk_size: int = 16
     mlp_hidden_size: int = 128
     norm_eps: float = 1e-5
+    # time_step_min / max / floor only shape the dt_bias initialisation; time_step_limit is the clamp
+    # applied to the discretised step in training, prefill and decode (transformers' NemotronH and
+    # megatron-core's MambaMixer, which trained the released checkpoints, default to (0, inf)).
     time_step_min: float = 0.001
     time_step_max: float = 0.1
     time_step_floor: float = 1e-4
+    time_step_limit: list[float] = field(default_factory=lambda: [0.0, math.inf])
     initializer_range: float = 0.02
 
     def validate(self, path: str) -> None:
         check_positive(self, path, "hidden_size", "vocab_size", "num_attention_heads", "num_key_value_heads",
                        "head_dim", "mamba_num_heads", "mamba_head_dim", "ssm_state_size", "n_groups", "conv_kernel",
                        "chunk_size", "mlp_hidden_size")
+        if len(self.time_step_limit) != 2 or not 0.0 <= self.time_step_limit[0] < self.time_step_limit[1]:
+            raise ConfigError(f"{path}.time_step_limit={self.time_step_limit}: set [low, high] with 0 <= low < high "
+                              "(the released models use [0.0, .inf])")
         bad = set(self.pattern) - set("M*-")
         if not self.pattern or bad:
             raise ConfigError(f"{path}.pattern={self.pattern!r}: use only 'M' (Mamba2), '*' (attention), '-' (MLP)")

@@ -165,7 +165,14 @@ def hf_lm_config_to_ours(hf_config_dict: dict) -> LanguageModelConfig:
         chunk_size=hf.chunk_size, mlp_hidden_size=hf.intermediate_size, norm_eps=float(hf.layer_norm_epsilon),
         time_step_min=float(hf.time_step_min), time_step_max=float(hf.time_step_max),
         time_step_floor=float(hf.time_step_floor), initializer_range=float(hf.initializer_range),
+        time_step_limit=_time_step_limit(raw),
     )
+
+
+def _time_step_limit(raw: dict) -> list[float]:
+    # Older configs (and the released remote code's) may omit it: the kernels' default then applies.
+    low, high = raw.get("time_step_limit") or (0.0, math.inf)
+    return [float(low), float(high)]
 
 
 def ours_to_hf_lm_config(cfg: LanguageModelConfig) -> dict:
@@ -193,6 +200,7 @@ def ours_to_hf_lm_config(cfg: LanguageModelConfig) -> dict:
         "time_step_min": cfg.time_step_min,
         "time_step_max": cfg.time_step_max,
         "time_step_floor": cfg.time_step_floor,
+        "time_step_limit": list(cfg.time_step_limit),
         "initializer_range": cfg.initializer_range,
         "mamba_hidden_act": "silu",
         "mlp_hidden_act": "relu2",

@@ -65,9 +65,10 @@ class RMSNorm(nn.Module):
 
 
 def mamba_dt_limit(cfg: LanguageModelConfig) -> tuple[float, float]:
-    # transformers' NemotronHMamba2Mixer floors the discretised step at time_step_min (no upper
-    # limit) whatever config.time_step_limit says; matching it keeps HF logits equal to ours.
-    return (cfg.time_step_min, math.inf)
+    """The clamp on the discretised time step: `time_step_limit`, (0, inf) unless a config sets it, as
+    megatron-core's MambaMixer and transformers' NemotronH apply it (`time_step_min` only initialises)."""
+    low, high = cfg.time_step_limit
+    return (float(low), float(high))
 
 
 def mamba_scan(mixer: nn.Module, zxbcdt: Tensor, seq_idx: Tensor | None,
