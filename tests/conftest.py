@@ -7,8 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_pipelines.tools.synth import ensure_embedded_data
-
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
@@ -21,6 +19,9 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def synth_data(tmp_path_factory):
+    # Imported here: writing MP4s needs PyAV, which a GPU machine running only tests/gpu may lack.
+    from data_pipelines.tools.synth import ensure_embedded_data
+
     root = tmp_path_factory.mktemp("synth") / "data"
     return ensure_embedded_data(root, num_per_kind={"image": 24, "video": 8, "multi_image": 12, "text": 32}, seed=0)
 

@@ -18,11 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from train.ops.reference_math import compute_dtype, outside_autocast
+
 __all__ = ["causal_conv1d_ref", "causal_conv1d_update_ref"]
-
-
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _activate(y: Tensor, activation: str | None) -> Tensor:
@@ -33,6 +31,7 @@ def _activate(y: Tensor, activation: str | None) -> Tensor:
     raise ValueError(f"activation must be None, 'silu' or 'swish', got {activation!r}")
 
 
+@outside_autocast
 def causal_conv1d_ref(
     x: Tensor,
     weight: Tensor,
@@ -85,7 +84,7 @@ class _CausalConv1d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Tensor | None,
                 activation: str | None) -> Tensor:
-        cdt = _compute_dtype(x)
+        cdt = compute_dtype(x)
         k = weight.shape[1]
         wf = weight.to(cdt)
         bf = None if bias is None else bias.to(cdt)
@@ -174,6 +173,7 @@ def _taps_at(padded: Tensor, weight: Tensor, seq_idx: Tensor, rows: Tensor, cols
     return exact
 
 
+@outside_autocast
 def causal_conv1d_update_ref(
     x: Tensor,
     conv_state: Tensor,
@@ -199,7 +199,7 @@ def causal_conv1d_update_ref(
     s = conv_state.shape[-1]
     if s < k - 1:
         raise ValueError(f"conv_state holds {s} steps but width {k} needs at least {k - 1}")
-    cdt = _compute_dtype(x)
+    cdt = compute_dtype(x)
     full = torch.cat([conv_state.to(cdt), x.to(cdt).unsqueeze(-1)], dim=-1)  # (b, d, s + 1)
     window = full[..., -k:]  # (b, d, k)
     y = (window * weight.to(cdt)).sum(-1)  # (b, d)

@@ -18,11 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from train.ops.reference_math import compute_dtype
+
 __all__ = ["rms_norm_ref", "gated_rms_norm_ref"]
-
-
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def rms_norm_ref(x: Tensor, weight: Tensor, eps: float = 1e-5) -> Tensor:
@@ -38,7 +36,7 @@ class _RMSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
-        xf = x.to(_compute_dtype(x))
+        xf = x.to(compute_dtype(x))
         rstd = torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)  # (..., 1)
         ctx.save_for_backward(x, weight, rstd)
         return (xf * rstd).mul_(weight.to(xf.dtype)).to(x.dtype)
@@ -94,7 +92,7 @@ def gated_rms_norm_ref(
         raise ValueError(f"group_size ({group_size}) must divide the channel dim ({d})")
     if not norm_before_gate:  # Nemotron-H's order: one fused step (see _GatedRMSNorm)
         return _GatedRMSNorm.apply(x, z, weight, eps, gs)
-    cdt = _compute_dtype(x)
+    cdt = compute_dtype(x)
     xf = x.to(cdt)
     gate = F.silu(z.to(cdt)) if z is not None else None
     if gate is not None and not norm_before_gate:
@@ -115,7 +113,7 @@ class _GatedRMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, z: Tensor | None, weight: Tensor, eps: float, group_size: int) -> Tensor:
         d = x.shape[-1]
-        u = x.to(_compute_dtype(x))
+        u = x.to(compute_dtype(x))
         if z is not None:
             u = u * F.silu(z.to(u.dtype))
         ug = u.reshape(*u.shape[:-1], d // group_size, group_size)  # (..., groups, group_size)

@@ -38,14 +38,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from train.ops.reference_math import compute_dtype, outside_autocast
+
 from train.ops.ssd_chunked import ChunkedScan
 
 __all__ = ["ssd_scan_ref", "ssd_recurrent_ref", "ssd_step_ref"]
-
-
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    """float64 stays float64 (gradcheck); everything else computes in float32."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _discretize_dt(
@@ -111,6 +108,7 @@ def _row_initial_states(initial_states: Tensor, seq_idx: Tensor | None) -> Tenso
     return initial_states * keep
 
 
+@outside_autocast
 def ssd_scan_ref(
     x: Tensor,
     dt: Tensor,
@@ -157,7 +155,7 @@ def ssd_scan_ref(
     b, l, h, p, g, n = _check_shapes(x, dt, A, B, C)
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    cdt = _compute_dtype(x)
+    cdt = compute_dtype(x)
     cl = chunk_size
     pad = (-l) % cl
 
@@ -195,6 +193,7 @@ def ssd_scan_ref(
     return y
 
 
+@outside_autocast
 def ssd_recurrent_ref(
     x: Tensor,
     dt: Tensor,
@@ -219,7 +218,7 @@ def ssd_recurrent_ref(
     """
     del chunk_size
     b, l, h, p, g, n = _check_shapes(x, dt, A, B, C)
-    cdt = _compute_dtype(x)
+    cdt = compute_dtype(x)
     r = h // g
     dtf = _discretize_dt(dt, dt_bias, dt_softplus, dt_limit, cdt)  # (b, l, h)
     Af = A.to(cdt)
@@ -244,6 +243,7 @@ def ssd_recurrent_ref(
     return y
 
 
+@outside_autocast
 def ssd_step_ref(
     state: Tensor,
     x: Tensor,
@@ -274,7 +274,7 @@ def ssd_step_ref(
     g = B.shape[1]
     if h % g != 0:
         raise ValueError(f"nheads ({h}) must be a multiple of ngroups ({g})")
-    cdt = _compute_dtype(state if state.dtype == torch.float64 else x)
+    cdt = compute_dtype(state if state.dtype == torch.float64 else x)
     dtf = _discretize_dt(dt, dt_bias, dt_softplus, dt_limit, cdt)  # (b, h)
     Bh = B.to(cdt).repeat_interleave(h // g, dim=1)  # (b, h, n)
     Ch = C.to(cdt).repeat_interleave(h // g, dim=1)  # (b, h, n)
