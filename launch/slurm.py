@@ -13,7 +13,8 @@ Slurm keys (everything else of the form `a.b=c` is a Hydra override, passed thro
   extra_sbatch=OPTION (one more `#SBATCH OPTION` line; repeat it, or extra_sbatch=[--a=1,--b=2])
 
 The config is composed and validated first (a bad recipe or override fails here, before any
-script exists); `--no-validate` only composes it, for rendering where the data is not mounted.
+script exists); `--dry-run` validates all but whether data and checkpoint paths exist (they may
+exist only on the cluster); `--no-validate` only composes it.
 Logs go to <run.dir>/logs/<job name>-<job id>.out/.err (appended to across requeues). A run that
 stops for preemption with its state saved writes <run.dir>/logs/.preempted-<job id> ($HVL_PREEMPTED_FILE,
 removed at each start), whichever way Slurm signalled it; the script then requeues the job, unless
@@ -156,15 +157,17 @@ def _parse_extra_sbatch(value: str) -> list[str]:
     return items
 
 
-def resolve_run_dir(spec: LaunchSpec, validate: bool) -> Path:
+def resolve_run_dir(spec: LaunchSpec, validate: bool, check_paths: bool = True) -> Path:
     """Compose (and unless told otherwise validate) the config; returns the absolute run dir.
-    Raises train.config.ConfigError naming the bad recipe or override."""
+    `check_paths=False` (a dry run) validates all but the existence of data and checkpoint paths,
+    which may exist only on the cluster. Raises train.config.ConfigError naming the bad recipe or
+    override."""
     from train.config.compose import compose_raw, load_config
     from train.loop.pipeline import parse_pipeline_args
 
     def check(name: str, overrides: list[str]) -> None:
         if validate:
-            load_config(name, overrides)
+            load_config(name, overrides, check_paths)
         else:
             compose_raw(name, overrides)
 
@@ -174,7 +177,7 @@ def resolve_run_dir(spec: LaunchSpec, validate: bool) -> Path:
             check(name, overrides + [f"run.dir={root / name}"])
         return Path(os.path.abspath(root))
     if validate:
-        run_dir = load_config(spec.config_name, spec.overrides).run.dir
+        run_dir = load_config(spec.config_name, spec.overrides, check_paths).run.dir
     else:
         run_dir = compose_raw(spec.config_name, spec.overrides)["run"]["dir"]
     return Path(os.path.abspath(run_dir))
@@ -263,7 +266,9 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-name", "-cn", help="recipe to run (one of recipes/stage*.yaml)")
     parser.add_argument("--pipeline", action="store_true", help="run all stages (train.pipeline) instead of one")
-    parser.add_argument("--dry-run", action="store_true", help="print the script; do not submit it")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the script; do not submit it (data paths are not checked: they may exist "
+                             "only on the cluster)")
     parser.add_argument("--out", type=Path, help="also write the script to this file (and submit that file)")
     parser.add_argument("--no-validate", action="store_true",
                         help="compose the config but skip validation (e.g. data paths not mounted here)")
@@ -280,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     from train.config.schema import ConfigError
 
     try:
-        run_dir = resolve_run_dir(spec, validate=not args.no_validate)
+        run_dir = resolve_run_dir(spec, validate=not args.no_validate, check_paths=not args.dry_run)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2

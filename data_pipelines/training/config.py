@@ -6,6 +6,8 @@ Owned by the data side (it never imports `train`); `train.config.schema.Config` 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +20,25 @@ from data_pipelines.training.tiling import TilingConfig
 
 class ConfigError(ValueError):
     """A recipe field is missing, mistyped or out of range."""
+
+
+# Whether validation looks at the filesystem (data paths, tokenizer, checkpoints). A dry run on a
+# laptop renders a cluster job whose paths exist only on the cluster: it checks everything else.
+_CHECK_PATHS = contextvars.ContextVar("check_paths", default=True)
+
+
+@contextlib.contextmanager
+def paths_unchecked():
+    """Validate configs without looking at the filesystem (launchers' --dry-run)."""
+    token = _CHECK_PATHS.set(False)
+    try:
+        yield
+    finally:
+        _CHECK_PATHS.reset(token)
+
+
+def paths_checked() -> bool:
+    return _CHECK_PATHS.get()
 
 
 def check_positive(obj: Any, path: str, *names: str) -> None:
@@ -120,7 +141,7 @@ class DataConfig:
         if len(set(evaluated)) != len(evaluated):
             raise ConfigError(f"{path}.val_sources + {path}.monitor_sources: names must be unique (they name the "
                               f"val/<name>/loss metrics), got {evaluated}")
-        if self.synth_dir is None:
+        if self.synth_dir is None and paths_checked():
             for field_name, sources in {"sources": self.sources, **held_out}.items():
                 for i, source in enumerate(sources):
                     _check_source_exists(source.path, f"{path}.{field_name}[{i}].path")

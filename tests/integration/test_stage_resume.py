@@ -82,3 +82,8 @@ def test_resumed_with_no_step_left_still_reports_the_final_loss(tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     final = json.loads(summary_file.read_text())["final_loss"]
     assert final == first["final_loss"] == read_metrics(tmp_path / "run")[-1]["loss"]
+    assert "note: trainer.max_steps" not in again.stdout
+    # Resumed for one more step: the cosine schedule now spans 3 steps, and the run says so.
+    longer = run_module([*args[:-2], "trainer.max_steps=3", args[-1]], tmp_path)
+    assert longer.returncode == 0, longer.stderr[-2000:]
+    assert "note: trainer.max_steps is 3, the checkpoint was saved by a run of 2" in longer.stdout

@@ -10,6 +10,7 @@ from typing import Any, get_type_hints
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from data_pipelines.training.config import paths_unchecked
 from train.config.schema import Config, ConfigError, build_config
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -21,8 +22,24 @@ def list_recipes() -> list[str]:
     return sorted(p.stem for p in RECIPES_DIR.glob("stage*.yaml"))
 
 
-def compose_raw(config_name: str, overrides: list[str] | None = None) -> dict:
-    """Hydra-compose `recipes/<config_name>.yaml` with overrides; returns a resolved plain dict."""
+def list_groups() -> dict[str, list[str]]:
+    """Config groups (configs/<group>/) and their options: what `group=option` can choose."""
+    return {g.name: sorted(p.stem for p in g.glob("*.yaml")) for g in sorted(CONFIGS_DIR.iterdir()) if g.is_dir()}
+
+
+def field_reference() -> dict[str, list[str]]:
+    """Each section of the schema and its overridable fields (`section.field=value`)."""
+    return {f.name: _field_names(f.name) or ["(a value)"] for f in dataclasses.fields(Config)}
+
+
+def compose_yaml(config_name: str, overrides: list[str] | None = None, resolve: bool = False) -> str:
+    """The composed recipe as YAML, interpolations kept unless `resolve` (Hydra's `--cfg job`)."""
+    return OmegaConf.to_yaml(OmegaConf.create(compose_raw(config_name, overrides, resolve=resolve)))
+
+
+def compose_raw(config_name: str, overrides: list[str] | None = None, resolve: bool = True) -> dict:
+    """Hydra-compose `recipes/<config_name>.yaml` with overrides; returns a plain dict (resolved
+    unless `resolve=False`)."""
     if not (RECIPES_DIR / f"{config_name}.yaml").exists():
         raise ConfigError(f"no recipe named {config_name!r}; choose one of: {', '.join(list_recipes() + ['pipeline'])}")
     for override in overrides or []:
@@ -34,7 +51,7 @@ def compose_raw(config_name: str, overrides: list[str] | None = None) -> dict:
         except Exception as err:  # Hydra's own errors already name the override; keep them short
             raise ConfigError(f"cannot compose {config_name} with {overrides}: {err}") from None
     try:
-        return OmegaConf.to_container(cfg, resolve=True)
+        return OmegaConf.to_container(cfg, resolve=resolve)
     except Exception as err:
         raise ConfigError(f"cannot resolve {config_name}: {err}") from None
 
@@ -86,9 +103,10 @@ def _field_names(dotted: str) -> list[str]:
     return sorted(f.name for f in dataclasses.fields(node)) if dataclasses.is_dataclass(node) else []
 
 
-def load_config(config_name: str, overrides: list[str] | None = None) -> Config:
+def load_config(config_name: str, overrides: list[str] | None = None, check_paths: bool = True) -> Config:
     """Composed, validated config; data paths made absolute (relative to the working directory)
-    so the saved config.yaml means the same thing from anywhere."""
+    so the saved config.yaml means the same thing from anywhere. `check_paths=False` validates
+    everything but whether data, tokenizer and checkpoint paths exist (a dry run on a laptop)."""
     raw = compose_raw(config_name, overrides)
     data = raw.get("data", {})
     for key in ("synth_dir", "tokenizer"):
@@ -97,4 +115,7 @@ def load_config(config_name: str, overrides: list[str] | None = None) -> Config:
     for source in data.get("sources", []) if isinstance(data.get("sources"), list) else []:
         if isinstance(source, dict) and source.get("path"):
             source["path"] = os.path.abspath(source["path"])
-    return build_config(raw)
+    if check_paths:
+        return build_config(raw)
+    with paths_unchecked():
+        return build_config(raw)

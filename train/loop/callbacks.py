@@ -10,10 +10,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from train.reporting.report import read_metrics_records
+
 
 class MetricsFile:
     """`metrics.jsonl`, one JSON object per logged step. On resume, lines past the resumed step
-    (logged after the checkpoint, before a crash) are dropped so no step appears twice."""
+    (logged after the checkpoint, before a crash) are dropped so no step appears twice, and so are
+    unreadable lines (a write cut by a kill or a full disk), with a warning."""
 
     def __init__(self, path: Path, resumed_step: int):
         self.path = path
@@ -21,8 +24,11 @@ class MetricsFile:
         self.last_loss: float | None = None
         self.last_val: dict[str, float] = {}
         if path.exists():
-            kept = [json.loads(line) for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resumed_step]
+            records, unreadable = read_metrics_records(path)
+            if unreadable:
+                print(f"warning: {path}: dropped {unreadable} unreadable line(s) (a write cut by a kill or a full "
+                      "disk); the steps they held are logged again as the run continues", file=sys.stderr, flush=True)
+            kept = [r for r in records if r["step"] <= resumed_step]
             path.write_text("".join(json.dumps(record) + "\n" for record in kept))
             self.last_loss = next((r["loss"] for r in reversed(kept) if r.get("loss") is not None), None)
             # The last held-out evaluation, for the summary of a run resumed with no step left.

@@ -37,6 +37,7 @@ def parse_pipeline_args(argv: list[str]) -> tuple[list[str], Path, list[str]]:
 
 def run_pipeline(argv: list[str]) -> list[dict]:
     from train.loop.preemption import Preempted, PreemptionHandler, mark_preempted
+    from train.loop.run_lock import hold_run_dir
     from train.loop.trainer import run_stage
 
     stages, root, overrides = parse_pipeline_args(argv)
@@ -48,27 +49,29 @@ def run_pipeline(argv: list[str]) -> list[dict]:
     summaries = []
     previous_checkpoint: str | None = None
     try:
-        for cfg in configs:
-            if preemption.requested:
-                message = f"stopped before {cfg.stage}: the stages before it are finished and saved"
-                mark_preempted(message)
-                raise Preempted(message)
-            if previous_checkpoint is not None:
-                cfg.init.from_checkpoint = previous_checkpoint
-            print(f"=== {cfg.stage} -> {cfg.run.dir}", flush=True)
-            started = time.monotonic()
-            summary = run_stage(cfg, preemption)
-            final = summary["final_loss"]
-            print(f"=== {cfg.stage} finished in {time.monotonic() - started:.0f}s: "
-                  f"final loss {'n/a' if final is None else f'{final:.4f}'}", flush=True)
-            summaries.append(summary)
-            previous_checkpoint = summary["checkpoint"]
-            if previous_checkpoint is None:
-                raise RuntimeError(f"{cfg.stage} finished without a checkpoint; cannot hand off")
+        # The pipeline's directory is held across all its stages (each stage also holds its own).
+        with hold_run_dir(root, rank=int(os.environ.get("RANK", "0"))):
+            for cfg in configs:
+                if preemption.requested:
+                    message = f"stopped before {cfg.stage}: the stages before it are finished and saved"
+                    mark_preempted(message)
+                    raise Preempted(message)
+                if previous_checkpoint is not None:
+                    cfg.init.from_checkpoint = previous_checkpoint
+                print(f"=== {cfg.stage} -> {cfg.run.dir}", flush=True)
+                started = time.monotonic()
+                summary = run_stage(cfg, preemption)
+                final = summary["final_loss"]
+                print(f"=== {cfg.stage} finished in {time.monotonic() - started:.0f}s: "
+                      f"final loss {'n/a' if final is None else f'{final:.4f}'}", flush=True)
+                summaries.append(summary)
+                previous_checkpoint = summary["checkpoint"]
+                if previous_checkpoint is None:
+                    raise RuntimeError(f"{cfg.stage} finished without a checkpoint; cannot hand off")
+            if int(os.environ.get("RANK", "0")) == 0:
+                write_pipeline_summary(root, configs, summaries)
     finally:
         preemption.uninstall()
-    if int(os.environ.get("RANK", "0")) == 0:
-        write_pipeline_summary(root, configs, summaries)
     return summaries
 
 

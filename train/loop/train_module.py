@@ -60,7 +60,7 @@ def learning_rate(step: int, cfg: OptimConfig, max_steps: int) -> float:
     if cfg.schedule == "constant":
         return cfg.lr
     progress = (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.floor_lr + 0.5 * (cfg.lr - cfg.floor_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, shard_over=None) -> torch.optim.AdamW:

@@ -30,11 +30,13 @@ from train.checkpoint.store import (
     load_model_weights,
     load_newest_readable,
     read_data_states,
+    read_marker,
     resolve_native_checkpoint,
 )
 from train.config.schema import MODEL_PARTS, Config, ConfigError
 from train.loop.callbacks import MetricsFile, Progress, WandbLogger
 from train.loop.preemption import Preempted, PreemptionHandler, mark_preempted
+from train.loop.run_lock import hold_run_dir
 from train.loop.train_module import TrainModule, apply_trainable, build_optimizer
 from train.loop.validation import Validator
 from train.model.vlm import VisionLanguageModel
@@ -187,11 +189,20 @@ class Trainer:
                 self.data.load_resharded(data_states)
                 self._log(f"resharded the data position from {len(data_states)} to {info.data_size} ranks of data parallelism")
             self._log(f"resumed from {latest} at step {self.step}")
+            self._note_schedule_change(read_marker(latest).get("max_steps"))
         self.train_module = TrainModule(forward_module, self.optimizer, cfg, info, self.precision)
         self.validator = Validator(cfg, tokenizer, info, self.precision)
         self.last_val: dict[str, float] = {}
         self.checkpointer = Checkpointer(self.ckpt_root, cfg.trainer.keep_last, cfg.trainer.async_save, self.layout,
-                                         marker={"random_parts": random_parts})
+                                         marker={"random_parts": random_parts, "max_steps": cfg.trainer.max_steps})
+
+    def _note_schedule_change(self, saved_max_steps: int | None) -> None:
+        """The schedule spans trainer.max_steps: resuming with another value reshapes the LR from here on."""
+        now = self.cfg.trainer.max_steps
+        if saved_max_steps is not None and saved_max_steps != now and self.cfg.optim.schedule != "constant":
+            self._log(f"note: trainer.max_steps is {now}, the checkpoint was saved by a run of {saved_max_steps}: the "
+                      f"{self.cfg.optim.schedule} learning-rate schedule now spans {now} steps, so from step "
+                      f"{self.step + 1} on the LR differs from the interrupted run's")
 
     def _log(self, message: str) -> None:
         if self.info.is_main:
@@ -340,11 +351,17 @@ def engine_groups(cfg: Config) -> dict:
 
 def run_stage(cfg: Config, preemption: PreemptionHandler | None = None) -> dict:
     """Train one stage to cfg.trainer.max_steps (resuming from the run dir when possible).
-    `preemption`: an installed handler that outlives the stage (the pipeline's), else one for it."""
+    `preemption`: an installed handler that outlives the stage (the pipeline's), else one for it.
+    The run directory is held for the whole stage: a second trainer started on it is refused."""
     done = stage_finished(cfg)
     if done is not None:
         print(f"[{cfg.stage}] already finished ({done['steps']} steps) in {cfg.run.dir}; nothing to do", flush=True)
         return done
+    with hold_run_dir(cfg.run.dir, rank=int(os.environ.get("RANK", "0"))):
+        return _train_stage(cfg, preemption)
+
+
+def _train_stage(cfg: Config, preemption: PreemptionHandler | None) -> dict:
     # Installed before anything slow (process groups, data generation, resume, data warm-up), so a
     # preemption or a kill during start-up stops the run at once (exit 75) instead of waiting.
     own_handler = preemption is None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import html
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,7 @@ class StageRun:
     records: list[dict]  # step records of metrics.jsonl, in order
     summary: dict = field(default_factory=dict)  # {} while the stage runs
     checkpoints: list[str] = field(default_factory=list)
+    unreadable_lines: int = 0  # lines of metrics.jsonl that are not a step record (cut writes, garbage)
 
     def series(self, key: str) -> tuple[list[int], list[float]]:
         """(steps, values) of the records that have a number under `key`."""
@@ -41,15 +43,36 @@ class StageRun:
         return self.summary.get(key) or next((r[key] for r in reversed(self.records) if r.get(key)), None)
 
 
+def read_metrics_records(path: Path) -> tuple[list[dict], int]:
+    """The JSON objects of a `metrics.jsonl`, and how many lines could not be read: a kill or a full
+    disk during a write leaves a cut last line, which must not block a resume or a report."""
+    records, unreadable = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            unreadable += 1
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+        else:
+            unreadable += 1
+    return records, unreadable
+
+
 def read_stage(directory: Path) -> StageRun:
     metrics = directory / "metrics.jsonl"
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.exists() else []
+    records, unreadable = read_metrics_records(metrics) if metrics.exists() else ([], 0)
+    if unreadable:
+        print(f"warning: {metrics}: skipped {unreadable} unreadable line(s)", file=sys.stderr, flush=True)
     summary_file = directory / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
     checkpoints = directory / "checkpoints"
     steps = sorted(p.name for p in checkpoints.glob("step_*") if (p / "COMPLETE").exists()) if checkpoints.is_dir() else []
     name = summary.get("stage") or (records[0]["stage"] if records else directory.name)
-    return StageRun(name, directory, records, summary, steps)
+    return StageRun(name, directory, records, summary, steps, unreadable)
 
 
 def stage_dirs(run_dir: Path) -> list[Path]:
