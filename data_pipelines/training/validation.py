@@ -19,7 +19,13 @@ from data_pipelines.training.config import SourceConfig
 from data_pipelines.training.decode import MediaDecodeError
 from data_pipelines.training.packing import collate_rows
 from data_pipelines.training.samples import Sample, SampleError, SampleSpec, Tokenizer, build_sample
-from data_pipelines.training.shards import DataError, expand_shard_paths, read_indexed_sample, try_index_shard
+from data_pipelines.training.shards import (
+    DataError,
+    ShardError,
+    expand_shard_paths,
+    read_indexed_sample,
+    try_index_shard,
+)
 
 
 @dataclass
@@ -49,7 +55,11 @@ def build_validation_set(source: SourceConfig, spec: SampleSpec, tokenizer: Toke
     Losses are plain per-token means (whatever the training weighting), so stages compare."""
     samples: list[Sample] = []
     skipped: Counter = Counter()
-    for shard in expand_shard_paths(source.path):
+    try:
+        shards = expand_shard_paths(source.path)
+    except (FileNotFoundError, ShardError) as err:
+        raise DataError(f"held-out source {source.name!r}: {err}") from None
+    for shard in shards:
         index = try_index_shard(shard)
         if isinstance(index, str):
             skipped["corrupt_shard"] += 1

@@ -192,6 +192,10 @@ class Trainer:
             self._note_schedule_change(read_marker(latest).get("max_steps"))
         self.train_module = TrainModule(forward_module, self.optimizer, cfg, info, self.precision)
         self.validator = Validator(cfg, tokenizer, info, self.precision)
+        # Held-out rows are built now, not at the first evaluation: a missing, empty or unusable
+        # held-out source stops the run before its first step instead of after eval_every steps.
+        if self.validator.enabled:
+            self.validator.sets()
         self.last_val: dict[str, float] = {}
         self.checkpointer = Checkpointer(self.ckpt_root, cfg.trainer.keep_last, cfg.trainer.async_save, self.layout,
                                          marker={"random_parts": random_parts, "max_steps": cfg.trainer.max_steps})
