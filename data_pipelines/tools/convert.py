@@ -106,10 +106,26 @@ class ConvertReport:
 # --------------------------------------------------------------------------------------
 
 
+def _is_json_object(line: str) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
+
+
 @functools.lru_cache(maxsize=2)
 def _load_llava(path: str) -> list:
     with open(path, encoding="utf-8") as f:
-        records = json.load(f)
+        text = f.read()
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as err:
+        lines = [line for line in text.splitlines()[:2] if line.strip()]
+        if err.msg == "Extra data" and lines and all(_is_json_object(line) for line in lines):
+            raise ValueError(f"{path} looks like JSON Lines (one object per line), not a LLaVA json list: "
+                             "convert it with --format jsonl") from None
+        raise ValueError(f"{path} is not valid JSON ({err.msg} at line {err.lineno} column {err.colno}): "
+                         "--format llava reads one json list") from None
     if not isinstance(records, list):
         raise ValueError(f"{path} is not a LLaVA json list")
     return records

@@ -20,6 +20,7 @@ from data_pipelines.training.special_tokens import (
     EOS,
     IM_END,
     IM_START,
+    MIN_TRAINED_VOCAB_SIZE,
     PAD,
     REASONING_OFF,
     THINK_CLOSE,
@@ -95,9 +96,8 @@ def train_tokenizer(texts: Iterable[str], out_dir: Path, vocab_size: int = 1024)
 
     Returns `out_dir`. `vocab_size` counts the special tokens and the 256 byte symbols.
     """
-    min_vocab = len(ALL_SPECIAL_TOKENS) + len(pre_tokenizers.ByteLevel.alphabet())
-    if vocab_size < min_vocab:
-        raise ValueError(f"vocab_size={vocab_size} is too small: set it to at least {min_vocab}")
+    if vocab_size < MIN_TRAINED_VOCAB_SIZE:
+        raise ValueError(f"vocab_size={vocab_size} is too small: set it to at least {MIN_TRAINED_VOCAB_SIZE}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = _build_bpe_tokenizer(texts, vocab_size)

@@ -32,3 +32,7 @@ ALL_SPECIAL_TOKENS = [
 
 REASONING_ON = "/think"
 REASONING_OFF = "/no_think"
+
+# The smallest vocabulary a byte-level BPE tokenizer with these special tokens can have: every one of
+# the 256 bytes is a symbol of its own (the smoke tokenizer is trained to model.language_model.vocab_size).
+MIN_TRAINED_VOCAB_SIZE = len(ALL_SPECIAL_TOKENS) + 256

@@ -140,6 +140,21 @@ def test_hf_disk_with_paths_and_video_bytes(tmp_path, media_root, tokenizer):
     assert built[1][0].members["vid0.mp4"] == video
 
 
+def test_llava_format_given_json_lines_names_the_format_that_reads_it(tmp_path, capsys):
+    rows = [{"id": str(i), "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}
+            for i in range(3)]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code = convert.main(["--input", str(path), "--format", "llava", "--out", str(tmp_path / "out"), "--no-progress"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "looks like JSON Lines (one object per line)" in err and "convert it with --format jsonl" in err
+    path.write_text('[{"id": "1",')
+    assert convert.main(["--input", str(path), "--format", "llava", "--out", str(tmp_path / "out2"),
+                         "--no-progress"]) == 2
+    assert "is not valid JSON (Expecting" in capsys.readouterr().err
+
+
 def test_llava_json_with_image_folder_via_cli(tmp_path, media_root, tokenizer, capsys):
     records = [
         {"id": "1", "image": "images/red.jpg",

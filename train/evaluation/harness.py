@@ -27,6 +27,27 @@ class EvaluationError(RuntimeError):
     """The evaluation cannot run as asked; the message says why and what to change."""
 
 
+class _TaskYamlLoader(yaml.SafeLoader):
+    """lm-eval task YAMLs tag Python hooks (`!function utils.process_docs`): read past them, since only
+    the `task:` name is needed here (the harness itself resolves the hooks)."""
+
+
+_TaskYamlLoader.add_multi_constructor("!", lambda loader, tag, node: None)
+
+
+def _read_task_yaml(path: Path) -> dict:
+    try:
+        spec = yaml.load(path.read_text(), Loader=_TaskYamlLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise EvaluationError(f"task file {path} is not valid YAML{where}: {problem}") from None
+    if not isinstance(spec, dict):
+        raise EvaluationError(f"task file {path} holds no mapping: not an lm-eval task YAML")
+    return spec
+
+
 def resolve_tasks(tasks: list[str]) -> tuple[list[str], list[str]]:
     """(task names for the harness, directories with task YAMLs to index). A `.yaml` path is read
     for its `task:` name."""
@@ -36,7 +57,7 @@ def resolve_tasks(tasks: list[str]) -> tuple[list[str], list[str]]:
         if path.suffix in (".yaml", ".yml"):
             if not path.is_file():
                 raise EvaluationError(f"task file {path} does not exist")
-            spec = yaml.safe_load(path.read_text()) or {}
+            spec = _read_task_yaml(path)
             if "task" not in spec:
                 raise EvaluationError(f"{path} has no `task:` name: not an lm-eval task YAML")
             names.append(str(spec["task"]))
