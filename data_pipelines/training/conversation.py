@@ -72,6 +72,14 @@ def content_text(content: Any) -> Any:
     return "\n".join(pieces)
 
 
+def _is_utf8_text(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def parse_messages(doc: dict) -> list[Message]:
     """Validate the JSON schema; raises SampleError with a counted reason. Content may be a string
     or a list of HF chat parts (see `content_text`), as the converter accepts."""
@@ -86,6 +94,8 @@ def parse_messages(doc: dict) -> list[Message]:
             raise SampleError("malformed_json", "message without string content")
         if m.get("role") not in ROLES:
             raise SampleError("bad_role", str(m.get("role")))
+        if not _is_utf8_text(m["content"]):
+            raise SampleError("bad_text", "message content holds a lone UTF-16 surrogate (valid JSON, not text)")
         parsed.append(Message(m["role"], m["content"]))
     if not any(m.role == "assistant" and m.content.strip() for m in parsed):
         raise SampleError("empty_conversation", "no assistant answer")

@@ -13,6 +13,7 @@ tokens it will keep after pruning (`data_pipelines.training.evs`), at a rate dra
 from __future__ import annotations
 
 import random
+import sys
 import zlib
 from dataclasses import dataclass, field, replace
 from functools import cached_property, lru_cache
@@ -34,6 +35,7 @@ from data_pipelines.training.conversation import (
     tokenize_with_media_spans,
 )
 from data_pipelines.training.decode import (
+    MediaDecodeError,
     VideoProbe,
     decode_image,
     decode_video_frames,
@@ -203,9 +205,30 @@ def build_sample(raw: RawSample, source: str, spec: SampleSpec, tokenizer: Token
     return plan.with_tiles(decode_media(plan.media, raw, spec))
 
 
+_warned_unexpected: set[str] = set()
+
+
 def plan_sample(raw: RawSample, source: str, spec: SampleSpec, tokenizer: Tokenizer) -> SamplePlan:
     """Raw bytes -> tokens, labels and a media plan, reading only image headers and video
-    container indexes. Raises SampleError / MediaDecodeError (media that cannot even be opened)."""
+    container indexes. Raises SampleError / MediaDecodeError (media that cannot even be opened).
+
+    One sample must never end a run: an error nothing here foresaw (a tokenizer or a library
+    refusing odd input) is a counted `bad_sample` skip, its first occurrence of each kind printed
+    with the sample's key so it can be found and fixed."""
+    try:
+        return _plan_sample(raw, source, spec, tokenizer)
+    except (SampleError, MediaDecodeError, DataError):  # DataError: the settings, not this sample, are wrong
+        raise
+    except Exception as err:  # noqa: BLE001 (see the docstring)
+        kind = type(err).__name__
+        if kind not in _warned_unexpected:
+            _warned_unexpected.add(kind)
+            print(f"warning: sample {raw.key!r} (source {source!r}) skipped as bad_sample: {kind}: {err}"[:400],
+                  file=sys.stderr, flush=True)
+        raise SampleError("bad_sample", f"{kind}: {err}") from None
+
+
+def _plan_sample(raw: RawSample, source: str, spec: SampleSpec, tokenizer: Tokenizer) -> SamplePlan:
     if raw.dropped:  # a member the reader refused (unsafe name, link): the sample is not what it claims
         name, reason = raw.dropped[0]
         raise SampleError(reason, f"member {name!r} is never read")

@@ -169,7 +169,7 @@ def parse_json_member(raw: RawSample) -> dict:
         raise ValueError("missing_json")
     try:
         doc = json.loads(raw.members["json"].decode("utf-8-sig"))  # a byte-order mark is UTF-8 too
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # RecursionError: nested too deep
         raise ValueError("malformed_json") from None
     if not isinstance(doc, dict):
         raise ValueError("malformed_json")

@@ -63,10 +63,21 @@ FP8_STAGE = ["train", "--config-name", "stage3_text_recovery", "smoke=cpu", "tra
              "trainer.save_every=3", "logger.progress_bar=false"]
 
 
+def fp8_state(step_dir, scratch) -> dict[str, torch.Tensor]:
+    """The precision state (FP8 amax histories and scales) of a checkpoint, read without a process
+    group through a one-file copy in `scratch`."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    flat = scratch / f"{step_dir.name}.pt"
+    dcp_to_torch_save(step_dir, flat)
+    return torch.load(flat, weights_only=False)["precision"]
+
+
 def test_fp8_delayed_on_mcore_trains_like_bf16_and_resumes_its_scales(tmp_path):
     """precision=fp8_delayed on model.impl=mcore: megatron's FP8 (our settings through its config)
-    trains within a few percent of bf16, logs the FP8 scale metrics, and its amax histories and
-    scales are in the checkpoint: a run resumed from step 3 repeats the uninterrupted steps."""
+    trains within a few percent of bf16, logs the FP8 scale metrics, FP8 really runs (amaxes
+    recorded, scales moved off 1 after the first step), and its amax histories and scales are in the
+    checkpoint: a run resumed from step 3 repeats the uninterrupted steps."""
     pytest.importorskip("transformer_engine.pytorch")
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("FP8 GEMMs need compute capability 8.9+")
@@ -83,6 +94,21 @@ def test_fp8_delayed_on_mcore_trains_like_bf16_and_resumes_its_scales(tmp_path):
     for a, b in zip(runs["fp8"], runs["bf16"]):
         assert abs(a["loss"] - b["loss"]) <= 0.05 * abs(b["loss"]), (a["loss"], b["loss"])
     assert all("fp8_scale_min" in m for m in runs["fp8"])
+    # The checks above would pass with FP8 switched off (the scale state exists before any FP8 GEMM,
+    # scales of 1 resume equal): FP8 must really have run. Step 1 quantises with the initial scales
+    # (1); from step 2 on, the scales are those the first step's amaxes set.
+    assert [m["loss"] for m in runs["fp8"]] != [m["loss"] for m in runs["bf16"]]
+    assert runs["fp8"][0]["fp8_scale_min"] == runs["fp8"][0]["fp8_scale_max"] == 1.0
+    assert all(m["fp8_scale_min"] != 1.0 and m["fp8_scale_max"] != 1.0 for m in runs["fp8"][1:])
+    used_slots = {"fwd": 2, "bwd": 1}  # of each TE Linear: input and weight; output gradient
+    state = fp8_state(tmp_path / "fp8" / "checkpoints" / "step_0000003", tmp_path)
+    assert state and all(k.endswith((".amax_history", ".scale")) for k in state)
+    for key, value in state.items():
+        used = value[..., :used_slots[key.rsplit(".", 2)[-2]]]
+        if key.endswith(".amax_history"):
+            assert used.gt(0).any(dim=0).all(), f"{key}: an FP8 tensor recorded no amax in 3 steps"
+        else:
+            assert used.ne(1).all() and torch.isfinite(used).all(), f"{key}: scales {used.tolist()} never moved"
 
     resumed = tmp_path / "resumed"
     shutil.copytree(tmp_path / "fp8", resumed)

@@ -66,6 +66,8 @@ def test_nano12b_tokens_per_tile_and_projector_width():
     ("optim.schedule=linear", "optim.schedule"),
     ("trainer.micro_batch_size=two", "trainer.micro_batch_size"),
     ("data.max_tiles=0", "data.max_tiles"),
+    ("model.language_model.vocab_size=10", "model.language_model.vocab_size=10 is too small"),
+    ("optim.beta2=1.5", "optim.beta1/beta2"),
 ])
 def test_invalid_override_names_the_field(override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
@@ -86,6 +88,19 @@ def test_unknown_recipe():
 def test_schema_fields_absent_from_yaml_can_be_overridden():
     cfg = load_config("stage1_image_sft", ["smoke=cpu", "trainer.deterministic=false", "data.loss_on_think=false"])
     assert cfg.trainer.deterministic is False and cfg.data.loss_on_think is False
+
+
+def test_readme_override_example_composes_on_a_smoke_run():
+    # The README's example overrides, as written, on top of smoke=cpu: the smoke schedule's floor is a
+    # fraction of lr (min_lr_ratio), so a lower lr moves it along instead of failing min_lr <= lr.
+    cfg = load_config("stage1_image_sft", ["smoke=cpu", "trainer.max_steps=100", "optim.lr=1e-5", "seed=3",
+                                           "precision=bf16"])
+    assert (cfg.seed, cfg.optim.lr, cfg.precision.name) == (3, 1e-5, "bf16")
+    assert cfg.optim.floor_lr == pytest.approx(1e-6)
+    with pytest.raises(ConfigError, match="min_lr or min_lr_ratio"):
+        load_config("stage1_image_sft", ["smoke=cpu", "optim.min_lr=1e-6"])
+    with pytest.raises(ConfigError, match=r"optim\.min_lr=0\.1 must be in \[0, optim\.lr=0\.01\]"):
+        load_config("stage1_image_sft", ["smoke=cpu", "optim.min_lr_ratio=null", "optim.lr=1e-2", "optim.min_lr=0.1"])
 
 
 def test_fp8_on_mcore_is_megatrons_own_with_our_settings():
@@ -162,7 +177,7 @@ def test_fused_attention_is_checked_against_the_compute_dtype_not_the_precision_
 def test_gpu_kernel_preconditions_are_checked_at_config_time():
     from train.config.compose import load_config
 
-    gpu = ["smoke=gpu"]  # causal_conv1d, mamba_ssm norms, flash_attn, bf16
+    gpu = ["smoke=gpu", "model.kernels.conv1d=causal_conv1d"]  # + mamba_ssm norms, torch_varlen, bf16
     load_config("stage3_text_recovery", gpu)  # the tiny model meets them
     # 3 heads of 4 channels: z is 12 wide, so the conv input after it would start misaligned.
     with pytest.raises(ConfigError, match="offset \\(mamba_num_heads \\* mamba_head_dim = 12\\) must be a multiple"):

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 import ast
+import dataclasses
 import importlib
+import inspect
 from typing import get_args, get_type_hints
 
 import pytest
@@ -25,7 +26,7 @@ LM = LanguageModelConfig(pattern="M-*M-", hidden_size=32, vocab_size=97, num_att
                          ssm_state_size=8, n_groups=2, chunk_size=8, mlp_hidden_size=48)
 GPU_BACKENDS = [(op, name) for op in OPS for name in BACKENDS[op] if name != "torch"]
 PIP_PACKAGE = {"mamba_ssm": "mamba-ssm", "causal_conv1d": "causal-conv1d", "flash_attn": "flash-attn",
-               "transformer_engine": "transformer-engine"}
+               "torch_varlen": "torch>=2.11", "transformer_engine": "transformer-engine"}
 
 
 def test_registry_matches_the_config_schema():
@@ -71,15 +72,18 @@ def test_unknown_backend_names_the_choices():
 def test_smoke_gpu_composes_with_fused_kernels(recipe):
     cfg = load_config(recipe, ["smoke=gpu"])
     assert cfg.trainer.device == "cuda" and cfg.precision.name == "bf16"
-    assert cfg.model.kernels.fused == {"ssd": "mamba_ssm", "conv1d": "causal_conv1d", "attention": "flash_attn",
-                                       "gated_norm": "mamba_ssm", "rms_norm": "mamba_ssm"}
+    # Nothing to compile: torch's own varlen attention, mamba-ssm's Triton kernels, the torch conv.
+    assert cfg.model.kernels.fused == {"ssd": "mamba_ssm", "attention": "torch_varlen", "gated_norm": "mamba_ssm",
+                                       "rms_norm": "mamba_ssm"}
 
 
 @pytest.mark.parametrize(("overrides", "field"), [
     (["smoke=cpu", "model.kernels.ssd=mamba_ssm"], r"model\.kernels\.ssd=mamba_ssm runs on CUDA only"),
-    (["smoke=gpu", "precision=fp32"], r"model\.kernels\.attention=flash_attn computes in bf16 only"),
-    (["smoke=gpu", "model.language_model.conv_kernel=5"], r"model\.language_model\.conv_kernel 2\.\.4"),
-    (["smoke=gpu", "model.language_model.ssm_state_size=15"], r"model\.kernels\.conv1d=causal_conv1d needs the conv"),
+    (["smoke=gpu", "precision=fp32"], r"model\.kernels\.attention=torch_varlen computes in bf16 only"),
+    (["smoke=gpu", "model.kernels.conv1d=causal_conv1d", "model.language_model.conv_kernel=5"],
+     r"model\.language_model\.conv_kernel 2\.\.4"),
+    (["smoke=gpu", "model.kernels.conv1d=causal_conv1d", "model.language_model.ssm_state_size=15"],
+     r"model\.kernels\.conv1d=causal_conv1d needs the conv"),
     (["smoke=gpu", "model.language_model.head_dim=12"], r"model\.language_model\.head_dim a multiple of 8"),
     (["smoke=gpu", "model.kernels.attention=cudnn"], r"model\.kernels\.attention='cudnn': choose one of"),
 ])
@@ -221,3 +225,146 @@ def test_each_gpu_library_is_imported_by_its_backend_module_only(project_root):
         for name, backend in BACKENDS[op].items():
             if not backend.is_reference:
                 assert backend.module == f"train.ops.backends.{name}", (op, name)
+
+
+# --- model.kernels.attention=torch_varlen: torch's own varlen_attn, mapped onto each release's signature ---------
+# varlen_attn has no CPU kernel (its flash kernel is CUDA-only), so the mapping is checked two ways here:
+# against the installed torch's real function on meta tensors (it accepts what is passed, shapes and
+# gradients come back right), and against stand-ins with the exact signatures of torch 2.11 (read from
+# the 2.11.0 wheel) and 2.13 that compute what those signatures document with the reference on CPU,
+# so a wrong causal flag or GQA head order shows in the numbers. tests/gpu runs the real kernel.
+
+def _same_heads(query: torch.Tensor, key: torch.Tensor) -> None:
+    if key.shape[1] != query.shape[1]:
+        raise ValueError(f"Hq={query.shape[1]} and Hkv={key.shape[1]} without GQA")
+
+
+def _varlen_attn_2_11(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                      window_size=(-1, -1)):
+    """torch 2.11: q, k, v with one head count; causal iff `window_size == (-1, 0)`, as its wrapper tests it."""
+    _same_heads(query, key)
+    return varlen_attention_ref(query, key, value, cu_seq_q, causal=window_size == (-1, 0), softmax_scale=scale,
+                                cu_seqlens_k=cu_seq_k)
+
+
+def _varlen_attn_2_13(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                      window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
+    """torch 2.13: as 2.11, plus `enable_gqa` for fewer kv heads."""
+    if not enable_gqa:
+        _same_heads(query, key)
+    return varlen_attention_ref(query, key, value, cu_seq_q, causal=window_size == (-1, 0), softmax_scale=scale,
+                                cu_seqlens_k=cu_seq_k)
+
+
+def _varlen_attn_is_causal(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, is_causal=False,
+                           scale=None):
+    """The 2.10 preview's form: an `is_causal` flag, no GQA."""
+    _same_heads(query, key)
+    return varlen_attention_ref(query, key, value, cu_seq_q, causal=is_causal, softmax_scale=scale,
+                                cu_seqlens_k=cu_seq_k)
+
+
+def _parameters(fn) -> list[tuple]:
+    return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
+
+
+def test_torch_varlen_resolves_by_config_name_and_builds_the_model():
+    from train.ops.backends import torch_varlen
+
+    assert torch_varlen.IMPORT_ERROR is None, f"torch {torch.__version__} has varlen_attn"
+    assert resolve_kernels(KernelConfig(attention="torch_varlen")).attention is torch_varlen.torch_varlen_attention
+    lm = HybridLanguageModel(LM, KernelConfig(attention="torch_varlen"))
+    assert all(layer.mixer.kernels.attention is torch_varlen.torch_varlen_attention
+               for layer in lm.backbone.layers if isinstance(layer.mixer, Attention))
+    cfg = load_config("stage3_text_recovery", ["smoke=gpu"])
+    assert cfg.model.kernels.attention == "torch_varlen"
+
+
+def test_torch_varlen_stand_ins_have_the_real_signatures():
+    from train.ops.backends import torch_varlen
+
+    real = _parameters(torch_varlen.varlen_attn)
+    if torch.__version__.startswith("2.13"):
+        assert real == _parameters(_varlen_attn_2_13)
+    # Every release keeps 2.11's parameters (the GPU image's torch), in 2.11's order.
+    assert real[:len(_parameters(_varlen_attn_2_11))] == _parameters(_varlen_attn_2_11)
+
+
+@pytest.mark.parametrize("fn", [_varlen_attn_2_11, _varlen_attn_2_13, _varlen_attn_is_causal],
+                         ids=["torch_2_11", "torch_2_13", "is_causal"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("separate_keys", [False, True])
+def test_torch_varlen_maps_causality_and_gqa_onto_each_signature(fn, causal, separate_keys):
+    from train.ops.backends.torch_varlen import call_varlen_attn
+
+    gen = torch.Generator().manual_seed(0)
+    hq, hkv, d = 4, 2, 8  # query head i reads kv head i // 2
+    q_lengths, k_lengths = ([5, 9, 1], [12, 9, 6]) if separate_keys else ([5, 9, 1], [5, 9, 1])
+    q = torch.randn(sum(q_lengths), hq, d, generator=gen, requires_grad=True)
+    k, v = (torch.randn(sum(k_lengths), hkv, d, generator=gen, requires_grad=True) for _ in range(2))
+    cu_q = torch.tensor([0, *q_lengths]).cumsum(0).to(torch.int32)
+    cu_k = torch.tensor([0, *k_lengths]).cumsum(0).to(torch.int32)
+    out = call_varlen_attn(fn, q, k, v, cu_q, cu_k, max(q_lengths), max(k_lengths), causal, 0.3)
+    expected = varlen_attention_ref(q, k, v, cu_q, causal, 0.3, cu_seqlens_k=cu_k if separate_keys else None)
+    torch.testing.assert_close(out, expected)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    expected_grads = torch.autograd.grad(expected.square().sum(), (q, k, v))
+    for name, grad, grad_ref in zip("qkv", grads, expected_grads):
+        assert grad.shape == grad_ref.shape, name  # expanded kv heads fold back to (T_k, hkv, d)
+        torch.testing.assert_close(grad, grad_ref, msg=lambda m: f"d{name}: {m}")
+
+
+def test_torch_varlen_call_is_accepted_by_the_installed_torch():
+    """The installed torch's real varlen_attn on meta tensors: the keywords passed exist, GQA is
+    accepted, and the output and gradients have the reference's shapes."""
+    from train.ops.backends.torch_varlen import call_varlen_attn, varlen_attn
+
+    meta = dict(device="meta", dtype=torch.bfloat16, requires_grad=True)
+    q, k, v = torch.empty(30, 8, 64, **meta), torch.empty(30, 2, 64, **meta), torch.empty(30, 2, 64, **meta)
+    cu = torch.empty(4, device="meta", dtype=torch.int32)
+    for causal in (True, False):
+        out = call_varlen_attn(varlen_attn, q, k, v, cu, cu, 17, 17, causal, None)
+        assert out.shape == (30, 8, 64) and out.dtype == torch.bfloat16
+        dq, dk, dv = torch.autograd.grad(out.sum(), (q, k, v))
+        assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, v.shape)
+
+
+def test_torch_varlen_refuses_float32_and_cpu_tensors_with_what_to_set():
+    from train.ops.backends.torch_varlen import torch_varlen_attention
+
+    q, cu = torch.randn(6, 2, 8), torch.tensor([0, 6], dtype=torch.int32)
+    with pytest.raises(TypeError, match=r"fp16/bf16 only, got q/k/v in torch.float32.*precision=bf16.*attention=torch"):
+        torch_varlen_attention(q, q, q, cu)
+    q = q.bfloat16()
+    with pytest.raises(RuntimeError, match=r"attention=torch_varlen runs on CUDA tensors only.*attention=torch"):
+        torch_varlen_attention(q, q, q, cu)
+
+
+def test_torch_without_varlen_attn_fails_at_build_naming_the_torch_to_install(monkeypatch):
+    """A torch before 2.10 has no torch.nn.attention.varlen (None in sys.modules makes its import fail
+    as it would there); one whose varlen_attn cannot be asked for a causal mask is refused too."""
+    import sys
+
+    import torch.nn.attention.varlen as varlen_module
+
+    from train.ops.backends import torch_varlen
+
+    with monkeypatch.context() as patch:
+        patch.setitem(sys.modules, "torch.nn.attention.varlen", None)
+        fn, error = torch_varlen.find_varlen_attn()
+    assert fn is None and isinstance(error, ImportError)
+    assert "has no torch.nn.attention.varlen.varlen_attn" in str(error) and "torch >= 2.11" in str(error)
+    monkeypatch.setattr(torch_varlen, "IMPORT_ERROR", error)
+    with pytest.raises(KernelUnavailableError) as err:
+        HybridLanguageModel(LM, KernelConfig(attention="torch_varlen"))
+    message = str(err.value)
+    assert "model.kernels.attention=torch_varlen" in message and "has no torch.nn.attention.varlen" in message
+    assert "pip install 'torch>=2.11'" in message and "set model.kernels.attention=torch" in message
+    assert err.value.__cause__ is error
+
+    def no_causal_flag(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None):
+        raise AssertionError("never called")
+
+    monkeypatch.setattr(varlen_module, "varlen_attn", no_causal_flag)
+    fn, error = torch_varlen.find_varlen_attn()
+    assert fn is None and "takes neither window_size nor is_causal" in str(error)

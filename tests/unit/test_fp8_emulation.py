@@ -1,8 +1,10 @@
-"""FP8 delayed scaling emulation: TE's scale semantics, quantisation, the Linear swap, exact resume."""
+"""FP8 delayed scaling without Transformer Engine: TE's scale semantics, quantisation, the Linear swap,
+exact resume, and its two GEMMs (emulated in float32, real FP8 through torch._scaled_mm) against each other."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import subprocess
@@ -14,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from data_pipelines.training.packing import collate_rows
 from data_pipelines.training.samples import Sample
@@ -182,8 +185,8 @@ LM = LanguageModelConfig(pattern="M*-M-", hidden_size=32, vocab_size=64, num_att
                          mlp_hidden_size=32)
 
 
-def tiny_model(seed: int = 0) -> VisionLanguageModel:
-    model = VisionLanguageModel(ModelConfig(language_model=LM), image_token_id=10)
+def tiny_model(seed: int = 0, lm: LanguageModelConfig = LM) -> VisionLanguageModel:
+    model = VisionLanguageModel(ModelConfig(language_model=lm), image_token_id=10)
     model.reset_parameters(seed)
     return model
 
@@ -228,8 +231,8 @@ STEPS = [[collate_rows([[sample(28, 2 * i)], [sample(30, 2 * i + 1)]], 32, 3)] f
 class Run:
     """Model + AdamW + precision, driven the way the trainer drives them."""
 
-    def __init__(self, precision_cfg: PrecisionConfig, seed: int = 0):
-        self.model = tiny_model(seed)
+    def __init__(self, precision_cfg: PrecisionConfig, seed: int = 0, lm: LanguageModelConfig = LM):
+        self.model = tiny_model(seed, lm)
         self.precision = build_precision(precision_cfg, CPU)
         self.precision.convert_model(self.model)
         self.optimizer = build_optimizer(self.model, OptimConfig(lr=1e-2))
@@ -323,6 +326,8 @@ def test_plain_precisions():
     ({"keep_patterns": [" "]}, r"precision\.keep_patterns\[0\]"),
     ({"name": "fp32", "compute_dtype": "bf16"}, r"precision\.compute_dtype"),
     ({"name": "fp8_delayed", "fp8_wgrad": False}, r"precision\.fp8_wgrad"),
+    ({"name": "fp8_delayed", "fp8_gemm": "scaled_mm"}, r"precision\.fp8_gemm=scaled_mm .*Transformer Engine"),
+    ({"name": "bf16", "fp8_gemm": "scaled_mm"}, r"precision\.fp8_gemm=scaled_mm .*no FP8 GEMMs"),
 ])
 def test_config_errors_name_the_field(fields, message):
     with pytest.raises(ConfigError, match=message):
@@ -341,6 +346,11 @@ def test_recipe_composes_with_each_precision():
                                            "precision.amax_compute_algo=most_recent", "precision.margin=2"])
     assert (cfg.precision.amax_compute_algo, cfg.precision.margin, cfg.precision.resolved_compute_dtype) == \
         ("most_recent", 2, "fp32")
+    assert cfg.precision.fp8_gemm == "emulated"  # the default, from the precision group's file
+    cfg = load_config("stage1_image_sft", ["smoke=cpu", "precision=fp8_delayed_emulated", "precision.fp8_gemm=scaled_mm"])
+    assert cfg.precision.fp8_gemm == "scaled_mm"
+    with pytest.raises(ConfigError, match=r"precision\.fp8_gemm='fused': choose one of \['emulated', 'scaled_mm'\]"):
+        load_config("stage1_image_sft", ["smoke=cpu", "precision=fp8_delayed_emulated", "precision.fp8_gemm=fused"])
     assert cfg.precision.keep_patterns == ["language_model.backbone.embeddings", "language_model.lm_head",
                                            "vision_model", "projector"]
 
@@ -452,3 +462,158 @@ def test_fp8_layer_recompute_uses_the_scales_of_its_forward():
     for name in grads["none"]:
         assert torch.equal(grads["none"][name], grads["layers"][name]), name
 
+
+
+# --- the two GEMMs: emulated (float32) and real FP8 (torch._scaled_mm, which runs on CPU too) --------
+
+class CountScaledMm(TorchDispatchMode):
+    """Counts the aten._scaled_mm calls under it, backward included: proof the real FP8 GEMM ran."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += func.overloadpacket is torch.ops.aten._scaled_mm
+        return func(*args, **(kwargs or {}))
+
+
+def gemm_gap_bound(a: torch.Tensor, b: torch.Tensor, inv: float, out_dtype: torch.dtype,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    """How far the two GEMMs of the same FP8 operands a (M, K), b (K, N) (as float32 values) may differ.
+
+    Every product of two FP8 values is exact in float32, so each GEMM differs from the exact sum only
+    by its float32 accumulation (at most K * u * sum_k |a_ik b_kj|, u = 2**-24, whatever the order)
+    and the scale multiply (u relative): the two together at most twice that. An out_dtype coarser
+    than float32 rounds each once more, so their results may also sit one of its steps apart
+    (eps * |value|); a bias joins in float32 before that rounding.
+    """
+    u = 2.0 ** -24
+    magnitude = (a.double().abs() @ b.double().abs()) * inv
+    exact = (a.double() @ b.double()) * inv + (0 if bias is None else bias.double())
+    bound = 2 * (a.shape[1] + 2) * u * magnitude
+    if out_dtype != torch.float32:
+        bound = bound + torch.finfo(out_dtype).eps * exact.abs() + torch.finfo(out_dtype).tiny
+    return bound
+
+
+def assert_within(got: torch.Tensor, expected: torch.Tensor, bound: torch.Tensor, what: str) -> None:
+    gap = (got.double() - expected.double()).abs()
+    assert (gap <= bound).all(), f"{what}: gap {float((gap - bound).max()):.3g} over the bound"
+
+
+@pytest.mark.parametrize("pair", [(E4M3, E4M3), (E5M2, E4M3)])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_scaled_mm_gemm_agrees_with_the_emulated_gemm(pair, out_dtype):
+    from train.precision.fp8_gemm import emulated_gemm, scaled_mm_gemm
+
+    gen = torch.Generator().manual_seed(0)
+    # K = 37: not a multiple of 16, so the zero padding of the inner dim is exercised too.
+    a = (torch.randn(9, 37, generator=gen) * 40).to(pair[0])
+    b = (torch.randn(48, 37, generator=gen) * 3).to(pair[1]).t()  # (K, N), the transpose of a weight
+    a_inv, b_inv = torch.tensor(1 / 64), torch.tensor(1 / 8)
+    emulated = emulated_gemm(a, b, a_inv, b_inv, out_dtype)
+    with CountScaledMm() as mode:
+        real = scaled_mm_gemm(a, b, a_inv, b_inv, out_dtype)
+    assert mode.calls == 1 and real.dtype == emulated.dtype == out_dtype and real.shape == (9, 48)
+    assert_within(real, emulated, gemm_gap_bound(a.float(), b.float(), 1 / 512, out_dtype), "gemm")
+
+
+def linear_pair(recipe: DelayedScalingRecipe, bias: bool) -> dict[str, Fp8EmulatedLinear]:
+    """The same Linear (shared Parameters) under both GEMMs, each with its own scaling state."""
+    torch.manual_seed(0)
+    linear = nn.Linear(32, 48, bias=bias)
+    dtypes = [recipe.forward_dtype, recipe.forward_dtype, recipe.backward_dtype]
+    return {gemm: Fp8EmulatedLinear.from_linear(linear, DelayedScalingState(recipe, dtypes, CPU), (0, 1, 2), gemm)
+            for gemm in ("emulated", "scaled_mm")}
+
+
+@pytest.mark.parametrize("fp8_format, wgrad, bias, bf16", [
+    ("hybrid", True, True, False), ("hybrid", True, False, True), ("e4m3", False, True, False)])
+def test_scaled_mm_linear_agrees_with_the_emulation_and_keeps_the_same_state(fp8_format, wgrad, bias, bf16):
+    """Both GEMMs consume identical quantised operands, so forward output, input and weight
+    gradients agree within the accumulation bound, and the scaling state (amaxes are recorded
+    before any GEMM) stays bit-identical step after step."""
+    recipe = DelayedScalingRecipe(fp8_format=fp8_format, amax_history_len=3, fp8_wgrad=wgrad)
+    modules = linear_pair(recipe, bias)
+    weight, b = modules["emulated"].weight, modules["emulated"].bias
+    out_dtype = torch.bfloat16 if bf16 else torch.float32
+    gen = torch.Generator().manual_seed(1)
+    for step, magnitude in enumerate([1.0, 6.0, 0.5]):  # the jump in magnitude saturates step 1
+        x = torch.randn(2, 5, 32, generator=gen) * magnitude  # 10 tokens: the wgrad GEMM's K gets padded
+        g = torch.randn(2, 5, 48, generator=gen) * 1e-3
+        s_x, s_w, s_g = modules["emulated"].state.scale.tolist()  # the scales this step quantises with
+        results = {}
+        for gemm, module in modules.items():
+            weight.grad = None
+            xi = x.clone().requires_grad_()
+            with CountScaledMm() as mode:
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    out = module(xi)
+                out.backward(g.to(out.dtype))
+            assert mode.calls == (3 if wgrad else 2) * (gemm == "scaled_mm"), gemm
+            results[gemm] = out.detach(), xi.grad, weight.grad.clone()
+            module.state.step()
+        state_e, state_s = modules["emulated"].state, modules["scaled_mm"].state
+        assert torch.equal(state_e.amax_history, state_s.amax_history), step
+        assert torch.equal(state_e.scale, state_s.scale), step
+
+        # The operands both GEMMs consumed, as float32 values.
+        q = lambda t, s, dtype: quantize(t, torch.tensor(s), dtype).float().reshape(-1, t.shape[-1])  # noqa: E731
+        xq, wq, gq = q(x, s_x, E4M3), q(weight.detach(), s_w, E4M3), q(g, s_g, recipe.backward_dtype)
+        (out_e, gx_e, gw_e), (out_s, gx_s, gw_s) = results["emulated"], results["scaled_mm"]
+        assert out_s.dtype == out_e.dtype == out_dtype
+        bias_value = None if b is None else b.detach()
+        assert_within(out_s.reshape(-1, 48), out_e.reshape(-1, 48),
+                      gemm_gap_bound(xq, wq.t(), 1 / s_x / s_w, out_dtype, bias_value), f"step {step} output")
+        assert_within(gx_s.reshape(-1, 32), gx_e.reshape(-1, 32),
+                      gemm_gap_bound(gq, wq, 1 / s_g / s_w, torch.float32), f"step {step} input gradient")
+        if wgrad:
+            bound = gemm_gap_bound(gq.t(), xq, 1 / s_g / s_x, torch.float32)
+        else:  # both run the same float32 GEMM on unquantised tensors
+            bound = torch.zeros(())
+        assert_within(gw_s, gw_e, bound, f"step {step} weight gradient")
+    assert float(state_e.scale[0]) != 1.0 and state_e.amax_history.abs().sum() > 0  # FP8 really ran
+
+
+# Every FP8 Linear of this LM has in/out features divisible by 16 (Mamba in_proj: 2 * 32 + 2 * 8 + 16 = 96).
+LM16 = dataclasses.replace(LM, mamba_num_heads=16, mamba_head_dim=2)
+SCALED_MM_CFG = dataclasses.replace(FP8_CFG, fp8_gemm="scaled_mm")
+
+
+def test_scaled_mm_trains_like_the_emulation_with_the_same_state_and_resumes_exactly():
+    emulated_run, scaled_run = Run(FP8_CFG, lm=LM16), Run(SCALED_MM_CFG, lm=LM16)
+    names = scaled_run.precision.fp8_module_names(scaled_run.model)
+    assert names and names == emulated_run.precision.fp8_module_names(emulated_run.model)
+    assert all(scaled_run.model.get_submodule(n).gemm_name == "scaled_mm" for n in names)
+    with CountScaledMm() as mode:
+        scaled_losses = [scaled_run.step(STEPS[0])]
+    assert mode.calls == 3 * len(names)  # forward, input gradient and weight gradient of each FP8 Linear
+    ckpt = scaled_run.checkpoint()
+    scaled_losses += [scaled_run.step(s) for s in STEPS[1:3]]
+    emulated_losses = [emulated_run.step(s) for s in STEPS[:3]]
+    # Accumulation order only: the first layers' amaxes agree exactly, later ones to float32 rounding.
+    np.testing.assert_allclose(scaled_losses, emulated_losses, rtol=1e-4)
+    state_s, state_e = scaled_run.precision.state_dict(), emulated_run.precision.state_dict()
+    assert state_s.keys() == state_e.keys()
+    assert all(("amax_history" in k) != k.endswith(".scale") for k in state_s)
+    for key in state_s:
+        torch.testing.assert_close(state_s[key], state_e[key], rtol=1e-4, atol=0, msg=key)
+        assert state_s[key].ne(0 if "amax_history" in key else 1).any(), key  # FP8 state really moved
+
+    resumed = Run(SCALED_MM_CFG, seed=1, lm=LM16).resume(ckpt)
+    assert [resumed.step(s) for s in STEPS[1:3]] == scaled_losses[1:]
+    # One checkpoint format: the emulated run's FP8 state loads into the scaled_mm plugin as is.
+    resumed.precision.load_state_dict(state_e)
+    assert all(torch.equal(v, state_e[k]) for k, v in resumed.precision.state_dict().items())
+
+
+def test_scaled_mm_refuses_linears_it_cannot_run_at_build_time():
+    precision = build_precision(SCALED_MM_CFG, CPU)
+    with pytest.raises(ConfigError, match=r"fp8_gemm=scaled_mm: .*divisible by 16.*mixer\.in_proj \(82x32\).*"
+                                          r"precision\.keep_patterns or set precision\.fp8_gemm=emulated"):
+        precision.convert_model(tiny_model())  # LM's Mamba in_proj is 82 wide
+    # Kept out of FP8, the same model converts.
+    keep = dataclasses.replace(SCALED_MM_CFG, keep_patterns=[*SCALED_MM_CFG.keep_patterns, "*.mixer.in_proj"])
+    model = build_precision(keep, CPU).convert_model(tiny_model())
+    assert "fp8_gemm=scaled_mm" in repr(model)

@@ -365,3 +365,30 @@ def test_reading_videos_without_decord_is_counted_and_warned(synth_data, tokeniz
     used = videos.samples_by_source["vid"]
     assert used >= 1 and dict(videos.fallbacks_by_source) == {"vid/video_pyav_fallback": used}
     assert capsys.readouterr().err.count("PyAV read them") == 1
+
+
+@pytest.mark.timeout(60)
+def test_one_odd_sample_is_a_counted_skip_never_the_end_of_the_run(tmp_path, tokenizer, capsys, monkeypatch):
+    """Valid JSON that is not text (a lone surrogate), JSON nested past the parser's recursion limit,
+    and an error nothing foresaw (here the tokenizer raising) each skip their own sample, counted."""
+    surrogate = b'{"messages": [{"role": "user", "content": "\\ud800 hi"}, {"role": "assistant", "content": "ok"}]}'
+    deep = b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    (tmp_path / "odd").mkdir()
+    write_shard(tmp_path / "odd" / "shard-000000.tar",
+                [("surrogate", {"json": surrogate}), ("deep", {"json": deep})]
+                + [(f"good{i}", {"json": doc(f"Say {i}.", f"{i}.")}) for i in range(6)])
+    data = stream([SourceConfig("odd", str(tmp_path / "odd"))], tokenizer)
+    batch = data.next_batch()
+    assert batch.input_ids.numel() > 0
+    assert data.skipped["bad_text"] == 1 and data.skipped["malformed_json"] == 1
+
+    from data_pipelines.training import samples
+
+    encode = samples.Tokenizer.encode
+    monkeypatch.setattr(samples.Tokenizer, "encode",
+                        lambda self, text: (_ for _ in ()).throw(TypeError("boom")) if "Say 3" in text
+                        else encode(self, text))
+    with pytest.raises(samples.SampleError) as caught:
+        build_sample(RawSample("odd3", "s.tar", 0, {"json": doc("Say 3.", "3.")}), "odd", spec(), tokenizer)
+    assert caught.value.reason == "bad_sample"
+    assert "warning: sample 'odd3' (source 'odd') skipped as bad_sample: TypeError: boom" in capsys.readouterr().err

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type_hints
 
-from data_pipelines.training.config import ConfigError, DataConfig, check_positive
+from data_pipelines.training.config import ConfigError, DataConfig, check_positive, paths_checked
+from data_pipelines.training.special_tokens import MIN_TRAINED_VOCAB_SIZE
 from train.ops.backends import BACKENDS, OPS
 
 
@@ -137,7 +138,8 @@ class KernelConfig:
 
     ssd: Literal["torch", "mamba_ssm"] = "torch"
     conv1d: Literal["torch", "causal_conv1d"] = "torch"
-    attention: Literal["torch", "flash_attn", "transformer_engine"] = "torch"
+    # torch_varlen: torch's own varlen_attn (torch >= 2.11, CUDA), nothing to install or compile.
+    attention: Literal["torch", "flash_attn", "torch_varlen", "transformer_engine"] = "torch"
     gated_norm: Literal["torch", "mamba_ssm"] = "torch"
     rms_norm: Literal["torch", "mamba_ssm"] = "torch"
     # "layers": every LM layer and ViT block keeps only its input and is recomputed in backward.
@@ -216,6 +218,8 @@ class ModelConfig:
 class OptimConfig:
     lr: float = 1e-4
     min_lr: float = 0.0
+    # The schedule's floor as a fraction of lr, instead of min_lr: overriding optim.lr moves it along.
+    min_lr_ratio: Optional[float] = None
     weight_decay: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.95
@@ -226,12 +230,23 @@ class OptimConfig:
 
     def validate(self, path: str) -> None:
         check_positive(self, path, "lr")
-        if not 0 <= self.min_lr <= self.lr:
-            raise ConfigError(f"{path}.min_lr={self.min_lr} must be in [0, optim.lr]")
+        if self.min_lr_ratio is not None:
+            if not 0 <= self.min_lr_ratio <= 1:
+                raise ConfigError(f"{path}.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+            if self.min_lr:
+                raise ConfigError(f"{path}: set min_lr or min_lr_ratio, not both (min_lr_ratio=null clears it)")
+        elif not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"{path}.min_lr={self.min_lr} must be in [0, {path}.lr={self.lr}]; or set "
+                              f"{path}.min_lr_ratio to keep the floor a fraction of lr")
         if self.weight_decay < 0 or self.warmup_steps < 0 or self.clip_grad < 0:
             raise ConfigError(f"{path}: weight_decay, warmup_steps and clip_grad must be >= 0")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ConfigError(f"{path}.beta1/beta2 must be in [0, 1)")
+
+    @property
+    def floor_lr(self) -> float:
+        """Where the schedule ends: min_lr, or lr * min_lr_ratio."""
+        return self.min_lr if self.min_lr_ratio is None else self.lr * self.min_lr_ratio
 
 
 @dataclass
@@ -295,7 +310,7 @@ class InitConfig:
     allow_random: list[str] = field(default_factory=list)
 
     def validate(self, path: str) -> None:
-        if self.from_checkpoint and not Path(self.from_checkpoint).is_dir():
+        if self.from_checkpoint and paths_checked() and not Path(self.from_checkpoint).is_dir():
             raise ConfigError(f"{path}.from_checkpoint={self.from_checkpoint!r} is not a checkpoint directory")
         unknown = sorted(set(self.allow_random) - set(MODEL_PARTS))
         if unknown:
@@ -312,7 +327,7 @@ class PrecisionConfig:
     """Numeric precision of a run; the fp8_* fields matter only for the two FP8 names.
 
     `fp8_delayed` runs the FP8 region through Transformer Engine; `fp8_delayed_emulated` runs the
-    same delayed-scaling recipe in plain torch (quantise-dequantise), on CPU or GPU.
+    same delayed-scaling recipe in plain torch, on CPU or GPU, its GEMMs chosen by `fp8_gemm`.
     """
 
     name: Literal["fp32", "bf16", "fp8_delayed", "fp8_delayed_emulated"] = "fp32"
@@ -331,6 +346,10 @@ class PrecisionConfig:
     keep_patterns: list[str] = field(default_factory=lambda: list(DEFAULT_FP8_KEEP_PATTERNS))
     # The first and the last N language-model layers stay out of FP8.
     keep_first_last_layers: int = 1
+    # The GEMMs of fp8_delayed_emulated on the quantised operands: `emulated` multiplies the FP8 values
+    # in float32 (any device); `scaled_mm` runs real FP8 GEMMs through torch._scaled_mm (CUDA sm89+ or
+    # CPU; FP8 Linears' in/out features multiples of 16, checked when the model is built).
+    fp8_gemm: Literal["emulated", "scaled_mm"] = "emulated"
 
     @property
     def is_fp8(self) -> bool:
@@ -366,6 +385,12 @@ class PrecisionConfig:
                 raise ConfigError(f"{path}.keep_patterns must keep {skipped} out of FP8: they are skipped on "
                                   "text-only micro-batches, and the ranks' FP8 amax reductions would then disagree "
                                   "(add them back to precision.keep_patterns)")
+        if self.fp8_gemm == "scaled_mm" and self.name != "fp8_delayed_emulated":
+            raise ConfigError(
+                f"{path}.fp8_gemm=scaled_mm chooses the GEMMs of precision=fp8_delayed_emulated, but {path}.name="
+                f"{self.name!r}" + (" runs Transformer Engine's own FP8 GEMMs" if self.name == "fp8_delayed" else
+                                    " has no FP8 GEMMs") + f": set {path}.fp8_gemm=emulated (the default) or "
+                "precision=fp8_delayed_emulated")
         if self.name == "fp8_delayed" and not self.fp8_wgrad:
             raise ConfigError(
                 f"{path}.fp8_wgrad=false: Transformer Engine >= 2.0 always runs the weight-gradient GEMM in FP8 "
@@ -476,6 +501,10 @@ class Config:
                 f"parallel.tensor_parallel={self.parallel.tensor_parallel}, context_parallel="
                 f"{self.parallel.context_parallel}, pipeline_parallel={self.parallel.pipeline_parallel} need "
                 "model.impl=mcore (the native engine is data parallel only)")
+        vocab = self.model.language_model.vocab_size
+        if self.data.synth_dir is not None and vocab < MIN_TRAINED_VOCAB_SIZE:
+            raise ConfigError(f"model.language_model.vocab_size={vocab} is too small for the embedded data's tokenizer "
+                              f"(trained to this size): set it to at least {MIN_TRAINED_VOCAB_SIZE}")
         if self.data.tile_size != self.model.vision.image_size:
             raise ConfigError(
                 f"data.tile_size={self.data.tile_size} differs from model.vision.image_size="
@@ -543,7 +572,7 @@ class Config:
         if cp > 1 and self.model.kernels.attention == "transformer_engine":
             raise ConfigError("parallel.context_parallel > 1 with model.kernels.attention=transformer_engine: TE's "
                               "context-parallel attention expects each sample padded to 2 x context_parallel chunks, "
-                              "which the packer does not do yet; use model.kernels.attention=torch or flash_attn")
+                              "which the packer does not do yet; use model.kernels.attention=torch, flash_attn or torch_varlen")
         _check_divides(tp * cp, {"model.language_model.mamba_num_heads": lm.mamba_num_heads})
         groups = lm.n_groups // tp
         if groups % cp and cp % groups:

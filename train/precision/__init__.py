@@ -1,4 +1,5 @@
-"""Precision plugins: fp32, bf16, FP8 delayed scaling through Transformer Engine or emulated.
+"""Precision plugins: fp32, bf16, FP8 delayed scaling through Transformer Engine or in plain torch
+(`fp8_delayed_emulated`, its GEMMs emulated in float32 or real FP8 through torch._scaled_mm).
 
 `build_precision` is the only entry point the trainer needs. Transformer Engine is imported only
 when precision=fp8_delayed is built, so a missing or broken install never breaks `import train`.
@@ -14,7 +15,8 @@ from train.precision.plugin import Precision
 
 __all__ = ["Precision", "build_precision"]
 
-TE_INSTALL_HINT = "install the GPU extra (pip install -e '.[gpu]') or use precision=fp8_delayed_emulated"
+TE_INSTALL_HINT = ("install the GPU extra (pip install -e '.[gpu]') or use precision=fp8_delayed_emulated "
+                   "(with precision.fp8_gemm=scaled_mm for real FP8 GEMMs without Transformer Engine)")
 
 
 def build_precision(cfg: PrecisionConfig, device: torch.device, impl: str = "native") -> Precision:

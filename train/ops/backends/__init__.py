@@ -3,6 +3,7 @@
     mamba_ssm.py           SSD scan, gated RMSNorm, RMSNorm (Triton)
     causal_conv1d.py       Mamba depthwise causal conv (CUDA)
     flash_attn.py          varlen (THD) attention
+    torch_varlen.py        varlen (THD) attention on torch's own flash kernel (torch >= 2.11, no install)
     transformer_engine.py  varlen (THD) attention; TE's modules for the FP8 precision plugin
 
 Each module is the only one importing its library, guards that import (a missing or broken
@@ -86,6 +87,8 @@ _MAMBA = "pip install mamba-ssm --no-build-isolation"
 _CONV = "pip install causal-conv1d --no-build-isolation"
 _FLASH = "pip install flash-attn --no-build-isolation"
 _TE = "pip install --no-build-isolation 'transformer-engine[pytorch]'"
+# torch's own varlen_attn: no package of its own, it comes with a CUDA torch from 2.11 on.
+_TORCH_VARLEN = "pip install 'torch>=2.11'"
 _PKG = "train.ops.backends."
 _FUSED_ATTENTION = {"compute_dtypes": ("bf16",), "limits": (ShapeLimit("*", _attention_head_dim),)}
 
@@ -102,6 +105,7 @@ BACKENDS: dict[str, dict[str, Backend]] = {
     "attention": {
         "torch": Backend("train.ops.attention", "varlen_attention_ref"),
         "flash_attn": Backend(_PKG + "flash_attn", "flash_varlen_attention", _FLASH, **_FUSED_ATTENTION),
+        "torch_varlen": Backend(_PKG + "torch_varlen", "torch_varlen_attention", _TORCH_VARLEN, **_FUSED_ATTENTION),
         "transformer_engine": Backend(_PKG + "transformer_engine", "te_varlen_attention", _TE, **_FUSED_ATTENTION),
     },
     "gated_norm": {
