@@ -38,23 +38,38 @@ def megatron_world():
 
 
 @pytest.mark.parametrize("pattern", ["M-M-", "M-M*M-*-"])
-def test_te_spec_equals_native_on_packed_rows(megatron_world, pattern):
+def test_te_spec_equals_the_torch_reference_on_packed_rows_with_gradients(megatron_world, pattern):
+    """TE linears and TE's THD attention (bf16) against the native model on the torch reference ops
+    (float32), same weights, packed rows: logits, loss and every weight's gradient."""
     from train.model.mcore.model import McoreLanguageModel
 
     lm = LanguageModelConfig(pattern=pattern, hidden_size=256, vocab_size=512, num_attention_heads=8,
                              num_key_value_heads=2, head_dim=32, mamba_num_heads=8, mamba_head_dim=32,
                              ssm_state_size=64, n_groups=2, chunk_size=64, mlp_hidden_size=512)
-    native = HybridLanguageModel(lm, KERNELS)
-    native.reset_parameters(torch.Generator().manual_seed(0))
-    native = native.to("cuda", torch.bfloat16)
+    reference = HybridLanguageModel(lm, KernelConfig())  # every op the torch reference
+    reference.reset_parameters(torch.Generator().manual_seed(0))
+    reference = reference.to("cuda", torch.float32)
     mcore = McoreLanguageModel(lm, KERNELS, ParallelConfig(), torch.device("cuda"), spec="te",
                                params_dtype=torch.bfloat16)
-    weights.load_local_state(mcore.model, weights.native_to_megatron(native.state_dict(), lm))
+    weights.load_local_state(mcore.model, weights.native_to_megatron(
+        {k: v.to(torch.bfloat16) for k, v in reference.state_dict().items()}, lm))
     ids = torch.randint(0, lm.vocab_size, (1, 512), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
     cu = torch.tensor([0, 100, 357, 512], dtype=torch.int32, device="cuda")
-    with torch.no_grad():
-        expected, got = native(ids, cu).float(), mcore(ids, cu).float()
-    assert (got - expected).abs().max() / expected.abs().max() < 3e-2
+    losses, logits = {}, {}
+    for name, model in (("reference", reference), ("te", mcore)):
+        out = model(ids, cu).float()  # (1, L, V)
+        loss = torch.nn.functional.cross_entropy(out[0, :-1], ids[0, 1:])
+        loss.backward()
+        losses[name], logits[name] = float(loss), out.detach()
+    scale = logits["reference"].abs().max()
+    assert (logits["te"] - logits["reference"]).abs().max() / scale < 3e-2
+    assert losses["te"] == pytest.approx(losses["reference"], rel=1e-2)
+    expected = weights.native_to_megatron({k: p.grad for k, p in reference.named_parameters()}, lm)
+    got = {k: p.grad for k, p in mcore.model.named_parameters()}
+    for name, grad in expected.items():
+        assert got.get(name) is not None, f"no gradient reached {name}"
+        err = float((got[name].float() - grad.float()).norm() / grad.float().norm())
+        assert err < 5e-2, (name, err)
 
 
 FP8_STAGE = ["train", "--config-name", "stage3_text_recovery", "smoke=cpu", "trainer.device=cuda", "model.impl=mcore",

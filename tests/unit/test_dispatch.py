@@ -368,3 +368,10 @@ def test_torch_without_varlen_attn_fails_at_build_naming_the_torch_to_install(mo
     monkeypatch.setattr(varlen_module, "varlen_attn", no_causal_flag)
     fn, error = torch_varlen.find_varlen_attn()
     assert fn is None and "takes neither window_size nor is_causal" in str(error)
+
+
+def test_transformer_engine_install_hint_follows_torchs_cuda_major():
+    from train.ops.backends import te_install_command
+
+    assert te_install_command("13.0") == "pip install --no-build-isolation 'transformer-engine[core-cu13,pytorch]'"
+    assert "core-cu12" in te_install_command("12.8")

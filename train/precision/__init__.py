@@ -10,12 +10,13 @@ from __future__ import annotations
 import torch
 
 from train.config.schema import PrecisionConfig
+from train.ops.backends import te_install_command
 from train.precision.fp8_emulated import EmulatedFp8Precision
 from train.precision.plugin import Precision
 
 __all__ = ["Precision", "build_precision"]
 
-TE_INSTALL_HINT = ("install the GPU extra (pip install -e '.[gpu]') or use precision=fp8_delayed_emulated "
+TE_INSTALL_HINT = (f"{te_install_command()} (or the te-cu12 / te-cu13 extra), or use precision=fp8_delayed_emulated "
                    "(with precision.fp8_gemm=scaled_mm for real FP8 GEMMs without Transformer Engine)")
 
 

@@ -14,6 +14,7 @@ Importing this module needs a working Transformer Engine (it raises TE's import 
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Iterator
 
 import torch
@@ -113,8 +114,10 @@ class TEFp8Precision(Precision):
                 module.init_fp8_metadata()
         self._scales_in_use = self._used("scale")
         # TE's own checkpoint reruns a layer inside FP8 with the forward's scales (torch's would
-        # rerun it outside the FP8 autocast).
-        set_checkpoint_fn(model, te.checkpoint)
+        # rerun it outside the FP8 autocast). Non-reentrant, as everywhere else: TE's reentrant default
+        # breaks DDP with find_unused_parameters ("mark a variable ready only once") and drops the
+        # gradients of a layer whose input needs none.
+        set_checkpoint_fn(model, functools.partial(te.checkpoint, use_reentrant=False))
         return model
 
     @contextlib.contextmanager

@@ -83,10 +83,24 @@ def _attention_head_dim(lm, at: str) -> str | None:
         f"needs {at}.head_dim a multiple of 8 and <= 256, got {lm.head_dim}")
 
 
-_MAMBA = "pip install mamba-ssm --no-build-isolation"
+# Only mamba-ssm's Triton kernels are used: a build without its CUDA extension (seconds, no nvcc) is
+# enough, as `make setup` and the GPU device kit install it; --no-deps skips its Mamba-3 extras
+# (tilelang, quack-kernels), its other needs are ours too.
+_MAMBA = "MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE pip install --no-build-isolation --no-deps 'mamba-ssm>=2.3'"
 _CONV = "pip install causal-conv1d --no-build-isolation"
 _FLASH = "pip install flash-attn --no-build-isolation"
-_TE = "pip install --no-build-isolation 'transformer-engine[pytorch]'"
+def te_install_command(cuda_version: str | None = None) -> str:
+    """Transformer Engine's core wheel must match torch's CUDA major version (cu12 or cu13), and its
+    torch extension builds against the installed torch (hence no build isolation)."""
+    if cuda_version is None:
+        import torch
+
+        cuda_version = torch.version.cuda
+    major = (cuda_version or "12").split(".")[0]
+    return f"pip install --no-build-isolation 'transformer-engine[core-cu{major},pytorch]'"
+
+
+_TE = te_install_command()
 # torch's own varlen_attn: no package of its own, it comes with a CUDA torch from 2.11 on.
 _TORCH_VARLEN = "pip install 'torch>=2.11'"
 _PKG = "train.ops.backends."
