@@ -8,7 +8,8 @@ Slurm keys (everything else of the form `a.b=c` is a Hydra override, passed thro
   nodes=N (1)  gpus_per_node=G (8; 0 = a CPU job, no GPU request)
   procs_per_node=P (training processes per node; default G, or 1 when G=0)
   partition=P  account=A  qos=Q  time=T (e.g. 4:00:00, 2-00:00:00)
-  job_name=NAME (hvl-<recipe>)  cpus_per_task=C  mem=M (e.g. 500G, 0 = all)  exclusive=true
+  job_name=NAME (hvl-<recipe>)  cpus_per_task=C (default: procs_per_node x (1 + data.num_workers))
+  mem=M (e.g. 500G, 0 = all)  exclusive=true
   container_image=IMG (pyxis: run the step in that image, with `python` from its PATH)
   extra_sbatch=OPTION (one more `#SBATCH OPTION` line; repeat it, or extra_sbatch=[--a=1,--b=2])
 
@@ -157,30 +158,34 @@ def _parse_extra_sbatch(value: str) -> list[str]:
     return items
 
 
-def resolve_run_dir(spec: LaunchSpec, validate: bool, check_paths: bool = True) -> Path:
-    """Compose (and unless told otherwise validate) the config; returns the absolute run dir.
+def resolve_run_dir(spec: LaunchSpec, validate: bool, check_paths: bool = True) -> tuple[Path, int]:
+    """Compose (and unless told otherwise validate) the config; returns the absolute run dir and
+    the most decode workers (`data.num_workers`) any of its stages asks for per process.
     `check_paths=False` (a dry run) validates all but the existence of data and checkpoint paths,
     which may exist only on the cluster. Raises train.config.ConfigError naming the bad recipe or
     override."""
     from train.config.compose import compose_raw, load_config
     from train.loop.pipeline import parse_pipeline_args
 
-    def check(name: str, overrides: list[str]) -> None:
+    def compose(name: str, overrides: list[str]) -> tuple[str, int]:
         if validate:
-            load_config(name, overrides, check_paths)
-        else:
-            compose_raw(name, overrides)
+            cfg = load_config(name, overrides, check_paths)
+            return cfg.run.dir, cfg.data.num_workers
+        raw = compose_raw(name, overrides)
+        return raw["run"]["dir"], int(raw["data"].get("num_workers") or 0)
 
     if spec.pipeline:
         stages, root, overrides = parse_pipeline_args(spec.overrides)
-        for name in stages:
-            check(name, overrides + [f"run.dir={root / name}"])
-        return Path(os.path.abspath(root))
-    if validate:
-        run_dir = load_config(spec.config_name, spec.overrides, check_paths).run.dir
-    else:
-        run_dir = compose_raw(spec.config_name, spec.overrides)["run"]["dir"]
-    return Path(os.path.abspath(run_dir))
+        workers = max(compose(name, overrides + [f"run.dir={root / name}"])[1] for name in stages)
+        return Path(os.path.abspath(root)), workers
+    run_dir, workers = compose(spec.config_name, spec.overrides)
+    return Path(os.path.abspath(run_dir)), workers
+
+
+def default_cpus_per_task(procs_per_node: int, num_workers: int) -> int:
+    """One core per training process and one per decode worker it starts: where Slurm has no default
+    CPUs per GPU, a task without --cpus-per-task gets one core for all of them."""
+    return procs_per_node * (1 + num_workers)
 
 
 def with_run_dir(overrides: list[str], run_dir: Path) -> list[str]:
@@ -285,11 +290,14 @@ def main(argv: list[str] | None = None) -> int:
     from train.config.schema import ConfigError
 
     try:
-        run_dir = resolve_run_dir(spec, validate=not args.no_validate, check_paths=not args.dry_run)
+        run_dir, num_workers = resolve_run_dir(spec, validate=not args.no_validate, check_paths=not args.dry_run)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     try:
+        if opts.cpus_per_task is None:
+            procs = opts.procs_per_node or opts.gpus_per_node or 1
+            opts = dataclasses.replace(opts, cpus_per_task=default_cpus_per_task(procs, num_workers))
         script = render_sbatch(opts, spec, run_dir)
     except LaunchError as err:
         parser.error(str(err))

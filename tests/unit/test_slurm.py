@@ -172,12 +172,24 @@ def test_config_errors_fail_before_rendering(argv, message, tmp_path, monkeypatc
     assert out == "" and not (tmp_path / "job.sh").exists()
 
 
+def test_cpus_per_task_defaults_to_a_core_per_rank_and_decode_worker(tmp_path, monkeypatch, capsys):
+    script = _render(monkeypatch, capsys, tmp_path, "--config-name", "stage1_image_sft", "smoke=cpu", "gpus_per_node=8",
+                     "data.num_workers=3")
+    assert "--cpus-per-task=32" in _sbatch_lines(script) and "  --cpus-per-task=32 \\\n" in script
+    script = _render(monkeypatch, capsys, tmp_path, "--config-name", "stage1_image_sft", "smoke=cpu", "gpus_per_node=8",
+                     "cpus_per_task=12")
+    assert "--cpus-per-task=12" in _sbatch_lines(script)
+
+
 def test_no_validate_renders_without_the_data(tmp_path, monkeypatch, capsys):
     # A real recipe reads shards from $HVL_DATA_ROOT, absent on a login node without the data mounted.
     monkeypatch.setenv("HVL_DATA_ROOT", str(tmp_path / "not_mounted"))
     monkeypatch.chdir(tmp_path)
-    assert main(["--config-name", "stage1_image_sft", "--dry-run"]) == 2
+    # Submitting checks the data paths; a dry run checks all but them (they may exist only on the cluster).
+    assert main(["--config-name", "stage1_image_sft"]) == 2
     assert "config error" in capsys.readouterr().err
+    assert main(["--config-name", "stage1_image_sft", "--dry-run"]) == 0
+    assert f"run.dir={tmp_path}/runs/stage1_image_sft" in capsys.readouterr().out
     script = _render(monkeypatch, capsys, tmp_path, "--config-name", "stage1_image_sft", "--no-validate")
     assert f"run.dir={tmp_path}/runs/stage1_image_sft &" in script
     # --no-validate still composes: a typo in a field name is caught.
@@ -304,7 +316,7 @@ def test_script_runs_torchrun_with_exact_arguments(slurm_job):
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert (log / "srun.args").read_text().splitlines() == [
-        "--ntasks-per-node=1", "--kill-on-bad-exit=0",
+        "--ntasks-per-node=1", "--kill-on-bad-exit=0", "--cpus-per-task=4",  # 4 ranks, no decode workers
         sys.executable, "-m", "launch.step", "--nnodes=2", "--nproc-per-node=4",
         "--rdzv-backend=c10d", "--rdzv-endpoint=gpu-node-07:21234", "--rdzv-id=1234",
         TORCHRUN_SIGNALS, f"--shutdown-timeout={SIGNAL_LEAD_S}",
