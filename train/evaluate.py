@@ -54,7 +54,8 @@ def evaluate(args: argparse.Namespace) -> dict:
 
         out_file, report = evaluate_checkpoint(step_dir, args.tasks, out, args.tokenizer, limit=args.limit,
                                                batch_size=args.batch_size, device=args.device, dtype=args.dtype)
-        results["lm_eval"] = {"file": str(out_file), "results": report.get("results", {})}
+        results["lm_eval"] = {"file": str(out_file), "results": report.get("results", {}),
+                              "skipped": report.get("skipped", {})}
     if args.generation is not None:
         from train.evaluation.generation import score_source
         from train.inference.chat_session import load_chat_model

@@ -44,11 +44,15 @@ def test_stage_end_runs_its_tasks_and_the_cli_gives_the_same_scores(evaluated_st
     assert (run_dir / "eval" / "hf_step_0000002" / "tokenizer_config.json").exists()
 
     out = tmp / "cli_eval"
-    result = run_module(["train.evaluate", "--ckpt", str(run_dir), "--tasks", TASK, "--out", str(out)],
+    # The README's line: a hub task first. Offline (this machine), it is skipped in one line and the
+    # local task still runs.
+    result = run_module(["train.evaluate", "--ckpt", str(run_dir), "--tasks", "gsm8k", TASK, "--out", str(out)],
                         project_root_dir)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "skipping gsm8k: its data (openai/gsm8k) is on the Hugging Face Hub" in result.stderr
     printed = json.loads(result.stdout)
     assert printed["lm_eval"]["results"]["hvl_tiny_choice"]["acc,none"] == at_end["acc,none"]
+    assert "gsm8k" in printed["lm_eval"]["skipped"] and "gsm8k" not in printed["lm_eval"]["results"]
     assert (out / "lm_eval_step_0000002.json").exists()
 
 

@@ -3,8 +3,11 @@
 The checkpoint is exported as transformers loads it (`native_to_hf`, tokenizer and chat template
 included) and handed to the harness's own `hf` model type, so scores are what anyone running
 `lm_eval --model hf` on the export would get. Tasks are harness task names or paths to task YAML
-files (their directories are added to the harness's task index). Offline: the harness and
-`datasets` are told not to reach the hub, so a task must read local data.
+files (their directories are added to the harness's task index).
+
+Offline: unless HF_HUB_OFFLINE is set, the hub is probed once (a 3-second connect); where it cannot
+be reached the harness and `datasets` run offline, and a task whose data lives on the hub and is not
+in the local cache is skipped with one line saying so, while the other tasks run.
 """
 
 from __future__ import annotations
@@ -12,6 +15,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
+import sys
+from urllib.parse import urlparse
 from pathlib import Path
 
 import yaml
@@ -68,6 +74,48 @@ def resolve_tasks(tasks: list[str]) -> tuple[list[str], list[str]]:
     return names, include
 
 
+# Builders that read local files (`data_files`), not a hub repository.
+_LOCAL_BUILDERS = {"json", "csv", "parquet", "text", "arrow"}
+
+
+def _set_offline_mode() -> bool:
+    """Whether the hub is out of reach (HF_HUB_OFFLINE as set, else a 3-second probe); sets the
+    offline switches of huggingface_hub and datasets accordingly, so nothing waits on retries."""
+    if "HF_HUB_OFFLINE" not in os.environ:
+        from huggingface_hub import constants
+
+        endpoint = urlparse(constants.ENDPOINT)
+        try:
+            socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=3).close()
+            reachable = True
+        except OSError:
+            reachable = False
+        os.environ["HF_HUB_OFFLINE"] = "0" if reachable else "1"
+        if not reachable:
+            print("[evaluate] the Hugging Face Hub is unreachable: running offline (HF_HUB_OFFLINE=1)",
+                  file=sys.stderr, flush=True)
+    offline = os.environ["HF_HUB_OFFLINE"].strip().lower() not in ("0", "false", "no", "")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1" if offline else "0")
+    return offline
+
+
+def _hub_dataset(entry) -> str | None:
+    """The hub repository a harness task reads its data from, or None (local files, or a group)."""
+    config = getattr(entry, "cfg", None) or {}
+    path = config.get("dataset_path")
+    if not isinstance(path, str) or path in _LOCAL_BUILDERS or Path(path).exists():
+        return None
+    return path
+
+
+def _in_local_cache(repo: str) -> bool:
+    from huggingface_hub import constants
+
+    hub = Path(constants.HF_HUB_CACHE) / f"datasets--{repo.replace('/', '--')}"
+    datasets_cache = Path(os.environ.get("HF_DATASETS_CACHE", Path(constants.HF_HOME) / "datasets"))
+    return hub.is_dir() or (datasets_cache / repo.replace("/", "___")).is_dir()
+
+
 def export_for_harness(checkpoint: Path, out: Path, tokenizer: str | None = None) -> Path:
     """The checkpoint's language model as an HF directory under `out` (reused when already there)."""
     step_dir, _ = resolve_native_checkpoint(Path(checkpoint))
@@ -94,12 +142,23 @@ def run_harness(export: Path, tasks: list[str], out_file: Path, limit: int | Non
     except ImportError as err:
         raise EvaluationError(f"lm-eval is not installed ({err}): {INSTALL_HINT}") from None
     names, include = resolve_tasks(tasks)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    offline = _set_offline_mode()
     manager = TaskManager(include_path=include or None)
     unknown = [n for n in names if n not in manager.all_tasks]
     if unknown:
         raise EvaluationError(f"unknown lm-eval tasks {unknown}: give a harness task name or a task YAML path")
+    skipped = {}
+    if offline:
+        for name in names:
+            repo = _hub_dataset(manager.task_index.get(name))
+            if repo and not _in_local_cache(repo):
+                skipped[name] = (f"its data ({repo}) is on the Hugging Face Hub, not in the local cache, and this "
+                                 "machine is offline (HF_HUB_OFFLINE=1): download it where there is network, or "
+                                 "point the task's dataset_path at a local copy")
+                print(f"[evaluate] skipping {name}: {skipped[name]}", file=sys.stderr, flush=True)
+        names = [n for n in names if n not in skipped]
+        if not names:
+            raise EvaluationError(f"no task can run offline: {', '.join(skipped)} need the Hugging Face Hub")
     results = lm_eval.simple_evaluate(
         model="hf", model_args={"pretrained": str(export), "dtype": dtype, "trust_remote_code": False},
         tasks=names, limit=limit, batch_size=batch_size, device=device, task_manager=manager,
@@ -109,6 +168,8 @@ def run_harness(export: Path, tasks: list[str], out_file: Path, limit: int | Non
     report = {key: results[key] for key in ("results", "versions", "n-shot", "configs", "higher_is_better")
               if key in results}
     report["model"] = str(export)
+    if skipped:
+        report["skipped"] = skipped
     out_file.parent.mkdir(parents=True, exist_ok=True)
     out_file.write_text(json.dumps(report, indent=2, default=str) + "\n")
     return report

@@ -411,6 +411,7 @@ def run_stage_benchmarks(cfg: Config, summary: dict) -> dict:
     print(f"[{cfg.stage}] lm-eval: {', '.join(cfg.eval.tasks)} on {summary['checkpoint']}", flush=True)
     out_file, report = evaluate_checkpoint(Path(summary["checkpoint"]), cfg.eval.tasks, run_dir / "eval",
                                            limit=cfg.eval.limit, device="cuda" if torch.cuda.is_available() else "cpu")
-    summary = {**summary, "lm_eval": {"file": str(out_file), "results": report.get("results", {})}}
+    summary = {**summary, "lm_eval": {"file": str(out_file), "results": report.get("results", {}),
+                                     "skipped": report.get("skipped", {})}}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
