@@ -6,6 +6,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 LOCK := requirements-cpu.lock
+# mamba-ssm, built by setup from its hash-pinned sdist without CUDA (its Triton kernels only).
+BUILD_LOCK := requirements-cpu-build.lock
 UV := $(VENV)/bin/uv
 # The lock pins uv too; setup bootstraps that version with pip, then uv installs the lock exactly.
 UV_VERSION := $(shell sed -n 's/^uv==\([^ ]*\).*/\1/p' $(LOCK) 2>/dev/null)
@@ -19,7 +21,7 @@ PIP_QUIET := --quiet --disable-pip-version-check
 PIP_FILTER := { grep -v "is ignored: it is neither" || true; }
 IMPORT_CHECK := import torch, hydra, webdataset, braceexpand, decord, av, transformers, tokenizers, megatron.core, triton, matplotlib, lm_eval
 
-.PHONY: setup smoke test test-latest lock test-gpu bench bench-gpu clean
+.PHONY: setup smoke test test-latest lock test-gpu bench bench-gpu device-kit clean
 
 setup: $(STAMP)
 
@@ -28,11 +30,15 @@ $(UV):
 	@echo "setup: installing uv $(or $(UV_VERSION),(newest)) into $(VENV) (it installs the lock)"
 	$(PY) -m pip install $(PIP_QUIET) "uv$(if $(UV_VERSION),==$(UV_VERSION))" 2>&1 | $(PIP_FILTER)
 
-$(STAMP): pyproject.toml $(LOCK) | $(UV)
+$(STAMP): pyproject.toml $(LOCK) $(BUILD_LOCK) | $(UV)
 	@echo "setup: installing the $$(grep -c '^[a-z]' $(LOCK)) packages of $(LOCK) into $(VENV) exactly (hash-checked; about a minute from a cold cache)"
 	$(UV) pip sync --python $(PY) $(UV_FLAGS) --require-hashes $(LOCK)
+	@# Not in the lock, so sync removes it; reinstalled from uv's cached build. See $(BUILD_LOCK).
+	MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE $(UV) pip install --python $(PY) $(UV_FLAGS) --quiet \
+	  --no-build-isolation --no-deps --require-hashes -r $(BUILD_LOCK)
 	$(UV) pip install --python $(PY) $(UV_FLAGS) --quiet --no-deps -e .
 	$(PY) -W ignore -c "$(IMPORT_CHECK)"
+	$(PY) -W ignore -c "from train.ops.backends.mamba_ssm import IMPORT_ERROR as e; assert e is None, repr(e)"
 	@# Headless Chromium renders report.html in its test; installed when missing and we are root.
 	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
 	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
@@ -64,12 +70,22 @@ smoke: setup
 test: setup
 	$(PY) -m pytest -q
 
-# One screen: a line per failure, error and skip (with its reason), then the counts.
-test-gpu: setup
-	$(PY) -m pytest -q -m gpu tests/gpu --tb=line -rfEs -p no:warnings --timeout 600
+# The GPU targets run with the python holding the CUDA torch and the GPU extras (GPU_PYTHON, default
+# python3: README "GPU install"), without `setup`, whose CPU venv would hide that torch.
+GPU_PYTHON ?= python3
 
-bench-gpu: setup
-	$(PY) -m tests.bench.gpu_layers
+# One screen: a line per failure, error and skip (with its reason), then the counts.
+test-gpu:
+	$(GPU_PYTHON) -m pytest -q -m gpu tests/gpu --tb=line -rfEs -p no:warnings --timeout 600
+
+bench-gpu:
+	$(GPU_PYTHON) -m tests.bench.gpu_layers
+
+# The GPU test machine's kit, .devcheck/ (git-ignored, at most 60 MiB): the wheels its image lacks,
+# causal-conv1d's source, the embedded data and device_check.sh (README "On the GPU test machine").
+# DEVICE_KIT_PREVIOUS=DIR adds a previous visit's Triton cache and causal-conv1d wheel (its output folder).
+device-kit: setup
+	$(PY) -m tests.device.build_kit --out .devcheck $(if $(DEVICE_KIT_PREVIOUS),--previous $(DEVICE_KIT_PREVIOUS))
 
 bench: setup
 	$(PY) -m tests.bench.run_all

@@ -11,6 +11,7 @@ from torch import nn
 
 from data_pipelines.training.packing import collate_rows
 from data_pipelines.training.samples import Sample
+from tests.gpu import import_backend
 from train.config.schema import LanguageModelConfig, ModelConfig, OptimConfig, PrecisionConfig
 from train.loop.train_module import build_optimizer
 from train.model.vlm import VisionLanguageModel
@@ -23,7 +24,7 @@ CUDA = torch.device("cuda")
 
 @pytest.fixture(autouse=True)
 def _needs_fp8_gpu():
-    pytest.importorskip("transformer_engine.pytorch", reason="needs Transformer Engine (pip install -e '.[gpu]')")
+    import_backend("transformer_engine.pytorch", "(needs Transformer Engine: pip install -e '.[te-cu12]' or '.[te-cu13]')")
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("FP8 GEMMs need compute capability 8.9+")
 

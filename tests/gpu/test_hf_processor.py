@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from data_pipelines.training.tiling import IMAGE_NORMALIZATION
+from tests.gpu import import_backend
 from train.config.schema import ModelConfig, VisionConfig
 from train.hf.conversion import native_to_hf, write_native
 from train.model.vlm import VisionLanguageModel
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.gpu
 
 
 def test_exported_processor_reproduces_training_pixels_and_tokens(tmp_path, tokenizer):
-    pytest.importorskip("torchvision")
+    import_backend("torchvision", "(transformers' processor imports it; the `gpu` extra installs it)")
     from transformers import AutoProcessor
 
     vision = VisionConfig(num_cls_tokens=2, num_registers=2, max_image_size=128, final_norm=False, layer_scale=True)

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from tests.gpu import import_backend
 from train.config.schema import KernelConfig, LanguageModelConfig, ParallelConfig
 from train.model.language_model import HybridLanguageModel
 from train.model.mcore import weights
@@ -24,7 +25,7 @@ KERNELS = KernelConfig(ssd="mamba_ssm", conv1d="causal_conv1d", attention="trans
 
 @pytest.fixture(scope="module")
 def megatron_world():
-    pytest.importorskip("transformer_engine")
+    import_backend("transformer_engine")
     from train.model.mcore.model import initialize_megatron
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -93,7 +94,7 @@ def test_fp8_delayed_on_mcore_trains_like_bf16_and_resumes_its_scales(tmp_path):
     trains within a few percent of bf16, logs the FP8 scale metrics, FP8 really runs (amaxes
     recorded, scales moved off 1 after the first step), and its amax histories and scales are in the
     checkpoint: a run resumed from step 3 repeats the uninterrupted steps."""
-    pytest.importorskip("transformer_engine.pytorch")
+    import_backend("transformer_engine.pytorch")
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("FP8 GEMMs need compute capability 8.9+")
     import shutil

@@ -20,16 +20,60 @@ Layouts the kernels need (checked against mamba_ssm 2.2-2.3 `ssd_combined.py` / 
 
 The import is guarded: on a machine without a working mamba_ssm this module still imports and
 ``IMPORT_ERROR`` says why; `train.ops.dispatch` turns that into an install hint at model build.
+A mamba_ssm built without its CUDA extension (``MAMBA_SKIP_CUDA_BUILD=TRUE``: the CPU install of
+`make setup` and the GPU test machine's) has all three kernels, see :func:`_import_mamba_ssm`.
+
+Under Triton's interpreter (``TRITON_INTERPRET=1``) the same kernels run on CPU tensors: that is
+how tests/unit/test_triton_interpreter_parity.py checks them against the references in CI.
 """
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
 import math
+import os
+import sys
+import types
 
 import torch
 from torch import Tensor
 
+_NO_CUDA_EXTENSION = "selective_scan_cuda"  # Mamba-1's selective scan, the only compiled part we could miss
+
+
+class _MissingCudaExtension(types.ModuleType):
+    """Stands in for ``selective_scan_cuda`` in a mamba_ssm built without it: importing works,
+    using it raises (only Mamba-1's selective scan calls it; this project's model never does)."""
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):  # keep probes (hasattr(m, "__path__"), inspect, pickling) ordinary
+            raise AttributeError(name)
+        raise RuntimeError(
+            f"{self.__name__}.{name}: this mamba_ssm was built without its CUDA extension "
+            "(MAMBA_SKIP_CUDA_BUILD=TRUE), so Mamba-1's selective scan is unavailable; only its Triton "
+            "kernels (SSD scan, gated RMSNorm) are, which is all this project uses")
+
+
+def _import_mamba_ssm() -> None:
+    """Import mamba_ssm, also from an install without its CUDA extension.
+
+    `mamba_ssm/__init__.py` reaches an unconditional ``import selective_scan_cuda`` (Mamba-1's
+    selective scan, `ops/selective_scan_interface.py`), so such an install fails to import at all,
+    although the Triton kernels we use need nothing compiled. When mamba_ssm is installed and that
+    extension is not, a placeholder that raises when used is registered under its name first. A
+    full install imports as is (a broken extension still fails, into IMPORT_ERROR).
+    """
+    find_spec = importlib.util.find_spec
+    if find_spec("mamba_ssm") is not None and find_spec(_NO_CUDA_EXTENSION) is None:
+        placeholder = _MissingCudaExtension(_NO_CUDA_EXTENSION)
+        placeholder.__spec__ = importlib.machinery.ModuleSpec(_NO_CUDA_EXTENSION, None)  # find_spec needs one
+        sys.modules[_NO_CUDA_EXTENSION] = placeholder
+    import mamba_ssm  # noqa: F401
+
+
 try:
+    _import_mamba_ssm()
     from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 
@@ -40,8 +84,14 @@ except Exception as err:  # a broken CUDA/Triton build raises OSError, RuntimeEr
 __all__ = ["IMPORT_ERROR", "ssd_scan_mamba", "gated_rms_norm_mamba", "rms_norm_mamba"]
 
 
+def _interpreted() -> bool:
+    # Triton's interpreter runs the kernels on CPU tensors (the CPU parity tests). The values are
+    # those Triton itself reads as true (triton.knobs, getenv_bool).
+    return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes")
+
+
 def _require_cuda(x: Tensor, op: str) -> None:
-    if not x.is_cuda:
+    if not x.is_cuda and not _interpreted():
         raise RuntimeError(f"model.kernels.{op}=mamba_ssm runs on CUDA tensors only, got {x.device}: "
                            f"set model.kernels.{op}=torch on this device")
 
