@@ -81,3 +81,7 @@ def test_missing_or_damaged_checkpoints_fail_clearly(evaluated_stage, project_ro
     assert result.returncode == 2, result.stderr[-2000:]
     assert "evaluate error:" in result.stderr and "damaged" in result.stderr and "Traceback" not in result.stderr
     assert not (damaged / "eval" / "hf_step_0000002").exists()
+    converted = run_module(["train.convert", "native-to-hf", "--src", str(step), "--dst", str(tmp / "hf_damaged")],
+                           project_root_dir)
+    assert converted.returncode == 2 and "Traceback" not in converted.stderr, converted.stderr[-2000:]
+    assert f"convert error: checkpoint {step} (step 2) cannot be read" in converted.stderr

@@ -471,12 +471,25 @@ def read_native(path: Path) -> tuple[Config, dict[str, Tensor], Path]:
     if not config_file.exists():
         raise ConversionError(f"{config_file} is missing: a native checkpoint needs its run's config.yaml")
     cfg = from_dict(Config, yaml.safe_load(config_file.read_text()))
-    metadata = dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
-    state = {key.removeprefix("model."): torch.empty(meta.size, dtype=meta.properties.dtype)
-             for key, meta in metadata.items() if key.startswith("model.") and hasattr(meta, "properties")}
-    with dcp_quietly():
-        dcp.load({"model": state}, checkpoint_id=str(checkpoint))
+    try:
+        metadata = dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+        state = {key.removeprefix("model."): torch.empty(meta.size, dtype=meta.properties.dtype)
+                 for key, meta in metadata.items() if key.startswith("model.") and hasattr(meta, "properties")}
+        with dcp_quietly():
+            dcp.load({"model": state}, checkpoint_id=str(checkpoint))
+    except BaseException as err:  # DCP wraps a damaged file's error in its CheckpointException (a BaseException)
+        if not isinstance(err, Exception) and type(err).__name__ != "CheckpointException":
+            raise  # KeyboardInterrupt, SystemExit
+        cause = next(iter(getattr(err, "failures", {}).values()), err)  # DCP's per-rank failure
+        raise ConversionError(f"checkpoint {checkpoint} (step {_step_of(checkpoint)}) cannot be read "
+                              f"({type(cause).__name__}: {cause}): its files are damaged or cut; use another "
+                              "step (checkpoints/step_N)") from None
     return cfg, state, run_dir
+
+
+def _step_of(checkpoint: Path) -> str:
+    name = Path(checkpoint).name
+    return str(int(name.split("_")[1])) if name.startswith("step_") and name.split("_")[1].isdigit() else "?"
 
 
 # ---------------------------------------------------------------------------------------------
