@@ -64,6 +64,8 @@ def test_lm_round_trip_is_bit_exact_and_transformers_loads_it(tmp_path, dtype, c
                          "--weights-only"]) == 0
     assert json.loads(capsys.readouterr().out)["layout"] == "lm"
     assert (out / INDEX_NAME).exists() and not (out / WEIGHTS_NAME).exists()  # forced into shards
+    # Weight shards readable like every other file of the export (safetensors alone writes 0600).
+    assert {f.stat().st_mode & 0o777 for f in out.glob("*.safetensors")} == {(out / "config.json").stat().st_mode & 0o777}
     assert_same_tensors(read_hf_weights(src), read_hf_weights(out))
     assert json.loads((out / "config.json").read_text())["model_type"] == "nemotron_h"
 

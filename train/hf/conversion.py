@@ -399,6 +399,15 @@ def read_hf_weights_file(path: Path) -> dict[str, Tensor]:
         return {key: f.get_tensor(key) for key in f.keys()}
 
 
+def _save_readable(tensors: dict[str, Tensor], path: Path) -> None:
+    """safetensors writes its files private (0600); give them the mode every other file of the export
+    gets (0666 less the umask), so a serving user or a shared model directory can read them."""
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def write_hf_weights(state: dict[str, Tensor], dst: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
     """Write `state` in order as `model.safetensors`, or as `model-0000i-of-0000N.safetensors` shards
     of at most `max_shard_bytes` (a bigger tensor gets a shard of its own) plus the index."""
@@ -412,11 +421,11 @@ def write_hf_weights(state: dict[str, Tensor], dst: Path, max_shard_bytes: int =
         shards[-1][key] = tensor.contiguous()
         size += nbytes
     if len(shards) == 1:
-        save_file(shards[0], str(dst / WEIGHTS_NAME), metadata={"format": "pt"})
+        _save_readable(shards[0], dst / WEIGHTS_NAME)
         return [WEIGHTS_NAME]
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for name, shard in zip(names, shards):
-        save_file(shard, str(dst / name), metadata={"format": "pt"})
+        _save_readable(shard, dst / name)
     total = sum(t.numel() * t.element_size() for t in state.values())
     index = {"metadata": {"total_size": total}, "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
     (dst / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
