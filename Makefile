@@ -71,7 +71,7 @@ test: setup
 	$(PY) -m pytest -q
 
 # The GPU targets run with the python holding the CUDA torch and the GPU extras (GPU_PYTHON, default
-# python3: README "GPU install"), without `setup`, whose CPU venv would hide that torch.
+# python3: README "Running the GPU checks"), without `setup`, whose CPU venv would hide that torch.
 GPU_PYTHON ?= python3
 
 # One screen: a line per failure, error and skip (with its reason), then the counts.
@@ -82,7 +82,7 @@ bench-gpu:
 	$(GPU_PYTHON) -m tests.bench.gpu_layers
 
 # The GPU test machine's kit, .devcheck/ (git-ignored, at most 60 MiB): the wheels its image lacks,
-# causal-conv1d's source, the embedded data and device_check.sh (README "On the GPU test machine").
+# causal-conv1d's source, the embedded data and device_check.sh (README "Running the GPU checks").
 # DEVICE_KIT_PREVIOUS=DIR adds a previous visit's Triton cache and causal-conv1d wheel (its output folder).
 device-kit: setup
 	$(PY) -m tests.device.build_kit --out .devcheck $(if $(DEVICE_KIT_PREVIOUS),--previous $(DEVICE_KIT_PREVIOUS))
