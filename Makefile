@@ -55,13 +55,14 @@ lock: | $(UV)
 	  --python-version 3.11 --python-platform x86_64-manylinux_2_28 $(UV_FLAGS) $(if $(UPGRADE),--upgrade) \
 	  --custom-compile-command "make lock" --quiet -o $(LOCK)
 
-# The newest releases pyproject.toml allows, in their own venv, then the suite: drift shows here first.
+# The newest releases pyproject.toml allows, in their own venv, then the suite (or PYTEST_ARGS=...):
+# drift shows here first.
 LATEST := .venv-latest
 test-latest: | $(UV)
 	test -x $(LATEST)/bin/python || $(PYTHON) -m venv $(LATEST)
 	$(UV) pip install --python $(LATEST)/bin/python $(UV_FLAGS) --upgrade -c constraints-cpu.txt -e '.[dev,eval]'
 	$(LATEST)/bin/python -m pip list --format=freeze 2>/dev/null | diff <(sed -n 's/^\([a-z0-9._-]*==[^ ]*\).*/\1/p' $(LOCK) | sort -f) <(sort -f) | grep '^[<>]' || true
-	$(LATEST)/bin/python -m pytest -q
+	$(LATEST)/bin/python -m pytest -q $(PYTEST_ARGS)
 
 # The main job: all five stages on CPU with the tiny model and the embedded synthetic data.
 smoke: setup

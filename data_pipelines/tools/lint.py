@@ -3,11 +3,13 @@
 Each sample goes through `build_sample`, the function the training loader calls, so lint and
 training agree on every reason (`malformed_json`, `bad_role`, `empty_conversation`,
 `placeholder_mismatch`, `missing_member`, `missing_json`, `corrupt_image`, `image_too_large`,
-`corrupt_video`, `empty_video`, `unsafe_member_name` and `linked_member` (a member the reader
-never reads: `..` or absolute name, link or device), `corrupt_shard` (a file that is not a
-readable tar), and with a tokenizer `too_long`). Members no sample reads are warnings
-(`unknown_member`). An exception other than a skip reason is `unhandled_error`: training would
-stop there, not skip.
+`corrupt_video`, `empty_video`, `unsupported_media` (an `imgN` / `vidN` member of a format not
+read, e.g. `.gif`), `bad_text` (a lone surrogate), `unsafe_member_name` and `linked_member` (a
+member the reader never reads: `..` or absolute name, link or device), `duplicate_member` (two
+members of one name in a sample), `corrupt_shard` (a file that is not a readable tar), and with a
+tokenizer `too_long` and `bad_sample` (any other error while building the sample)). Members no
+sample reads are warnings (`unknown_member`). An exception other than a skip reason is
+`unhandled_error`: training would stop there, not skip.
 
 With `--val DIR_OR_PATTERN` (held-out shards, repeatable) a training sample whose key is also a
 held-out one is bad too (`train_val_overlap`).

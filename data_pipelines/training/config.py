@@ -113,6 +113,10 @@ class DataConfig:
     # A source whose last `max_skips_in_a_row` samples (or all of them, if fewer) were all skipped
     # stops the run with the reasons: nothing in it is usable with these settings.
     max_skips_in_a_row: int = 1000
+    # A sample's JSON member larger than this is a counted `too_large` skip, not parsed: a runaway
+    # member (tens of MB) would cost minutes and gigabytes every time it is drawn. 16 MiB holds a
+    # ~300K-token Stage 4 document several times over.
+    max_json_bytes: int = 16 * 1024 * 1024
     # A file named .tar that is not a readable tar: "skip" (warn, count `corrupt_shard`, train on
     # the others) or "error" (stop, naming it).
     on_corrupt_shard: Literal["skip", "error"] = "skip"
@@ -148,7 +152,7 @@ class DataConfig:
             if not self.tokenizer or not Path(self.tokenizer).exists():
                 raise ConfigError(f"{path}.tokenizer={self.tokenizer!r} does not exist: set a tokenizer directory")
         check_positive(self, path, "seq_length", "tile_size", "min_tiles", "max_tiles", "video_fps", "max_frames",
-                        "pack_buffer", "pad_multiple", "max_skips_in_a_row")
+                        "pack_buffer", "pad_multiple", "max_skips_in_a_row", "max_json_bytes")
         if self.num_workers < 0:
             raise ConfigError(f"{path}.num_workers={self.num_workers} must be >= 0")
         if self.min_tiles > self.max_tiles:

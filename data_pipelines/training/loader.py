@@ -513,7 +513,7 @@ def sample_spec(cfg: DataConfig, tokens_per_tile: int, seed: int) -> SampleSpec:
     return SampleSpec(
         seq_length=cfg.seq_length, tokens_per_tile=tokens_per_tile, tiling=cfg.tiling, video_fps=cfg.video_fps,
         max_frames=cfg.max_frames, reasoning_on_ratio=cfg.reasoning_on_ratio, chat_template=cfg.chat_template,
-        loss_on_think=cfg.loss_on_think, seed=seed, evs=cfg.evs,
+        loss_on_think=cfg.loss_on_think, seed=seed, evs=cfg.evs, max_json_bytes=cfg.max_json_bytes,
     )
 
 

@@ -67,6 +67,7 @@ class SampleSpec:
     loss_on_think: bool = True
     seed: int = 0
     evs: EvsConfig = EvsConfig()
+    max_json_bytes: int = 16 * 1024 * 1024  # data.max_json_bytes
 
 
 @dataclass
@@ -142,7 +143,10 @@ def media_members(raw: RawSample, prefix: str, suffixes: tuple[str, ...]) -> lis
     found = {}
     for name in raw.members:
         stem, _, ext = name.partition(".")
-        if stem.startswith(prefix) and stem[len(prefix):].isdigit() and ext in suffixes:
+        if stem.startswith(prefix) and stem[len(prefix):].isdigit():
+            if ext.lower() not in suffixes:  # e.g. a .gif: say so, rather than miscount the placeholders
+                raise SampleError("unsupported_media", f"member {name!r}: .{ext} is not read; convert it to one of "
+                                                       f"{', '.join('.' + s for s in suffixes)}")
             found[int(stem[len(prefix):])] = name
     if sorted(found) != list(range(len(found))):
         raise SampleError("missing_member", f"{prefix} members are not numbered 0..{len(found) - 1}")
@@ -232,6 +236,9 @@ def _plan_sample(raw: RawSample, source: str, spec: SampleSpec, tokenizer: Token
     if raw.dropped:  # a member the reader refused (unsafe name, link): the sample is not what it claims
         name, reason = raw.dropped[0]
         raise SampleError(reason, f"member {name!r} is never read")
+    size = len(raw.members.get("json", b""))
+    if size > spec.max_json_bytes:
+        raise SampleError("too_large", f"JSON member of {size:,} bytes > data.max_json_bytes={spec.max_json_bytes:,}")
     try:
         doc = parse_json_member(raw)
     except ValueError as err:

@@ -25,7 +25,7 @@ class RawSample:
     shard: str
     index: int  # position of the sample inside its shard
     members: dict[str, bytes] = field(default_factory=dict)
-    # Members never read: (name, reason), reason `unsafe_member_name` or `linked_member`.
+    # Members never read: (name, reason), reason `unsafe_member_name`, `linked_member` or `duplicate_member`.
     dropped: tuple[tuple[str, str], ...] = ()
 
 
@@ -82,7 +82,24 @@ def try_index_shard(shard: str) -> list["IndexedSample"] | str:
     try:
         return index_shard(shard)
     except (tarfile.TarError, OSError, EOFError, ValueError) as err:
+        compression = _compression_of(shard)
+        if compression:
+            return (f"{compression}-compressed data named .tar: decompress it (training seeks inside plain tar "
+                    f"files) or, to see it refused by name, give it its compressed suffix")
         return f"{type(err).__name__}: {err}"
+
+
+# Leading bytes of the compressed formats a shard may arrive in under a plain .tar name.
+_MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
+
+
+def _compression_of(path: str) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(6)
+    except OSError:
+        return None
+    return next((name for magic, name in _MAGIC.items() if head.startswith(magic)), None)
 
 
 def _split_member_name(name: str) -> tuple[str, str]:
@@ -115,7 +132,8 @@ def index_shard(shard: str) -> list[IndexedSample]:
 
     Payloads are not read. Members with unsafe names (`..`, absolute) and links or devices are
     never read either: they are listed in their sample's `dropped`, so the sample is skipped and
-    counted under that reason (`unsafe_member_name`, `linked_member`) instead of vanishing.
+    counted under that reason (`unsafe_member_name`, `linked_member`) instead of vanishing; so is a
+    sample with two members of one name (`duplicate_member`: neither can be trusted to be the sample).
     """
     samples: list[IndexedSample] = []
     key, members, dropped = None, [], []
@@ -132,6 +150,8 @@ def index_shard(shard: str) -> list[IndexedSample]:
                 if key is not None:
                     samples.append(IndexedSample(key, tuple(members), tuple(dropped)))
                 key, members, dropped = member_key, [], []
+            if problem is None and any(suffix == seen for seen, _, _ in members):
+                problem = "duplicate_member"  # two `KEY.json`: which one is the sample? neither, counted
             if problem is None:
                 members.append((suffix, info.offset_data, info.size))
             else:

@@ -95,6 +95,57 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
     assert load_checkpoint(find_latest(tmp_path), fresh, fresh_opt) == {"step": 1}
 
 
+@pytest.mark.parametrize("where", ["torch_writer", "async_thread", "rename"])
+def test_a_full_disk_is_one_line_wherever_the_write_fails(tmp_path, monkeypatch, where):
+    """torch's writer reports a short write as "unexpected pos" without an errno; the async thread's
+    failure arrives at completion; the final rename can fail too. Each is the same one-line
+    CheckpointWriteError on a full disk, and the previous checkpoint stays latest."""
+    import errno
+    import shutil
+    from collections import namedtuple
+    from concurrent.futures import Future
+
+    import train.checkpoint.store as ckpt
+
+    model, opt = model_and_optim()
+    save_checkpoint(tmp_path, 1, model, opt, {"step": 1}, keep_last=2)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 4096, 4096))
+    if where == "torch_writer":
+        def short_write(state, checkpoint_id):
+            raise RuntimeError("[enforce fail at inline_container.cc:783] . PytorchStreamWriter failed writing "
+                               "file data/3: file write failed, unexpected pos 704 vs 598")
+        monkeypatch.setattr(ckpt.dcp, "save", short_write)
+        writer = ckpt.Checkpointer(tmp_path, keep_last=2)
+    elif where == "async_thread":
+        def failing_async(state, checkpoint_id, process_group=None):
+            done = Future()
+            done.set_exception(OSError(errno.ENOSPC, "No space left on device"))
+            return done
+        monkeypatch.setattr(ckpt.dcp, "async_save", failing_async)
+        writer = ckpt.Checkpointer(tmp_path, keep_last=2, async_save=True)
+    else:
+        real_replace = ckpt.os.replace
+        monkeypatch.setattr(ckpt.os, "replace", lambda a, b: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full"))
+                            if str(a).endswith(".tmp_step_0000002") else real_replace(a, b))
+        writer = ckpt.Checkpointer(tmp_path, keep_last=2)
+    with pytest.raises(ckpt.CheckpointWriteError, match=r"no space left on device writing checkpoint step 2 .*"
+                                                         r"step_0000001\) stays latest"):
+        writer.save(2, model, opt, {"step": 2})
+        writer.wait()
+    assert find_latest(tmp_path).name == "step_0000001" and not (tmp_path / ".tmp_step_0000002").exists()
+
+
+def test_a_failed_write_on_a_roomy_disk_is_not_called_a_full_disk(tmp_path, monkeypatch):
+    import train.checkpoint.store as ckpt
+
+    model, opt = model_and_optim()
+    monkeypatch.setattr(ckpt.dcp, "save", lambda state, checkpoint_id: (_ for _ in ()).throw(RuntimeError("bug")))
+    with pytest.raises(RuntimeError, match="bug"):
+        save_checkpoint(tmp_path, 1, model, opt, {"step": 1}, keep_last=2)
+    assert not (tmp_path / ".tmp_step_0000001").exists()
+
+
 def test_handoff_from_a_checkpoint_holding_only_some_parts(tmp_path):
     class Two(torch.nn.Module):
         def __init__(self):

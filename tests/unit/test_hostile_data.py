@@ -392,3 +392,55 @@ def test_one_odd_sample_is_a_counted_skip_never_the_end_of_the_run(tmp_path, tok
         build_sample(RawSample("odd3", "s.tar", 0, {"json": doc("Say 3.", "3.")}), "odd", spec(), tokenizer)
     assert caught.value.reason == "bad_sample"
     assert "warning: sample 'odd3' (source 'odd') skipped as bad_sample: TypeError: boom" in capsys.readouterr().err
+
+
+def test_unsupported_formats_duplicates_and_disguised_gzip_are_named(tmp_path, tokenizer):
+    """A `.gif` image, a sample with two `KEY.json`, and a gzip file named `.tar`: each is skipped or
+    refused under a reason that says what it is, never miscounted."""
+    import gzip as gzip_module
+    import io
+    import tarfile
+
+    from data_pipelines.training.conversation import SampleError
+    from data_pipelines.training.shards import index_shard, read_indexed_sample, try_index_shard
+
+    image_doc = json.dumps({"messages": [{"role": "user", "content": "<image> What?"},
+                                         {"role": "assistant", "content": "A shape."}]}).encode()
+    with pytest.raises(SampleError) as caught:
+        build_sample(RawSample("g", "s.tar", 0, {"json": image_doc, "img0.gif": animated("GIF")}), "t", spec(), tokenizer)
+    assert caught.value.reason == "unsupported_media" and ".gif is not read" in str(caught.value)
+
+    shard = tmp_path / "dup.tar"
+    with tarfile.open(shard, "w") as tar:
+        for name, data in (("a.json", doc("One?")), ("a.json", doc("Two?")), ("b.json", doc("Three?"))):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    entries = index_shard(str(shard))
+    assert [e.key for e in entries] == ["a", "b"] and entries[0].dropped == (("a.json", "duplicate_member"),)
+    with pytest.raises(SampleError) as caught:
+        build_sample(read_indexed_sample(str(shard), 0, entries[0]), "t", spec(), tokenizer)
+    assert caught.value.reason == "duplicate_member"
+    build_sample(read_indexed_sample(str(shard), 1, entries[1]), "t", spec(), tokenizer)  # its neighbour is fine
+
+    disguised = tmp_path / "zipped.tar"
+    disguised.write_bytes(gzip_module.compress(shard.read_bytes()))
+    assert try_index_shard(str(disguised)).startswith("gzip-compressed data named .tar: decompress it")
+
+
+def test_a_layout_bigger_than_the_torchrun_job_names_the_world_size(monkeypatch):
+    from train.config.compose import load_config
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"= 4 ranks per model replica, but this job has WORLD_SIZE=2"):
+        load_config("stage3_text_recovery", ["smoke=cpu", "model.impl=mcore", "parallel.tensor_parallel=4"])
+
+
+def test_a_json_member_over_the_size_limit_is_a_counted_skip_before_parsing(tokenizer):
+    from data_pipelines.training.conversation import SampleError
+
+    small = dataclasses.replace(spec(), max_json_bytes=1000)
+    build_sample(RawSample("ok", "s.tar", 0, {"json": doc("Hi?", "Yes.")}), "t", small, tokenizer)
+    with pytest.raises(SampleError) as caught:
+        build_sample(RawSample("big", "s.tar", 0, {"json": doc("word " * 400, "Yes.")}), "t", small, tokenizer)
+    assert caught.value.reason == "too_large" and "data.max_json_bytes=1,000" in str(caught.value)

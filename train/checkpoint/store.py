@@ -16,6 +16,7 @@ import random
 import shutil
 import warnings
 from concurrent.futures import Future
+from typing import NoReturn
 from pathlib import Path
 
 import numpy as np
@@ -145,13 +146,7 @@ class Checkpointer:
                     written.set_result(None)
         except BaseException as err:
             # Disk full, killed mid-write...: `latest` still names the previous complete checkpoint.
-            shutil.rmtree(tmp, ignore_errors=True)
-            if _out_of_space(err):
-                raise CheckpointWriteError(
-                    f"no space left on device writing checkpoint step {step} to {tmp.parent}: free space or set "
-                    f"run.dir on a larger disk, then rerun to resume; the newest complete checkpoint "
-                    f"({find_latest(self.root) or 'none'}) stays latest") from None
-            raise
+            self._fail(err, tmp, step)
         self._pending = (written, tmp, step)
         if not self.async_save:
             self.wait()
@@ -172,20 +167,33 @@ class Checkpointer:
         written, tmp, step = self._pending
         self._pending = None
         try:
-            written.result()
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            written.result()  # the background writes' failure (async) arrives here
+        except BaseException as err:
+            self._fail(err, tmp, step)
         final = self.root / step_dir_name(step)
         if _rank() == 0:
-            (tmp / COMPLETE_MARKER).write_text(json.dumps({"step": step, **self.marker}))
-            _fsync_tree(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _write_json_atomic(self.root / "latest", final.name + "\n")
+            try:
+                (tmp / COMPLETE_MARKER).write_text(json.dumps({"step": step, **self.marker}))
+                _fsync_tree(tmp)
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                _write_json_atomic(self.root / "latest", final.name + "\n")
+            except BaseException as err:
+                self._fail(err, tmp, step)
             prune_checkpoints(self.root, self.keep_last)
         return final
+
+    def _fail(self, err: BaseException, tmp: Path, step: int) -> NoReturn:
+        """A write of checkpoint `step` failed wherever it did (shards, async thread, marker, rename): drop
+        the half-written directory, keep `latest`, and say so in one line when the disk is full."""
+        shutil.rmtree(tmp, ignore_errors=True)
+        if _out_of_space(err, self.root):
+            raise CheckpointWriteError(
+                f"no space left on device writing checkpoint step {step} to {tmp.parent}: free space or set "
+                f"run.dir on a larger disk, then rerun to resume; the newest complete checkpoint "
+                f"({find_latest(self.root) or 'none'}) stays latest") from None
+        raise err
 
 
 def read_marker(step_dir: Path) -> dict:
@@ -308,10 +316,30 @@ class CheckpointWriteError(OSError):
     """A checkpoint could not be written (e.g. the disk is full); the previous one stays `latest`."""
 
 
-def _out_of_space(err: BaseException) -> bool:
-    """ENOSPC, raised directly or wrapped in DCP's per-rank CheckpointException."""
-    causes = [err, *getattr(err, "failures", {}).values()]
-    return any(isinstance(c, OSError) and c.errno == errno.ENOSPC for c in causes)
+# Below this much free space a failed write is taken for a full disk: torch's own file writer reports a
+# short write as "unexpected pos N vs M", with no errno to say why.
+LOW_SPACE_BYTES = 64 * 1024 * 1024
+
+
+def _out_of_space(err: BaseException, where: Path) -> bool:
+    """ENOSPC, raised directly, chained, or wrapped in DCP's per-rank CheckpointException; or any write
+    error while the disk under `where` is (nearly) full."""
+    causes, seen = [err], set()
+    while causes:
+        cause = causes.pop()
+        if id(cause) in seen:
+            continue
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
+            return True
+        causes += [c for c in (cause.__cause__, cause.__context__, *getattr(cause, "failures", {}).values())
+                   if isinstance(c, BaseException)]
+    if isinstance(err, (KeyboardInterrupt, SystemExit)):
+        return False
+    try:
+        return shutil.disk_usage(where).free < LOW_SPACE_BYTES
+    except OSError:
+        return False
 
 
 class CheckpointShapeError(ValueError):

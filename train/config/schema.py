@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -556,6 +557,15 @@ class Config:
     def _validate_mcore(self) -> None:
         """What the megatron-core engine supports today, and the shapes a layout needs."""
         par, lm = self.parallel, self.model.language_model
+        # Under torchrun the job's size is known: a layout bigger than it (or not dividing it) cannot start.
+        world = os.environ.get("WORLD_SIZE")
+        model_ranks = par.tensor_parallel * par.context_parallel * par.pipeline_parallel
+        if world and world.isdigit() and int(world) % model_ranks:
+            raise ConfigError(
+                f"parallel.tensor_parallel={par.tensor_parallel} x context_parallel={par.context_parallel} x "
+                f"pipeline_parallel={par.pipeline_parallel} = {model_ranks} ranks per model replica, but this job has "
+                f"WORLD_SIZE={world} processes: launch a multiple of {model_ranks} (torchrun --nproc-per-node) or "
+                "shrink the layout")
         if len(lm.pattern) % par.pipeline_parallel:
             raise ConfigError(f"parallel.pipeline_parallel={par.pipeline_parallel} must divide the "
                               f"{len(lm.pattern)} layers of model.language_model.pattern: each stage takes an equal run")

@@ -204,10 +204,10 @@ def format_plan(plan: dict) -> str:
     rows = [f"{plan['recipe']} (model {plan['model']})", f"{'part':<16}{'params':>18}  trainable"]
     for part in PARTS:
         rows.append(f"{part:<16}{p[part]:>18,}  {'yes' if plan['trainable_parts'][part] else 'no'}")
-    rows.append(f"{'total':<16}{p['total']:>18,}  ({p['total'] / 1e9:.3f} B)")
-    rows.append(f"{'trainable':<16}{p['trainable']:>18,}  ({p['trainable'] / 1e9:.3f} B)")
+    rows.append(f"{'total':<16}{p['total']:>18,}  ({_short_count(p['total'])})")
+    rows.append(f"{'trainable':<16}{p['trainable']:>18,}  ({_short_count(p['trainable'])})")
     lay = plan["layout"]
-    rows.append(f"layout: {lay['world_size']} GPUs = data {lay['data']} x tensor {lay['tensor']}"
+    rows.append(f"layout: {lay['world_size']} GPU{'s' if lay['world_size'] != 1 else ''} = data {lay['data']} x tensor {lay['tensor']}"
                 f"{' (+SP)' if lay['sequence_parallel'] else ''} x context {lay['context']} x pipeline "
                 f"{lay['pipeline']} ({lay['impl']}); optimizer sharding: {lay['data_parallel_sharding']}; "
                 f"vision {lay['vision']}")
@@ -225,3 +225,11 @@ def format_plan(plan: dict) -> str:
     rows.append(f"  assumes {a['compute_dtype']} compute, {a['optimizer_states']}, "
                 f"{a['tokens_per_micro_batch']} tokens/micro-batch, checkpointing={a['activation_checkpointing']}")
     return "\n".join(rows)
+
+
+def _short_count(n: int) -> str:
+    """12,345,678,901 -> "12.35 B"; 287,216 -> "287.2 K": a size a reader takes in at a glance."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}" if unit == "B" else f"{n / scale:.1f} {unit}"
+    return str(n)
