@@ -120,6 +120,9 @@ class DataConfig:
     # A file named .tar that is not a readable tar: "skip" (warn, count `corrupt_shard`, train on
     # the others) or "error" (stop, naming it).
     on_corrupt_shard: Literal["skip", "error"] = "skip"
+    # A resume checks every shard's size and sample count against the checkpoint's data position: a
+    # shard rewritten in between stops the run (data error) unless this accepts it.
+    accept_changed_shards: bool = False
     pad_multiple: int = 16
     # Efficient video sampling: prune each video's static tokens after the projector.
     evs: EvsConfig = field(default_factory=EvsConfig)

@@ -90,6 +90,21 @@ class SourceCursor:
         self._names = [os.path.relpath(p, root) for p in self.shards]
         self._shard_ids = {**{shard: i for i, shard in enumerate(self.shards)},
                            **{name: i for i, name in enumerate(self._names)}}
+        # What a saved position relies on, cheaply: each shard's byte size and sample count as indexed.
+        self._fingerprints = {name: [os.path.getsize(path), len(index)]
+                              for name, path, index in zip(self._names, self.shards, self.indexes)}
+
+    def fingerprints(self) -> dict[str, list[int]]:
+        return self._fingerprints
+
+    def changed_shards(self, saved: dict[str, list[int]]) -> list[str]:
+        """One line per shard the saved fingerprints name that differs now (size, sample count)."""
+        changed = []
+        for name, (size, count) in saved.items():
+            now = self._fingerprints.get(name)
+            if now is not None and now != [size, count]:
+                changed.append(f"{name} ({size:,} -> {now[0]:,} bytes, {count} -> {now[1]} samples)")
+        return changed
 
     def relative(self, shard: str) -> str:
         return self._names[self._shard_ids[shard]]
@@ -101,6 +116,9 @@ class SourceCursor:
                             f"among its shards now ({len(self.shards)} under {os.path.dirname(self.shards[0])}): put "
                             "the shards back (any directory, same file names), or start in a new run directory")
         return self.shards[self._shard_ids[name]]
+
+    def samples_in(self, shard: str) -> int:
+        return len(self.indexes[self._shard_ids[shard]])
 
     def entry(self, shard: str, index: int) -> IndexedSample:
         """Where sample `index` of `shard` lies (a path or a saved relative name)."""
@@ -218,8 +236,9 @@ class PackedBatchStream:
     def __init__(self, sources: list[SourceConfig], spec: SampleSpec, tokenizer: Tokenizer, *, micro_batch_size: int,
                  pack_buffer: int, max_samples_per_pack: int = 0, rank: int = 0, world_size: int = 1,
                  num_workers: int = 0, prefetch_per_worker: int = 4, loss_weighting: str = "token",
-                 max_skips_in_a_row: int = 1000, on_corrupt_shard: str = "skip"):
+                 max_skips_in_a_row: int = 1000, on_corrupt_shard: str = "skip", accept_changed_shards: bool = False):
         self.sources = sources
+        self.accept_changed_shards = accept_changed_shards
         self.loss_weighting = loss_weighting
         self.spec = spec
         self.specs = [spec if s.reasoning_on_ratio is None else
@@ -327,6 +346,10 @@ class PackedBatchStream:
         future = self._pool.submit(_plan_in_worker, job) if self._pool else None
         self._pending.append((job, future, self._planning_state()))
 
+    def _still_there(self, position: tuple) -> bool:
+        cursor = self.cursors[int(position[0])]
+        return int(position[2]) < cursor.samples_in(cursor.resolve(position[1]))
+
     def _job_at(self, position: tuple) -> Job:
         source_id, index = int(position[0]), int(position[2])
         cursor = self.cursors[source_id]
@@ -423,6 +446,7 @@ class PackedBatchStream:
             "draws": self._committed["draws"],
             "cursors": self._committed["cursors"],
             "world_size": self.world_size,
+            "shard_fingerprints": {c.name: c.fingerprints() for c in self.cursors},
             "buffer": self._committed["buffer"],
             "skipped": dict(self.skipped),
             "skipped_by_source": dict(self.skipped_by_source),
@@ -452,6 +476,12 @@ class PackedBatchStream:
         # Re-plan the buffered samples from their positions (in the pool when there is one): they
         # planned fine when first read, and planning is deterministic (and cheap: no pixels).
         self.packer.buffer = []
+        # A buffered sample a changed shard no longer holds (data.accept_changed_shards) is counted, not read.
+        gone = [p for p in buffer if not self._still_there(p)]
+        for position in gone:
+            self._plan_skipped["changed_shard"] += 1
+            self._plan_skipped_by_source[f"{self.names[int(position[0])]}/changed_shard"] += 1
+        buffer = [p for p in buffer if p not in gone]
         jobs = [self._job_at(position) for position in buffer]
         plans = (self._pool.map(_plan_in_worker, jobs) if self._pool else
                  (_plan_job(job, self.tokenizer, self.specs, self.names) for job in jobs))
@@ -463,10 +493,26 @@ class PackedBatchStream:
                 self.packer.add(plan)
         self._committed = self._row_state()
 
+    def _check_shards_unchanged(self, state: dict) -> None:
+        """A shard rewritten since the save (same name, other content) would resume on other data."""
+        for cursor in self.cursors:
+            changed = cursor.changed_shards(state.get("shard_fingerprints", {}).get(cursor.name, {}))
+            if not changed:
+                continue
+            message = (f"source {cursor.name!r}: {len(changed)} shard(s) changed since the checkpoint: {changed[0]}"
+                       f"{' ...' if len(changed) > 1 else ''}")
+            if not self.accept_changed_shards:
+                raise DataError(f"{message}; resuming would continue on other data: restore the shards, start a new "
+                                "run directory, or set data.accept_changed_shards=true to resume anyway")
+            if self.rank == 0:
+                print(f"warning: {message}; resuming anyway (data.accept_changed_shards=true)", file=sys.stderr,
+                      flush=True)
+
     def load_state_dict(self, state: dict) -> None:
         """Resume with the same world size as the run that saved `state`."""
         if state.get("world_size", 1) != self.world_size:
             raise ValueError("saved with a different world size: use load_resharded with every rank's state")
+        self._check_shards_unchanged(state)
         self._restart(state["draws"], state["cursors"], state["buffer"], [state])
 
     def load_resharded(self, states: list[dict]) -> None:
@@ -481,6 +527,7 @@ class PackedBatchStream:
         old_world = len(states)
         if sorted(s.get("world_size", 1) for s in states) != [old_world] * old_world:
             raise ValueError(f"expected the states of all {states[0].get('world_size')} saved ranks")
+        self._check_shards_unchanged(states[0])
         d_star = max(s["draws"] for s in states)
         gaps = {d for r, s in enumerate(states) for d in range(s["draws"], d_star) if d % old_world == r}
         for cursor in self.cursors:
@@ -525,4 +572,5 @@ def build_batch_stream(cfg: DataConfig, tokenizer: Tokenizer, *, tokens_per_tile
                              micro_batch_size=micro_batch_size, pack_buffer=cfg.pack_buffer,
                              max_samples_per_pack=cfg.max_samples_per_pack, rank=rank, world_size=world_size,
                              num_workers=cfg.num_workers, loss_weighting=loss_weighting,
-                             max_skips_in_a_row=cfg.max_skips_in_a_row, on_corrupt_shard=cfg.on_corrupt_shard)
+                             max_skips_in_a_row=cfg.max_skips_in_a_row, on_corrupt_shard=cfg.on_corrupt_shard,
+                             accept_changed_shards=cfg.accept_changed_shards)

@@ -444,3 +444,20 @@ def test_a_json_member_over_the_size_limit_is_a_counted_skip_before_parsing(toke
     with pytest.raises(SampleError) as caught:
         build_sample(RawSample("big", "s.tar", 0, {"json": doc("word " * 400, "Yes.")}), "t", small, tokenizer)
     assert caught.value.reason == "too_large" and "data.max_json_bytes=1,000" in str(caught.value)
+
+
+def test_a_shard_rewritten_between_save_and_resume_stops_the_resume(tmp_path, synth_data, tokenizer, capsys):
+    source = tmp_path / "text"
+    shutil.copytree(synth_data.shard_dirs["text"], source)
+    first = stream([SourceConfig("text", str(source))], tokenizer, pack_buffer=8)
+    [first.next_batch() for _ in range(2)]
+    state = json.loads(json.dumps(first.state_dict()))
+    shards = sorted(source.glob("*.tar"))
+    write_shard(shards[0], [(f"new{i}", {"json": doc(f"Other {i}?", "Yes.")}) for i in range(3)])  # same name
+    with pytest.raises(DataError, match=rf"source 'text': 1 shard\(s\) changed since the checkpoint: "
+                                        rf"{shards[0].name} \(.* bytes, \d+ -> 3 samples\).*accept_changed_shards"):
+        stream([SourceConfig("text", str(source))], tokenizer, pack_buffer=8).load_state_dict(state)
+    accepting = stream([SourceConfig("text", str(source))], tokenizer, pack_buffer=8, accept_changed_shards=True)
+    accepting.load_state_dict(state)
+    assert "resuming anyway (data.accept_changed_shards=true)" in capsys.readouterr().err
+    assert accepting.next_batch().input_ids.numel() > 0
