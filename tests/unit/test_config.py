@@ -97,10 +97,10 @@ def test_readme_override_example_composes_on_a_smoke_run():
                                            "precision=bf16"])
     assert (cfg.seed, cfg.optim.lr, cfg.precision.name) == (3, 1e-5, "bf16")
     assert cfg.optim.floor_lr == pytest.approx(1e-6)
-    with pytest.raises(ConfigError, match="min_lr or min_lr_ratio"):
-        load_config("stage1_image_sft", ["smoke=cpu", "optim.min_lr=1e-6"])
+    # An explicit min_lr takes over from the ratio, and must still be <= lr.
+    assert load_config("stage1_image_sft", ["smoke=cpu", "optim.min_lr=1e-6"]).optim.floor_lr == 1e-6
     with pytest.raises(ConfigError, match=r"optim\.min_lr=0\.1 must be in \[0, optim\.lr=0\.01\]"):
-        load_config("stage1_image_sft", ["smoke=cpu", "optim.min_lr_ratio=null", "optim.lr=1e-2", "optim.min_lr=0.1"])
+        load_config("stage1_image_sft", ["smoke=cpu", "optim.lr=1e-2", "optim.min_lr=0.1"])
 
 
 def test_fp8_on_mcore_is_megatrons_own_with_our_settings():

@@ -219,7 +219,7 @@ class ModelConfig:
 class OptimConfig:
     lr: float = 1e-4
     min_lr: float = 0.0
-    # The schedule's floor as a fraction of lr, instead of min_lr: overriding optim.lr moves it along.
+    # The schedule's floor as a fraction of lr, used while min_lr is 0: overriding optim.lr moves it along.
     min_lr_ratio: Optional[float] = None
     weight_decay: float = 0.0
     beta1: float = 0.9
@@ -231,12 +231,9 @@ class OptimConfig:
 
     def validate(self, path: str) -> None:
         check_positive(self, path, "lr")
-        if self.min_lr_ratio is not None:
-            if not 0 <= self.min_lr_ratio <= 1:
-                raise ConfigError(f"{path}.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
-            if self.min_lr:
-                raise ConfigError(f"{path}: set min_lr or min_lr_ratio, not both (min_lr_ratio=null clears it)")
-        elif not 0 <= self.min_lr <= self.lr:
+        if self.min_lr_ratio is not None and not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"{path}.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        if not 0 <= self.min_lr <= self.lr:
             raise ConfigError(f"{path}.min_lr={self.min_lr} must be in [0, {path}.lr={self.lr}]; or set "
                               f"{path}.min_lr_ratio to keep the floor a fraction of lr")
         if self.weight_decay < 0 or self.warmup_steps < 0 or self.clip_grad < 0:
@@ -246,8 +243,8 @@ class OptimConfig:
 
     @property
     def floor_lr(self) -> float:
-        """Where the schedule ends: min_lr, or lr * min_lr_ratio."""
-        return self.min_lr if self.min_lr_ratio is None else self.lr * self.min_lr_ratio
+        """Where the schedule ends: min_lr when set (> 0), else lr * min_lr_ratio (else 0)."""
+        return self.min_lr if self.min_lr or self.min_lr_ratio is None else self.lr * self.min_lr_ratio
 
 
 @dataclass
