@@ -22,12 +22,8 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from data_pipelines.training.packing import collate_rows
-from data_pipelines.training.samples import Sample
-from train.config.schema import LanguageModelConfig, ModelConfig, OptimConfig, PrecisionConfig
-from train.loop.train_module import build_optimizer
-from train.model.vlm import VisionLanguageModel
-from train.precision import build_precision
+from tests.gpu.fp8_tiny_run import STEPS, Run
+from train.config.schema import PrecisionConfig
 from train.precision.delayed_scaling import DelayedScalingRecipe, DelayedScalingState, quantize
 from train.precision.fp8_emulated import Fp8EmulatedLinear
 from train.precision.fp8_gemm import emulated_gemm, scaled_mm_gemm
@@ -134,47 +130,10 @@ def test_scaled_mm_linear_agrees_with_the_emulation_and_keeps_the_same_state(fp8
     assert float(emu.scale[0]) != 1.0 and emu.amax_history.abs().sum() > 0
 
 
-# FP8-friendly tiny LM (as tests/gpu/test_fp8_te.py): every FP8 Linear's features divisible by 16.
-LM = LanguageModelConfig(pattern="M*-M-", hidden_size=64, vocab_size=128, num_attention_heads=4, num_key_value_heads=2,
-                         head_dim=16, mamba_num_heads=16, mamba_head_dim=4, ssm_state_size=16, n_groups=2,
-                         chunk_size=16, mlp_hidden_size=128)
-
-
-def sample(n: int, seed: int) -> Sample:
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(12, 128, size=n)
-    labels = ids.copy()
-    labels[:3] = -100
-    return Sample(ids, labels, torch.zeros(0, 3, 64, 64, dtype=torch.uint8), "t", f"s{seed}")
-
-
-STEPS = [collate_rows([[sample(30, 2 * i)], [sample(27, 2 * i + 1)]], 32, 3) for i in range(6)]
-
-
-class Run:
-    def __init__(self, precision_cfg: PrecisionConfig, seed: int = 0):
-        model = VisionLanguageModel(ModelConfig(language_model=LM), image_token_id=10)
-        model.reset_parameters(seed)
-        self.model = model.to(CUDA)
-        self.precision = build_precision(precision_cfg, CUDA)
-        self.precision.convert_model(self.model)
-        self.optimizer = build_optimizer(self.model, OptimConfig(lr=3e-3))
-
-    def step(self, b) -> float:
-        self.optimizer.zero_grad(set_to_none=True)
-        with self.precision.autocast():
-            loss, n = self.model(b.to(CUDA))
-        (loss / n).backward()
-        self.precision.after_backward()
-        self.optimizer.step()
-        self.precision.after_optimizer_step()
-        return float(loss.detach()) / n
-
-
 def test_tiny_model_trains_alike_under_both_gemms_and_scaled_mm_resumes():
     emulated_cfg = PrecisionConfig(name="fp8_delayed_emulated", compute_dtype="bf16", amax_history_len=8)
     scaled_cfg = dataclasses.replace(emulated_cfg, fp8_gemm="scaled_mm")
-    emu_run, real_run = Run(emulated_cfg), Run(scaled_cfg)
+    emu_run, real_run = Run(emulated_cfg, CUDA), Run(scaled_cfg, CUDA)
     names = real_run.precision.fp8_module_names(real_run.model)
     assert names and names == emu_run.precision.fp8_module_names(emu_run.model)
     half = len(STEPS) // 2
@@ -197,7 +156,7 @@ def test_tiny_model_trains_alike_under_both_gemms_and_scaled_mm_resumes():
     emu_losses += [emu_run.step(b) for b in STEPS[1:]]
     np.testing.assert_allclose(real_losses, emu_losses, rtol=1e-2)
 
-    resumed = Run(scaled_cfg, seed=1)
+    resumed = Run(scaled_cfg, CUDA, seed=1)
     resumed.model.load_state_dict(ckpt["model"])
     resumed.optimizer.load_state_dict(ckpt["optim"])
     resumed.precision.load_state_dict(ckpt["precision"])

@@ -9,11 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from data_pipelines.training.packing import collate_rows
-from data_pipelines.training.samples import Sample
 from tests.gpu import import_backend
-from train.config.schema import LanguageModelConfig, ModelConfig, OptimConfig, PrecisionConfig
-from train.loop.train_module import build_optimizer
+from tests.gpu.fp8_tiny_run import LM, STEPS, Run
+from train.config.schema import ModelConfig, PrecisionConfig
 from train.model.vlm import VisionLanguageModel
 from train.precision import build_precision
 
@@ -77,47 +75,9 @@ def test_te_linear_records_the_same_amaxes_and_scales_as_the_emulation(algo, fp8
         assert metrics["fp8_delayed"] == pytest.approx(metrics["fp8_delayed_emulated"], rel=1e-6)
 
 
-# FP8-friendly tiny LM: every FP8 Linear has in/out features divisible by 16
-# (Mamba in_proj: 2 * 64 + 2 * 2 * 16 + 16 = 208).
-LM = LanguageModelConfig(pattern="M*-M-", hidden_size=64, vocab_size=128, num_attention_heads=4, num_key_value_heads=2,
-                         head_dim=16, mamba_num_heads=16, mamba_head_dim=4, ssm_state_size=16, n_groups=2,
-                         chunk_size=16, mlp_hidden_size=128)
-
-
-def sample(n: int, seed: int) -> Sample:
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(12, 128, size=n)
-    labels = ids.copy()
-    labels[:3] = -100
-    return Sample(ids, labels, torch.zeros(0, 3, 64, 64, dtype=torch.uint8), "t", f"s{seed}")
-
-
-STEPS = [collate_rows([[sample(30, 2 * i)], [sample(27, 2 * i + 1)]], 32, 3) for i in range(6)]
-
-
-class Run:
-    def __init__(self, precision_cfg: PrecisionConfig, seed: int = 0):
-        model = VisionLanguageModel(ModelConfig(language_model=LM), image_token_id=10)
-        model.reset_parameters(seed)
-        self.model = model.to(CUDA)
-        self.precision = build_precision(precision_cfg, CUDA)
-        self.precision.convert_model(self.model)
-        self.optimizer = build_optimizer(self.model, OptimConfig(lr=3e-3))
-
-    def step(self, b) -> float:
-        self.optimizer.zero_grad(set_to_none=True)
-        with self.precision.autocast():
-            loss, n = self.model(b.to(CUDA))
-        (loss / n).backward()
-        self.precision.after_backward()
-        self.optimizer.step()
-        self.precision.after_optimizer_step()
-        return float(loss.detach()) / n
-
-
 def test_tiny_model_trains_alike_under_te_and_emulation_and_te_resumes():
     fields = dict(amax_history_len=8)
-    te_run, emu_run = Run(cfg("fp8_delayed", **fields)), Run(cfg("fp8_delayed_emulated", **fields))
+    te_run, emu_run = Run(cfg("fp8_delayed", **fields), CUDA), Run(cfg("fp8_delayed_emulated", **fields), CUDA)
     assert te_run.precision.fp8_module_names(te_run.model) == emu_run.precision.fp8_module_names(emu_run.model)
     half = len(STEPS) // 2
     te_losses = [te_run.step(b) for b in STEPS[:half]]
@@ -131,7 +91,7 @@ def test_tiny_model_trains_alike_under_te_and_emulation_and_te_resumes():
     for key, emu in emu_state.items():
         torch.testing.assert_close(te_state[key][..., :emu.shape[-1]], emu, rtol=0.1, atol=0, msg=key)
 
-    resumed = Run(cfg("fp8_delayed", **fields), seed=1)
+    resumed = Run(cfg("fp8_delayed", **fields), CUDA, seed=1)
     resumed.model.load_state_dict(ckpt["model"])
     resumed.optimizer.load_state_dict(ckpt["optim"])
     resumed.precision.load_state_dict(ckpt["precision"])
