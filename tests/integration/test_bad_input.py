@@ -7,6 +7,7 @@ import io
 import json
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from data_pipelines.tools.synth import ensure_embedded_data
@@ -78,19 +79,29 @@ def test_stage_trains_through_every_kind_of_bad_sample(tmp_path):
     assert last["samples_by_source"] == summary["samples_by_source"] and last["tokens_by_source"]["mixed"] > 0
 
 
-def test_unusable_held_out_sources_stop_the_run_before_its_first_step(tmp_path, synth_data):
-    """A held-out source is read when the stage starts, not at the first evaluation: a missing
-    directory or one of corrupt tars is a one-line data error before any step is trained."""
+def test_unusable_held_out_sources_stop_the_run_before_its_first_step(tmp_path, synth_data, tokenizer):
+    """A held-out source is read when the stage starts, not at the first evaluation: a directory of
+    corrupt tars is a one-line data error before any step is trained (a missing one, below, the same
+    error from the same builder)."""
+    from data_pipelines.training.config import SourceConfig
+    from data_pipelines.training.loader import sample_spec
+    from data_pipelines.training.shards import DataError
+    from data_pipelines.training.validation import build_validation_set
+    from train.config.compose import load_config
+
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     (corrupt / "shard-000000.tar").write_bytes(b"\x00not a tar" * 100)
-    cases = {"missing": (tmp_path / "missing", "does not exist"), "corrupt": (corrupt, "no usable sample (corrupt_shard 1)")}
-    for name, (path, says) in cases.items():
-        run_dir = tmp_path / "runs" / name
-        result = run_module(["train", "--config-name", "stage3_text_recovery", "smoke=cpu", "trainer.max_steps=2",
-                             f"data.synth_dir={synth_data.root}", f"data.val_sources=[{{name:held,path:{path}}}]",
-                             f"run.dir={run_dir}"], tmp_path, timeout=300)
-        assert result.returncode == 2, (name, result.stderr[-2000:])
-        last = result.stderr.strip().splitlines()[-1]
-        assert last.startswith("data error: held-out source 'held'") and says in last, (name, last)
-        assert not (run_dir / "metrics.jsonl").exists() or not (run_dir / "metrics.jsonl").read_text().strip()
+    run_dir = tmp_path / "runs" / "corrupt"
+    result = run_module(["train", "--config-name", "stage3_text_recovery", "smoke=cpu", "trainer.max_steps=2",
+                         f"data.synth_dir={synth_data.root}", f"data.val_sources=[{{name:held,path:{corrupt}}}]",
+                         f"run.dir={run_dir}"], tmp_path, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("data error: held-out source 'held'") and "no usable sample (corrupt_shard 1)" in last
+    assert not (run_dir / "metrics.jsonl").exists() or not (run_dir / "metrics.jsonl").read_text().strip()
+
+    cfg = load_config("stage3_text_recovery", ["smoke=cpu", f"data.synth_dir={synth_data.root}"])
+    spec = sample_spec(cfg.data, cfg.model.tokens_per_tile, cfg.seed)
+    with pytest.raises(DataError, match=r"held-out source 'gone': shard path .*missing.* does not exist"):
+        build_validation_set(SourceConfig("gone", str(tmp_path / "missing")), spec, tokenizer, 8)
