@@ -119,10 +119,11 @@ def test_a_moved_source_resumes(tmp_path, synth_data, tokenizer):
     moved = stream([SourceConfig("text", str(after))], tokenizer, pack_buffer=16)
     moved.load_state_dict(state)
     assert_same_batches([moved.next_batch() for _ in range(3)], rest)
-    # A shard that is really gone is named, with what to do.
-    (after / "shard-000000.tar").rename(after / "renamed.tar")
+    # A shard that is really gone (one the saved packer buffer still draws from) is named, with what to do.
+    buffered = state["buffer"][0][1]
+    (after / buffered).rename(after / "renamed.tar")
     gone = stream([SourceConfig("text", str(after))], tokenizer, pack_buffer=16)
-    with pytest.raises(DataError, match=r"names shard 'shard-000000.tar' of source 'text'.*put the shards back"):
+    with pytest.raises(DataError, match=rf"names shard '{buffered}' of source 'text'.*put the shards back"):
         gone.load_state_dict(state)
 
 
