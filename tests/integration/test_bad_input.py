@@ -93,15 +93,18 @@ def test_unusable_held_out_sources_stop_the_run_before_its_first_step(tmp_path, 
     corrupt.mkdir()
     (corrupt / "shard-000000.tar").write_bytes(b"\x00not a tar" * 100)
     run_dir = tmp_path / "runs" / "corrupt"
+    # The session's embedded data is read, never regenerated (synth_dir=null): other tests share it.
     result = run_module(["train", "--config-name", "stage3_text_recovery", "smoke=cpu", "trainer.max_steps=2",
-                         f"data.synth_dir={synth_data.root}", f"data.val_sources=[{{name:held,path:{corrupt}}}]",
+                         "data.synth_dir=null", f"data.tokenizer={synth_data.tokenizer_dir}",
+                         f"data.sources=[{{name:text,path:{synth_data.shard_dirs['text']},weight:1.0}}]",
+                         f"data.val_sources=[{{name:held,path:{corrupt}}}]", "data.monitor_sources=[]",
                          f"run.dir={run_dir}"], tmp_path, timeout=300)
     assert result.returncode == 2, result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("data error: held-out source 'held'") and "no usable sample (corrupt_shard 1)" in last
     assert not (run_dir / "metrics.jsonl").exists() or not (run_dir / "metrics.jsonl").read_text().strip()
 
-    cfg = load_config("stage3_text_recovery", ["smoke=cpu", f"data.synth_dir={synth_data.root}"])
+    cfg = load_config("stage3_text_recovery", ["smoke=cpu"])  # composes only: nothing is generated
     spec = sample_spec(cfg.data, cfg.model.tokens_per_tile, cfg.seed)
     with pytest.raises(DataError, match=r"held-out source 'gone': shard path .*missing.* does not exist"):
         build_validation_set(SourceConfig("gone", str(tmp_path / "missing")), spec, tokenizer, 8)
