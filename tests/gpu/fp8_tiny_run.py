@@ -1,10 +1,12 @@
-"""A tiny FP8-friendly model trained step by step under a precision plugin: what the FP8 GPU tests
-(Transformer Engine, torch._scaled_mm) compare against the emulation."""
+"""What the FP8 tests share: a tiny FP8-friendly model trained step by step under a precision plugin
+(the GPU tests compare Transformer Engine and torch._scaled_mm against the emulation with it), and a
+counter proving the real FP8 GEMM ran."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from data_pipelines.training.packing import collate_rows
 from data_pipelines.training.samples import Sample
@@ -51,3 +53,15 @@ class Run:
         self.optimizer.step()
         self.precision.after_optimizer_step()
         return float(loss.detach()) / n
+
+
+class CountScaledMm(TorchDispatchMode):
+    """Counts the aten._scaled_mm calls under it, backward included: proof the real FP8 GEMM ran."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += func.overloadpacket is torch.ops.aten._scaled_mm
+        return func(*args, **(kwargs or {}))

@@ -20,9 +20,8 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from tests.gpu.fp8_tiny_run import STEPS, Run
+from tests.gpu.fp8_tiny_run import STEPS, CountScaledMm, Run
 from train.config.schema import PrecisionConfig
 from train.precision.delayed_scaling import DelayedScalingRecipe, DelayedScalingState, quantize
 from train.precision.fp8_emulated import Fp8EmulatedLinear
@@ -39,18 +38,6 @@ TENSOR_CORE_ACCUMULATION = 2.0 ** -9
 def _needs_fp8_gpu():
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("FP8 GEMMs (torch._scaled_mm) need compute capability 8.9+")
-
-
-class CountScaledMm(TorchDispatchMode):
-    """Counts aten._scaled_mm calls under it (the autograd thread inherits the mode): the real GEMM ran."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.calls += func.overloadpacket is torch.ops.aten._scaled_mm
-        return func(*args, **(kwargs or {}))
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -16,10 +16,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from data_pipelines.training.packing import collate_rows
 from data_pipelines.training.samples import Sample
+from tests.gpu.fp8_tiny_run import CountScaledMm
 from train.config.schema import ConfigError, LanguageModelConfig, ModelConfig, OptimConfig, PrecisionConfig
 from train.loop.train_module import build_optimizer
 from train.model.vlm import VisionLanguageModel
@@ -465,18 +465,6 @@ def test_fp8_layer_recompute_uses_the_scales_of_its_forward():
 
 
 # --- the two GEMMs: emulated (float32) and real FP8 (torch._scaled_mm, which runs on CPU too) --------
-
-class CountScaledMm(TorchDispatchMode):
-    """Counts the aten._scaled_mm calls under it, backward included: proof the real FP8 GEMM ran."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.calls += func.overloadpacket is torch.ops.aten._scaled_mm
-        return func(*args, **(kwargs or {}))
-
 
 def gemm_gap_bound(a: torch.Tensor, b: torch.Tensor, inv: float, out_dtype: torch.dtype,
                    bias: torch.Tensor | None = None) -> torch.Tensor:
