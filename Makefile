@@ -68,8 +68,11 @@ test-latest: | $(UV)
 smoke: setup
 	$(PY) -m train.pipeline smoke=cpu run.dir=runs/smoke
 
+# The suite in parallel workers (pytest-xdist; a test file stays on one worker, so its module
+# fixtures run once): TEST_WORKERS=1 runs it in this process.
+TEST_WORKERS ?= auto
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(if $(filter 1,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 # The GPU targets run with the python holding the CUDA torch and the GPU extras (GPU_PYTHON, default
 # python3: README "Running the GPU checks"), without `setup`, whose CPU venv would hide that torch.

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# `make test` runs the suite in parallel workers (pytest-xdist, one test file per worker at a time),
+# which share the cores: each worker, and every trainer or torchrun it starts (they inherit
+# OMP_NUM_THREADS), takes its share of threads instead of all of them.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _THREADS = max(1, (os.cpu_count() or 1) // _WORKERS)
+    os.environ["OMP_NUM_THREADS"] = str(_THREADS)
+    torch.set_num_threads(_THREADS)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -20,7 +30,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def synth_data(tmp_path_factory):
     # Imported here: writing MP4s needs PyAV, which a GPU machine running only tests/gpu may lack.
-    from data_pipelines.tools.synth import ensure_embedded_data
+    from data_pipelines.synth import ensure_embedded_data
 
     root = tmp_path_factory.mktemp("synth") / "data"
     return ensure_embedded_data(root, num_per_kind={"image": 24, "video": 8, "multi_image": 12, "text": 32}, seed=0)

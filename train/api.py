@@ -8,6 +8,6 @@ eval-mode module: `module(input_ids, cu_seqlens=None)` -> logits (B, L, V); with
 
 from __future__ import annotations
 
-from train.inference.load import load_language_model
+from train.chat.load import load_language_model
 
 __all__ = ["load_language_model"]

@@ -8,7 +8,7 @@ generation config and (vl) processor files, so transformers serves it as it is; 
 (default) loads with `AutoModelForCausalLM.from_pretrained`, `--layout vl` writes the omni layout.
 compose: an HF Nemotron-H LM dir + an HF RADIO dir (+ a seeded fresh projector) -> a native run
 directory to start Stage 0 from (`init.from_checkpoint=DST/checkpoints/step_0000000`).
-Offline, no remote code. See train/hf/conversion.py for the name mapping.
+Offline, no remote code. See train/hf/mapping.py for the name mapping.
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ import torch
 
 from train.config.schema import ConfigError
 from train.hf.compose import compose
-from train.hf.conversion import DEFAULT_MAX_SHARD_BYTES, ConversionError, hf_to_native, native_to_hf
+from train.hf.conversion import hf_to_native, native_to_hf
+from train.hf.errors import ConversionError
+from train.hf.files import DEFAULT_MAX_SHARD_BYTES
 
 DTYPES = {"keep": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}

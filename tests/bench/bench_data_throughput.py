@@ -47,7 +47,7 @@ import PIL
 import torch
 from PIL import Image, ImageDraw, features
 
-from data_pipelines.tools.synth import ensure_embedded_data
+from data_pipelines.synth import ensure_embedded_data
 from data_pipelines.training import samples as samples_module
 from data_pipelines.training import tiling as tiling_module
 from data_pipelines.training.decode import decode_image

@@ -48,7 +48,7 @@ def model_flops_per_token(lm) -> float:
 def measure(precision_name: str, kernel_names: dict[str, str]) -> dict:
     from train.config.schema import KernelConfig, PrecisionConfig
     from train.model.language_model import HybridLanguageModel
-    from train.planning.estimate import load_plan_config
+    from train.plan.estimate import load_plan_config
     from train.precision import build_precision
 
     device = torch.device("cuda")

@@ -187,7 +187,7 @@ def unpack_conv1d_source(sdist: Path, dest: Path) -> Path:
 
 def write_data(dest: Path) -> dict:
     """The embedded synthetic data as the smoke recipes generate it (same arguments, so it is the same data)."""
-    from data_pipelines.tools.synth import ensure_embedded_data
+    from data_pipelines.synth import ensure_embedded_data
 
     vocab_size = yaml.safe_load((ROOT / "configs" / "model" / "tiny.yaml").read_text())["language_model"]["vocab_size"]
     ensure_embedded_data(dest, seed=0, vocab_size=vocab_size)

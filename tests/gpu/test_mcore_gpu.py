@@ -3,7 +3,7 @@ linears, our ops through the GPU kernels) in one NCCL process against the native
 weights and packed rows: logits, the training loss and its gradients (marked gpu; skipped without CUDA).
 
 The loss is the one training uses on each engine: megatron's vocabulary-parallel cross-entropy
-(`train.model.mcore.loss.vocab_parallel_chunk`) against torch's on the native logits, summed, as in
+(`train.engines.mcore.loss.vocab_parallel_chunk`) against torch's on the native logits, summed, as in
 tests/integration/mcore_parity_worker.py (which checks the multi-rank layouts on CPU with gloo).
 float32 runs mamba-ssm's Triton kernels with the torch attention (the fused attention backends take
 16-bit inputs only); bf16 parameters add torch's own varlen attention. tests/gpu/test_mcore_te.py
@@ -42,7 +42,7 @@ GRAD_FLOOR = 1e-3  # of the largest gradient: some are near zero at initialisati
 
 @pytest.fixture(scope="module")
 def megatron_world():
-    from train.model.mcore.model import initialize_megatron
+    from train.engines.mcore.model import initialize_megatron
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29534")
@@ -60,9 +60,9 @@ def relative(actual: Tensor, expected: Tensor, floor: float = 1e-12) -> float:
 
 def compare_engines(kernels: KernelConfig, dtype: torch.dtype, device: torch.device) -> dict[str, float]:
     """Relative differences mcore vs native: {"logits", "loss", "grads" (the worst parameter's), "worst"}."""
-    from train.model.mcore import weights
-    from train.model.mcore.loss import vocab_parallel_chunk
-    from train.model.mcore.model import McoreLanguageModel
+    from train.engines.mcore import weights
+    from train.engines.mcore.loss import vocab_parallel_chunk
+    from train.engines.mcore.model import McoreLanguageModel
 
     try:
         native = HybridLanguageModel(LM, kernels)

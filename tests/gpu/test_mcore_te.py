@@ -16,7 +16,7 @@ import torch.distributed as dist
 from tests.gpu import import_backend
 from train.config.schema import KernelConfig, LanguageModelConfig, ParallelConfig
 from train.model.language_model import HybridLanguageModel
-from train.model.mcore import weights
+from train.engines.mcore import weights
 
 pytestmark = pytest.mark.gpu
 
@@ -26,7 +26,7 @@ KERNELS = KernelConfig(ssd="mamba_ssm", conv1d="causal_conv1d", attention="trans
 @pytest.fixture(scope="module")
 def megatron_world():
     import_backend("transformer_engine")
-    from train.model.mcore.model import initialize_megatron
+    from train.engines.mcore.model import initialize_megatron
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29533")
@@ -42,7 +42,7 @@ def megatron_world():
 def test_te_spec_equals_the_torch_reference_on_packed_rows_with_gradients(megatron_world, pattern):
     """TE linears and TE's THD attention (bf16) against the native model on the torch reference ops
     (float32), same weights, packed rows: logits, loss and every weight's gradient."""
-    from train.model.mcore.model import McoreLanguageModel
+    from train.engines.mcore.model import McoreLanguageModel
 
     lm = LanguageModelConfig(pattern=pattern, hidden_size=256, vocab_size=512, num_attention_heads=8,
                              num_key_value_heads=2, head_dim=32, mamba_num_heads=8, mamba_head_dim=32,

@@ -18,7 +18,8 @@ from data_pipelines.training.samples import Sample
 from train.config.schema import Config, LanguageModelConfig, ModelConfig, OptimConfig, ParallelConfig, TrainerConfig
 from train.loop.train_module import TrainModule, apply_trainable, build_optimizer
 from train.model.vlm import VisionLanguageModel
-from train.parallel.distributed import init_distributed, shutdown, wrap_data_parallel
+from train.engines.native.data_parallel import wrap_data_parallel
+from train.parallel.distributed import init_distributed, shutdown
 from train.precision import build_precision
 
 LM = LanguageModelConfig(pattern="M*-", hidden_size=32, vocab_size=64, num_attention_heads=2, num_key_value_heads=1,

@@ -33,17 +33,20 @@ def read_metrics(run_dir: Path) -> list[dict]:
 def load_stage_model(run_dir: Path, checkpoint: Path | None = None):
     """The stage's model with the weights of `checkpoint` (default: the stage's final one)."""
     from data_pipelines.training.samples import Tokenizer
-    from train.checkpoint.store import find_latest, load_model_weights
+    from train.checkpoint.store import find_latest
     from train.config.schema import Config, from_dict
-    from train.loop.trainer import build_model
+    import torch
+
+    from train.loop.assembly import assemble
+    from train.parallel.distributed import DistInfo
 
     cfg = from_dict(Config, yaml.safe_load((run_dir / "config.yaml").read_text()))
     cfg.init.from_checkpoint = None
     cfg.model.impl = "native"  # checkpoints hold the native layout whatever engine wrote them
-    model, _, _ = build_model(cfg, Tokenizer.load(cfg.data.tokenizer))
-    if checkpoint is not False:
-        load_model_weights(checkpoint or find_latest(run_dir / "checkpoints"), model)
-    return model
+    cfg.precision.name, cfg.model.compile = "fp32", False
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    weights = None if checkpoint is False else checkpoint or find_latest(run_dir / "checkpoints")
+    return assemble(cfg, info, Tokenizer.load(cfg.data.tokenizer).special_ids, train=False, weights_from=weights).model
 
 
 def state_of(module) -> dict:

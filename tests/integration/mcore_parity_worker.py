@@ -20,9 +20,9 @@ import torch.nn.functional as F
 
 from train.config.schema import KernelConfig, LanguageModelConfig, ParallelConfig
 from train.model.language_model import HybridLanguageModel
-from train.model.mcore import weights
-from train.model.mcore.loss import vocab_parallel_chunk
-from train.model.mcore.model import McoreLanguageModel, initialize_megatron
+from train.engines.mcore import weights
+from train.engines.mcore.loss import vocab_parallel_chunk
+from train.engines.mcore.model import McoreLanguageModel, initialize_megatron
 
 PATTERNS = {"mamba_mlp": "M-M-M-", "hybrid": "M-M*M-*-"}
 

@@ -17,11 +17,11 @@ import torch.distributed as dist
 
 from data_pipelines.training.samples import Tokenizer
 from train.config.compose import load_config
-from train.loop.train_module import TrainModule, build_optimizer
-from train.loop.trainer import build_data, build_model, engine_groups, prepare_data_files
-from train.model.mcore import weights
-from train.parallel.distributed import init_distributed
-from train.precision import build_precision
+from train.engines import resolve_engine
+from train.engines.mcore import weights
+from train.loop.assembly import assemble
+from train.loop.train_module import TrainModule
+from train.loop.trainer import build_data, prepare_data_files
 
 MICRO_BATCHES = 3  # more than the stages: the 1F1B steady state runs
 
@@ -43,16 +43,19 @@ def main(out: Path, stages: int) -> None:
         "smoke=cpu", "model.impl=mcore", f"parallel.pipeline_parallel={stages}",
         f"trainer.grad_accum_steps={MICRO_BATCHES}", f"run.dir={out}"])
     cfg.optim.lr = cfg.optim.min_lr = 0.0  # the step keeps the weights (a config must train: set here)
-    info = init_distributed(cfg.parallel, "cpu", **engine_groups(cfg))
+    engine = resolve_engine(cfg.model.impl)
+    info = engine.init_distributed(cfg)
     if info.is_main:
         prepare_data_files(cfg)
     dist.barrier()
     tokenizer = Tokenizer.load(cfg.data.tokenizer)
-    model, _, _ = build_model(cfg, tokenizer, info.device)
+    stage = assemble(cfg, info, tokenizer.special_ids)
+    model = stage.model
     tap = model.loss = LogitsTap(model.loss)
     data = build_data(cfg, tokenizer, info)
     batches = [data.next_batch() for _ in range(MICRO_BATCHES)]
-    module = TrainModule(model, build_optimizer(model, cfg.optim), cfg, info, build_precision(cfg.precision, info.device))
+    module = TrainModule(stage.forward_module, stage.optimizer, cfg, info, stage.precision,
+                         engine.step_schedule(stage.forward_module, info, stage.precision))
     result = module.train_step(batches, step=0)
     data.close()
 

@@ -6,7 +6,7 @@ import json
 import sys
 
 from train.config.schema import ParallelConfig
-from train.parallel.distributed import all_reduce_sum, init_distributed, shutdown, sum_counts
+from train.parallel.distributed import all_reduce_sum, init_distributed, shutdown, sum_count_tables
 
 
 def main(out: str, tensor: int, context: int, engine: str) -> None:
@@ -15,7 +15,7 @@ def main(out: str, tensor: int, context: int, engine: str) -> None:
     if engine == "mcore":  # megatron builds the groups, the seam adopts them
         import functools
 
-        from train.model.mcore.model import megatron_process_groups
+        from train.engines.mcore.model import megatron_process_groups
 
         make_groups = functools.partial(megatron_process_groups, parallel)
     info = init_distributed(parallel, "cpu", make_groups=make_groups)
@@ -26,7 +26,7 @@ def main(out: str, tensor: int, context: int, engine: str) -> None:
         "coords": [coords.tensor, coords.context, coords.data, coords.pipeline],
         "sums": {g: all_reduce_sum(value, info, g) for g in ("tensor", "context", "data", "data_context", "world")},
         # Counts as the data loader keeps them: ranks of one replica hold the same ones.
-        "counts": sum_counts({"samples": 1 + info.data_rank}, info),
+        "counts": sum_count_tables({"counts": {"samples": 1 + info.data_rank}}, info)["counts"],
     }
     with open(f"{out}.{info.rank}.json", "w") as f:
         json.dump(result, f)

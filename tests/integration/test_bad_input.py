@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from data_pipelines.tools.synth import ensure_embedded_data
+from data_pipelines.synth import ensure_embedded_data
 from data_pipelines.training.shards import expand_shard_paths, iter_shard
 from tests.integration.helpers import run_module
 from tests.shard_writer import write_shard

@@ -10,14 +10,14 @@ import pytest
 import torch
 import yaml
 
-from data_pipelines.tools.synth import encode_mp4, random_motion, random_scene, render_motion, render_scene
+from data_pipelines.synth import encode_mp4, random_motion, random_scene, render_motion, render_scene
 from data_pipelines.training.samples import SampleSpec, Tokenizer, build_sample
 from data_pipelines.training.shards import expand_shard_paths, iter_shard
 from data_pipelines.training.tiling import TilingConfig
 from tests.integration.helpers import run_module
-from train.chat import main as chat_main
+from train.chat.__main__ import main as chat_main
 from train.config.schema import Config, from_dict
-from train.inference.chat_session import build_prompt, load_chat_model
+from train.chat.session import build_prompt, load_chat_model
 
 
 @pytest.fixture(scope="module")

@@ -12,14 +12,14 @@ import yaml
 from transformers import NemotronHConfig, NemotronHForCausalLM, RadioConfig, RadioModel
 from transformers.models.nemotron_h_omni import NemotronH_Omni_Reasoning_V3
 
-from data_pipelines.tools.synth import random_scene, render_scene
+from data_pipelines.synth import random_scene, render_scene
 from data_pipelines.training.decode import decode_image
 from data_pipelines.training.tiling import TilingConfig, tile_image
 from tests.integration.helpers import run_module
 from train import convert
 from train.checkpoint.store import find_latest, load_model_weights, read_marker
 from train.config.schema import Config, from_dict
-from train.hf.conversion import ours_to_hf_lm_config
+from train.hf.config import ours_to_hf_lm_config
 from train.model.language_model import packing_metadata
 from train.model.vlm import VisionLanguageModel
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from data_pipelines.tools.synth import ensure_embedded_data
+from data_pipelines.synth import ensure_embedded_data
 from data_pipelines.training import samples as samples_module
 from data_pipelines.training.decode import sample_frame_indices
 from data_pipelines.training.samples import Tokenizer, build_sample

@@ -125,8 +125,10 @@ def test_a_full_disk_is_one_line_wherever_the_write_fails(tmp_path, monkeypatch,
         monkeypatch.setattr(ckpt.dcp, "async_save", failing_async)
         writer = ckpt.Checkpointer(tmp_path, keep_last=2, async_save=True)
     else:
-        real_replace = ckpt.os.replace
-        monkeypatch.setattr(ckpt.os, "replace", lambda a, b: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full"))
+        import os
+
+        real_replace = os.replace
+        monkeypatch.setattr(os, "replace", lambda a, b: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full"))
                             if str(a).endswith(".tmp_step_0000002") else real_replace(a, b))
         writer = ckpt.Checkpointer(tmp_path, keep_last=2)
     with pytest.raises(ckpt.CheckpointWriteError, match=r"no space left on device writing checkpoint step 2 .*"
@@ -209,3 +211,32 @@ def test_async_save_finishes_the_previous_one_first(tmp_path):
     assert checkpointer.wait().name == "step_0000003"
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_0000002", "step_0000003"]
     assert not list(tmp_path.glob(".tmp_*"))
+
+
+def test_model_only_checkpoint_is_published_atomically_and_read_back(tmp_path):
+    """What `train.convert` writes: weights only, through the same publish (COMPLETE, rename, latest)."""
+    from train.checkpoint.files import read_marker
+    from train.checkpoint.store import (
+        CheckpointReadError,
+        CheckpointShapeError,
+        read_model_state,
+        write_model_checkpoint,
+    )
+
+    gen = torch.Generator().manual_seed(0)
+    state = {"language_model.w": torch.randn(4, 3, generator=gen).bfloat16(), "projector.b": torch.arange(5.0)}
+    path = write_model_checkpoint(tmp_path, 0, state)
+    assert path == find_latest(tmp_path / "checkpoints") == tmp_path / "checkpoints" / "step_0000000"
+    assert read_marker(path) == {"step": 0} and not list((tmp_path / "checkpoints").glob(".tmp_*"))
+    whole = read_model_state(path)  # every tensor, in its stored dtype
+    assert sorted(whole) == sorted(state) and all(torch.equal(whole[k], state[k]) for k in state)
+    into = {"language_model.w": torch.zeros(4, 3)}  # a subset, read in place and cast to float32
+    assert read_model_state(path, into=into) is into and torch.equal(into["language_model.w"], state["language_model.w"].float())
+    with pytest.raises(KeyError, match="vision_model.w"):
+        read_model_state(path, into={"vision_model.w": torch.zeros(2)})
+    with pytest.raises(CheckpointShapeError, match=r"projector.b is \(5,\)"):
+        read_model_state(path, into={"projector.b": torch.zeros(6)})
+    shard = next(path.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:10])
+    with pytest.raises(CheckpointReadError, match=r"step_0000000 \(step 0\) cannot be read .* damaged or cut"):
+        read_model_state(path)

@@ -110,7 +110,7 @@ def test_fp8_on_mcore_is_megatrons_own_with_our_settings():
 
     from train.config.compose import load_config
     from train.config.schema import LanguageModelConfig, ParallelConfig, PrecisionConfig
-    from train.model.mcore.model import transformer_config
+    from train.engines.mcore.model import transformer_config
 
     base = ["smoke=cpu", "model.impl=mcore", "trainer.device=cuda", "model.kernels.attention=transformer_engine"]
     with pytest.raises(ConfigError, match="set model.kernels.attention=transformer_engine"):

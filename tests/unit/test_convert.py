@@ -10,7 +10,7 @@ import datasets
 import pytest
 from PIL import Image
 
-from data_pipelines.tools import convert, synth
+from data_pipelines import convert, synth
 from data_pipelines.training.samples import SampleSpec, build_sample
 from data_pipelines.training.shards import expand_shard_paths, iter_shard
 from data_pipelines.training.tiling import TilingConfig

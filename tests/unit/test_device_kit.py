@@ -50,9 +50,9 @@ cfg = load_config(RECIPE, ["smoke=gpu", *data_overrides(kit / "data", "gpu")])
 assert cfg.data.synth_dir is None and cfg.trainer.device == "cuda" and len(cfg.data.sources) == 3
 
 # step e (the megatron modules its test imports inside its fixture) and step g
-import train.model.mcore.model, train.model.mcore.weights, train.model.mcore.loss
+import train.engines.mcore.model, train.engines.mcore.weights, train.engines.mcore.loss
 import tests.bench.gpu_layers
-from train.planning.estimate import load_plan_config
+from train.plan.estimate import load_plan_config
 load_plan_config("stage1_image_sft", ["parallel=single"])
 
 # steps b, c, e, f: their test modules collect (imports, fixtures, parametrisation)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from train.config.schema import LanguageModelConfig, ModelConfig
-from train.inference.generate import greedy_tokens
+from train.chat.generate import greedy_tokens
 from train.model.language_model import HybridLanguageModel, packing_metadata
 from train.model.vlm import VisionLanguageModel
 

@@ -10,25 +10,15 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, NemotronHConfig, NemotronHForCausalLM
 from transformers.models.nemotron_h_omni import NemotronH_Omni_Reasoning_V3, NemotronH_Omni_Reasoning_V3_Config
 
-from data_pipelines.tools.tokenizer_train import train_tokenizer
+from data_pipelines.tokenizer_train import train_tokenizer
 from train import convert
 from train.api import load_language_model
 from train.checkpoint.store import find_latest, load_model_weights
 from train.config.schema import LanguageModelConfig, ModelConfig, ProjectorConfig, VisionConfig
-from train.hf.conversion import (
-    INDEX_NAME,
-    WEIGHTS_NAME,
-    ConversionError,
-    hf_lm_config_to_ours,
-    hf_to_native,
-    native_to_hf,
-    ours_to_hf_lm_config,
-    read_hf_config,
-    read_hf_weights,
-    read_native,
-    write_hf_weights,
-    write_native,
-)
+from train.hf.config import hf_lm_config_to_ours, ours_to_hf_lm_config, read_hf_config
+from train.hf.conversion import hf_to_native, native_to_hf, read_native, write_native
+from train.hf.errors import ConversionError
+from train.hf.files import INDEX_NAME, WEIGHTS_NAME, read_hf_weights, write_hf_weights
 from train.model.language_model import packing_metadata
 from train.model.vlm import VisionLanguageModel
 

@@ -17,13 +17,9 @@ from transformers import NemotronHConfig, NemotronHForCausalLM
 from transformers.models.nemotron_h_omni import NemotronH_Omni_Reasoning_V3, NemotronH_Omni_Reasoning_V3_Config
 
 from data_pipelines.training.tiling import IMAGE_NORMALIZATION
-from train.hf.conversion import (
-    hf_config_to_model_config,
-    hf_lm_config_to_ours,
-    hf_to_native_state,
-    read_hf_weights,
-    split_carried,
-)
+from train.hf.config import hf_config_to_model_config, hf_lm_config_to_ours
+from train.hf.files import read_hf_weights
+from train.hf.mapping import hf_to_native_state, split_carried
 from train.model.language_model import HybridLanguageModel, packing_metadata
 from train.model.vlm import VisionLanguageModel
 
@@ -140,7 +136,7 @@ def saved_hf_vl(tmp_path, seed: int = 0) -> NemotronH_Omni_Reasoning_V3:
 
 
 def ours_vl_from_hf_dir(path) -> VisionLanguageModel:
-    from train.hf.conversion import read_hf_config
+    from train.hf.config import read_hf_config
 
     model_cfg = hf_config_to_model_config(read_hf_config(path))
     used, carried = split_carried(read_hf_weights(path))

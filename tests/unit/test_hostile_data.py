@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from data_pipelines.tools import lint
+from data_pipelines import lint
 from data_pipelines.training.config import ConfigError, DataConfig, SourceConfig
 from data_pipelines.training.loader import PackedBatchStream
 from data_pipelines.training.samples import SampleSpec, build_sample
@@ -156,21 +156,26 @@ def test_init_from_another_model_size_or_a_run_dir(tmp_path, synth_data, tokeniz
 
     from train.config.compose import load_config
     from train.hf.conversion import write_native
-    from train.loop.trainer import build_model
+    import torch
+
+    from train.loop.assembly import assemble
+    from train.parallel.distributed import DistInfo
     from train.model.vlm import VisionLanguageModel
 
     cfg = load_config("stage1_image_sft", ["smoke=cpu", f"data.synth_dir={synth_data.root}"])
+    cpu = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     bigger = dataclasses.replace(cfg.model, name="wider", language_model=dataclasses.replace(
         cfg.model.language_model, hidden_size=96))
     write_native(tmp_path / "wider", bigger, VisionLanguageModel(bigger, image_token_id=10).state_dict())
     cfg.init.from_checkpoint = str(tmp_path / "wider")  # the run dir: its latest step
     with pytest.raises(ConfigError, match=r"another model size \(\S+ is \(96, 128\) in .*step_0000000 but "
                                           r"\(64, 128\) in this model\); it was trained with model=wider"):
-        build_model(cfg, tokenizer)
+        assemble(cfg, cpu, tokenizer.special_ids, train=False)
     same = VisionLanguageModel(cfg.model, image_token_id=10)
     write_native(tmp_path / "same", cfg.model, same.state_dict())
     cfg.init.from_checkpoint = str(tmp_path / "same")
-    model, _, random_parts = build_model(cfg, tokenizer)
+    stage = assemble(cfg, cpu, tokenizer.special_ids, train=False)
+    model, random_parts = stage.model, stage.random_parts
     assert random_parts == [] and all(
         (a == b).all() for a, b in zip(model.state_dict().values(), same.state_dict().values()))
 
@@ -238,7 +243,7 @@ def test_conversations_and_media_that_would_train_wrong_are_skipped_with_a_reaso
 
 
 def test_the_converter_refuses_animated_images_too(tmp_path):
-    from data_pipelines.tools import convert
+    from data_pipelines import convert
 
     (tmp_path / "anim.gif").write_bytes(animated("GIF"))
     rows = tmp_path / "rows.jsonl"

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipelines.tools import inspect as inspect_tool
-from data_pipelines.tools import synth
+from data_pipelines import inspect as inspect_tool
+from data_pipelines import synth
 from data_pipelines.training import special_tokens as st
 from data_pipelines.training.conversation import IGNORE_INDEX
 from data_pipelines.training.samples import SampleSpec, build_sample

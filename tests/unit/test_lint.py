@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from data_pipelines.tools import lint, synth
+from data_pipelines import lint, synth
 from data_pipelines.training.config import SourceConfig
 from data_pipelines.training.loader import PackedBatchStream
 from data_pipelines.training.samples import SampleSpec

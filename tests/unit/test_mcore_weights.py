@@ -7,9 +7,10 @@ import torch
 from transformers import NemotronHConfig, NemotronHForCausalLM
 
 from train.config.schema import LanguageModelConfig
-from train.hf.conversion import hf_to_native_state, native_to_hf_state, read_hf_weights, split_carried
+from train.hf.files import read_hf_weights
+from train.hf.mapping import hf_to_native_state, native_to_hf_state, split_carried
 from train.model.language_model import HybridLanguageModel
-from train.model.mcore.weights import (
+from train.engines.mcore.weights import (
     megatron_to_native,
     native_to_megatron,
     shard_state,
@@ -81,7 +82,7 @@ def test_hf_to_megatron_to_hf_is_bit_exact(tmp_path):
 
 
 def test_every_native_parameter_names_the_megatron_parameter_it_lives_in():
-    from train.model.mcore.weights import megatron_name
+    from train.engines.mcore.weights import megatron_name
 
     native = native_state()
     full = native_to_megatron(native, LM)

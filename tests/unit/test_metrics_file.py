@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from train.loop.callbacks import MetricsFile
-from train.reporting.report import read_stage
+from train.report.build import read_stage
 
 
 def _write(path, records, tail=""):

@@ -537,7 +537,7 @@ def test_gated_rms_norm_rejects_bad_group_size():
 def test_queries_over_separate_keys_equal_the_rows_of_full_attention():
     """cu_seqlens_k (context parallelism): a rank's query pieces over their samples' keys give the
     rows full causal attention gives those positions; pieces cut mid-sample included."""
-    from train.model.mcore.layers import context_parallel_pieces
+    from train.engines.mcore.layers import context_parallel_pieces
 
     gen = torch.Generator().manual_seed(0)
     total, cp = 32, 2

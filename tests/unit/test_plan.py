@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import NemotronHConfig, NemotronHForCausalLM
 
-from train import plan
+from train.plan import __main__ as plan
 from train.config.schema import ConfigError
-from train.planning import estimate
+from train.plan import estimate
 
 GIB = 2**30
 # The published Nemotron Nano 12B v2 language model, written out here (not read from our yaml).
@@ -124,7 +124,7 @@ def test_plan_follows_the_layout_and_world_size():
 
 
 def test_measure_runs_real_steps_beside_the_estimate(tmp_path, capsys):
-    from train import plan as plan_cli
+    from train.plan import __main__ as plan_cli
 
     assert plan_cli.main(["--config-name", "stage3_text_recovery", "--out", str(tmp_path), "--measure", "smoke=cpu",
                           "data.seq_length=512"]) == 0

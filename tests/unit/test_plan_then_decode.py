@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from data_pipelines.tools.synth import KINDS
+from data_pipelines.synth import KINDS
 from data_pipelines.training.config import SourceConfig
 from data_pipelines.training.loader import PackedBatchStream
 from data_pipelines.training.samples import SamplePlan, SampleSpec, build_sample, decode_media, plan_sample

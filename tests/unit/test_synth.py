@@ -19,8 +19,8 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from data_pipelines.tools import synth
-from data_pipelines.tools.tokenizer_train import train_tokenizer
+from data_pipelines import synth
+from data_pipelines.tokenizer_train import train_tokenizer
 from data_pipelines.training.special_tokens import (
     ALL_SPECIAL_TOKENS,
     IM_START,
@@ -285,7 +285,7 @@ def test_ensure_embedded_data_is_idempotent(tmp_path: Path) -> None:
 
 def test_ensure_embedded_data_generates_once_under_concurrency(tmp_path: Path) -> None:
     code = ("import sys; from pathlib import Path; "
-            "from data_pipelines.tools.synth import ensure_embedded_data; "
+            "from data_pipelines.synth import ensure_embedded_data; "
             "ensure_embedded_data(Path(sys.argv[1]), "
             "{'image': 4, 'video': 2, 'multi_image': 2, 'text': 6}, vocab_size=400)")
     root = tmp_path / "shared"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from train.evaluation.harness import EvaluationError, resolve_tasks
+from train.evaluate.harness import EvaluationError, resolve_tasks
 
 
 def test_task_yaml_with_function_tags_gives_its_name(tmp_path):

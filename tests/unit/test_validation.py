@@ -14,7 +14,7 @@ from tests.batches import assert_same_batches
 from tests.shard_writer import write_shard
 from train.config.compose import load_config
 from train.loop.train_module import TrainModule
-from train.loop.validation import Validator
+from train.evaluate.heldout import Validator
 from train.model.vlm import VisionLanguageModel
 from train.parallel.distributed import DistInfo
 from train.precision import build_precision

@@ -3,7 +3,7 @@ layout (whole tensors under the native model's names), whatever engine and paral
 so a checkpoint moves between engines, layouts and tools (HF export, `train.api`) unchanged.
 
 `NativeLayout` is torch's state-dict API (DDP and FSDP2 aware). An engine whose parameters are
-laid out otherwise (megatron-core's tensor-parallel shards: `train.model.mcore.state`) supplies
+laid out otherwise (megatron-core's tensor-parallel shards: `train.engines.mcore.state`) supplies
 its own with the same four methods.
 """
 

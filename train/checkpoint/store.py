@@ -1,9 +1,9 @@
-"""Atomic checkpoints with torch.distributed.checkpoint (sharded per rank).
-
-Layout: `checkpoints/step_NNNNNNN/` holds the DCP shards (model, optimizer) plus one
-`rank_R.json` per rank (counters, data position, RNG) and `COMPLETE`. A checkpoint is written
-to `.tmp_step_NNNNNNN`, fsynced, renamed into place, and only then named in `checkpoints/latest`,
-so a crash at any point leaves the previous checkpoint as `latest`.
+"""Checkpoint contents, written and read with torch.distributed.checkpoint (DCP, sharded per rank):
+training checkpoints (model, optimizer, precision state; one `rank_R.json` per rank with counters, data
+position and RNG), model-only checkpoints (`write_model_checkpoint`: what `train.convert` writes), and
+the readers of both. The files around the shards (COMPLETE, `latest`, the atomic rename, config.yaml)
+are `train.checkpoint.files`; every write here ends in its `publish`, so a crash at any point leaves
+the previous checkpoint as `latest`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-import os
 import random
 import shutil
 import warnings
@@ -23,10 +22,22 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch import Tensor
 
+from train.checkpoint.files import (  # noqa: F401  (resolve_native_checkpoint: the store's public API too)
+    CHECKPOINTS_DIR,
+    complete_checkpoints,
+    find_latest,
+    prune_checkpoints,
+    publish,
+    read_marker,
+    resolve_native_checkpoint,
+    step_dir_name,
+    temporary_step_dir,
+    write_atomic,
+)
 from train.checkpoint.layout import NativeLayout, StateLayout
-
-COMPLETE_MARKER = "COMPLETE"
+from train.parallel.distributed import barrier, world_rank
 
 
 @contextlib.contextmanager
@@ -35,40 +46,6 @@ def dcp_quietly():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         yield
-
-
-def step_dir_name(step: int) -> str:
-    return f"step_{step:07d}"
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _fsync_tree(path: Path) -> None:
-    for root, _, files in os.walk(path):
-        for name in files:
-            with open(os.path.join(root, name), "rb") as f:
-                os.fsync(f.fileno())
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_json_atomic(path: Path, payload: dict | str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(payload if isinstance(payload, str) else json.dumps(payload))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def rng_state() -> dict:
@@ -126,16 +103,16 @@ class Checkpointer:
         """Start checkpoint `step` (the previous one is finished first); sync mode: write it whole."""
         self._finish(block=True)
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".tmp_{step_dir_name(step)}"
-        if _rank() == 0 and tmp.exists():
+        tmp = temporary_step_dir(self.root, step)
+        if world_rank() == 0 and tmp.exists():
             shutil.rmtree(tmp)
-        _barrier()
+        barrier()
         model_sd, optim_sd = self.layout.state(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd, "precision": precision_state or {}}
         try:
             # Before the shards: once rank 0's shard write completes, every rank's JSON is there.
             tmp.mkdir(parents=True, exist_ok=True)
-            _write_json_atomic(tmp / f"rank_{_rank()}.json", {**rank_state, "rng": rng_state()})
+            write_atomic(tmp / f"rank_{world_rank()}.json", {**rank_state, "rng": rng_state()})
             with dcp_quietly():
                 if self.async_save:
                     written = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._group)
@@ -158,7 +135,7 @@ class Checkpointer:
     def wait(self) -> Path | None:
         """Block until the pending checkpoint is complete (every rank: a collective). Returns its path."""
         final = self._finish(block=True)
-        _barrier()
+        barrier()
         return final
 
     def _finish(self, block: bool) -> Path | None:
@@ -170,19 +147,13 @@ class Checkpointer:
             written.result()  # the background writes' failure (async) arrives here
         except BaseException as err:
             self._fail(err, tmp, step)
-        final = self.root / step_dir_name(step)
-        if _rank() == 0:
+        if world_rank() == 0:
             try:
-                (tmp / COMPLETE_MARKER).write_text(json.dumps({"step": step, **self.marker}))
-                _fsync_tree(tmp)
-                if final.exists():
-                    shutil.rmtree(final)
-                os.replace(tmp, final)
-                _write_json_atomic(self.root / "latest", final.name + "\n")
+                publish(tmp, self.root, step, self.marker)
             except BaseException as err:
                 self._fail(err, tmp, step)
             prune_checkpoints(self.root, self.keep_last)
-        return final
+        return self.root / step_dir_name(step)
 
     def _fail(self, err: BaseException, tmp: Path, step: int) -> NoReturn:
         """A write of checkpoint `step` failed wherever it did (shards, async thread, marker, rename): drop
@@ -194,56 +165,6 @@ class Checkpointer:
                 f"run.dir on a larger disk, then rerun to resume; the newest complete checkpoint "
                 f"({find_latest(self.root) or 'none'}) stays latest") from None
         raise err
-
-
-def read_marker(step_dir: Path) -> dict:
-    """The COMPLETE marker of a checkpoint: its step, and what its writer recorded about the
-    weights (`random_parts`: parts still at their random initialisation)."""
-    try:
-        return json.loads((Path(step_dir) / COMPLETE_MARKER).read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def complete_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoint dirs, oldest first."""
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.glob("step_*") if (p / COMPLETE_MARKER).exists() and (p / ".metadata").exists())
-
-
-def prune_checkpoints(root: Path, keep_last: int) -> None:
-    complete = complete_checkpoints(root)
-    for old in complete[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def find_latest(root: Path) -> Path | None:
-    """The checkpoint named by `latest`; if that is missing or incomplete, the newest complete one
-    (with a warning). None only when no complete checkpoint exists."""
-    complete = complete_checkpoints(root)
-    latest_file = root / "latest"
-    if latest_file.exists():
-        named = root / latest_file.read_text().strip()
-        if named in complete:
-            return named
-        if complete:
-            warnings.warn(f"{latest_file} names {named.name}, which is not a complete checkpoint; "
-                          f"resuming from {complete[-1].name} instead")
-    elif complete:
-        warnings.warn(f"{latest_file} is missing; resuming from {complete[-1].name}")
-    return complete[-1] if complete else None
-
-
-def resolve_native_checkpoint(path: Path) -> tuple[Path, Path]:
-    """(checkpoint dir, run dir) from a run dir, its `checkpoints/` dir, or a `step_N` dir."""
-    if (path / ".metadata").exists():
-        return path, path.parent.parent
-    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    latest = find_latest(root)
-    if latest is None:
-        raise FileNotFoundError(f"no complete checkpoint under {path}")
-    return latest, root.parent
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -262,7 +183,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     if param_groups is not None:
         state["optim"]["param_groups"] = param_groups
     layout.load_state(model, optimizer, state["model"], state["optim"])
-    rank_file = path / f"rank_{_rank()}.json"
+    rank_file = path / f"rank_{world_rank()}.json"
     if not rank_file.exists():  # resumed with more ranks than saved: take rank 0's counters
         rank_file = path / "rank_0.json"
     saved = json.loads(rank_file.read_text())
@@ -354,14 +275,9 @@ def load_model_weights(path: Path, model: torch.nn.Module, layout: StateLayout =
     released language model, say): the parts it lacks keep their initialisation, with a warning.
     A part that is only partly present is an error, never a silent half-load.
     """
-    with dcp_quietly():
-        metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    saved = {k.removeprefix("model."): meta for k, meta in metadata.items() if k.startswith("model.")}
+    saved = _saved_model_entries(path)
     full = layout.model_state(model)
-    for key, value in full.items():  # a checkpoint of another model size: name the first difference
-        size = getattr(saved.get(key), "size", None)
-        if size is not None and isinstance(value, torch.Tensor) and tuple(size) != tuple(value.shape):
-            raise CheckpointShapeError(f"{key} is {tuple(size)} in {path} but {tuple(value.shape)} in this model")
+    _check_shapes(path, saved, full)
     parts = sorted({k.split(".", 1)[0] for k in full})
     absent = [p for p in parts if not any(k.startswith(p + ".") for k in saved)]
     partial = sorted(k for k in full if k not in saved and k.split(".", 1)[0] not in absent)
@@ -376,3 +292,88 @@ def load_model_weights(path: Path, model: torch.nn.Module, layout: StateLayout =
         dcp.load(state, checkpoint_id=str(path))
     layout.load_model_state(model, state["model"], strict=False)
     return sorted(set(absent) | set(read_marker(path).get("random_parts", [])))
+
+
+def _saved_model_entries(path: Path) -> dict:
+    """{native name: DCP storage metadata (`.size`, `.properties.dtype` for a tensor)} of a checkpoint's model."""
+    with dcp_quietly():
+        metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    return {k.removeprefix("model."): meta for k, meta in metadata.items() if k.startswith("model.")}
+
+
+def write_model_checkpoint(run_dir: Path, step: int, state: dict[str, Tensor], marker: dict | None = None) -> Path:
+    """A model-only checkpoint (`state`: whole tensors under their native names; no optimizer, no
+    rank state) as `run_dir/checkpoints/step_N`, written by this one process, published atomically
+    and named `latest`. Returns its directory. What `train.convert` writes; `load_model_weights` (a
+    stage's start) and `read_model_state` read it."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_step_dir(root, step)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with dcp_quietly():
+            dcp.save({"model": state}, checkpoint_id=str(tmp))
+        return publish(tmp, root, step, marker)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # never a half-written checkpoint left behind
+        raise
+
+
+class CheckpointReadError(OSError):
+    """A checkpoint's files cannot be read (damaged or cut); the message names the checkpoint and its step."""
+
+
+def read_model_state(checkpoint: Path, into: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """A checkpoint's model tensors under their native names (`language_model.*`, ...), whatever
+    engine and layout wrote them. `into` given: those tensors only, read in place (cast to their
+    dtypes; e.g. a model's own state dict, so nothing is allocated twice); returns `into`. None:
+    every saved model tensor, in its stored dtype.
+
+    A name `into` asks for that the checkpoint lacks is a KeyError, another shape a
+    CheckpointShapeError; a damaged or cut file a CheckpointReadError naming the checkpoint."""
+    checkpoint = Path(checkpoint)
+    try:
+        saved = _saved_model_entries(checkpoint)
+    except BaseException as err:
+        raise _unreadable(checkpoint, err) from None
+    if into is None:
+        into = {key: torch.empty(meta.size, dtype=meta.properties.dtype)
+                for key, meta in saved.items() if hasattr(meta, "properties")}
+    else:
+        _check_present(checkpoint, saved, into)
+    try:
+        with dcp_quietly():
+            dcp.load({"model": into}, checkpoint_id=str(checkpoint))
+    except BaseException as err:
+        raise _unreadable(checkpoint, err) from None
+    return into
+
+
+def _unreadable(checkpoint: Path, err: BaseException) -> BaseException:
+    """What a failed read raises: `err` itself when it is an interrupt, else a CheckpointReadError."""
+    if not isinstance(err, Exception) and type(err).__name__ != "CheckpointException":
+        return err  # KeyboardInterrupt, SystemExit (DCP wraps a damaged file's error in its BaseException)
+    cause = next(iter(getattr(err, "failures", {}).values()), err)  # DCP's per-rank failure
+    return CheckpointReadError(f"checkpoint {checkpoint} (step {_step_of(checkpoint)}) cannot be read "
+                               f"({type(cause).__name__}: {cause}): its files are damaged or cut; use another "
+                               "step (checkpoints/step_N)")
+
+
+def _check_present(checkpoint: Path, saved: dict, wanted: dict[str, Tensor]) -> None:
+    missing = sorted(k for k in wanted if k not in saved)
+    if missing:
+        raise KeyError(f"{checkpoint} lacks {len(missing)} of the weights asked for, e.g. {missing[:3]}")
+    _check_shapes(checkpoint, saved, wanted)
+
+
+def _check_shapes(checkpoint: Path, saved: dict, wanted: dict) -> None:
+    """A checkpoint of another model size: name the first difference."""
+    for key, value in wanted.items():
+        size = getattr(saved.get(key), "size", None)
+        if size is not None and isinstance(value, torch.Tensor) and tuple(size) != tuple(value.shape):
+            raise CheckpointShapeError(f"{key} is {tuple(size)} in {checkpoint} but {tuple(value.shape)} in this model")
+
+
+def _step_of(checkpoint: Path) -> str:
+    name = checkpoint.name
+    return str(int(name.split("_")[1])) if name.startswith("step_") and name.split("_")[1].isdigit() else "?"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from pathlib import Path
@@ -12,6 +13,7 @@ from omegaconf import OmegaConf
 
 from data_pipelines.training.config import paths_unchecked
 from train.config.schema import Config, ConfigError, build_config
+from train.engines import resolve_engine
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 RECIPES_DIR = PROJECT_ROOT / "recipes"
@@ -115,7 +117,5 @@ def load_config(config_name: str, overrides: list[str] | None = None, check_path
     for source in data.get("sources", []) if isinstance(data.get("sources"), list) else []:
         if isinstance(source, dict) and source.get("path"):
             source["path"] = os.path.abspath(source["path"])
-    if check_paths:
-        return build_config(raw)
-    with paths_unchecked():
-        return build_config(raw)
+    with contextlib.nullcontext() if check_paths else paths_unchecked():
+        return build_config(raw, lambda impl: resolve_engine(impl).validate)

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type_hints
+from typing import Any, Callable, Literal, Optional, Union, get_args, get_origin, get_type_hints
 
 from data_pipelines.training.config import ConfigError, DataConfig, check_positive, paths_checked
 from data_pipelines.training.special_tokens import MIN_TRAINED_VOCAB_SIZE
-from train.ops.backends import BACKENDS, OPS
+from train.ops.kernel_config import KernelConfig
 
 
 @dataclass
@@ -128,57 +127,6 @@ class ProjectorConfig:
 
 
 @dataclass
-class KernelConfig:
-    """Which implementation computes each fused op, and what backward recomputes.
-
-    `torch` is the pure-torch reference twin in `train/ops` (runs anywhere, the default); the
-    others are GPU libraries, imported only when chosen, and a missing one fails at model build
-    with the pip package to install. Nothing is auto-detected: a run computes with exactly what
-    is named here, so switching machines never silently changes the numerics.
-    """
-
-    ssd: Literal["torch", "mamba_ssm"] = "torch"
-    conv1d: Literal["torch", "causal_conv1d"] = "torch"
-    # torch_varlen: torch's own varlen_attn (torch >= 2.11, CUDA), nothing to install or compile.
-    attention: Literal["torch", "flash_attn", "torch_varlen", "transformer_engine"] = "torch"
-    gated_norm: Literal["torch", "mamba_ssm"] = "torch"
-    rms_norm: Literal["torch", "mamba_ssm"] = "torch"
-    # "layers": every LM layer and ViT block keeps only its input and is recomputed in backward.
-    activation_checkpointing: Literal["none", "layers"] = "none"
-
-    @property
-    def fused(self) -> dict[str, str]:
-        """{op: backend} for the ops that do not run on the torch reference."""
-        return {op: getattr(self, op) for op in OPS if getattr(self, op) != "torch"}
-
-    def validate(self, path: str, lm: LanguageModelConfig, lm_path: str) -> None:
-        """Shape limits of the chosen kernels (`train.ops.backends.BACKENDS`), checked before any compute."""
-        for op in OPS:
-            backend = BACKENDS[op][getattr(self, op)]
-            for limit in backend.limits:
-                problem = limit.layer in lm.pattern and limit.violation(lm, lm_path)
-                if problem:
-                    raise ConfigError(f"{path}.{op}={getattr(self, op)} {problem}: "
-                                      f"{limit.fix.format(lm_path=lm_path)} or set {path}.{op}=torch")
-
-    def validate_runtime(self, path: str, device: str, precision: "PrecisionConfig") -> None:
-        """GPU kernels need a GPU; fused attention needs 16-bit activations, which is what the
-        precision computes in (`precision.compute_dtype`, resolved), not what it is called:
-        `fp8_delayed_emulated` computes in fp32 unless told otherwise."""
-        if device == "cpu" and self.fused:
-            op, backend = next(iter(self.fused.items()))
-            raise ConfigError(f"{path}.{op}={backend} runs on CUDA only but trainer.device=cpu: "
-                              f"set {path}.{op}=torch or trainer.device=cuda")
-        compute = precision.resolved_compute_dtype
-        for op, name in self.fused.items():
-            accepted = BACKENDS[op][name].compute_dtypes
-            if compute not in accepted:
-                raise ConfigError(f"{path}.{op}={name} computes in {'/'.join(accepted)} only but precision={precision.name} "
-                                  f"computes in {compute} (precision.compute_dtype={precision.compute_dtype}): set "
-                                  f"precision.compute_dtype=bf16, precision=bf16, or {path}.{op}=torch")
-
-
-@dataclass
 class ModelConfig:
     name: str = "tiny"
     language_model: LanguageModelConfig = field(default_factory=LanguageModelConfig)
@@ -186,7 +134,7 @@ class ModelConfig:
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     kernels: KernelConfig = field(default_factory=KernelConfig)
     # "native": plain PyTorch (data parallel by DDP / FSDP2). "mcore": the language model built on
-    # megatron-core for tensor, sequence, context and pipeline parallelism (`train.model.mcore`).
+    # megatron-core for tensor, sequence, context and pipeline parallelism (`train.engines.mcore`).
     impl: Literal["native", "mcore"] = "native"
     # Rows of the output head and loss computed at once: full logits are never materialised.
     loss_chunk_size: int = 1024
@@ -196,9 +144,6 @@ class ModelConfig:
     compile: bool = False
 
     def validate(self, path: str) -> None:
-        if self.compile and self.impl == "mcore":
-            raise ConfigError(f"{path}.compile=true compiles the native engine's layers; with {path}.impl=mcore "
-                              "leave it false")
         self.language_model.validate(f"{path}.language_model")
         self.vision.validate(f"{path}.vision")
         self.kernels.validate(f"{path}.kernels", self.language_model, f"{path}.language_model")
@@ -259,6 +204,10 @@ class TrainerConfig:
     # state meanwhile); the checkpoint becomes `latest` when the write is done.
     async_save: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # torch's intra-op threads per process. 0: OMP_NUM_THREADS when set (torchrun sets 1 per rank),
+    # else the cores this process may run on (its CPU affinity: a Slurm allocation, a container)
+    # divided among the processes of this node. The stage's log says which it took.
+    cpu_threads: int = 0
     deterministic: bool = True
     # Steps with a non-finite loss or gradient norm are skipped (no update); this many in a row
     # stop the run with an error, leaving the last good checkpoint as `latest`.
@@ -277,6 +226,8 @@ class TrainerConfig:
                         "keep_last", "max_nonfinite_steps", "eval_samples")
         if self.eval_every < 0:
             raise ConfigError(f"{path}.eval_every={self.eval_every}: set 0 (evaluate at the end only) or a step count")
+        if self.cpu_threads < 0:
+            raise ConfigError(f"{path}.cpu_threads={self.cpu_threads}: set 0 (automatic) or a thread count")
 
 
 MODEL_PARTS = ("language_model", "vision_model", "projector")
@@ -484,21 +435,18 @@ class Config:
     # Name of the smoke overlay in use (None for a real run); informational.
     smoke: Optional[str] = None
 
-    def validate(self) -> "Config":
+    def validate(self, engine_rules: Callable[["Config"], None] | None = None) -> "Config":
+        """Every engine-blind rule; `engine_rules`: the chosen engine's own (`Engine.validate`, passed in
+        by `train.config.compose.load_config`: the schema does not know the engines)."""
         if not self.stage:
             raise ConfigError("stage is empty: a recipe must set `stage` to its own name")
         for name in ("model", "data", "optim", "trainer", "trainable", "init", "parallel", "precision", "eval"):
             getattr(self, name).validate(name)
         self.model.kernels.validate_runtime("model.kernels", self.trainer.device, self.precision)
-        if self.model.impl == "mcore":
-            self._validate_mcore()
+        if engine_rules is not None:
+            engine_rules(self)
         if self.precision.name == "fp8_delayed":
             self._validate_fp8_shapes()
-        if self.parallel.model_parallel and self.model.impl != "mcore":
-            raise ConfigError(
-                f"parallel.tensor_parallel={self.parallel.tensor_parallel}, context_parallel="
-                f"{self.parallel.context_parallel}, pipeline_parallel={self.parallel.pipeline_parallel} need "
-                "model.impl=mcore (the native engine is data parallel only)")
         vocab = self.model.language_model.vocab_size
         if self.data.synth_dir is not None and vocab < MIN_TRAINED_VOCAB_SIZE:
             raise ConfigError(f"model.language_model.vocab_size={vocab} is too small for the embedded data's tokenizer "
@@ -528,76 +476,6 @@ class Config:
         if tokens % 16:
             raise ConfigError(f"precision=fp8_delayed needs the tokens of a micro-batch (trainer.micro_batch_size x "
                               f"data.seq_length = {tokens}) to be a multiple of 16")
-
-    def _validate_mcore_fp8(self) -> None:
-        """FP8 on megatron-core is megatron's own: its config's fp8_* fields from ours, Transformer
-        Engine linears (the TE spec) in every language-model layer, delayed scaling over the whole
-        stack (megatron's FP8 context); the embedding, head, vision tower and projector stay in bf16."""
-        prec = self.precision
-        if prec.name == "fp8_delayed_emulated":
-            raise ConfigError("precision=fp8_delayed_emulated emulates FP8 in the native engine's linears; with "
-                              "model.impl=mcore use precision=fp8_delayed (GPU, Transformer Engine) or bf16")
-        if prec.name != "fp8_delayed":
-            return
-        if self.model.kernels.attention != "transformer_engine":
-            raise ConfigError("precision=fp8_delayed with model.impl=mcore runs megatron's Transformer Engine layers: "
-                              "set model.kernels.attention=transformer_engine")
-        if prec.keep_first_last_layers:
-            raise ConfigError(f"precision.keep_first_last_layers={prec.keep_first_last_layers}: megatron-core runs "
-                              "delayed scaling over the whole hybrid stack and keeps no layer in bf16 under it; set "
-                              "precision.keep_first_last_layers=0 with model.impl=mcore")
-        if sorted(prec.keep_patterns) != sorted(DEFAULT_FP8_KEEP_PATTERNS):
-            raise ConfigError(f"precision.keep_patterns={prec.keep_patterns}: with model.impl=mcore the FP8 region is "
-                              "every linear of the language model's layers (megatron's TE spec); leave keep_patterns "
-                              "at its default")
-
-    def _validate_mcore(self) -> None:
-        """What the megatron-core engine supports today, and the shapes a layout needs."""
-        par, lm = self.parallel, self.model.language_model
-        # Under torchrun the job's size is known: a layout bigger than it (or not dividing it) cannot start.
-        world = os.environ.get("WORLD_SIZE")
-        model_ranks = par.tensor_parallel * par.context_parallel * par.pipeline_parallel
-        if world and world.isdigit() and int(world) % model_ranks:
-            raise ConfigError(
-                f"parallel.tensor_parallel={par.tensor_parallel} x context_parallel={par.context_parallel} x "
-                f"pipeline_parallel={par.pipeline_parallel} = {model_ranks} ranks per model replica, but this job has "
-                f"WORLD_SIZE={world} processes: launch a multiple of {model_ranks} (torchrun --nproc-per-node) or "
-                "shrink the layout")
-        if len(lm.pattern) % par.pipeline_parallel:
-            raise ConfigError(f"parallel.pipeline_parallel={par.pipeline_parallel} must divide the "
-                              f"{len(lm.pattern)} layers of model.language_model.pattern: each stage takes an equal run")
-        if par.data_parallel == "fsdp":
-            raise ConfigError("model.impl=mcore shards with its own layout: set parallel.data_parallel=ddp")
-        self._validate_mcore_fp8()
-        tp = par.tensor_parallel
-        _check_divides(tp, {"model.language_model.mamba_num_heads": lm.mamba_num_heads,
-                            "model.language_model.n_groups": lm.n_groups,
-                            "model.language_model.num_attention_heads": lm.num_attention_heads,
-                            "model.language_model.num_key_value_heads": lm.num_key_value_heads,
-                            "model.language_model.vocab_size": lm.vocab_size})
-        cp = par.context_parallel
-        if cp > 1 and self.model.kernels.attention == "transformer_engine":
-            raise ConfigError("parallel.context_parallel > 1 with model.kernels.attention=transformer_engine: TE's "
-                              "context-parallel attention expects each sample padded to 2 x context_parallel chunks, "
-                              "which the packer does not do yet; use model.kernels.attention=torch, flash_attn or torch_varlen")
-        _check_divides(tp * cp, {"model.language_model.mamba_num_heads": lm.mamba_num_heads})
-        groups = lm.n_groups // tp
-        if groups % cp and cp % groups:
-            raise ConfigError(f"model.language_model.n_groups / tensor_parallel = {groups} and "
-                              f"parallel.context_parallel={cp}: one must divide the other")
-        # Each context-parallel rank takes 2 of 2 * cp equal chunks of the row, then 1/tp of its slice under SP.
-        slices = 2 * cp * (tp if par.sequence_parallel else 1)
-        if (self.trainer.micro_batch_size * self.data.seq_length) % slices:
-            raise ConfigError(f"trainer.micro_batch_size x data.seq_length = "
-                              f"{self.trainer.micro_batch_size * self.data.seq_length} tokens must split into {slices} "
-                              f"equal slices (2 x context_parallel{' x tensor_parallel' if par.sequence_parallel else ''})")
-
-
-def _check_divides(tp: int, pairs: dict[str, int]) -> None:
-    for field_path, value in pairs.items():
-        if value % tp:
-            raise ConfigError(f"{field_path}={value} must be a multiple of parallel.tensor_parallel={tp}: each "
-                              "tensor-parallel rank holds an equal share")
 
 
 def from_dict(cls: type, data: Any, path: str = "") -> Any:
@@ -651,9 +529,11 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
     return value
 
 
-def build_config(raw: dict) -> Config:
-    """Typed, validated config from a resolved plain dict (Hydra's output)."""
-    return from_dict(Config, raw).validate()
+def build_config(raw: dict, engine_rules_of: Callable[[str], Callable[[Config], None]] | None = None) -> Config:
+    """Typed, validated config from a resolved plain dict (Hydra's output); `engine_rules_of(impl)`:
+    the rules of the engine `model.impl` names."""
+    cfg = from_dict(Config, raw)
+    return cfg.validate(engine_rules_of(cfg.model.impl) if engine_rules_of is not None else None)
 
 
 def to_dict(cfg: Config) -> dict:

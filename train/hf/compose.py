@@ -7,7 +7,7 @@ layout `hf_to_native` writes (config.yaml, checkpoints/step_0000000, hf_source/)
 `native-to-hf --layout vl` exports it as transformers' nemotron_h_omni. The RADIO directory is
 what `RadioModel.save_pretrained` writes (`radio_model.*` tensors, `model_type: radio`); its
 tensors land where the omni layout keeps them (`vision_model.radio_model.*`), so the name mapping
-is the one `train.hf.conversion` already proves against transformers.
+is the one `train.hf.mapping` holds and `train.hf.conversion` proves against transformers.
 """
 
 from __future__ import annotations
@@ -18,19 +18,11 @@ from pathlib import Path
 import torch
 
 from train.config.schema import ModelConfig, ProjectorConfig
-from train.hf.conversion import (
-    SOURCE_DIR,
-    ConversionError,
-    check_against_model,
-    hf_layout,
-    hf_lm_config_to_ours,
-    hf_to_native_state,
-    radio_config_to_ours,
-    read_hf_config,
-    read_hf_weights,
-    split_carried,
-    write_native,
-)
+from train.hf.config import hf_layout, hf_lm_config_to_ours, radio_config_to_ours, read_hf_config
+from train.hf.conversion import check_against_model, write_native
+from train.hf.errors import ConversionError
+from train.hf.files import SOURCE_DIR, read_hf_weights
+from train.hf.mapping import hf_to_native_state, split_carried
 from train.model.projector import Projector
 
 VISION_CONFIG_NAME = "vision_config.json"  # the RADIO source's config.json, kept in hf_source/

@@ -15,7 +15,7 @@ grid between `min_num_patches` and `max_num_patches`; training cut images into I
 The export sets the bounds from the tiling (at least one tile, at most `max_tiles` + thumbnail
 worth of patches), so one tile-sized image passes through the processor unchanged and a large
 image gets the patch budget training gave it. A prompt laid out exactly as in training (tiles +
-thumbnail) comes from `train.chat` / `train.inference.chat_session.build_prompt`.
+thumbnail) comes from `train.chat` / `train.chat.session.build_prompt`.
 """
 
 from __future__ import annotations

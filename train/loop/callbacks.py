@@ -1,4 +1,16 @@
-"""Things that watch the loop: metrics file, progress output, wandb. Rank 0 only."""
+"""The side jobs of the training loop, as callbacks: the loop runs a step and its collectives, then
+calls every callback's hooks in list order (OLMo-core's `train/callbacks/` is the model).
+
+  Validation     held-out loss every `trainer.eval_every` steps (a collective: every rank)
+  MetricsFile    metrics.jsonl (rank 0)
+  WandbLogger    wandb, offline unless configured (rank 0)
+  Progress       a tqdm bar on a terminal, plain lines in a log (rank 0)
+  Checkpointing  interval saves, the async save's completion, the preemption save (every rank)
+
+Hooks (each a no-op by default): `on_step_end(trainer, event)` after every step; `on_validation(trainer,
+step, val)` after a held-out evaluation, once every callback has seen the step; `on_fit_end(trainer,
+summary)` when the stage is done; `close()` always, last (also after an error or a preemption).
+"""
 
 from __future__ import annotations
 
@@ -6,14 +18,63 @@ import json
 import sys
 import time
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
-
 from tqdm import tqdm
 
-from train.reporting.report import read_metrics_records
+from train.evaluate.heldout import Validator
+from train.loop.preemption import Preempted, PreemptionHandler, mark_preempted
+from train.loop.train_module import StepResult
+from train.report.build import read_metrics_records
 
 
-class MetricsFile:
+@dataclass
+class StepEnd:
+    step: int  # optimizer steps done, this one included
+    result: StepResult
+    elapsed_s: float
+    # What metrics.jsonl and wandb get this step; None on a step that does not log. Callbacks earlier
+    # in the list may add to it (Validation adds val/*).
+    record: dict | None
+    val: dict[str, float] | None = None  # the held-out losses, on a step that evaluated
+
+
+class Callback:
+    """`trainer`: the `train.loop.trainer.Trainer` running the loop (its state: step, model, data,
+    checkpointer, train_module, `log`)."""
+
+    def on_step_end(self, trainer, event: StepEnd) -> None:
+        pass
+
+    def on_validation(self, trainer, step: int, val: dict[str, float]) -> None:
+        pass
+
+    def on_fit_end(self, trainer, summary: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class Validation(Callback):
+    """Held-out loss when due; its numbers join the step's record (the loop logs every evaluating step)."""
+
+    def __init__(self, validator: Validator):
+        self.validator = validator
+
+    def due(self, step: int) -> bool:
+        return self.validator.due(step)
+
+    def on_step_end(self, trainer, event):
+        if not self.validator.due(event.step):
+            return
+        event.val = self.validator.evaluate(trainer.train_module.loss_sum)
+        if event.val:
+            trainer.last_val = event.val
+            event.record.update(event.val)
+
+
+class MetricsFile(Callback):
     """`metrics.jsonl`, one JSON object per logged step. On resume, lines past the resumed step
     (logged after the checkpoint, before a crash) are dropped so no step appears twice, and so are
     unreadable lines (a write cut by a kill or a full disk), with a warning."""
@@ -39,8 +100,12 @@ class MetricsFile:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
+    def on_step_end(self, trainer, event):
+        if event.record is not None:
+            self.log(event.record)
 
-class Progress:
+
+class Progress(Callback):
     """A tqdm bar on a terminal; plain lines (loss, tokens/s, ETA) when output is a file or CI log."""
 
     def __init__(self, stage: str, start_step: int, max_steps: int, enabled: bool):
@@ -59,12 +124,19 @@ class Progress:
             print(f"[{self.stage}] step {step}/{self.max_steps} loss {loss:.4f} "
                   f"tok/s {tokens_per_s:,.0f} eta {eta:.0f}s", flush=True)
 
+    def on_step_end(self, trainer, event):
+        if event.record is not None:
+            self.update(event.step, event.result.loss, event.result.real_tokens / event.elapsed_s)
+
+    def on_validation(self, trainer, step, val):
+        trainer.log("val " + ", ".join(f"{k.removeprefix('val/')} {v:.4f}" for k, v in val.items()))
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
 
 
-class WandbLogger:
+class WandbLogger(Callback):
     """wandb in the configured mode (offline by default; never a key in config or logs)."""
 
     def __init__(self, mode: str, project: str, entity: str | None, run_dir: Path, stage: str, config: dict):
@@ -76,6 +148,13 @@ class WandbLogger:
         run_id = f"{stage}-{zlib.crc32(str(run_dir.resolve()).encode()):08x}"
         self.run = wandb.init(mode=mode, project=project, entity=entity, dir=str(run_dir), name=stage,
                               id=run_id, resume="allow", config=config)
+
+    def on_step_end(self, trainer, event):
+        if event.record is not None:
+            self.log(event.record)
+
+    def on_fit_end(self, trainer, summary):
+        self.log_images(trainer.report_plots, trainer.step)
 
     def log(self, record: dict) -> None:
         if self.run is not None:
@@ -91,3 +170,26 @@ class WandbLogger:
     def close(self) -> None:
         if self.run is not None:
             self.run.finish()
+
+
+class Checkpointing(Callback):
+    """Saves every `trainer.save_every` steps and at the last; completes an async save once its writes
+    are done; on a preemption signal saves (unless this step just did), waits for the writes,
+    marks the run preempted and raises `Preempted` (exit 75: rerun to resume)."""
+
+    def __init__(self, save_every: int, max_steps: int, preemption: PreemptionHandler):
+        self.save_every, self.max_steps = save_every, max_steps
+        self.preemption = preemption
+
+    def on_step_end(self, trainer, event):
+        trainer.checkpointer.poll()  # an async save whose writes are done becomes `latest`
+        saved = event.step % self.save_every == 0 or event.step == self.max_steps
+        if saved:
+            trainer.save()
+        if event.step < self.max_steps and self.preemption.should_stop():
+            if not saved:
+                trainer.save()
+            trainer.checkpointer.wait()
+            trainer.log(f"preempted: saved step {event.step}; rerun the same command to resume")
+            mark_preempted(f"saved step {event.step}")
+            raise Preempted(event.step)

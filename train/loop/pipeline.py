@@ -78,7 +78,7 @@ def run_pipeline(argv: list[str]) -> list[dict]:
 def write_pipeline_summary(root: Path, configs: list[Config], summaries: list[dict]) -> None:
     """summary.json (the stages' summaries in order and the forgetting curve: each stage's last
     held-out loss on the shared monitor sources) and report.html."""
-    from train.reporting.report import forgetting_curve, read_stage, write_pipeline_report
+    from train.report.build import forgetting_curve, read_stage, write_pipeline_report
 
     curve = forgetting_curve([read_stage(Path(cfg.run.dir)) for cfg in configs])
     summary = {"stages": summaries, "forgetting": {source: [{"stage": stage, "loss": loss} for stage, loss in zip(*points)]

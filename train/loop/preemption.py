@@ -15,7 +15,8 @@ import signal
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
+
+from train.parallel.distributed import all_reduce_max_
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later"
 # Set by the sbatch script (launch/templates/sbatch.sh), fresh for each start of the job.
@@ -77,8 +78,5 @@ class PreemptionHandler:
 
     def should_stop(self) -> bool:
         """True on every rank when any rank was signalled (ranks must save together)."""
-        if not (dist.is_available() and dist.is_initialized()):
-            return self._requested
         flag = torch.tensor([1.0 if self._requested else 0.0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return bool(all_reduce_max_(flag, "world").item())

@@ -20,6 +20,7 @@ from train.model.vlm import VisionLanguageModel
 from train.parallel.distributed import (
     DistInfo,
     all_reduce_sum,
+    all_reduce_tensor_sum,
     average_gradients,
     clip_grad_norm,
     finalize_tensor_parallel_grads,
@@ -86,23 +87,47 @@ def _fsdp_no_sync(model):
         model.set_requires_gradient_sync(True)
 
 
+@dataclass(frozen=True)
+class BatchTotals:
+    """A step's global batch counts, summed over the data-parallel replicas (ranks of one replica
+    hold the same batches) in one all-reduce, before the forward: the loss weight scales it."""
+
+    loss_weight: float
+    supervised_tokens: int
+    real_tokens: int
+    slots: int  # token slots, real + padding
+    samples: int
+    evs_kept: int  # video tokens EVS kept
+    evs_total: int  # video tokens before EVS pruning
+
+    @classmethod
+    def reduce(cls, micro_batches: list[PackedBatch], tokens_per_frame: int, info: DistInfo) -> "BatchTotals":
+        local = [sum(b.loss_weight for b in micro_batches),
+                 sum(b.num_supervised_tokens for b in micro_batches),
+                 sum(b.num_real_tokens for b in micro_batches),
+                 sum(b.input_ids.numel() for b in micro_batches),
+                 sum(b.num_samples for b in micro_batches),
+                 sum(int(b.video_evs[:, 2].sum()) for b in micro_batches),
+                 sum(int(b.video_evs[:, 1].sum()) * tokens_per_frame for b in micro_batches)]
+        weight, *counts = all_reduce_tensor_sum(torch.tensor(local, dtype=torch.float64), info, "data").tolist()
+        return cls(weight, *(int(c) for c in counts))
+
+
 class TrainModule:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, info: DistInfo,
-                 precision: Precision):
-        self.model = model  # possibly DDP-wrapped
+                 precision: Precision, schedule=None):
+        """`model`: the module a step calls (possibly DDP-wrapped). `schedule`: the engine's micro-batch
+        schedule (`Engine.step_schedule`): pipeline stages run 1F1B and average the gradients over the
+        data-parallel replicas after the last micro-batch (no DDP wrapper then); None: each
+        micro-batch's forward and backward in turn."""
+        self.model = model
         self.optimizer = optimizer
         self.cfg = cfg
         self.info = info
         self.precision = precision
+        self.schedule = schedule
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
-        # Pipeline parallelism: micro-batches go through the stages in 1F1B order, and gradients are
-        # averaged over the data-parallel replicas after the last one (no DDP wrapper then).
-        self.pipeline = None
-        if info.dims.pipeline > 1:
-            from train.model.mcore.pipeline import PipelineSchedule
-
-            self.pipeline = PipelineSchedule(model, info, precision.autocast)
 
     def _gradient_sync(self, sync: bool):
         """Skip the gradient all-reduce on all but the last micro-batch (DDP no_sync; FSDP2
@@ -123,17 +148,16 @@ class TrainModule:
     def loss_sum(self, batch: PackedBatch) -> float:
         """The weighted loss sum of one micro-batch, forward only (validation): this rank's share
         of it (context parallelism), the same on every pipeline stage."""
-        if self.pipeline is not None:
-            return self.pipeline.loss(batch)
+        if self.schedule is not None:
+            return self.schedule.loss(batch)
         return float(self._loss(batch)[0])
 
     def train_step(self, micro_batches: list[PackedBatch], step: int) -> StepResult:
         lr = learning_rate(step, self.cfg.optim, self.cfg.trainer.max_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        # Ranks of one data-parallel replica hold the same batches: batch totals sum over `data`.
-        global_weight = all_reduce_sum(sum(b.loss_weight for b in micro_batches), self.info, "data")
-        global_supervised = all_reduce_sum(sum(b.num_supervised_tokens for b in micro_batches), self.info, "data")
+        totals = BatchTotals.reduce(micro_batches, self.cfg.model.tokens_per_tile, self.info)
+        global_weight = totals.loss_weight
         if global_weight == 0:
             raise RuntimeError("a whole global batch has no supervised token; check the data's assistant turns")
         # Gradients are averaged over the data (and context) replicas; scale so the result is the
@@ -141,8 +165,8 @@ class TrainModule:
         scale = self.info.gradient_replicas / global_weight
         self.optimizer.zero_grad(set_to_none=True)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        if self.pipeline is not None:
-            loss_sum = self.pipeline.train(micro_batches, scale)
+        if self.schedule is not None:
+            loss_sum = self.schedule.train(micro_batches, scale)
             average_gradients(params, self.info)
         else:
             loss_sum = 0.0
@@ -177,18 +201,11 @@ class TrainModule:
             loss=loss,
             grad_norm=grad_norm,
             lr=lr,
-            real_tokens=int(all_reduce_sum(sum(b.num_real_tokens for b in micro_batches), self.info, "data")),
-            supervised_tokens=int(global_supervised),
-            slots=int(all_reduce_sum(sum(b.input_ids.numel() for b in micro_batches), self.info, "data")),
-            samples=int(all_reduce_sum(sum(b.num_samples for b in micro_batches), self.info, "data")),
+            real_tokens=totals.real_tokens,
+            supervised_tokens=totals.supervised_tokens,
+            slots=totals.slots,
+            samples=totals.samples,
             precision_metrics=self.precision.step_metrics(),
             skipped_nonfinite=not finite,
-            evs_keep_ratio=self._evs_keep_ratio(micro_batches),
+            evs_keep_ratio=totals.evs_kept / totals.evs_total if totals.evs_total else None,
         )
-
-    def _evs_keep_ratio(self, micro_batches: list[PackedBatch]) -> float | None:
-        """Kept video tokens over the tokens the frames had before pruning, over the global batch."""
-        per_frame = self.cfg.model.tokens_per_tile
-        kept = all_reduce_sum(sum(int(b.video_evs[:, 2].sum()) for b in micro_batches), self.info, "data")
-        total = all_reduce_sum(sum(int(b.video_evs[:, 1].sum()) * per_frame for b in micro_batches), self.info, "data")
-        return kept / total if total else None

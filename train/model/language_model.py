@@ -74,7 +74,7 @@ def mamba_dt_limit(cfg: LanguageModelConfig) -> tuple[float, float]:
 def mamba_scan(mixer: nn.Module, zxbcdt: Tensor, seq_idx: Tensor | None,
                cache: MambaCache | None = None) -> tuple[Tensor, Tensor]:
     """What a Mamba2 mixer computes between its in_proj and its gated norm, shared by the native mixer
-    and the megatron-core one (`train.model.mcore.layers`), which holds its rank's heads:
+    and the megatron-core one (`train.engines.mcore.layers`), which holds its rank's heads:
     in_proj output (B, L, inner + conv_dim + H) = [z | x B C | dt] -> causal conv over xBC and the
     chunked SSD scan -> (y (B, L, inner), z (B, L, inner)).
 
@@ -326,7 +326,7 @@ class HybridLanguageModel(nn.Module):
                     proj.weight.div_(math.sqrt(2 * len(self.cfg.pattern)))
 
     # The language-model interface the vision-language model uses, shared with the megatron-core
-    # engine (`train.model.mcore.model.McoreLanguageModel`).
+    # engine (`train.engines.mcore.model.McoreLanguageModel`).
     def embed_tokens(self, input_ids: Tensor) -> Tensor:
         return self.backbone.embeddings(input_ids)  # (B, L) -> (B, L, D)
 

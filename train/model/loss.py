@@ -45,7 +45,7 @@ def cross_entropy_chunk(hidden: Tensor, targets: Tensor, head_weight: Tensor, we
 class ChunkedCrossEntropy:
     """Cross-entropy through the output head `chunk_size` rows at a time (see `chunked_cross_entropy`).
     `chunk_loss` computes one chunk: the whole head here; a vocabulary-parallel head passes its own
-    (`train.model.mcore.loss`)."""
+    (`train.engines.mcore.loss`)."""
 
     chunk_size: int
     chunk_loss: ChunkLoss = cross_entropy_chunk

@@ -83,7 +83,7 @@ class VisionLanguageModel(nn.Module):
         (`self.loss`, by default `train.model.loss.ChunkedCrossEntropy`). EVS only rewrites media
         spans, which carry no loss, so the targets stay as the collator made them.
 
-        A pipeline stage of the language model (`train.model.mcore.pipeline`) before the last
+        A pipeline stage of the language model (`train.engines.mcore.pipeline`) before the last
         returns its output activations instead of the loss; one after the first starts from the
         previous stage's activations (no embedding, no media)."""
         lm = self.language_model

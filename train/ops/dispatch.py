@@ -24,8 +24,9 @@ from typing import Callable
 
 from torch import Tensor
 
-from train.config.schema import ConfigError, KernelConfig
+from data_pipelines.training.config import ConfigError
 from train.ops.backends import BACKENDS, OPS
+from train.ops.kernel_config import KernelConfig
 
 __all__ = ["KernelUnavailableError", "Kernels", "load_backend", "resolve_kernels"]
 

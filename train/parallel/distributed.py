@@ -69,40 +69,45 @@ def init_distributed(parallel: ParallelConfig, device_name: str, always: bool = 
         backend = parallel.backend if parallel.backend != "auto" else ("nccl" if use_cuda else "gloo")
         if world_size == 1:  # launched without torchrun: a private 1-rank rendezvous
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
     dims = ParallelDims(world_size, parallel.tensor_parallel, parallel.context_parallel, parallel.pipeline_parallel)
     groups = make_groups(dims, rank, device) if make_groups is not None else ProcessGroups(dims, rank)
+    global _GROUPS
+    _GROUPS = groups
     return DistInfo(rank, world_size, local_rank, device, dims, groups)
 
 
-def wrap_data_parallel(model: nn.Module, parallel: ParallelConfig, info: DistInfo) -> nn.Module:
-    """Apply data parallelism; returns the module to call for the forward.
+# This process's groups, from `init_distributed` to `shutdown`: for state that reduces without a
+# DistInfo at hand (FP8 amaxes, the preemption flag), always over a named group.
+_GROUPS: ProcessGroups | None = None
 
-    fsdp (FSDP2 `fully_shard`): each LM layer, each ViT block, the projector and the vision and
-    language models are shard units, then the root; parameters become DTensors in place, so the
-    optimizer must be built after this. ddp: a wrapper around the unchanged model.
-    """
-    if info.gradient_replicas == 1 or info.dims.pipeline > 1:  # a pipeline reduces after its schedule
-        return model
-    if parallel.data_parallel == "fsdp":
-        from torch.distributed.fsdp import fully_shard
 
-        for layer in model.language_model.backbone.layers:
-            fully_shard(layer)
-        for block in model.vision_model.blocks:
-            fully_shard(block)
-        fully_shard(model.projector)
-        fully_shard(model.vision_model)
-        fully_shard(model)
-        return model
-    device_ids = [info.local_rank] if info.device.type == "cuda" else None
-    # A text-only micro-batch leaves the (trainable) vision side without gradients; DDP must know,
-    # or its buckets for those parameters are never reduced and ranks silently diverge.
-    # Gradients are averaged over the data-parallel replicas and their context-parallel peers (each
-    # of which saw a slice of the rows); tensor-parallel peers hold other shards.
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=True,
-                                               process_group=info.groups.get("data_context"))
+def process_group(name: GroupName):
+    """This process's `name` group of the running layout; None when it is alone in it, or outside a
+    distributed run (a reduction over it is then the identity)."""
+    return _GROUPS.get(name) if _GROUPS is not None else None
+
+
+def world_rank() -> int:
+    """This process's rank in the whole job (0 outside a distributed run): for the few things one
+    process does for all (a checkpoint's rename and `latest`), never for choosing data."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def barrier(group: GroupName = "world") -> None:
+    """The ranks of this rank's `group` wait for each other (nothing when it is alone in it)."""
+    process_group_ = process_group(group)
+    if process_group_ is not None:
+        dist.barrier(group=process_group_)
+
+
+def all_reduce_max_(tensor: torch.Tensor, group: GroupName) -> torch.Tensor:
+    """`tensor`, in place, the elementwise maximum over this rank's `group`."""
+    process_group_ = process_group(group)
+    if process_group_ is not None:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=process_group_)
+    return tensor
 
 
 def all_reduce_sum(value: float, info: DistInfo, group: GroupName) -> float:
@@ -184,26 +189,32 @@ def average_gradients(params: list[nn.Parameter], info: DistInfo) -> None:
 
 
 def shutdown() -> None:
+    global _GROUPS
+    _GROUPS = None
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
-def sum_counts(counts: dict[str, int], info: DistInfo) -> dict[str, int]:
-    """{key: count} summed over the data-parallel replicas (every rank must call it). Ranks of one
-    replica read the same samples, so only the data group is summed: nothing counts twice."""
+def sum_count_tables(tables: dict[str, dict[str, int]], info: DistInfo) -> dict[str, dict[str, int]]:
+    """Each {key: count} table summed over the data-parallel replicas, in one gather (every rank must
+    call it). Ranks of one replica read the same samples, so only the data group is summed: nothing
+    counts twice."""
     process_group = info.groups.get("data") if info.groups is not None else None
     if info.world_size == 1 or process_group is None:
-        return dict(counts)
+        return {name: dict(counts) for name, counts in tables.items()}
     gathered: list = [None] * info.data_size
-    dist.all_gather_object(gathered, dict(counts), group=process_group)
-    total: dict[str, int] = {}
-    for part in gathered:
-        for key, value in part.items():
-            total[key] = total.get(key, 0) + value
-    return dict(sorted(total.items()))
+    dist.all_gather_object(gathered, {name: dict(counts) for name, counts in tables.items()}, group=process_group)
+    totals: dict[str, dict[str, int]] = {}
+    for name in tables:
+        total: dict[str, int] = {}
+        for part in gathered:
+            for key, value in part[name].items():
+                total[key] = total.get(key, 0) + value
+        totals[name] = dict(sorted(total.items()))
+    return totals
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as sock:

@@ -7,6 +7,8 @@ when precision=fp8_delayed is built, so a missing or broken install never breaks
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from train.config.schema import PrecisionConfig
@@ -20,20 +22,24 @@ TE_INSTALL_HINT = (f"{te_install_command()} (or the te-cu12 / te-cu13 extra), or
                    "(with precision.fp8_gemm=scaled_mm for real FP8 GEMMs without Transformer Engine)")
 
 
-def build_precision(cfg: PrecisionConfig, device: torch.device, impl: str = "native") -> Precision:
-    """The plugin for `cfg` on the `impl` engine (`model.impl`): on megatron-core, FP8 is megatron's own
-    (`train.precision.fp8_mcore`)."""
+def build_precision(cfg: PrecisionConfig, device: torch.device,
+                    fp8_plugin: Callable[[], type[Precision]] | None = None) -> Precision:
+    """The plugin for `cfg`. `fp8_plugin` imports an engine's own precision=fp8_delayed plugin
+    (megatron-core's: `train.engines.mcore.fp8`); by default Transformer Engine's on our linears."""
     cfg.validate("precision")
     if cfg.name == "fp8_delayed_emulated":
         return EmulatedFp8Precision(cfg, device)
     if cfg.name == "fp8_delayed":
         try:
-            if impl == "mcore":
-                from train.precision.fp8_mcore import McoreFp8Precision as plugin
-            else:
-                from train.precision.fp8_te import TEFp8Precision as plugin
+            plugin = fp8_plugin() if fp8_plugin is not None else _te_plugin()
         except Exception as err:  # absent (ImportError) or broken (OSError, RuntimeError from its CUDA libs)
             raise RuntimeError(f"precision=fp8_delayed needs Transformer Engine, which failed to import "
                                f"({type(err).__name__}: {err}); {TE_INSTALL_HINT}") from err
         return plugin(cfg, device)
     return Precision(cfg, device)
+
+
+def _te_plugin() -> type[Precision]:
+    from train.precision.fp8_te import TEFp8Precision
+
+    return TEFp8Precision

@@ -23,8 +23,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
+
+from train.parallel.distributed import all_reduce_max_
+
+# The ranks that hold the same linears and so must agree on their scales: the gradient replicas.
+AMAX_GROUP = "data_context"
 
 FP32_MAX = torch.finfo(torch.float32).max
 
@@ -138,10 +142,8 @@ class DelayedScalingState:
         histories and recompute their scales. Transformer Engine does this for a module's forward
         tensors when an FP8 autocast exits and for its gradients after their backward, i.e. once
         per micro-batch; the emulation follows it (`EmulatedFp8Precision`)."""
-        step_amax = self.amax_history[0, columns].clone()
-        if _distributed():
-            # Every rank must quantise with the same scales, as TE's amax reduction guarantees.
-            dist.all_reduce(step_amax, op=dist.ReduceOp.MAX)
+        # Every replica must quantise with the same scales, as TE's amax reduction guarantees.
+        step_amax = all_reduce_max_(self.amax_history[0, columns].clone(), AMAX_GROUP)
         history, scale = self.amax_history[:, columns], self.scale[columns]  # copies (advanced indexing)
         update_history_and_scale(history, scale, self.max_value[columns], self.recipe, step_amax)
         self.amax_history[:, columns], self.scale[columns] = history, scale
@@ -149,13 +151,7 @@ class DelayedScalingState:
     def stats(self) -> dict[str, Tensor]:
         """Statistics since the last call, over every rank (0-d tensors, no host sync): the fraction
         of tensors that saturated and the smallest / largest scale in use."""
-        saturated = self.saturated.clone()
-        if _distributed():
-            dist.all_reduce(saturated, op=dist.ReduceOp.MAX)
+        saturated = all_reduce_max_(self.saturated.clone(), AMAX_GROUP)
         self.saturated.zero_()
         return {"fp8_saturated_frac": saturated.mean(), "fp8_scale_min": self.scale.min(),
                 "fp8_scale_max": self.scale.max()}
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1

@@ -16,9 +16,6 @@ from torch import nn
 
 from train.config.schema import PrecisionConfig
 
-# FP8 GEMMs want both operand dims divisible by 16; packed rows are padded to this.
-FP8_PAD_MULTIPLE = 16
-
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The module under a DDP wrapper, so names carry no `module.` prefix."""
@@ -39,9 +36,6 @@ class Precision:
         if self.cfg.resolved_compute_dtype == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
-
-    def pad_multiple(self) -> int:
-        return FP8_PAD_MULTIPLE if self.cfg.is_fp8 else 1
 
     def after_backward(self) -> None:
         """After each micro-batch's backward (FP8: the gradients' scales update here, as in TE)."""

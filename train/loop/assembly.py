@@ -1,0 +1,148 @@
+"""Build a stage's model, precision, parallel wrapping and optimizer in one fixed order, for every
+user: the trainer, `train.plan --measure`, and chat / evaluation (which load trained weights).
+
+    1. model            the engine's language model + the shared vision tower and projector
+    2. initial weights  seeded init then `init.from_checkpoint`, or a trained checkpoint (`weights_from`)
+    3. trainable parts  `trainable.*` (requires_grad); a later pipeline stage drops the media side
+    4. device
+    5. precision        the plugin converts the model (FP8 swaps linears: before the optimizer and DDP)
+    6. compile          after the FP8 swap, so the compiled blocks hold the final modules
+    7. parallelize      DDP / FSDP2 (FSDP2 turns parameters into DTensor shards: before the optimizer)
+    8. optimizer        AdamW over the trainable parameters (sharded with parallel.distributed_optimizer)
+    9. resume           the newest readable checkpoint of the run (training only)
+
+torchtitan's `parallelize_llama` is the model: every step in one place, each once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+import yaml
+from torch import nn
+
+from data_pipelines.training import special_tokens as st
+from train.checkpoint.layout import StateLayout
+from train.checkpoint.store import (
+    CheckpointShapeError,
+    load_model_weights,
+    load_newest_readable,
+    resolve_native_checkpoint,
+)
+from train.config.schema import MODEL_PARTS, Config, ConfigError
+from train.engines import Engine, resolve_engine
+from train.loop.train_module import apply_trainable, build_optimizer
+from train.model.vlm import VisionLanguageModel
+from train.parallel.distributed import DistInfo
+from train.precision import Precision
+
+
+@dataclass
+class Assembled:
+    engine: Engine
+    model: VisionLanguageModel  # unwrapped, converted: what checkpoints and precision see
+    forward_module: nn.Module  # what a step calls: `model` or its data-parallel wrapper
+    layout: StateLayout
+    precision: Precision
+    # The parts left random (frozen and never loaded): what the stage's checkpoints record.
+    random_parts: list[str]
+    optimizer: torch.optim.Optimizer | None = None
+    # Resumed: (the checkpoint, its saved counters); None for a fresh start.
+    resumed: tuple[Path, dict] | None = None
+
+
+def assemble(cfg: Config, info: DistInfo, special_ids: Mapping[str, int], *, train: bool = True,
+             weights_from: Path | None = None, resume_from: Path | None = None,
+             log: Callable[[str], None] = print) -> Assembled:
+    """Steps 1-9 above. `special_ids`: the tokenizer's ids of the media tokens. `train=False` stops
+    after step 7 (no optimizer, no resume). `weights_from`: a native checkpoint to start from instead
+    of the seeded init and `init.from_checkpoint` (chat, evaluation): the model is then built on the
+    device directly. `resume_from`: the run's checkpoints directory."""
+    engine = resolve_engine(cfg.model.impl)
+    # 1. model (built where it runs when its weights are loaded, not drawn: no host copy of a large model)
+    with torch.device(info.device) if weights_from is not None else contextlib.nullcontext():
+        model = VisionLanguageModel(cfg.model, image_token_id=special_ids[st.IMG_CONTEXT],
+                                    image_end_id=special_ids.get(st.IMG_END),
+                                    **engine.build_language_model(cfg, info.device))
+    layout = engine.state_layout(model)
+    # 2. initial weights
+    if weights_from is not None:
+        load_model_weights(weights_from, model, layout)
+        random_parts: list[str] = []
+    else:
+        model.reset_parameters(cfg.seed)
+        random_parts = list(MODEL_PARTS)
+        if cfg.init.from_checkpoint:
+            random_parts = load_init_weights(cfg, model, layout)
+        check_random_parts(cfg, random_parts)
+    # 3. trainable parts
+    apply_trainable(model, cfg.trainable)
+    if not model.language_model.pre_process:
+        # A later pipeline stage: the first one runs the media side. Dropped only now, so every rank
+        # drew the same initial weights and made the same checks above.
+        model.vision_model = model.projector = None
+    # 4. device, 5. precision
+    precision = engine.build_precision(cfg.precision, info.device)
+    model = precision.convert_model(model.to(info.device))
+    # 6. compile
+    if cfg.model.compile:
+        from train.model.compile import compile_blocks
+
+        compile_blocks(model)
+    # 7. parallelize
+    forward_module = engine.parallelize(model, cfg, info)
+    assembled = Assembled(engine, model, forward_module, layout, precision,
+                          sorted(set(random_parts) & set(cfg.trainable.frozen)))
+    if not train:
+        return assembled
+    # 8. optimizer
+    shard_over = info.groups.get("data_context") if cfg.parallel.distributed_optimizer and info.groups else None
+    assembled.optimizer = build_optimizer(model, cfg.optim, shard_over)
+    if shard_over is not None:
+        held = sum(p.numel() for g in assembled.optimizer.param_groups for p in g["params"])
+        total = sum(p.numel() for p in assembled.optimizer.all_params)
+        log(f"optimizer state sharded over {info.gradient_replicas} ranks: rank 0 holds {held:,} of {total:,} "
+            "parameters' moments")
+    # 9. resume
+    if resume_from is not None:
+        precision_state = precision.state_dict()
+        assembled.resumed = load_newest_readable(resume_from, model, assembled.optimizer, precision_state, layout)
+        if assembled.resumed is not None:
+            precision.load_state_dict(precision_state)
+    return assembled
+
+
+def load_init_weights(cfg: Config, model: VisionLanguageModel, layout: StateLayout) -> list[str]:
+    """`init.from_checkpoint` (a step dir, or a run / checkpoints dir: its latest) into `model`;
+    returns the parts still random. Another model size is a one-line error naming the tensor."""
+    given = Path(cfg.init.from_checkpoint)
+    try:
+        checkpoint, run_dir = resolve_native_checkpoint(given)
+    except FileNotFoundError as err:
+        raise ConfigError(f"init.from_checkpoint={given}: {err}") from None
+    try:
+        return load_model_weights(checkpoint, model, layout)
+    except CheckpointShapeError as err:
+        saved_config = run_dir / "config.yaml"
+        trained_as = yaml.safe_load(saved_config.read_text()).get("model", {}).get("name") if saved_config.exists() else None
+        hint = f"it was trained with model={trained_as}: " if trained_as else ""
+        raise ConfigError(f"init.from_checkpoint={checkpoint} is another model size ({err}); {hint}set the model group "
+                          f"(model=...) or model.* sizes it was trained with (now model={cfg.model.name})") from None
+
+
+def check_random_parts(cfg: Config, random_parts: list[str]) -> None:
+    """A frozen part that was never loaded stays random for the whole stage: refuse to train
+    around it unless `init.allow_random` names it."""
+    refused = [part for part in cfg.trainable.frozen if part in random_parts and part not in cfg.init.allow_random]
+    if refused:
+        source = (f"init.from_checkpoint={cfg.init.from_checkpoint} holds no trained weights for them"
+                  if cfg.init.from_checkpoint else "no init.from_checkpoint loads them")
+        raise ConfigError(
+            f"{', '.join(f'trainable.{p}=false' for p in refused)} but {source}: the stage would train around "
+            f"random {' and '.join(refused)} weights. Start from a checkpoint that holds them (e.g. "
+            f"`python -m train.convert compose --lm HF_LM --vision HF_RADIO --dst DIR`, then "
+            f"init.from_checkpoint=DIR/checkpoints/step_0000000), or allow it: init.allow_random=[{','.join(refused)}]")

@@ -1,2 +1,0 @@
-"""Sizing a recipe before running it: parameter counts and memory per GPU (`estimate`), behind
-`python -m train.plan`."""

@@ -1,1 +1,0 @@
-"""Run reports: `report.html` and its plots from a run directory (`train.reporting.report`)."""
