@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from train.config.compose import list_recipes, load_config
@@ -200,3 +202,25 @@ def test_fp8_refuses_modules_that_some_ranks_skip():
     load_config("stage1_image_sft", base)  # the default keeps vision and projector in BF16
     with pytest.raises(ConfigError, match=r"keep \['vision_model'\] out of FP8"):
         load_config("stage1_image_sft", [*base, "precision.keep_patterns=[language_model.lm_head,projector]"])
+
+
+def test_logger_choices_tensorboard_alone_or_beside_wandb():
+    default = load_config("stage1_image_sft", [], check_paths=False)  # the recipes' default: wandb offline, no TensorBoard
+    assert (default.logger.wandb.mode, default.logger.tensorboard) == ("offline", False)
+    alone = load_config("stage1_image_sft", ["logger=tensorboard"], check_paths=False)
+    assert (alone.logger.wandb.mode, alone.logger.tensorboard) == ("disabled", True)
+    # logger=X on the command line wins over smoke=cpu's logger=none.
+    both = load_config("stage1_image_sft", ["smoke=cpu", "logger=wandb_offline", "logger.tensorboard=true",
+                                            "logger.wandb.mode=online", "logger.wandb.entity=my-team"])
+    assert (both.logger.wandb.mode, both.logger.wandb.entity, both.logger.tensorboard) == ("online", "my-team", True)
+
+
+def test_a_missing_logger_package_stops_the_run_at_start(tmp_path, monkeypatch, capsys):
+    from train.__main__ import main
+
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # Python's own mark of a package that cannot import
+    run_dir = tmp_path / "run"
+    assert main(["--config-name", "stage3_text_recovery", "smoke=cpu", "logger=tensorboard", f"run.dir={run_dir}"]) == 2
+    err = capsys.readouterr().err
+    assert "logger.tensorboard=true needs the tensorboard package" in err and "pip install 'tensorboard'" in err
+    assert not (run_dir / "config.yaml").exists()  # stopped before the stage began

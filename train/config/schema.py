@@ -385,14 +385,20 @@ class ParallelConfig:
 
 @dataclass
 class WandbConfig:
+    # offline: files under <run dir>/wandb/ (`wandb sync` uploads them later); online: needs
+    # WANDB_API_KEY in the environment (never in config or logs).
     mode: Literal["disabled", "offline", "online"] = "offline"
     project: str = "hybrid-vl-sft"
-    entity: Optional[str] = None
+    entity: Optional[str] = None  # the wandb team or user; None: the API key's default entity
 
 
 @dataclass
 class LoggerConfig:
+    """Where each logged step goes besides metrics.jsonl (always written). wandb and TensorBoard are
+    independent: either, both or neither (`logger=wandb_offline|tensorboard|none`, or the fields)."""
+
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    tensorboard: bool = False  # event files in <run dir>/tensorboard/ (`tensorboard --logdir <run dir>`)
     progress_bar: bool = True
 
 

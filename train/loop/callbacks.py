@@ -1,11 +1,12 @@
 """The side jobs of the training loop, as callbacks: the loop runs a step and its collectives, then
 calls every callback's hooks in list order (OLMo-core's `train/callbacks/` is the model).
 
-  Validation     held-out loss every `trainer.eval_every` steps (a collective: every rank)
-  MetricsFile    metrics.jsonl (rank 0)
-  WandbLogger    wandb, offline unless configured (rank 0)
-  Progress       a tqdm bar on a terminal, plain lines in a log (rank 0)
-  Checkpointing  interval saves, the async save's completion, the preemption save (every rank)
+  Validation         held-out loss every `trainer.eval_every` steps (a collective: every rank)
+  MetricsFile        metrics.jsonl (rank 0)
+  WandbLogger        wandb, offline unless configured (rank 0)
+  TensorBoardLogger  TensorBoard event files in <run dir>/tensorboard/, when configured (rank 0)
+  Progress           a tqdm bar on a terminal, plain lines in a log (rank 0)
+  Checkpointing      interval saves, the async save's completion, the preemption save (every rank)
 
 Hooks (each a no-op by default): `on_step_end(trainer, event)` after every step; `on_validation(trainer,
 step, val)` after a held-out evaluation, once every callback has seen the step; `on_fit_end(trainer,
@@ -14,14 +15,19 @@ summary)` when the stage is done; `close()` always, last (also after an error or
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
+from train.config.schema import ConfigError, LoggerConfig
 from train.evaluate.heldout import Validator
 from train.loop.preemption import Preempted, PreemptionHandler, mark_preempted
 from train.loop.train_module import StepResult
@@ -33,8 +39,8 @@ class StepEnd:
     step: int  # optimizer steps done, this one included
     result: StepResult
     elapsed_s: float
-    # What metrics.jsonl and wandb get this step; None on a step that does not log. Callbacks earlier
-    # in the list may add to it (Validation adds val/*).
+    # What metrics.jsonl, wandb and TensorBoard get this step; None on a step that does not log.
+    # Callbacks earlier in the list may add to it (Validation adds val/*).
     record: dict | None
     val: dict[str, float] | None = None  # the held-out losses, on a step that evaluated
 
@@ -170,6 +176,75 @@ class WandbLogger(Callback):
     def close(self) -> None:
         if self.run is not None:
             self.run.finish()
+
+
+def check_logger_packages(cfg: LoggerConfig) -> None:
+    """Every logger the config turns on can be imported: checked on every rank before anything slow,
+    so a missing package stops the run at start (exit 2), not at its first logged step."""
+    needed = []  # (package, the setting that needs it, the setting that turns it off)
+    if cfg.wandb.mode != "disabled":
+        needed.append(("wandb", f"logger.wandb.mode={cfg.wandb.mode}", "logger.wandb.mode=disabled"))
+    if cfg.tensorboard:
+        needed.append(("tensorboard", "logger.tensorboard=true", "logger.tensorboard=false"))
+    for package, setting, off in needed:
+        if importlib.util.find_spec(package) is None:
+            raise ConfigError(f"{setting} needs the {package} package, which is not installed: pip install "
+                              f"'{package}' (a dependency of this project: `make setup` installs it), or set {off}")
+
+
+def tensorboard_scalars(record: dict) -> dict[str, float]:
+    """A metrics.jsonl record as TensorBoard tags: the step's own numbers under train/ (train/loss,
+    train/lr, train/grad_norm, train/tokens...), held-out losses under their val/... names, and the
+    per-reason and per-source counts under their table's name (skipped/<reason>,
+    samples_by_source/<source>, skipped_by_source/<source>/<reason>). Nulls (a non-finite loss) and
+    text are left out."""
+    scalars: dict[str, float] = {}
+
+    def add(tag: str, value) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                add(f"{tag}/{key}", inner)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            scalars[tag] = float(value)
+
+    for key, value in record.items():
+        if key in ("stage", "step"):
+            continue
+        add(key if "/" in key or isinstance(value, dict) else f"train/{key}", value)
+    return scalars
+
+
+class TensorBoardLogger(Callback):
+    """TensorBoard event files in `log_dir` (`<run dir>/tensorboard/`; a pipeline's stages are its runs
+    under `tensorboard --logdir <pipeline run dir>`): every logged step's numbers at that step, and
+    the report's plots as images at the end. A resumed run purges the steps past the checkpoint,
+    as metrics.jsonl drops them, so no step shows twice."""
+
+    def __init__(self, log_dir: Path, resumed_step: int):
+        from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: check_logger_packages first
+
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=resumed_step + 1 if resumed_step else None)
+
+    def on_step_end(self, trainer, event):
+        if event.record is not None:
+            self.log(event.record)
+
+    def on_fit_end(self, trainer, summary):
+        self.log_images(trainer.report_plots, trainer.step)
+
+    def log(self, record: dict) -> None:
+        for tag, value in tensorboard_scalars(record).items():
+            self.writer.add_scalar(tag, value, global_step=record["step"])
+
+    def log_images(self, images: dict[str, Path], step: int) -> None:
+        """The report's plots, one image each ("report/<title>")."""
+        for title, path in images.items():
+            with Image.open(path) as image:
+                pixels = np.asarray(image.convert("RGB"))  # (H, W, 3) uint8
+            self.writer.add_image(f"report/{title}", pixels, global_step=step, dataformats="HWC")
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 class Checkpointing(Callback):

@@ -2,7 +2,7 @@
 wrapping, optimizer, resume), then the loop.
 
 The loop (`Trainer._loop`) runs the step and its collectives, then the callbacks (`callbacks`:
-validation, metrics, wandb, progress, checkpointing and preemption), and fits on half a screen.
+validation, metrics, wandb, TensorBoard, progress, checkpointing and preemption), and fits on half a screen.
 """
 
 from __future__ import annotations
@@ -27,7 +27,17 @@ from train.config.schema import Config, ConfigError
 from train.engines import resolve_engine
 from train.evaluate.heldout import Validator
 from train.loop.assembly import assemble
-from train.loop.callbacks import Callback, Checkpointing, MetricsFile, Progress, StepEnd, Validation, WandbLogger
+from train.loop.callbacks import (
+    Callback,
+    Checkpointing,
+    MetricsFile,
+    Progress,
+    StepEnd,
+    TensorBoardLogger,
+    Validation,
+    WandbLogger,
+    check_logger_packages,
+)
 from train.loop.preemption import PreemptionHandler
 from train.loop.run_lock import hold_run_dir
 from train.loop.train_module import StepResult, TrainModule
@@ -144,8 +154,10 @@ class Trainer:
             self.metrics_file = MetricsFile(self.run_dir / "metrics.jsonl", self.step)
             callbacks += [self.metrics_file,
                           WandbLogger(cfg.logger.wandb.mode, cfg.logger.wandb.project, cfg.logger.wandb.entity,
-                                      self.run_dir, cfg.stage, dataclasses.asdict(cfg)),
-                          Progress(cfg.stage, self.step, cfg.trainer.max_steps, cfg.logger.progress_bar)]
+                                      self.run_dir, cfg.stage, dataclasses.asdict(cfg))]
+            if cfg.logger.tensorboard:
+                callbacks.append(TensorBoardLogger(self.run_dir / "tensorboard", self.step))
+            callbacks.append(Progress(cfg.stage, self.step, cfg.trainer.max_steps, cfg.logger.progress_bar))
         return callbacks + [Checkpointing(cfg.trainer.save_every, cfg.trainer.max_steps, preemption)]
 
     def fit(self, preemption: PreemptionHandler | None = None) -> dict:
@@ -277,6 +289,7 @@ def run_stage(cfg: Config, preemption: PreemptionHandler | None = None) -> dict:
 
 
 def _train_stage(cfg: Config, preemption: PreemptionHandler | None) -> dict:
+    check_logger_packages(cfg.logger)  # a missing wandb / tensorboard: exit 2 now, on every rank alike
     # Installed before anything slow (process groups, data generation, resume, data warm-up), so a
     # preemption or a kill during start-up stops the run at once (exit 75) instead of waiting.
     own_handler = preemption is None
