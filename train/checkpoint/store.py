@@ -15,7 +15,7 @@ import random
 import shutil
 import warnings
 from concurrent.futures import Future
-from typing import NoReturn
+from typing import Callable, NoReturn
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import Tensor
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torch.distributed.tensor import DTensor
 
 from train.checkpoint.files import (  # noqa: F401  (resolve_native_checkpoint: the store's public API too)
     CHECKPOINTS_DIR,
@@ -276,22 +278,58 @@ def load_model_weights(path: Path, model: torch.nn.Module, layout: StateLayout =
     A part that is only partly present is an error, never a silent half-load.
     """
     saved = _saved_model_entries(path)
-    full = layout.model_state(model)
-    _check_shapes(path, saved, full)
+    state, absent = _loadable(path, saved, _saved_shapes(saved), layout.model_state(model))
+    with dcp_quietly():
+        dcp.load({"model": state}, checkpoint_id=str(path))
+    layout.load_model_state(model, state, strict=False)
+    return sorted(set(absent) | set(read_marker(path).get("random_parts", [])))
+
+
+TensorReader = Callable[[str, tuple[slice, ...]], Tensor]
+
+
+def load_model_tensors(source: Path, shapes: dict[str, tuple[int, ...]], read: TensorReader,
+                       model: torch.nn.Module, layout: StateLayout = NativeLayout()) -> list[str]:
+    """`load_model_weights` from tensors that are not a checkpoint (an HF directory converted on the
+    fly): `shapes` {native name: whole shape}; `read(name, index)` returns the slice `index` (one
+    slice per dim) of that tensor, so each rank reads only the chunks its layout holds (a megatron
+    tensor-parallel shard), never a whole model beside the one it fills. Same checks, same return."""
+    state, absent = _loadable(source, shapes, shapes, layout.model_state(model))
+    with torch.no_grad():  # filled in place, as DCP fills a checkpoint's
+        for key, value in state.items():
+            for index, local in _local_pieces(key, value):
+                local.copy_(read(key, index))  # casts to the model's dtype (bf16 files, fp32 model)
+    layout.load_model_state(model, state, strict=False)
+    return absent
+
+
+def _loadable(source: Path, saved, shapes: dict[str, tuple[int, ...]], full: dict) -> tuple[dict, list[str]]:
+    """(the entries of the model's state `full` to load, the top-level parts `saved` lacks). Refuses
+    another model size (CheckpointShapeError naming the tensor), a part only partly present, and a
+    source holding none of the model."""
+    _check_shapes(source, shapes, full)
     parts = sorted({k.split(".", 1)[0] for k in full})
     absent = [p for p in parts if not any(k.startswith(p + ".") for k in saved)]
     partial = sorted(k for k in full if k not in saved and k.split(".", 1)[0] not in absent)
     if partial:
-        raise KeyError(f"{path} lacks {len(partial)} weights of parts it otherwise holds, e.g. {partial[:3]}")
+        raise KeyError(f"{source} lacks {len(partial)} weights of parts it otherwise holds, e.g. {partial[:3]}")
     if absent:
         if len(absent) == len(parts):
-            raise KeyError(f"{path} holds none of this model's weights")
-        warnings.warn(f"{path} holds no weights for {absent}; they keep their initialisation")
-    state = {"model": {k: v for k, v in full.items() if k.split(".", 1)[0] not in absent}}
-    with dcp_quietly():
-        dcp.load(state, checkpoint_id=str(path))
-    layout.load_model_state(model, state["model"], strict=False)
-    return sorted(set(absent) | set(read_marker(path).get("random_parts", [])))
+            raise KeyError(f"{source} holds none of this model's weights")
+        warnings.warn(f"{source} holds no weights for {absent}; they keep their initialisation")
+    return {k: v for k, v in full.items() if k.split(".", 1)[0] not in absent}, absent
+
+
+def _local_pieces(key: str, value) -> list[tuple[tuple[slice, ...], Tensor]]:
+    """(index into the whole tensor, the local tensor it fills) for each piece this rank holds of
+    `value`: the whole tensor, or a megatron ShardedTensor's local shards."""
+    if isinstance(value, ShardedTensor):
+        return [(tuple(slice(o, o + n) for o, n in zip(s.metadata.shard_offsets, s.metadata.shard_sizes)), s.tensor)
+                for s in value.local_shards()]
+    if isinstance(value, DTensor) or not isinstance(value, Tensor):
+        # Step 2 of the assembly runs before any FSDP2 sharding: not a case to support half-way.
+        raise TypeError(f"{key}: cannot fill a {type(value).__name__} from loose tensors")
+    return [(tuple(slice(None) for _ in value.shape), value)]
 
 
 def _saved_model_entries(path: Path) -> dict:
@@ -363,15 +401,20 @@ def _check_present(checkpoint: Path, saved: dict, wanted: dict[str, Tensor]) -> 
     missing = sorted(k for k in wanted if k not in saved)
     if missing:
         raise KeyError(f"{checkpoint} lacks {len(missing)} of the weights asked for, e.g. {missing[:3]}")
-    _check_shapes(checkpoint, saved, wanted)
+    _check_shapes(checkpoint, _saved_shapes(saved), wanted)
 
 
-def _check_shapes(checkpoint: Path, saved: dict, wanted: dict) -> None:
+def _saved_shapes(saved: dict) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of a checkpoint's tensors (`_saved_model_entries`; other entries have no size)."""
+    return {k: tuple(meta.size) for k, meta in saved.items() if getattr(meta, "size", None) is not None}
+
+
+def _check_shapes(source: Path, shapes: dict[str, tuple[int, ...]], wanted: dict) -> None:
     """A checkpoint of another model size: name the first difference."""
     for key, value in wanted.items():
-        size = getattr(saved.get(key), "size", None)
+        size = shapes.get(key)
         if size is not None and isinstance(value, torch.Tensor) and tuple(size) != tuple(value.shape):
-            raise CheckpointShapeError(f"{key} is {tuple(size)} in {checkpoint} but {tuple(value.shape)} in this model")
+            raise CheckpointShapeError(f"{key} is {tuple(size)} in {source} but {tuple(value.shape)} in this model")
 
 
 def _step_of(checkpoint: Path) -> str:

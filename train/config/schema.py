@@ -252,7 +252,8 @@ class TrainableConfig:
 
 @dataclass
 class InitConfig:
-    # A checkpoint directory (checkpoints/step_N) whose model weights start this stage.
+    # A checkpoint directory (checkpoints/step_N, or a run dir: its latest) whose model weights start this
+    # stage, or a transformers Nemotron-H directory (config.json + safetensors), converted in memory.
     from_checkpoint: Optional[str] = None
     # Frozen parts allowed to stay at their random initialisation (smoke runs, ablations). Any other
     # frozen part whose weights were never loaded stops the stage before it trains.

@@ -5,6 +5,7 @@ source's unmodelled fields (token ids, cache settings, ...)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -166,6 +167,30 @@ def hf_config_to_model_config(hf_config: dict, name: str = "hf") -> ModelConfig:
         vision=radio_config_to_ours(vision, omni.force_image_size or vision.image_size),
         projector=ProjectorConfig(downsample_ratio=float(omni.downsample_ratio), hidden_size=omni.projector_hidden_size),
     )
+
+
+# Fields the weights of an HF checkpoint do not fix: the dt_bias initialisation range and the init
+# scale (overwritten by the loaded weights), the SSD scan's chunking (the same sums, tiled otherwise)
+# and the tile size (the ViT's position table is resized to any tile grid).
+FREE_FIELDS = {
+    "language_model": {"chunk_size", "time_step_min", "time_step_max", "time_step_floor", "initializer_range"},
+    "vision": {"image_size"},
+    "projector": set(),
+}
+
+
+def model_config_differences(ours: ModelConfig, hf: ModelConfig, layout: Layout) -> list[tuple[str, object, object]]:
+    """(field under `model.`, our value, the HF config's) for every field of the parts an HF
+    checkpoint of `layout` holds (its language model; with `vl` also the vision tower and projector)
+    where `ours` describes another model than the one its weights were trained as."""
+    differ = []
+    for part in ("language_model",) + (("vision", "projector") if layout == "vl" else ()):
+        mine, theirs = getattr(ours, part), getattr(hf, part)
+        for f in dataclasses.fields(mine):
+            a, b = getattr(mine, f.name), getattr(theirs, f.name)
+            if f.name not in FREE_FIELDS[part] and a != b:
+                differ.append((f"{part}.{f.name}", a, b))
+    return differ
 
 
 def radio_config_to_ours(vision, image_size: int) -> VisionConfig:

@@ -1,7 +1,7 @@
 """transformers checkpoints <-> our native run directories, offline and without remote code: the two
-conversions, built from `train.hf.config` (config.json <-> our config), `train.hf.mapping` (the one
-table of tensor names), `train.hf.files` (safetensors directories) and `train.checkpoint` (the
-native checkpoint format).
+conversions (and `open_hf_as_native`, the first one in memory), built from `train.hf.config`
+(config.json <-> our config), `train.hf.mapping` (the one table of tensor names), `train.hf.files`
+(safetensors directories) and `train.checkpoint` (the native checkpoint format).
 
 Two HF layouts are understood, both as stored on disk (what `save_pretrained` writes and the
 released checkpoints hold):
@@ -22,8 +22,10 @@ small files, and `extra.safetensors` with the carried tensors).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -47,6 +49,7 @@ from train.hf.files import (
     copy_small_files,
     fresh_dir,
     keep_source,
+    open_hf_weights,
     read_hf_weights,
     read_hf_weights_file,
     write_hf_weights,
@@ -119,6 +122,32 @@ def hf_to_native(src: Path, dst: Path) -> dict:
     check_against_model(state, model_cfg, parts)
     step_dir = write_native(dst, model_cfg, state, source=src, carried=carried)
     return {"layout": layout, "tensors": len(state), "carried": sorted(carried), "checkpoint": str(step_dir)}
+
+
+@dataclasses.dataclass(frozen=True)
+class HFAsNative:
+    """An HF directory seen as a native model state, read lazily (`open_hf_as_native`)."""
+
+    layout: Layout
+    model_config: ModelConfig  # what its config.json describes
+    shapes: dict[str, tuple[int, ...]]  # native name -> whole shape, for the parts it holds
+    read: Callable[[str, tuple[slice, ...]], Tensor]  # (native name, one slice per dim) -> that part of it
+
+
+@contextlib.contextmanager
+def open_hf_as_native(src: Path) -> Iterator[HFAsNative]:
+    """What `hf_to_native` converts, in memory and nothing written: the same config translation and
+    name mapping (carried tensors left out: the model has no place for them), each tensor read only
+    when asked for while the block is open (`init.from_checkpoint` on a released directory)."""
+    src = Path(src)
+    hf_config = read_hf_config(src)
+    layout = hf_layout(hf_config)
+    model_cfg = hf_config_to_model_config(hf_config, name=src.resolve().name)
+    with open_hf_weights(src) as slices:
+        used, _ = split_carried(slices)
+        native = hf_to_native_state(used)  # renames only: lazy slices map like tensors
+        yield HFAsNative(layout, model_cfg, {k: tuple(s.get_shape()) for k, s in native.items()},
+                         lambda key, index: native[key][index])
 
 
 def native_to_hf(src: Path, dst: Path, layout: Layout = "lm", dtype: torch.dtype | None = None,

@@ -4,10 +4,12 @@ its HF source in `hf_source/`, with the carried tensors (`train.hf.mapping`) as 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 from pathlib import Path
+from typing import Iterator
 
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -22,20 +24,36 @@ EXTRA_NAME = "extra.safetensors"
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 
 
-def read_hf_weights(hf_dir: Path) -> dict[str, Tensor]:
-    """All tensors of `model.safetensors` or of the shards named by `model.safetensors.index.json`."""
+def weight_files(hf_dir: Path) -> list[Path]:
+    """`model.safetensors`, or the shards named by `model.safetensors.index.json`."""
     hf_dir = Path(hf_dir)
     index = hf_dir / INDEX_NAME
     if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (hf_dir / WEIGHTS_NAME).exists():
-        files = [WEIGHTS_NAME]
-    else:
-        raise ConversionError(f"{hf_dir} has neither {WEIGHTS_NAME} nor {INDEX_NAME}")
+        return [hf_dir / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    if (hf_dir / WEIGHTS_NAME).exists():
+        return [hf_dir / WEIGHTS_NAME]
+    raise ConversionError(f"{hf_dir} has neither {WEIGHTS_NAME} nor {INDEX_NAME}")
+
+
+def read_hf_weights(hf_dir: Path) -> dict[str, Tensor]:
+    """All tensors of `model.safetensors` or of the shards named by `model.safetensors.index.json`."""
     state = {}
-    for name in files:
-        state.update(read_hf_weights_file(hf_dir / name))
+    for path in weight_files(hf_dir):
+        state.update(read_hf_weights_file(path))
     return state
+
+
+@contextlib.contextmanager
+def open_hf_weights(hf_dir: Path) -> Iterator[dict]:
+    """{HF name: safetensors slice} over every weight file, open for the block and read nothing yet:
+    `slice.get_shape()`, and `slice[index]` reads just that part (a released 12B model's tensors are
+    read one by one, or one rank's chunk of each, never held whole)."""
+    with contextlib.ExitStack() as files:
+        slices = {}
+        for path in weight_files(hf_dir):
+            f = files.enter_context(safe_open(str(path), framework="pt"))
+            slices.update({key: f.get_slice(key) for key in f.keys()})
+        yield slices
 
 
 def read_hf_weights_file(path: Path) -> dict[str, Tensor]:

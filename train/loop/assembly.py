@@ -2,7 +2,8 @@
 user: the trainer, `train.plan --measure`, and chat / evaluation (which load trained weights).
 
     1. model            the engine's language model + the shared vision tower and projector
-    2. initial weights  seeded init then `init.from_checkpoint`, or a trained checkpoint (`weights_from`)
+    2. initial weights  seeded init then `init.from_checkpoint` (native, or a transformers directory
+                        converted on the fly), or a trained checkpoint (`weights_from`)
     3. trainable parts  `trainable.*` (requires_grad); a later pipeline stage drops the media side
     4. device
     5. precision        the plugin converts the model (FP8 swaps linears: before the optimizer and DDP)
@@ -17,6 +18,7 @@ torchtitan's `parallelize_llama` is the model: every step in one place, each onc
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
@@ -29,6 +31,7 @@ from data_pipelines.training import special_tokens as st
 from train.checkpoint.layout import StateLayout
 from train.checkpoint.store import (
     CheckpointShapeError,
+    load_model_tensors,
     load_model_weights,
     load_newest_readable,
     resolve_native_checkpoint,
@@ -77,7 +80,7 @@ def assemble(cfg: Config, info: DistInfo, special_ids: Mapping[str, int], *, tra
         model.reset_parameters(cfg.seed)
         random_parts = list(MODEL_PARTS)
         if cfg.init.from_checkpoint:
-            random_parts = load_init_weights(cfg, model, layout)
+            random_parts = load_init_weights(cfg, model, layout, log if info.is_main else _quiet)
         check_random_parts(cfg, random_parts)
     # 3. trainable parts
     apply_trainable(model, cfg.trainable)
@@ -116,10 +119,14 @@ def assemble(cfg: Config, info: DistInfo, special_ids: Mapping[str, int], *, tra
     return assembled
 
 
-def load_init_weights(cfg: Config, model: VisionLanguageModel, layout: StateLayout) -> list[str]:
-    """`init.from_checkpoint` (a step dir, or a run / checkpoints dir: its latest) into `model`;
-    returns the parts still random. Another model size is a one-line error naming the tensor."""
+def load_init_weights(cfg: Config, model: VisionLanguageModel, layout: StateLayout,
+                      log: Callable[[str], None] = print) -> list[str]:
+    """`init.from_checkpoint` (a step dir, or a run / checkpoints dir: its latest; or a transformers
+    Nemotron-H directory) into `model`; returns the parts still random. Another model size is a
+    one-line error naming the tensor."""
     given = Path(cfg.init.from_checkpoint)
+    if is_transformers_dir(given):
+        return load_hf_init_weights(cfg, given, model, layout, log)
     try:
         checkpoint, run_dir = resolve_native_checkpoint(given)
     except FileNotFoundError as err:
@@ -134,15 +141,63 @@ def load_init_weights(cfg: Config, model: VisionLanguageModel, layout: StateLayo
                           f"(model=...) or model.* sizes it was trained with (now model={cfg.model.name})") from None
 
 
+def is_transformers_dir(path: Path) -> bool:
+    """A directory `save_pretrained` wrote (native run and step directories hold no config.json)."""
+    return (Path(path) / "config.json").is_file()
+
+
+def load_hf_init_weights(cfg: Config, hf_dir: Path, model: VisionLanguageModel, layout: StateLayout,
+                         log: Callable[[str], None]) -> list[str]:
+    """A transformers `nemotron_h` / `nemotron_h_omni` directory converted in memory as
+    `train.convert hf-to-native` would (nothing written), then loaded as its native checkpoint would
+    be. Its config.json must describe `cfg.model`: checked field by field before any tensor is read."""
+    # Imported here: transformers and safetensors, which native starts never need.
+    from train.hf.config import model_config_differences
+    from train.hf.conversion import open_hf_as_native
+    from train.hf.errors import ConversionError
+
+    given = f"init.from_checkpoint={hf_dir}"
+    try:
+        with open_hf_as_native(hf_dir) as hf:
+            differ = model_config_differences(cfg.model, hf.model_config, hf.layout)
+            if differ:
+                fields = "; ".join(f"model.{name}={mine!r} here, {theirs!r} there" for name, mine, theirs in differ)
+                raise ConfigError(f"{given}: its config.json describes another model ({fields}); set the model group "
+                                  f"(model=...) or those model.* fields to its values (now model={cfg.model.name})")
+            with warnings.catch_warnings():  # the parts it lacks: said once below, on rank 0 only
+                warnings.filterwarnings("ignore", message=r".* holds no weights for .*keep their initialisation")
+                random_parts = load_model_tensors(hf_dir, hf.shapes, hf.read, model, layout)
+    except ConversionError as err:
+        raise ConfigError(f"{given}: {err}") from None
+    except CheckpointShapeError as err:
+        raise ConfigError(f"{given} is another model size ({err}); set the model group (model=...) or model.* sizes "
+                          f"its config.json describes (now model={cfg.model.name})") from None
+    kind = {"lm": "a language model, nemotron_h", "vl": "a vision-language model, nemotron_h_omni"}[hf.layout]
+    still = f"; {' and '.join(random_parts)} stay random" if random_parts else ""
+    log(f"init.from_checkpoint: converted the transformers checkpoint {hf_dir} ({kind}) to the native layout on the "
+        f"fly, in memory{still}")
+    return random_parts
+
+
+def _quiet(message: str) -> None:
+    """The log of every rank but the first."""
+
+
 def check_random_parts(cfg: Config, random_parts: list[str]) -> None:
     """A frozen part that was never loaded stays random for the whole stage: refuse to train
     around it unless `init.allow_random` names it."""
     refused = [part for part in cfg.trainable.frozen if part in random_parts and part not in cfg.init.allow_random]
     if refused:
-        source = (f"init.from_checkpoint={cfg.init.from_checkpoint} holds no trained weights for them"
-                  if cfg.init.from_checkpoint else "no init.from_checkpoint loads them")
+        given = cfg.init.from_checkpoint
+        hf_lm = given and is_transformers_dir(Path(given))
+        if hf_lm:  # only a language model's directory leaves parts out (an omni one holds all three)
+            source = f"init.from_checkpoint={given} is a transformers language model, with no weights for them"
+        elif given:
+            source = f"init.from_checkpoint={given} holds no trained weights for them"
+        else:
+            source = "no init.from_checkpoint loads them"
         raise ConfigError(
             f"{', '.join(f'trainable.{p}=false' for p in refused)} but {source}: the stage would train around "
             f"random {' and '.join(refused)} weights. Start from a checkpoint that holds them (e.g. "
-            f"`python -m train.convert compose --lm HF_LM --vision HF_RADIO --dst DIR`, then "
+            f"`python -m train.convert compose --lm {given if hf_lm else 'HF_LM'} --vision HF_RADIO --dst DIR`, then "
             f"init.from_checkpoint=DIR/checkpoints/step_0000000), or allow it: init.allow_random=[{','.join(refused)}]")
