@@ -1,7 +1,7 @@
 """The processor files of a VL export, through transformers' own nemotron_h_omni processor.
 
 transformers' processor imports torchvision, whose PyPI builds need CUDA torch: it runs where the
-`gpu` extra is installed. On CPU, tests/integration/test_chat.py checks the same export's model and
+`gpu` extra is installed. It also runs the README's "VL inference from Python" lines. On CPU, tests/integration/test_chat.py checks the same export's model and
 tokenizer against train.chat with pixels normalised from the exported preprocessor_config.json.
 """
 
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.gpu
 
 def test_exported_processor_reproduces_training_pixels_and_tokens(tmp_path, tokenizer):
     import_backend("torchvision", "(transformers' processor imports it; the `gpu` extra installs it)")
-    from transformers import AutoProcessor
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     vision = VisionConfig(num_cls_tokens=2, num_registers=2, max_image_size=128, final_norm=False, layer_scale=True)
     cfg = ModelConfig(vision=vision)
@@ -46,3 +46,19 @@ def test_exported_processor_reproduces_training_pixels_and_tokens(tmp_path, toke
     special = tokenizer.special_ids
     block = [special["<img>"]] + [special["<image>"]] * cfg.tokens_per_tile + [special["</img>"]]
     assert ids[:len(block)] == block
+
+
+    # The README's "VL inference from Python" as written there: every tensor of the model loads from the
+    # export, and generating from the processor's inputs is generating from training's pixels.
+    model, info = AutoModelForImageTextToText.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    messages = [{"role": "system", "content": "/no_think"}, {"role": "user", "content": "<image>\nWhat shape?"}]
+    prompt = processor.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=prompt, images=[image], return_tensors="pt")
+    with torch.no_grad():
+        out = model.eval().generate(**inputs, max_new_tokens=4)
+        logits = model(**inputs).logits
+        expected = model(input_ids=inputs["input_ids"], pixel_values=ours, image_grid_hw=torch.tensor([[4, 4]])).logits
+    assert out.shape[1] > inputs["input_ids"].shape[1]
+    assert isinstance(processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True), str)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)

@@ -70,8 +70,7 @@ def hf_pixel_inputs(tiles: torch.Tensor, export_dir) -> tuple[torch.Tensor, torc
 
 
 def test_chat_answer_about_an_image_is_what_transformers_generates(trained_run, exported):
-    from transformers import AutoTokenizer
-    from transformers.models.nemotron_h_omni import NemotronH_Omni_Reasoning_V3
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
 
     cwd, run_dir, image, _ = trained_run
     result = run_module(["train.chat", "--ckpt", str(run_dir), "--image", str(image), "--prompt", "What shape?",
@@ -80,11 +79,15 @@ def test_chat_answer_about_an_image_is_what_transformers_generates(trained_run, 
     count = new_token_count(result.stderr)
     assert 1 <= count <= 8
     # The same prompt (training's layout: tiles + thumbnail) through transformers' own omni model,
-    # loaded from the export with no arguments, and its generation config's stop tokens.
+    # loaded from the export with no arguments (every tensor of the class in it: nothing missing or
+    # left over), and its generation config's stop tokens.
     chat = load_chat_model(run_dir)
     ids, tiles = build_prompt("What shape?", [image.read_bytes()], [], False, "", chat.cfg, chat.tokenizer)
     assert tiles.shape[0] > 1  # the seeded scene is cut into a grid of tiles plus the thumbnail
-    hf = NemotronH_Omni_Reasoning_V3.from_pretrained(exported["vl"]).eval()
+    hf, info = AutoModelForImageTextToText.from_pretrained(exported["vl"], output_loading_info=True)
+    assert type(hf).__name__ == "NemotronH_Omni_Reasoning_V3"
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    hf.eval()
     pixel_values, grid = hf_pixel_inputs(tiles, exported["vl"])
     with torch.no_grad():
         out = hf.generate(input_ids=torch.tensor([ids]), pixel_values=pixel_values, image_grid_hw=grid,

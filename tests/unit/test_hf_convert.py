@@ -7,18 +7,27 @@ import math
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, NemotronHConfig, NemotronHForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoTokenizer,
+    NemotronHConfig,
+    NemotronHForCausalLM,
+)
 from transformers.models.nemotron_h_omni import NemotronH_Omni_Reasoning_V3, NemotronH_Omni_Reasoning_V3_Config
+from transformers.models.radio.modeling_radio import RadioPreTrainedModel
 
 from data_pipelines.tokenizer_train import train_tokenizer
 from train import convert
 from train.api import load_language_model
-from train.checkpoint.store import find_latest, load_model_weights
+from train.checkpoint.store import find_latest, load_model_weights, write_model_checkpoint
 from train.config.schema import LanguageModelConfig, ModelConfig, ProjectorConfig, VisionConfig
 from train.hf.config import hf_lm_config_to_ours, ours_to_hf_lm_config, read_hf_config
 from train.hf.conversion import hf_to_native, native_to_hf, read_native, write_native
 from train.hf.errors import ConversionError
 from train.hf.files import INDEX_NAME, WEIGHTS_NAME, read_hf_weights, write_hf_weights
+from train.hf.mapping import RADIO_VIDEO_EMBEDDER
+from train.hf.untrained import CARRIED, DERIVED
 from train.model.language_model import packing_metadata
 from train.model.vlm import VisionLanguageModel
 
@@ -148,8 +157,9 @@ def test_vl_round_trip_is_bit_exact_and_feeds_init_from_checkpoint(tmp_path):
     # RADIO pieces our model has no use for travel alongside, unchanged.
     assert any("video_embedder" in k for k in summary["carried"])
     assert "vision_model.radio_model.summary_idxs" in summary["carried"]
-    native_to_hf(tmp_path / "native", tmp_path / "out", layout="vl", weights_only=True)
+    summary = native_to_hf(tmp_path / "native", tmp_path / "out", layout="vl", weights_only=True)
     assert_same_tensors(read_hf_weights(src), read_hf_weights(tmp_path / "out"))
+    assert summary["video_embedder"] == CARRIED  # the source's own, beside its own image patch embedding
 
     cfg, _, _ = read_native(tmp_path / "native")
     model = VisionLanguageModel(cfg.model, image_token_id=5)
@@ -164,22 +174,55 @@ def test_vl_round_trip_is_bit_exact_and_feeds_init_from_checkpoint(tmp_path):
     assert_same_tensors(lm_state, {k.removeprefix("language_model."): v for k, v in hf_state.items()
                                    if k.startswith("language_model.")})
 
+    # Once the image patch embedding is trained, the source's video embedder no longer belongs to it:
+    # the export derives the tubelet embedder from the trained one instead (train.hf.untrained).
+    state = model.state_dict()
+    state["vision_model.patch_embed.weight"] = state["vision_model.patch_embed.weight"] + 0.01
+    write_model_checkpoint(tmp_path / "native", 1, state)
+    summary = native_to_hf(tmp_path / "native", tmp_path / "trained", layout="vl", weights_only=True)
+    assert summary["video_embedder"] == DERIVED
+    video = read_hf_weights(tmp_path / "trained")[RADIO_VIDEO_EMBEDDER]
+    assert torch.equal(video, torch.cat([state["vision_model.patch_embed.weight"]] * 2, dim=1) / 2)
 
-def test_vl_export_of_our_model_loads_in_transformers(tmp_path):
+
+def test_vl_export_of_our_model_loads_in_transformers(tmp_path, monkeypatch):
+    """Every tensor of the omni class is in the export (nothing initialised at random on load), the
+    logits are ours, and transformers' video path (tubelets of 2 frames) embeds a tubelet as its mean
+    frame through the image path: a static tubelet is exactly the frame as training embedded it."""
     lm = LanguageModelConfig(pattern="M*-", hidden_size=32, vocab_size=VOCAB, num_attention_heads=4, num_key_value_heads=2,
                              head_dim=8, mamba_num_heads=4, mamba_head_dim=8, ssm_state_size=8, n_groups=2, chunk_size=4,
                              mlp_hidden_size=48)
     vision = VisionConfig(image_size=64, patch_size=16, hidden_size=32, num_layers=2, num_heads=2, num_cls_tokens=2,
-                          num_registers=2, max_image_size=96, final_norm=False)
+                          num_registers=2, max_image_size=96, final_norm=False)  # no layer scales: written as ones
     cfg = ModelConfig(language_model=lm, vision=vision, projector=ProjectorConfig(hidden_size=40))
     ours = VisionLanguageModel(cfg, image_token_id=5)
     ours.reset_parameters(seed=0)
     write_native(tmp_path / "native", cfg, ours.state_dict())
-    native_to_hf(tmp_path / "native", tmp_path / "hf", layout="vl", image_token_id=5, weights_only=True)
-    hf = NemotronH_Omni_Reasoning_V3.from_pretrained(tmp_path / "hf").eval()
+    summary = native_to_hf(tmp_path / "native", tmp_path / "hf", layout="vl", image_token_id=5, weights_only=True)
+    assert summary["video_embedder"] == DERIVED
+    # transformers' RADIO lets missing layer scales pass silently; switched off, every tensor counts.
+    monkeypatch.setattr(RadioPreTrainedModel, "_keys_to_ignore_on_load_missing", None)
+    hf, info = AutoModelForImageTextToText.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert type(hf).__name__ == "NemotronH_Omni_Reasoning_V3"
+    assert {k: v for k, v in info.items() if v} == {}  # no missing, unexpected or mismatched key, no error
+    hf.eval()
 
-    tiles = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    tiles = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     pixels = (tiles.float() / 255.0 - ours.pixel_mean) / ours.pixel_std
+    # A video of frames (0, 0, 1, 2): a static tubelet, then a moving one.
+    video = torch.stack([pixels[0], pixels[0], pixels[1], pixels[2]]).reshape(1, 2, 6, 64, 64)
+    mean_frame = (pixels[1:2] + pixels[2:3]) / 2
+    frame_patches = torch.cat([pixels[:1], mean_frame]).reshape(2, 3, 4, 16, 4, 16).permute(0, 2, 4, 1, 3, 5)
+    grid = torch.tensor([[4, 4], [4, 4]])
+    with torch.no_grad():
+        tubelets = hf.get_video_features(pixel_values_videos=video).pooler_output[0].reshape(2, 4, 32)
+        frames = torch.stack(hf.get_image_features(frame_patches.reshape(32, 768), grid).pooler_output)
+        trained = ours.embed_media(tiles[:1])  # (4, 32): frame 0 as training embeds a video frame
+    torch.testing.assert_close(tubelets, frames, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tubelets[0], trained, rtol=1e-4, atol=1e-5)
+
+    tiles = tiles[:2]
+    pixels = pixels[:2]
     patches = pixels.reshape(2, 3, 4, 16, 4, 16).permute(0, 2, 4, 1, 3, 5).reshape(32, 768)
     ids = torch.randint(6, VOCAB, (1, 12), generator=torch.Generator().manual_seed(1))
     ids[0, 1:9] = 5

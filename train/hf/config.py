@@ -228,8 +228,9 @@ def ours_to_hf_vl_config(cfg: ModelConfig, image_token_id: int | None = None) ->
             "max_img_size": v.max_image_size or v.image_size, "num_cls_tokens": v.num_cls_tokens,
             "num_registers": v.num_registers, "summary_idxs": list(range(min(2, v.num_cls_tokens))),
             "norm_mean": list(mean), "norm_std": list(std),
-            # transformers' omni config requires a temporal video embedder (its weights are carried
-            # from an HF source, or left to HF's init); our model embeds video frames one by one.
+            # transformers' omni model embeds video in tubelets of this many frames; our model embeds
+            # frames one by one as images, so the export derives the tubelet embedder from the image
+            # patch embedding (or keeps an HF source's own): see train.hf.untrained.
             "video_temporal_patch_size": VIDEO_TEMPORAL_PATCH,
         },
         "video_temporal_patch_size": VIDEO_TEMPORAL_PATCH,

@@ -11,7 +11,9 @@ released checkpoints hold):
   names): `language_model.{backbone.*,lm_head.weight}`, `mlp1.{0,1,3}.weight`, and a RADIO ViT under
   `vision_model.radio_model.model.{patch_generator.{embedder,pos_embed,cls_token.token},blocks.N.*}`.
   Remote-code configs (`NemotronH_Nano_VL_V2`) use the same weight names but a config.json that
-  transformers' omni config class rejects; they are refused with a message saying so.
+  transformers' omni config class rejects; they are refused with a message saying so. A `vl` export
+  holds every tensor transformers' omni class has; `train.hf.untrained` says what is written for
+  those this recipe never trains (RADIO's video tubelet embedder above all).
 
 Native directory (what `python -m train.convert hf-to-native` writes, a run directory):
 `config.yaml`, `checkpoints/step_0000000/` (a model-only checkpoint whose keys are the VLM's
@@ -52,10 +54,10 @@ from train.hf.files import (
     open_hf_weights,
     read_hf_weights,
     read_hf_weights_file,
+    read_weights_metadata,
     write_hf_weights,
 )
 from train.hf.mapping import (
-    RADIO_SUMMARY_IDXS,
     hf_to_native_state,
     native_to_hf_state,
     relayout_carried,
@@ -69,6 +71,7 @@ from train.hf.serving import (
     load_tokenizer,
     write_serving_files,
 )
+from train.hf.untrained import carried_metadata, complete_vl_state
 
 
 def check_against_model(state: dict[str, Tensor], cfg: ModelConfig, parts: tuple[str, ...]) -> None:
@@ -95,7 +98,7 @@ def write_native(dst: Path, model_cfg: ModelConfig, state: dict[str, Tensor], so
     cfg = Config(stage="hf_import", run=RunConfig(dir=str(dst.resolve())), model=model_cfg)
     write_run_config(dst, dataclasses.asdict(cfg))
     if source is not None:
-        keep_source(dst, source, carried)
+        keep_source(dst, source, carried, carried_metadata(state, carried or {}))
     return write_model_checkpoint(dst, 0, state)
 
 
@@ -175,10 +178,14 @@ def native_to_hf(src: Path, dst: Path, layout: Layout = "lm", dtype: torch.dtype
     base = read_hf_config(source) if (source / "config.json").exists() else None
     hf_config = export_config(cfg.model, layout, base, image_token_id)
     hf_state = native_to_hf_state(state, layout)
+    carried_meta = {}
     if (source / EXTRA_NAME).exists():
         hf_state.update(relayout_carried(read_hf_weights_file(source / EXTRA_NAME), layout))
-    if layout == "vl":  # RADIO's summary_idxs buffer, when the source did not carry one
-        hf_state.setdefault(RADIO_SUMMARY_IDXS, torch.tensor(hf_config["vision_config"]["summary_idxs"], dtype=torch.int64))
+        carried_meta = read_weights_metadata(source / EXTRA_NAME)
+    video_embedder = None
+    if layout == "vl":  # every tensor the omni class has: see train.hf.untrained for the ones we never train
+        added, video_embedder = complete_vl_state(hf_state, state, cfg.model, hf_config["vision_config"], carried_meta)
+        hf_state.update(added)
     if dtype is not None:
         hf_state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in hf_state.items()}
     float_dtypes = {v.dtype for v in hf_state.values() if v.is_floating_point()}
@@ -191,6 +198,8 @@ def native_to_hf(src: Path, dst: Path, layout: Layout = "lm", dtype: torch.dtype
     (dst / "config.json").write_text(config_json_text(hf_config))
     files = write_hf_weights(hf_state, dst, max_shard_bytes)
     summary = {"layout": layout, "tensors": len(hf_state), "files": files, "dst": str(dst)}
+    if video_embedder is not None:
+        summary["video_embedder"] = video_embedder
     if tokenizer_dir is not None:
         summary["serving_files"] = write_serving_files(dst, cfg, layout, export_tokenizer)
         summary["tokenizer"] = str(tokenizer_dir)

@@ -61,6 +61,12 @@ def read_hf_weights_file(path: Path) -> dict[str, Tensor]:
         return {key: f.get_tensor(key) for key in f.keys()}
 
 
+def read_weights_metadata(path: Path) -> dict[str, str]:
+    """The string metadata stored in a safetensors file's header."""
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
 def _save_readable(tensors: dict[str, Tensor], path: Path) -> None:
     """safetensors writes its files private (0600); give them the mode every other file of the export
     gets (0666 less the umask), so a serving user or a shared model directory can read them."""
@@ -105,13 +111,16 @@ def copy_small_files(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> None:
             shutil.copy2(item, dst / item.name)
 
 
-def keep_source(run_dir: Path, source: Path, carried: dict[str, Tensor] | None) -> None:
-    """`run_dir/hf_source/`: the HF source's small files, and the tensors carried for its export."""
+def keep_source(run_dir: Path, source: Path, carried: dict[str, Tensor] | None,
+                metadata: dict[str, str] | None = None) -> None:
+    """`run_dir/hf_source/`: the HF source's small files, and the tensors carried for its export
+    (with `metadata` about them in the file's header)."""
     keep = Path(run_dir) / SOURCE_DIR
     keep.mkdir()
     copy_small_files(source, keep)
     if carried:
-        save_file({k: v.contiguous() for k, v in carried.items()}, str(keep / EXTRA_NAME), metadata={"format": "pt"})
+        save_file({k: v.contiguous() for k, v in carried.items()}, str(keep / EXTRA_NAME),
+                  metadata={"format": "pt", **(metadata or {})})
 
 
 def fresh_dir(path: Path) -> Path:

@@ -26,7 +26,9 @@ Two levels:
 HF tensors with no counterpart in our model (`CARRIED_PATTERNS`: RADIO's video embedder, summary
 indices and input normaliser, MTP heads) are carried unchanged next to a native checkpoint and
 written back on export, so HF -> native -> HF is bit-exact. Any other tensor without a row is an
-error, never a drop. Every mapping moves whole tensors: round trips are bit-exact.
+error, never a drop. Every mapping moves whole tensors: round trips are bit-exact. What a VL export
+writes for the omni tensors our model lacks (the video embedder, layer scales, summary indices),
+carried or not, is `train.hf.untrained`'s to say.
 """
 
 from __future__ import annotations
@@ -123,6 +125,7 @@ LM_PREFIX = "language_model."
 RADIO = "vision_model.radio_model."
 RADIO_MODEL = RADIO + "model."
 RADIO_SUMMARY_IDXS = RADIO + "summary_idxs"  # a buffer transformers' RADIO needs; ours has no use for it
+RADIO_VIDEO_EMBEDDER = RADIO_MODEL + "patch_generator.video_embedder.weight"  # tubelets; ours embeds frames as images
 
 
 @dataclass(frozen=True)

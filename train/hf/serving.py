@@ -113,7 +113,7 @@ def processor_configs(cfg: Config) -> dict[str, dict]:
              "min_num_patches": patches_per_tile, "max_num_patches": patches_per_tile * tiles_per_image,
              "max_model_len": data.seq_length}
     # Training gives each video frame one square tile; transformers then pairs frames into tubelets
-    # for its temporal embedder (carried from an HF source, untrained here: see the README).
+    # for its temporal embedder, which embeds a tubelet as its mean frame (train.hf.untrained).
     video = {"video_processor_type": "NemotronH_Omni_Reasoning_V3VideoProcessor", **common,
              "norm_mean": list(mean), "norm_std": list(std), "video_target_num_patches": patches_per_tile,
              "video_maintain_aspect_ratio": False, "temporal_patch_size": VIDEO_TEMPORAL_PATCH}
