@@ -25,7 +25,7 @@ _HARMLESS = (
     # megatron's calls into torch 2.13's renamed collectives: same operations.
     (FutureWarning, r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated"),
     # Checkpoints of this engine hold native tensors as ShardedTensor chunks (`state`), read back by DCP.
-    (UserWarning, r"Please use DTensor instead and we are deprecating ShardedTensor"),
+    (Warning, r"Please use DTensor instead and we are deprecating ShardedTensor"),
 )
 for _category, _message in _HARMLESS:
     warnings.filterwarnings("ignore", message=_message, category=_category)
