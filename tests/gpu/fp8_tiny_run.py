@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from data_pipelines.training.packing import collate_rows
 from data_pipelines.training.samples import Sample
 from train.config.schema import LanguageModelConfig, ModelConfig, OptimConfig, PrecisionConfig
-from train.loop.train_module import build_optimizer
+from train.engines.assembly import build_optimizer
 from train.model.vlm import VisionLanguageModel
 from train.precision import build_precision
 

@@ -16,7 +16,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from data_pipelines.training.packing import collate_rows
 from data_pipelines.training.samples import Sample
 from train.config.schema import Config, LanguageModelConfig, ModelConfig, OptimConfig, ParallelConfig, TrainerConfig
-from train.loop.train_module import TrainModule, apply_trainable, build_optimizer
+from train.engines.assembly import apply_trainable, build_optimizer
+from train.loop.train_module import TrainModule
 from train.model.vlm import VisionLanguageModel
 from train.engines.native.data_parallel import wrap_data_parallel
 from train.parallel.distributed import init_distributed, shutdown

@@ -37,7 +37,7 @@ def load_stage_model(run_dir: Path, checkpoint: Path | None = None):
     from train.config.schema import Config, from_dict
     import torch
 
-    from train.loop.assembly import assemble
+    from train.engines.assembly import assemble
     from train.parallel.distributed import DistInfo
 
     cfg = from_dict(Config, yaml.safe_load((run_dir / "config.yaml").read_text()))

@@ -19,7 +19,7 @@ from data_pipelines.training.samples import Tokenizer
 from train.config.compose import load_config
 from train.engines import resolve_engine
 from train.engines.mcore import weights
-from train.loop.assembly import assemble
+from train.engines.assembly import assemble
 from train.loop.train_module import TrainModule
 from train.loop.trainer import build_data, prepare_data_files
 

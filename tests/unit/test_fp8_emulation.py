@@ -21,7 +21,7 @@ from data_pipelines.training.packing import collate_rows
 from data_pipelines.training.samples import Sample
 from tests.gpu.fp8_tiny_run import CountScaledMm
 from train.config.schema import ConfigError, LanguageModelConfig, ModelConfig, OptimConfig, PrecisionConfig
-from train.loop.train_module import build_optimizer
+from train.engines.assembly import build_optimizer
 from train.model.vlm import VisionLanguageModel
 from train.precision import Precision, build_precision
 from train.precision.delayed_scaling import DelayedScalingRecipe, DelayedScalingState, quantize

@@ -18,7 +18,7 @@ from train.config.compose import load_config
 from train.hf.config import ours_to_hf_lm_config, ours_to_hf_vl_config
 from train.hf.files import read_hf_weights
 from train.hf.mapping import hf_to_native_state, split_carried
-from train.loop.assembly import assemble
+from train.engines.assembly import assemble
 from train.model.vlm import VisionLanguageModel
 from train.parallel.distributed import DistInfo
 

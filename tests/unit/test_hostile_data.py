@@ -158,7 +158,7 @@ def test_init_from_another_model_size_or_a_run_dir(tmp_path, synth_data, tokeniz
     from train.hf.conversion import write_native
     import torch
 
-    from train.loop.assembly import assemble
+    from train.engines.assembly import assemble
     from train.parallel.distributed import DistInfo
     from train.model.vlm import VisionLanguageModel
 

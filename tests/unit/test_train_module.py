@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from data_pipelines.training.packing import collate_rows
 from data_pipelines.training.samples import Sample
 from train.config.schema import Config, LanguageModelConfig, ModelConfig, OptimConfig, TrainerConfig
-from train.loop.train_module import TrainModule, apply_trainable, build_optimizer, learning_rate
+from train.engines.assembly import apply_trainable, build_optimizer
+from train.loop.train_module import TrainModule, learning_rate
 from train.model.vlm import VisionLanguageModel
 from train.parallel.distributed import DistInfo
 from train.precision import build_precision

@@ -26,7 +26,7 @@ from data_pipelines.training.samples import Tokenizer
 from data_pipelines.training.tiling import tile_image
 from train.checkpoint.files import read_run_config, resolve_native_checkpoint
 from train.config.schema import Config, KernelConfig, PrecisionConfig
-from train.loop.assembly import assemble
+from train.engines.assembly import assemble
 from train.model.vlm import VisionLanguageModel
 from train.parallel.distributed import DistInfo
 

@@ -8,6 +8,8 @@ An engine decides what differs between the two: its config rules, process groups
 model, how its state reaches a checkpoint, precision, data parallelism and the step's micro-batch
 schedule. `resolve_engine` is the one place that maps `model.impl` to an engine; nothing else asks
 which engine it runs on (the vision tower, projector, loss, optimizer, data and callbacks are shared).
+`assembly.assemble` drives an engine through the one order every stage is built in, for the trainer,
+`train.plan --measure` and chat.
 """
 
 from __future__ import annotations

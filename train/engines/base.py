@@ -2,7 +2,7 @@
 torch modules (`native`) and on megatron-core (`mcore`). Everything else (data, the vision tower
 and projector, loss, optimizer, checkpoints, callbacks) is shared and engine-blind.
 
-The assembly (`train.loop.assembly.assemble`) calls these in its fixed order; the trainer calls
+The assembly (`train.engines.assembly.assemble`) calls these in its fixed order; the trainer calls
 `init_distributed` first and `step_schedule` once the optimizer exists.
 """
 

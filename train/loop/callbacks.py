@@ -142,7 +142,24 @@ class Progress(Callback):
             self.bar.close()
 
 
-class WandbLogger(Callback):
+class ExperimentLogger(Callback):
+    """A logger of the step records and, at the end, the report's plots (wandb, TensorBoard)."""
+
+    def on_step_end(self, trainer, event):
+        if event.record is not None:
+            self.log(event.record)
+
+    def on_fit_end(self, trainer, summary):
+        self.log_images(trainer.report_plots, trainer.step)
+
+    def log(self, record: dict) -> None:
+        raise NotImplementedError
+
+    def log_images(self, images: dict[str, Path], step: int) -> None:
+        raise NotImplementedError
+
+
+class WandbLogger(ExperimentLogger):
     """wandb in the configured mode (offline by default; never a key in config or logs)."""
 
     def __init__(self, mode: str, project: str, entity: str | None, run_dir: Path, stage: str, config: dict):
@@ -154,13 +171,6 @@ class WandbLogger(Callback):
         run_id = f"{stage}-{zlib.crc32(str(run_dir.resolve()).encode()):08x}"
         self.run = wandb.init(mode=mode, project=project, entity=entity, dir=str(run_dir), name=stage,
                               id=run_id, resume="allow", config=config)
-
-    def on_step_end(self, trainer, event):
-        if event.record is not None:
-            self.log(event.record)
-
-    def on_fit_end(self, trainer, summary):
-        self.log_images(trainer.report_plots, trainer.step)
 
     def log(self, record: dict) -> None:
         if self.run is not None:
@@ -214,7 +224,7 @@ def tensorboard_scalars(record: dict) -> dict[str, float]:
     return scalars
 
 
-class TensorBoardLogger(Callback):
+class TensorBoardLogger(ExperimentLogger):
     """TensorBoard event files in `log_dir` (`<run dir>/tensorboard/`; a pipeline's stages are its runs
     under `tensorboard --logdir <pipeline run dir>`): every logged step's numbers at that step, and
     the report's plots as images at the end. A resumed run purges the steps past the checkpoint,
@@ -224,13 +234,6 @@ class TensorBoardLogger(Callback):
         from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: check_logger_packages first
 
         self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=resumed_step + 1 if resumed_step else None)
-
-    def on_step_end(self, trainer, event):
-        if event.record is not None:
-            self.log(event.record)
-
-    def on_fit_end(self, trainer, summary):
-        self.log_images(trainer.report_plots, trainer.step)
 
     def log(self, record: dict) -> None:
         for tag, value in tensorboard_scalars(record).items():

@@ -15,8 +15,7 @@ import torch
 from torch import nn
 
 from data_pipelines.training.batch import PackedBatch
-from train.config.schema import Config, OptimConfig, TrainableConfig
-from train.model.vlm import VisionLanguageModel
+from train.config.schema import Config, OptimConfig
 from train.parallel.distributed import (
     DistInfo,
     all_reduce_sum,
@@ -25,7 +24,6 @@ from train.parallel.distributed import (
     clip_grad_norm,
     finalize_tensor_parallel_grads,
 )
-from train.parallel.zero import ShardedAdamW
 from train.precision import Precision
 
 
@@ -48,12 +46,6 @@ class NonFiniteError(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient norm."""
 
 
-def apply_trainable(model: VisionLanguageModel, trainable: TrainableConfig) -> None:
-    for part, flag in (("language_model", trainable.language_model), ("vision_model", trainable.vision_model),
-                       ("projector", trainable.projector)):
-        getattr(model, part).requires_grad_(flag)
-
-
 def learning_rate(step: int, cfg: OptimConfig, max_steps: int) -> float:
     """LR for optimizer step `step` (0-based): linear warmup, then cosine (or constant) to min_lr."""
     if step < cfg.warmup_steps:
@@ -62,20 +54,6 @@ def learning_rate(step: int, cfg: OptimConfig, max_steps: int) -> float:
         return cfg.lr
     progress = (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps)
     return cfg.floor_lr + 0.5 * (cfg.lr - cfg.floor_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def build_optimizer(model: nn.Module, cfg: OptimConfig, shard_over=None) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; with `shard_over` (a process group) its state is sharded
-    over that group's ranks (`train.parallel.zero.ShardedAdamW`)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    # No weight decay on norms, biases and 1-d SSM parameters (A_log, D, dt_bias).
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    hyper = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps}
-    if shard_over is not None:
-        return ShardedAdamW(groups, shard_over, **hyper)
-    return torch.optim.AdamW(groups, **hyper)
 
 
 @contextlib.contextmanager

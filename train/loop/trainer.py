@@ -26,7 +26,7 @@ from train.checkpoint.store import Checkpointer, read_data_states
 from train.config.schema import Config, ConfigError
 from train.engines import resolve_engine
 from train.evaluate.heldout import Validator
-from train.loop.assembly import assemble
+from train.engines.assembly import assemble
 from train.loop.callbacks import (
     Callback,
     Checkpointing,

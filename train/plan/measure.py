@@ -20,7 +20,7 @@ import torch
 from data_pipelines.training.batch import PackedBatch
 from data_pipelines.training.special_tokens import ALL_SPECIAL_TOKENS
 from train.config.schema import Config
-from train.loop.assembly import assemble
+from train.engines.assembly import assemble
 from train.loop.train_module import TrainModule
 from train.parallel.distributed import DistInfo
 

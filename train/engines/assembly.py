@@ -36,11 +36,11 @@ from train.checkpoint.store import (
     load_newest_readable,
     resolve_native_checkpoint,
 )
-from train.config.schema import MODEL_PARTS, Config, ConfigError
+from train.config.schema import MODEL_PARTS, Config, ConfigError, OptimConfig, TrainableConfig
 from train.engines import Engine, resolve_engine
-from train.loop.train_module import apply_trainable, build_optimizer
 from train.model.vlm import VisionLanguageModel
 from train.parallel.distributed import DistInfo
+from train.parallel.zero import ShardedAdamW
 from train.precision import Precision
 
 
@@ -201,3 +201,23 @@ def check_random_parts(cfg: Config, random_parts: list[str]) -> None:
             f"random {' and '.join(refused)} weights. Start from a checkpoint that holds them (e.g. "
             f"`python -m train.convert compose --lm {given if hf_lm else 'HF_LM'} --vision HF_RADIO --dst DIR`, then "
             f"init.from_checkpoint=DIR/checkpoints/step_0000000), or allow it: init.allow_random=[{','.join(refused)}]")
+
+
+def apply_trainable(model: VisionLanguageModel, trainable: TrainableConfig) -> None:
+    for part, flag in (("language_model", trainable.language_model), ("vision_model", trainable.vision_model),
+                       ("projector", trainable.projector)):
+        getattr(model, part).requires_grad_(flag)
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, shard_over=None) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; with `shard_over` (a process group) its state is sharded
+    over that group's ranks (`train.parallel.zero.ShardedAdamW`)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    # No weight decay on norms, biases and 1-d SSM parameters (A_log, D, dt_bias).
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    hyper = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps}
+    if shard_over is not None:
+        return ShardedAdamW(groups, shard_over, **hyper)
+    return torch.optim.AdamW(groups, **hyper)
