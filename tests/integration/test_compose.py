@@ -106,6 +106,21 @@ def test_compose_then_stage0_then_export_match_transformers(released, tmp_path, 
     load_model_weights(find_latest(again / "checkpoints"), twin)
     assert all(torch.equal(a, b) for a, b in zip(ours.projector.state_dict().values(), twin.projector.state_dict().values()))
 
+    # Composed with compose's default projector width (4x the LM's), not the recipe's: Stage 0 from it
+    # stops in one line naming the compose flag that fits the recipe, not a model group that does not exist.
+    wide = tmp_path / "wide"
+    assert convert.main(["compose", "--lm", str(released / "lm"), "--vision", str(released / "radio"),
+                         "--dst", str(wide)]) == 0
+    capsys.readouterr()
+    refused = run_module(["train", "--config-name", "stage0_projector_warmup", "smoke=cpu", "trainer.max_steps=1",
+                          f"init.from_checkpoint={find_latest(wide / 'checkpoints')}", "run.dir=runs/wide"], tmp_path)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    wide_size, size = 4 * TINY["language_model"]["hidden_size"], TINY["projector"]["hidden_size"]
+    [line] = [line for line in refused.stderr.splitlines() if "another model size" in line]
+    assert f"rerun compose with --projector-hidden-size {size}" in line
+    assert f"set model.projector.hidden_size={wide_size}" in line
+    assert "model=lm+radio" not in line and "Traceback" not in refused.stderr
+
     # Stage 0 from it, random parts refused: nothing frozen is random here, so it trains.
     cwd = tmp_path
     result = run_module(["train", "--config-name", "stage0_projector_warmup", "smoke=cpu", "trainer.max_steps=2",

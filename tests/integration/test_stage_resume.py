@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -71,10 +72,27 @@ def test_invalid_override_fails_before_compute(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def check_sample_counts(records: list[dict]) -> None:
+    """Per-step `samples` add up to the cumulative `samples_total`, which the per-source table matches."""
+    last = records[-1]
+    assert last["samples_total"] == sum(last["samples_by_source"].values()) == sum(r["samples"] for r in records)
+    assert sum(last["tokens_by_source"].values()) == last["tokens"]
+
+
 def test_resumed_with_no_step_left_still_reports_the_final_loss(tmp_path):
     args = ["train", "--config-name", "stage3_text_recovery", "smoke=cpu", "trainer.max_steps=2",
             f"run.dir={tmp_path / 'run'}"]
-    assert run_module(args, tmp_path).returncode == 0
+    first_run = run_module(args, tmp_path)
+    assert first_run.returncode == 0, first_run.stderr[-2000:]
+    # The console line (no terminal: plain lines) carries the gradient norm; the report plots it.
+    assert re.search(r"step 2/2 loss [\d.]+ grad_norm [\d.e+-]+ tok/s [\d,]+ eta", first_run.stdout), first_run.stdout
+    assert (tmp_path / "run" / "report" / "stage3_text_recovery_grad_norm.png").is_file()
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert "Gradient norm" in page and "Samples per source (cumulative)" in page
+    check_sample_counts(read_metrics(tmp_path / "run"))
+    rank_file = tmp_path / "run" / "checkpoints" / "step_0000002" / "rank_0.json"
+    rank_state = json.loads(rank_file.read_text())
+    assert rank_state["samples_total"] == read_metrics(tmp_path / "run")[-1]["samples_total"]
     summary_file = tmp_path / "run" / "summary.json"
     first = json.loads(summary_file.read_text())
     summary_file.unlink()  # as if killed after the final checkpoint, before the summary
@@ -83,7 +101,15 @@ def test_resumed_with_no_step_left_still_reports_the_final_loss(tmp_path):
     final = json.loads(summary_file.read_text())["final_loss"]
     assert final == first["final_loss"] == read_metrics(tmp_path / "run")[-1]["loss"]
     assert "note: trainer.max_steps" not in again.stdout
-    # Resumed for one more step: the cosine schedule now spans 3 steps, and the run says so.
+    # Resumed for one more step: the cosine schedule now spans 3 steps, and the run says so. The
+    # checkpoint is made to look like one from before `samples_total` was saved: the count carries
+    # on from the loader's per-source counts.
+    del rank_state["samples_total"]
+    rank_file.write_text(json.dumps(rank_state))
     longer = run_module([*args[:-2], "trainer.max_steps=3", args[-1]], tmp_path)
     assert longer.returncode == 0, longer.stderr[-2000:]
     assert "note: trainer.max_steps is 3, the checkpoint was saved by a run of 2" in longer.stdout
+    records = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in records] == [1, 2, 3]
+    check_sample_counts(records)
+    assert json.loads(summary_file.read_text())["samples_total"] == records[-1]["samples_total"]

@@ -150,8 +150,8 @@ def test_bad_settings_are_one_line_config_errors(overrides, message):
 
 
 def test_init_from_another_model_size_or_a_run_dir(tmp_path, synth_data, tokenizer):
-    """A checkpoint of another model size names the tensor, both shapes and the config to change;
-    a run directory stands for its latest checkpoint."""
+    """A checkpoint of another model size names the tensor, both shapes and the model.* fields to change
+    (not its model name, which is no model group here); a run directory stands for its latest checkpoint."""
     import dataclasses
 
     from train.config.compose import load_config
@@ -169,7 +169,9 @@ def test_init_from_another_model_size_or_a_run_dir(tmp_path, synth_data, tokeniz
     write_native(tmp_path / "wider", bigger, VisionLanguageModel(bigger, image_token_id=10).state_dict())
     cfg.init.from_checkpoint = str(tmp_path / "wider")  # the run dir: its latest step
     with pytest.raises(ConfigError, match=r"another model size \(\S+ is \(96, 128\) in .*step_0000000 but "
-                                          r"\(64, 128\) in this model\); it was trained with model=wider"):
+                                          r"\(64, 128\) in this model\); its config.yaml describes another model "
+                                          r"\(model.language_model.hidden_size=64 here, 96 there\): set those model.\* "
+                                          r"fields to its values \(now model=tiny\)$"):
         assemble(cfg, cpu, tokenizer.special_ids, train=False)
     same = VisionLanguageModel(cfg.model, image_token_id=10)
     write_native(tmp_path / "same", cfg.model, same.state_dict())

@@ -36,7 +36,15 @@ from train.checkpoint.store import (
     load_newest_readable,
     resolve_native_checkpoint,
 )
-from train.config.schema import MODEL_PARTS, Config, ConfigError, OptimConfig, TrainableConfig
+from train.config.schema import (
+    MODEL_PARTS,
+    Config,
+    ConfigError,
+    ModelConfig,
+    OptimConfig,
+    TrainableConfig,
+    from_dict,
+)
 from train.engines import Engine, resolve_engine
 from train.model.vlm import VisionLanguageModel
 from train.parallel.distributed import DistInfo
@@ -134,11 +142,52 @@ def load_init_weights(cfg: Config, model: VisionLanguageModel, layout: StateLayo
     try:
         return load_model_weights(checkpoint, model, layout)
     except CheckpointShapeError as err:
-        saved_config = run_dir / "config.yaml"
-        trained_as = yaml.safe_load(saved_config.read_text()).get("model", {}).get("name") if saved_config.exists() else None
-        hint = f"it was trained with model={trained_as}: " if trained_as else ""
-        raise ConfigError(f"init.from_checkpoint={checkpoint} is another model size ({err}); {hint}set the model group "
-                          f"(model=...) or model.* sizes it was trained with (now model={cfg.model.name})") from None
+        raise ConfigError(f"init.from_checkpoint={checkpoint} is another model size ({err}); "
+                          f"{size_mismatch_fix(cfg.model, run_dir)}") from None
+
+
+# The model groups `model=NAME` can choose (train.config.compose.CONFIGS_DIR, without importing Hydra here).
+MODEL_GROUP_DIR = Path(__file__).resolve().parents[2] / "configs" / "model"
+# What `train.convert compose` sets of the projector, by its flag (the LM and ViT come from the sources).
+COMPOSE_FLAGS = {"projector.hidden_size": "--projector-hidden-size", "projector.downsample_ratio": "--downsample-ratio"}
+
+
+def size_mismatch_fix(model: ModelConfig, run_dir: Path) -> str:
+    """What to set when a native checkpoint from `run_dir` does not fit `model`: the model group it
+    was trained with (only when `configs/model/<name>.yaml` exists: a converted or composed
+    checkpoint is named after its sources), the model.* fields its config.yaml gives otherwise, and
+    for a `train.convert compose` output whose projector differs, the compose flag that remakes it."""
+    from train.hf.compose import VISION_CONFIG_NAME  # here: compose reads transformers configs
+    from train.hf.config import model_config_differences
+    from train.hf.files import SOURCE_DIR
+
+    now = f"(now model={model.name})"
+    saved_file = run_dir / "config.yaml"
+    saved = (yaml.safe_load(saved_file.read_text()) or {}).get("model") if saved_file.exists() else None
+    if not isinstance(saved, dict):
+        return f"set the model group (model=...) or the model.* sizes it was trained with {now}"
+    name = saved.get("name")
+    group = f"model={name}" if name and (MODEL_GROUP_DIR / f"{name}.yaml").is_file() else None
+    try:
+        differ = model_config_differences(model, from_dict(ModelConfig, saved, "model"), "vl")
+    except ConfigError:  # a config.yaml of an older schema: its fields are not comparable one by one
+        differ = []
+    composed = (run_dir / SOURCE_DIR / VISION_CONFIG_NAME).is_file()
+    remade = [(field, mine, theirs) for field, mine, theirs in differ if field in COMPOSE_FLAGS]
+    if composed and remade:
+        flags = " ".join(f"{COMPOSE_FLAGS[field]} {mine}" for field, mine, _ in remade)
+        theirs = " ".join(f"model.{field}={value}" for field, _, value in remade)
+        rest = [f"model.{field}={value}" for field, _, value in differ if field not in COMPOSE_FLAGS]
+        also = f" (and set {' '.join(rest)})" if rest else ""
+        return (f"it was made by `train.convert compose` with {theirs}: rerun compose with {flags} for this "
+                f"recipe{also}, or set {' '.join([theirs, *rest])} {now}")
+    if differ:
+        fields = "; ".join(f"model.{field}={mine!r} here, {theirs!r} there" for field, mine, theirs in differ)
+        option = f"set {group}, or " if group else "set "
+        return f"its config.yaml describes another model ({fields}): {option}those model.* fields to its values {now}"
+    if group:
+        return f"it was trained with {group}: set it {now}"
+    return f"set the model.* sizes it was trained with {now}"
 
 
 def is_transformers_dir(path: Path) -> bool:

@@ -112,7 +112,8 @@ class MetricsFile(Callback):
 
 
 class Progress(Callback):
-    """A tqdm bar on a terminal; plain lines (loss, tokens/s, ETA) when output is a file or CI log."""
+    """A tqdm bar on a terminal; plain lines (loss, gradient norm, tokens/s, ETA) when output is a file
+    or CI log."""
 
     def __init__(self, stage: str, start_step: int, max_steps: int, enabled: bool):
         self.interactive = enabled and sys.stderr.isatty()
@@ -120,19 +121,20 @@ class Progress(Callback):
         self.start_step, self.started = start_step, time.monotonic()
         self.bar = tqdm(total=max_steps, initial=start_step, desc=stage, dynamic_ncols=True) if self.interactive else None
 
-    def update(self, step: int, loss: float, tokens_per_s: float) -> None:
+    def update(self, step: int, loss: float, tokens_per_s: float, grad_norm: float) -> None:
         done = step - self.start_step
         eta = (time.monotonic() - self.started) / max(done, 1) * (self.max_steps - step)
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+            self.bar.set_postfix(loss=f"{loss:.4f}", grad_norm=f"{grad_norm:.3g}", tok_s=f"{tokens_per_s:,.0f}")
         else:
-            print(f"[{self.stage}] step {step}/{self.max_steps} loss {loss:.4f} "
+            print(f"[{self.stage}] step {step}/{self.max_steps} loss {loss:.4f} grad_norm {grad_norm:.3g} "
                   f"tok/s {tokens_per_s:,.0f} eta {eta:.0f}s", flush=True)
 
     def on_step_end(self, trainer, event):
         if event.record is not None:
-            self.update(event.step, event.result.loss, event.result.real_tokens / event.elapsed_s)
+            self.update(event.step, event.result.loss, event.result.real_tokens / event.elapsed_s,
+                        event.result.grad_norm)
 
     def on_validation(self, trainer, step, val):
         trainer.log("val " + ", ".join(f"{k.removeprefix('val/')} {v:.4f}" for k, v in val.items()))

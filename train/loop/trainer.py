@@ -108,12 +108,17 @@ class Trainer:
         stage = assemble(cfg, info, tokenizer.special_ids, resume_from=self.ckpt_root, log=self.log)
         self.model, self.optimizer, self.precision, self.layout = stage.model, stage.optimizer, stage.precision, stage.layout
         self.data = build_data(cfg, tokenizer, info)
-        self.step, self.tokens = 0, 0
+        # Cumulative since the stage started, across resumes (global: every rank holds the same).
+        self.step, self.tokens, self.samples_total = 0, 0, 0
         if stage.resumed is not None:
             latest, saved = stage.resumed
             self.step, self.tokens = saved["step"], saved["tokens"]
             # One data position per data-parallel rank; the parallel layout may have changed since.
             data_states = read_data_states(latest)
+            # Checkpoints from before `samples_total` was kept: the loader's per-source counts over
+            # all replicas are the same number (every used sample is counted once, in one step).
+            self.samples_total = saved.get("samples_total",
+                                           sum(sum(d.get("samples_by_source", {}).values()) for d in data_states))
             if len(data_states) == info.data_size:
                 self.data.load_state_dict(data_states[info.data_rank])
             else:
@@ -123,6 +128,8 @@ class Trainer:
             self._note_schedule_change(read_marker(latest).get("max_steps"))
         self.train_module = TrainModule(stage.forward_module, self.optimizer, cfg, info, self.precision,
                                         stage.engine.step_schedule(stage.forward_module, info, self.precision))
+        if stage.resumed is not None:  # a cumulative count like the others (older checkpoints: 0)
+            self.train_module.nonfinite_total = stage.resumed[1].get("nonfinite_skipped", 0)
         self.validator = Validator(cfg, tokenizer, info, self.precision)
         # Held-out rows are built now, not at the first evaluation: a missing, empty or unusable
         # held-out source stops the run before its first step instead of after eval_every steps.
@@ -196,6 +203,7 @@ class Trainer:
             preemption.mark_stepped()
             self.step += 1
             self.tokens += result.real_tokens
+            self.samples_total += result.samples
             if not result.skipped_nonfinite:
                 last_loss = result.loss
             elapsed = time.monotonic() - started
@@ -210,12 +218,16 @@ class Trainer:
 
     def _record(self, result: StepResult, elapsed: float) -> dict:
         """The step's metrics.jsonl record (JSON has no NaN: a skipped non-finite step logs loss and
-        grad_norm as null), with the loader's counts summed over the ranks: a collective."""
+        grad_norm as null), with the loader's counts summed over the ranks: a collective. Per step:
+        loss, lr, grad_norm, step_time_s, packing_efficiency, samples, supervised_tokens,
+        evs_keep_ratio; cumulative since the stage started (across resumes): tokens, samples_total,
+        nonfinite_skipped, epochs and the loader's tables (README "metrics.jsonl fields")."""
         record = {
             "stage": self.cfg.stage, "step": self.step, "loss": _finite_or_none(result.loss), "lr": result.lr,
             "tokens": self.tokens, "grad_norm": _finite_or_none(result.grad_norm), "step_time_s": elapsed,
             "nonfinite_skipped": self.train_module.nonfinite_total,
             "packing_efficiency": result.real_tokens / result.slots, "samples": result.samples,
+            "samples_total": self.samples_total,
             "supervised_tokens": result.supervised_tokens, "epochs": round(self.data.epochs, 4),
             **self._loader_counts(), **result.precision_metrics,
         }
@@ -232,7 +244,9 @@ class Trainer:
                                  "fallbacks_by_source": d.fallbacks_by_source}, self.info)
 
     def save(self) -> None:
-        state = {"step": self.step, "tokens": self.tokens, "data_rank": self.info.data_rank, "data": self.data.state_dict()}
+        state = {"step": self.step, "tokens": self.tokens, "samples_total": self.samples_total,
+                 "nonfinite_skipped": self.train_module.nonfinite_total, "data_rank": self.info.data_rank,
+                 "data": self.data.state_dict()}
         self.checkpointer.save(self.step, self.model, self.optimizer, state, self.precision.state_dict())
 
     def _write_report(self) -> None:
@@ -250,7 +264,7 @@ class Trainer:
         latest = find_latest(self.ckpt_root)
         summary = {
             "stage": self.cfg.stage, "steps": self.step, "final_loss": _finite_or_none(last_loss),
-            "tokens": self.tokens,
+            "tokens": self.tokens, "samples_total": self.samples_total,
             "epochs": round(self.data.epochs, 4), **self._loader_counts(),
             "val": {k.removeprefix("val/"): _finite_or_none(v) for k, v in self.last_val.items()},
             "checkpoint": str(latest) if latest else None,

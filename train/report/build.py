@@ -3,10 +3,11 @@
 run, and needs no server. Plots are PNGs under `report/` next to the page (relative links, so the
 directory can be copied or served as it is).
 
-Stage page: train and held-out loss per source, learning rate, tokens/s and step time, packing fill
-and EVS keep ratio, FP8 scale range when used, samples and tokens per source, skips by reason,
-checkpoints. Pipeline page: the forgetting curve (every monitor source's held-out loss at the end
-of each stage), train loss across stages, then one section per stage.
+Stage page: train and held-out loss per source, learning rate, gradient norm, tokens/s and step
+time, packing fill and EVS keep ratio, FP8 scale range when used, samples and tokens per source and
+skips by reason (cumulative since the stage started), checkpoints. Pipeline page: the forgetting
+curve (every monitor source's held-out loss at the end of each stage), train loss across stages,
+then one section per stage.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 from train.checkpoint.files import complete_checkpoints
 
 PLOTS_DIR = "report"
+DPI = 90  # 576 px wide plots
 
 
 @dataclass
@@ -97,35 +99,62 @@ def _figure(height: float):
     toolkit), with fixed margins: matplotlib is imported when a plot is drawn (a third of a second
     every training process would otherwise pay at start-up), and fixed margins save the layout
     pass `tight_layout` would make per plot."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6.4, height))
+    fig = Figure(figsize=(6.4, height), dpi=DPI)
+    FigureCanvasAgg(fig)
     fig.subplots_adjust(left=0.14, right=0.97, top=0.88, bottom=0.2)
     return fig, fig.subplots()
 
 
 def _save(fig, path: Path) -> str:
-    fig.savefig(path, dpi=90)
+    fig.savefig(path)
     return path.name
 
 
-def _line_plot(path: Path, title: str, lines: dict[str, tuple[list, list]], ylabel: str, xlabel: str = "step",
-               markers: bool = False) -> str | None:
+def _wrap_label(name: str, width: int = 16) -> str:
+    """A category name (a stage name) broken at underscores into lines of at most about `width`
+    characters, so five stage names fit side by side under a 6.4-inch plot."""
+    lines: list[str] = []
+    for part in name.split("_"):
+        if lines and len(lines[-1]) + 1 + len(part) <= width:
+            lines[-1] += "_" + part
+        else:
+            lines.append(part)
+    return "\n".join(lines)
+
+
+def line_figure(title: str, lines: dict[str, tuple[list, list]], ylabel: str, xlabel: str = "step",
+                markers: bool = False):
+    """The Figure of a line plot (None when no line has a point). Category x values (stage names)
+    get wrapped tick labels and a layout pass that fits them: the last one sits at the axes' right
+    edge and would run off the figure under the fixed margins."""
     lines = {label: xy for label, xy in lines.items() if xy[0]}
     if not lines:
         return None
     fig, ax = _figure(3.4)
+    categories = any(isinstance(v, str) for x, _ in lines.values() for v in x)
     for label, (x, y) in lines.items():
         ax.plot(x, y, marker="o" if markers or len(x) < 3 else None, label=label)
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    if any(isinstance(v, str) for x, _ in lines.values() for v in x):  # categories (stage names)
-        ax.tick_params(axis="x", labelrotation=15, labelsize=8)
+    if categories:
+        names = list(dict.fromkeys(v for x, _ in lines.values() for v in x))  # first-seen order, as plotted
+        ax.set_xticks(range(len(names)), [_wrap_label(n) for n in names], fontsize=8)
+        ax.margins(x=0.08)
+        fig.set_layout_engine("constrained")
     ax.grid(alpha=0.3)
     if len(lines) > 1:
         ax.legend(fontsize=8)
-    return _save(fig, path)
+    return fig
+
+
+def _line_plot(path: Path, title: str, lines: dict[str, tuple[list, list]], ylabel: str, xlabel: str = "step",
+               markers: bool = False) -> str | None:
+    fig = line_figure(title, lines, ylabel, xlabel, markers)
+    return None if fig is None else _save(fig, path)
 
 
 def _bar_plot(path: Path, title: str, values: dict[str, float], ylabel: str) -> str | None:
@@ -158,6 +187,8 @@ def stage_plots(run: StageRun, out: Path, prefix: str = "") -> dict[str, str]:
             out / f"{name}_loss.png", f"{run.name}: loss",
             {"train": run.series("loss"), **{_val_label(k): run.series(k) for k in val_keys}}, "loss"),
         "Learning rate": _line_plot(out / f"{name}_lr.png", f"{run.name}: learning rate", {"lr": run.series("lr")}, "lr"),
+        "Gradient norm": _line_plot(out / f"{name}_grad_norm.png", f"{run.name}: gradient norm (before clipping)",
+                                    {"grad_norm": run.series("grad_norm")}, "L2 norm"),
         "Throughput": _line_plot(out / f"{name}_throughput.png", f"{run.name}: tokens/s",
                                  {"tokens/s": ([s for s, _ in rates], [v for _, v in rates])}, "tokens/s"),
         "Step time": _line_plot(out / f"{name}_step_time.png", f"{run.name}: step time",
@@ -166,13 +197,17 @@ def stage_plots(run: StageRun, out: Path, prefix: str = "") -> dict[str, str]:
             out / f"{name}_packing.png", f"{run.name}: packing fill / EVS keep ratio",
             {"packing fill": run.series("packing_efficiency"), "EVS keep ratio": run.series("evs_keep_ratio")}, "ratio"),
         "FP8 scale range": _line_plot(out / f"{name}_fp8.png", f"{run.name}: FP8 scales",
-                                      {k: run.series(k) for k in run.keys("fp8/") if "scale" in k}, "scale"),
-        "Samples per source": _bar_plot(out / f"{name}_samples.png", f"{run.name}: samples per source",
-                                        run.last("samples_by_source") or {}, "samples"),
-        "Tokens per source": _bar_plot(out / f"{name}_tokens.png", f"{run.name}: tokens per source",
-                                       run.last("tokens_by_source") or {}, "tokens"),
-        "Skipped samples by reason": _bar_plot(out / f"{name}_skipped.png", f"{run.name}: skipped by reason",
-                                               run.last("skipped") or {}, "samples"),
+                                      {k: run.series(k) for k in run.keys("fp8_scale")}, "scale"),
+        # The loader's tables count from the stage's start (across resumes), not per step.
+        "Samples per source (cumulative)": _bar_plot(
+            out / f"{name}_samples.png", f"{run.name}: samples per source, cumulative",
+            run.last("samples_by_source") or {}, "samples since the stage started"),
+        "Tokens per source (cumulative)": _bar_plot(
+            out / f"{name}_tokens.png", f"{run.name}: tokens per source, cumulative",
+            run.last("tokens_by_source") or {}, "tokens since the stage started"),
+        "Skipped samples by reason (cumulative)": _bar_plot(
+            out / f"{name}_skipped.png", f"{run.name}: skipped by reason, cumulative",
+            run.last("skipped") or {}, "samples since the stage started"),
     }
     return {title: file for title, file in plots.items() if file}
 
@@ -190,6 +225,12 @@ def forgetting_curve(runs: list[StageRun]) -> dict[str, tuple[list[str], list[fl
                 stages.append(run.name)
                 losses.append(values[-1])
     return curve
+
+
+def forgetting_figure(curve: dict[str, tuple[list[str], list[float]]]):
+    """The pipeline report's forgetting plot (stage names along x), or None without monitor losses."""
+    return line_figure("forgetting monitor (held-out loss at the end of each stage)", dict(curve), "held-out loss",
+                       xlabel="stage", markers=True)
 
 
 def _stage_config(run: StageRun) -> dict:
@@ -232,13 +273,19 @@ def _figures(plots: dict[str, str], relative: str) -> str:
         f"<figcaption>{html.escape(title)}</figcaption></figure>" for title, file in plots.items()) + "</div>"
 
 
+def _or_na(value) -> object:
+    return "n/a" if value is None else value
+
+
 def _stage_section(run: StageRun, plots: dict[str, str], relative: str) -> str:
     s = run.summary
     status = f"finished: {s['steps']} steps" if s else f"running: step {run.records[-1]['step'] if run.records else 0}"
     final = s.get("final_loss")
+    # Cumulative counts since the stage started (a running stage: as of its last logged step).
     facts = [("status", status), ("final train loss", f"{final:.4f}" if isinstance(final, float) else "n/a"),
-             ("tokens", s.get("tokens", "n/a")),
-             ("epochs", s.get("epochs", "n/a"))]
+             ("tokens (cumulative)", _or_na(run.last("tokens"))),
+             ("samples (cumulative)", _or_na(run.last("samples_total"))),
+             ("epochs (cumulative)", _or_na(run.last("epochs")))]
     val = s.get("val") or {k.removeprefix("val/"): v for k, v in (run.records[-1] if run.records else {}).items()
                            if k.startswith("val/")}
     facts += [(f"held-out {k}", f"{v:.4f}" if isinstance(v, float) else v) for k, v in val.items()]
@@ -278,11 +325,9 @@ def write_pipeline_report(run_dir: Path) -> Path:
     out = run_dir / PLOTS_DIR
     out.mkdir(parents=True, exist_ok=True)
     curve = forgetting_curve(runs)
-    top = {
-        "Forgetting monitor: held-out loss after each stage": _line_plot(
-            out / "forgetting.png", "forgetting monitor (held-out loss at the end of each stage)",
-            dict(curve), "held-out loss", xlabel="stage", markers=True),
-    }
+    forgetting = forgetting_figure(curve)
+    top = {"Forgetting monitor: held-out loss after each stage":
+           None if forgetting is None else _save(forgetting, out / "forgetting.png")}
     offset, train = 0, ([], [])
     for run in runs:  # train loss over the whole pipeline, steps laid end to end
         steps, losses = run.series("loss")
