@@ -46,11 +46,14 @@ KINDS = ("image", "video", "multi_image", "text")
 DEFAULT_NUM_PER_KIND = {"image": 160, "video": 48, "multi_image": 64, "text": 240}
 DEFAULT_SAMPLES_PER_SHARD = 32
 # Held-out shards next to the training ones (`<root>/heldout/<kind>`): other seeds, so other keys
-# and contents; the validation sources and the forgetting monitor of the smoke runs read them.
+# and contents; the validation sources of the smoke runs read them.
 HELDOUT_NUM_PER_KIND = {"image": 8, "video": 4, "multi_image": 4, "text": 16}
 HELDOUT_SEED_OFFSET = 1_000_003
+# The smoke forgetting monitor's own held-out code-reasoning text (`<root>/heldout/monitor`), apart
+# from the `heldout/text` validation shards: a third seed, so its loss is a number of its own.
+MONITOR_NUM, MONITOR_SEED_OFFSET = 16, 2_000_003
 # Bump when the generated content changes, so stale embedded data is regenerated.
-SYNTH_VERSION = 2  # 2: /no_think generation prompt opens `<think></think>`; held-out shards
+SYNTH_VERSION = 3  # 2: /no_think generation prompt opens `<think></think>`; held-out shards. 3: monitor shards
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -728,11 +731,12 @@ class EmbeddedData:
     shard_dirs: dict[str, Path]  # kind -> directory of .tar shards
     tokenizer_dir: Path
     heldout_dirs: dict[str, Path]  # kind -> held-out shards (never trained on)
+    monitor_dir: Path  # held-out code-reasoning text of the smoke forgetting monitor (never trained on)
 
 
 def _embedded_layout(root: Path) -> EmbeddedData:
     return EmbeddedData(root, {kind: root / kind for kind in KINDS}, root / "tokenizer",
-                        {kind: root / "heldout" / kind for kind in KINDS})
+                        {kind: root / "heldout" / kind for kind in KINDS}, root / "heldout" / "monitor")
 
 
 @contextlib.contextmanager
@@ -773,8 +777,9 @@ def _generate_embedded(staging: Path, num_per_kind: dict[str, int], seed: int,
     start = time.perf_counter()
     for kind in KINDS:  # held out: neither trained on nor seen by the tokenizer
         write_synthetic_shards(layout.heldout_dirs[kind], kind, HELDOUT_NUM_PER_KIND[kind], seed + HELDOUT_SEED_OFFSET)
-    print(f"[synth] held-out: {sum(HELDOUT_NUM_PER_KIND.values())} samples ({time.perf_counter() - start:.1f}s)",
-          flush=True)
+    write_synthetic_shards(layout.monitor_dir, "text", MONITOR_NUM, seed + MONITOR_SEED_OFFSET)
+    print(f"[synth] held-out: {sum(HELDOUT_NUM_PER_KIND.values())} samples, monitor: {MONITOR_NUM} "
+          f"({time.perf_counter() - start:.1f}s)", flush=True)
     start = time.perf_counter()
     train_tokenizer(_conversation_texts(records), layout.tokenizer_dir, vocab_size)
     print(f"[synth] tokenizer: vocab {vocab_size} ({time.perf_counter() - start:.1f}s)", flush=True)

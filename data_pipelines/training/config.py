@@ -82,7 +82,9 @@ class DataConfig:
     val_sources: list[SourceConfig] = field(default_factory=list)
     smoke_val_sources: list[SourceConfig] = field(default_factory=list)
     # The forgetting monitor: held-out text and code-reasoning sources every stage evaluates the
-    # same way (set once, in recipes/base/stage.yaml), so the pipeline shows one curve across stages.
+    # same way, so the pipeline shows one curve across stages. Empty in the shipped recipes (no
+    # public held-out set to point at; recipes/base/stage.yaml shows how to set it); the smoke runs
+    # use `smoke_monitor_sources`, embedded shards apart from every val source.
     monitor_sources: list[SourceConfig] = field(default_factory=list)
     smoke_monitor_sources: list[SourceConfig] = field(default_factory=list)
     # When set, the embedded synthetic data (and its tokenizer) is generated here first.

@@ -94,8 +94,9 @@ def test_public_api_loads_the_final_language_model(pipeline_run):
 
 
 def test_pipeline_ends_with_a_forgetting_curve_and_a_report(pipeline_run):
-    """The shared monitor source is evaluated at the end of every stage; the pipeline's summary
-    holds that curve, and report.html is written and its path printed."""
+    """The shared monitor source (held-out shards apart from the val sources') is evaluated at the
+    end of every stage; the pipeline's summary holds that curve, and report.html is written and its
+    path printed."""
     _, root, result = pipeline_run
     summary = json.loads((root / "summary.json").read_text())
     assert [s["stage"] for s in summary["stages"]] == STAGES
@@ -107,6 +108,40 @@ def test_pipeline_ends_with_a_forgetting_curve_and_a_report(pipeline_run):
     page = (root / "report.html").read_text()
     assert all(f"id='{stage}'" in page for stage in STAGES) and "forgetting.png" in page
     assert all((root / stage / "report.html").exists() for stage in STAGES)
+
+
+def test_every_stage_shows_each_held_out_number_once(pipeline_run):
+    """The monitor reads shards of its own, and `val/loss` is shown only over several val sources:
+    each stage's val line and its report table hold no number twice, the monitor's among them."""
+    import re
+
+    _, root, result = pipeline_run
+    for stage in STAGES:
+        lines = [line for line in result.stdout.splitlines() if line.startswith(f"[{stage}] val ")]
+        assert lines, result.stdout[-3000:]
+        shown = dict(re.findall(r"(\S+) (\d+\.\d+)", lines[-1].removeprefix(f"[{stage}] val ")))
+        assert "monitor_code_reasoning/loss" in shown
+        assert len(set(shown.values())) == len(shown), (stage, shown)
+        page = (root / stage / "report.html").read_text()
+        table = dict(re.findall(r"<th>((?:held-out|forgetting monitor) [^<]+)</th><td>([\d.]+)</td>", page))
+        assert "forgetting monitor monitor_code_reasoning/loss" in table
+        assert len(set(table.values())) == len(table) == len(shown), (stage, table)
+    assert "no forgetting monitor" not in result.stdout
+
+
+def test_smoke_monitor_reads_no_val_source_and_real_recipes_say_it_is_unset():
+    from train.config.compose import load_config
+    from train.loop.pipeline import forgetting_monitor_notice
+
+    smoke = [load_config(stage, ["smoke=cpu"]) for stage in STAGES]
+    for cfg in smoke:
+        monitors = {s.path for s in cfg.data.monitor_sources}
+        assert monitors and not monitors & {s.path for s in cfg.data.val_sources}, cfg.stage
+    assert forgetting_monitor_notice(smoke) is None
+    real = [load_config(stage, check_paths=False) for stage in STAGES]
+    assert all(cfg.data.monitor_sources == [] for cfg in real)
+    notice = forgetting_monitor_notice(real)
+    assert notice.startswith("=== no forgetting monitor") and "data.monitor_sources=[{name:" in notice
 
 
 def find_chromium() -> str | None:

@@ -31,7 +31,7 @@ from train.config.schema import ConfigError, LoggerConfig
 from train.evaluate.heldout import Validator
 from train.loop.preemption import Preempted, PreemptionHandler, mark_preempted
 from train.loop.train_module import StepResult
-from train.report.build import read_metrics_records
+from train.report.build import read_metrics_records, shown_val
 
 
 @dataclass
@@ -137,7 +137,8 @@ class Progress(Callback):
                         event.result.grad_norm)
 
     def on_validation(self, trainer, step, val):
-        trainer.log("val " + ", ".join(f"{k.removeprefix('val/')} {v:.4f}" for k, v in val.items()))
+        shown = shown_val(val, len(trainer.cfg.data.val_sources))
+        trainer.log("val " + ", ".join(f"{k.removeprefix('val/')} {v:.4f}" for k, v in shown.items()))
 
     def close(self) -> None:
         if self.bar is not None:

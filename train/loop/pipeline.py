@@ -43,6 +43,9 @@ def run_pipeline(argv: list[str]) -> list[dict]:
     stages, root, overrides = parse_pipeline_args(argv)
     # Validate every stage before any compute, so a typo in an override fails in seconds.
     configs = [load_config(name, overrides + [f"run.dir={root / name}"]) for name in stages]
+    notice = forgetting_monitor_notice(configs)
+    if notice and int(os.environ.get("RANK", "0")) == 0:
+        print(notice, flush=True)
     # One handler for the whole pipeline: a stop that comes during a stage's last step or between
     # stages (the finished stage is saved) ends the pipeline before the next stage, as a preemption.
     preemption = PreemptionHandler().install()
@@ -73,6 +76,15 @@ def run_pipeline(argv: list[str]) -> list[dict]:
     finally:
         preemption.uninstall()
     return summaries
+
+
+def forgetting_monitor_notice(configs: list[Config]) -> str | None:
+    """One line when no stage evaluates a forgetting monitor (data.monitor_sources is empty in the
+    shipped recipes: there is no public held-out set to point it at), saying how to set one."""
+    if any(cfg.data.monitor_sources for cfg in configs):
+        return None
+    return ("=== no forgetting monitor: data.monitor_sources is empty, so summary.json's `forgetting` stays empty; "
+            "set it for every stage, e.g. data.monitor_sources=[{name:code_heldout,path:/data/heldout/code}]")
 
 
 def write_pipeline_summary(root: Path, configs: list[Config], summaries: list[dict]) -> None:

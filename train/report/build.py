@@ -168,6 +168,17 @@ def _bar_plot(path: Path, title: str, values: dict[str, float], ylabel: str) -> 
     return _save(fig, path)
 
 
+def shown_val(val: dict, val_sources: int) -> dict:
+    """The held-out numbers as the console line and the report show them (keys `val/<source>/loss`
+    or `<source>/loss`): the mean over the val sources (`loss`) only when there are several, since
+    with one it repeats that source's number. metrics.jsonl and summary.json keep every key."""
+    return val if val_sources > 1 else {k: v for k, v in val.items() if k not in ("val/loss", "loss")}
+
+
+def _val_sources(run: StageRun) -> int:
+    return len(_stage_config(run).get("data", {}).get("val_sources") or [])
+
+
 def _val_label(key: str) -> str:
     source = key.removeprefix("val/").removesuffix("/loss")
     return "held-out, all val sources" if key == "val/loss" else f"held-out {source}"
@@ -177,7 +188,7 @@ def stage_plots(run: StageRun, out: Path, prefix: str = "") -> dict[str, str]:
     """{title: png file name in `out`} for one stage."""
     out.mkdir(parents=True, exist_ok=True)
     name = f"{prefix}{run.name}"
-    val_keys = run.keys("val/")
+    val_keys = list(shown_val(dict.fromkeys(run.keys("val/")), _val_sources(run)))
     # Tokens of a step from the cumulative count of consecutive records.
     rates = [(record["step"], (record["tokens"] - previous["tokens"]) / record["step_time_s"])
              for previous, record in zip(run.records, run.records[1:])
@@ -286,9 +297,11 @@ def _stage_section(run: StageRun, plots: dict[str, str], relative: str) -> str:
              ("tokens (cumulative)", _or_na(run.last("tokens"))),
              ("samples (cumulative)", _or_na(run.last("samples_total"))),
              ("epochs (cumulative)", _or_na(run.last("epochs")))]
-    val = s.get("val") or {k.removeprefix("val/"): v for k, v in (run.records[-1] if run.records else {}).items()
-                           if k.startswith("val/")}
-    facts += [(f"held-out {k}", f"{v:.4f}" if isinstance(v, float) else v) for k, v in val.items()]
+    val = shown_val(s.get("val") or {k.removeprefix("val/"): v for k, v in (run.records[-1] if run.records else {}).items()
+                                      if k.startswith("val/")}, _val_sources(run))
+    monitors = {m.get("name") for m in _stage_config(run).get("data", {}).get("monitor_sources") or []}
+    facts += [(f"{'forgetting monitor' if k.split('/')[0] in monitors else 'held-out'} {k}",
+               f"{v:.4f}" if isinstance(v, float) else v) for k, v in val.items()]
     for task, metrics in (s.get("lm_eval") or {}).get("results", {}).items():
         facts += [(f"lm-eval {task} {name.split(',')[0]}", f"{value:.4f}") for name, value in metrics.items()
                   if isinstance(value, float) and "stderr" not in name]
