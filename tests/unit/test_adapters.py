@@ -35,6 +35,8 @@ from tests.unit.test_train_module import LM, sample
 CPU = DistInfo(0, 1, 0, torch.device("cpu"))
 SPECIAL = {st.IMG_CONTEXT: 10}
 ALL_LM_ROLES = ["attention_qkv", "attention_output", "mlp_up", "mlp_down", "mamba_in_proj", "mamba_out_proj"]
+# PEFT refuses adapters on a Mamba out_proj of a transformers model (its kernel path bypasses them).
+EXPORTABLE_ROLES = ALL_LM_ROLES[:-1]
 
 
 def write_base(dst: Path, seed: int) -> Path:
@@ -143,3 +145,82 @@ def test_config_rules():
     cfg.model.impl, cfg.parallel.data_parallel = "native", "fsdp"
     with pytest.raises(ConfigError, match="data_parallel=ddp"):
         ENGINE.validate(cfg)
+
+
+@pytest.fixture(scope="module")
+def trained_lm_adapters(tmp_path_factory):
+    """A language-model base imported from a transformers NemotronH directory, LoRA on every role PEFT
+    can load on it trained 4 steps and checkpointed as a run: (run dir, the adapted native model, tmp dir)."""
+    from tests.unit.test_hf_convert import saved_hf_lm
+    from train.checkpoint.files import read_run_config, write_run_config
+    from train.config.schema import RunConfig, TrainableConfig, to_dict
+    from train.hf.conversion import hf_to_native
+
+    tmp = tmp_path_factory.mktemp("lm_adapters")
+    hf_to_native(saved_hf_lm(tmp / "hf"), tmp / "native")
+    run_dir = tmp / "run"
+    cfg = Config(stage="t", run=RunConfig(dir=str(run_dir)), model=read_run_config(tmp / "native").model,
+                 init=InitConfig(from_checkpoint=str(tmp / "native"), allow_random=["vision_model", "projector"]),
+                 trainable=TrainableConfig(language_model=True, projector=False),
+                 peft=PeftConfig(method="lora", rank=4, alpha=8.0, targets=EXPORTABLE_ROLES),
+                 optim=OptimConfig(lr=2e-2, warmup_steps=0, schedule="constant", clip_grad=0.0),
+                 trainer=TrainerConfig(max_steps=4, device="cpu"))
+    stage = assemble(cfg, CPU, SPECIAL)
+    train(stage, cfg, range(4))
+    run_dir.mkdir()
+    write_run_config(run_dir, to_dict(cfg))
+    Checkpointer(run_dir / "checkpoints", 1, layout=stage.layout, marker={"adapters": stage.adapters}).save(
+        4, stage.model, stage.optimizer, {"step": 4})
+    return run_dir, stage.model.eval(), tmp
+
+
+def test_export_adapters_load_in_peft_on_the_exported_base_and_merge_equals_the_adapted_model(trained_lm_adapters):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from train import convert
+    from train.api import load_language_model
+
+    run_dir, adapted, tmp = trained_lm_adapters
+    ids = torch.randint(12, 64, (2, 13), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = adapted.language_model(ids)  # (B, L, V), adapters unmerged
+        base_logits = load_language_model(tmp / "native")(ids)
+    assert float((ours - base_logits).norm() / ours.norm()) > 1e-3  # the adapters changed the model
+
+    # A bare export of an adapter checkpoint is refused: it holds no base.
+    assert convert.main(["native-to-hf", "--src", str(run_dir), "--dst", str(tmp / "bare"), "--weights-only"]) == 2
+
+    out = tmp / "exported"
+    assert convert.main(["native-to-hf", "--src", str(run_dir), "--dst", str(out), "--adapters", "--weights-only"]) == 0
+    files = {p.name for p in (out / "adapter").iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= files
+    hf = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32), out / "adapter").eval()
+    with torch.no_grad():
+        theirs = hf(input_ids=ids, use_cache=False).logits
+    assert float((theirs - ours).norm() / ours.norm()) < 1e-4
+
+    merged = tmp / "merged"
+    assert convert.main(["native-to-hf", "--src", str(run_dir), "--dst", str(merged), "--merge", "--weights-only"]) == 0
+    with torch.no_grad():
+        from_merged = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()(ids, use_cache=False).logits
+        # Stage hand-off: the next stage starts from the merged weights (`init.from_checkpoint` of an HF
+        # directory, converted as a stage converts it) and computes the adapted model.
+        next_stage = load_language_model(merged)(ids)
+    assert float((from_merged - ours).norm() / ours.norm()) < 1e-4
+    assert float((next_stage - ours).norm() / ours.norm()) < 1e-5
+
+
+def test_export_refuses_another_base(trained_lm_adapters, tmp_path, capsys):
+    from train import convert
+
+    from train.hf.conversion import read_native
+
+    run_dir, _, tmp = trained_lm_adapters
+    cfg, state, _ = read_native(tmp / "native")
+    state["language_model.backbone.layers.1.mixer.up_proj.weight"][0, 0] += 1e-3  # the same size, retrained
+    other = write_native(tmp_path / "other", cfg.model, state)
+    code = convert.main(["native-to-hf", "--src", str(run_dir), "--dst", str(tmp_path / "x"), "--merge",
+                         "--base", str(other), "--weights-only"])
+    assert code == 2
+    assert "fingerprint" in capsys.readouterr().err

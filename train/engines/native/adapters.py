@@ -15,6 +15,7 @@ wrong; both refuse instead.
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -105,23 +106,65 @@ def base_fingerprint(state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()[:32]
 
 
-def merge_adapters(model: nn.Module) -> nn.Module:
-    """Fold every PEFT LoRA / DoRA layer of `model` into its base linear (PEFT's own merge) and put the
-    plain linear back: the native model with the adapted weights, under the native names."""
-    from peft.tuners.lora import LoraLayer
-
-    for name, module in list(model.named_modules()):
-        if isinstance(module, LoraLayer):
-            module.merge(adapter_names=[ADAPTER_NAME])
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, module.get_base_layer())
-    return model
-
-
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter tensors as PEFT saves them (`get_peft_model_state_dict`: adapter name dropped),
     under our module names."""
     from peft import get_peft_model_state_dict
 
     return get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME)
+
+
+def unload_adapters(model: nn.Module, merge: bool) -> nn.Module:
+    """Put every adapted module's plain linear back: with `merge`, after folding the adapter into it
+    (PEFT's own merge: LoRA's scaled B @ A, DoRA's renormalised direction); without, the base alone."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            if merge:
+                module.merge(adapter_names=[ADAPTER_NAME])
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, module.get_base_layer())
+    return model
+
+
+def load_adapted_model(src: Path, base: str | None = None, log=print):
+    """(run config, the adapted native model in fp32, run dir) of an adapter run's checkpoint `src` (a run
+    dir, its checkpoints/ or a step dir): its base rebuilt as the run built it (seeded init, then
+    `init.from_checkpoint`, or `base` instead), checked against the fingerprint the checkpoint recorded,
+    the adapters put on and their trained tensors (with the parts that trained whole) loaded."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+
+    from train.checkpoint.files import read_marker, read_run_config, resolve_native_checkpoint
+    from train.checkpoint.layout import NativeLayout
+    from train.checkpoint.store import dcp_quietly
+    from train.config.schema import ConfigError
+    from train.engines.assembly import load_init_weights
+    from train.model.vlm import VisionLanguageModel
+
+    checkpoint, run_dir = resolve_native_checkpoint(Path(src))
+    saved = read_marker(checkpoint).get("adapters")
+    if saved is None:
+        raise ConfigError(f"{checkpoint} holds no adapters (its run had peft=none): export it without --adapters/--merge")
+    cfg = read_run_config(run_dir)
+    if base is not None:
+        cfg.init.from_checkpoint = str(base)
+    model = VisionLanguageModel(cfg.model, image_token_id=0)  # the token id plays no part in the weights
+    model.reset_parameters(cfg.seed)
+    if cfg.init.from_checkpoint:
+        load_init_weights(cfg, model, NativeLayout(), log)
+    found = base_fingerprint(model.state_dict())
+    if found != saved["base_fingerprint"]:
+        raise ConfigError(f"the base (init.from_checkpoint={cfg.init.from_checkpoint}) has fingerprint {found}, but "
+                          f"{checkpoint}'s adapters were trained on {saved.get('base')} (fingerprint "
+                          f"{saved['base_fingerprint']}): pass that base with --base")
+    apply_adapters(model, cfg.peft, cfg.trainable, cfg.seed)
+    mark_trainable(model, cfg.trainable, saved["modules"])
+    options = StateDictOptions(ignore_frozen_params=True)
+    state = get_model_state_dict(model, options=options)
+    with dcp_quietly():
+        dcp.load({"model": state}, checkpoint_id=str(checkpoint))
+    set_model_state_dict(model, state, options=StateDictOptions(ignore_frozen_params=True, strict=False))
+    return cfg, model.eval(), run_dir
