@@ -224,3 +224,27 @@ def test_export_refuses_another_base(trained_lm_adapters, tmp_path, capsys):
                          "--base", str(other), "--weights-only"])
     assert code == 2
     assert "fingerprint" in capsys.readouterr().err
+
+
+def test_plan_counts_the_adapters_peft_builds_and_fits_the_12b_stage1_on_one_gpu():
+    from train.engines.native.adapters import apply_adapters
+    from train.plan.estimate import ONE_GPU_GIB, format_plan, load_plan_config, make_plan
+
+    tiny = load_plan_config("stage1_image_sft", ["smoke=cpu", "peft=dora", "peft.targets=[attention_qkv,mlp_up,mamba_in_proj,projector]"])
+    plan = make_plan(tiny, "stage1_image_sft")
+    model = VisionLanguageModel(tiny.model, image_token_id=10)
+    apply_adapters(model, tiny.peft, tiny.trainable, seed=0)
+    built = sum(p.numel() for n, p in model.named_parameters() if is_adapter_param(n))
+    assert plan["peft"]["adapter_params"] == built
+    # Stage 1 trains the language model (adapted) and the projector (adapted here too): nothing whole.
+    assert plan["params"]["trainable"] == built
+
+    big = load_plan_config("stage1_image_sft", ["peft=lora", "parallel=single", "model.impl=native"])
+    plan = make_plan(big, "stage1_image_sft")
+    assert big.data.seq_length == 16384 and big.model.kernels.activation_checkpointing == "layers"
+    assert plan["memory_gib"]["total"] < ONE_GPU_GIB
+    assert plan["memory_gib"]["optimizer"] < 4  # full fine-tuning: ~140 GiB of Adam state
+    assert plan["longest_context_one_gpu"]["tokens"] >= 16384
+    assert "longest context on one GPU" in format_plan(plan)
+    with pytest.raises(ConfigError, match="model.impl=native"):
+        make_plan(load_plan_config("stage1_image_sft", ["peft=lora"]), "stage1_image_sft")
