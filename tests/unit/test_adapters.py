@@ -211,6 +211,21 @@ def test_export_adapters_load_in_peft_on_the_exported_base_and_merge_equals_the_
     assert float((next_stage - ours).norm() / ours.norm()) < 1e-5
 
 
+def test_next_stage_starts_from_the_adapted_model(trained_lm_adapters):
+    """Stage hand-off: `init.from_checkpoint` naming an adapter run's checkpoint merges its adapters
+    into its base; the next stage (full fine-tuning here, or adapters again) computes the adapted model."""
+    from train.checkpoint.files import read_run_config
+
+    run_dir, adapted, _ = trained_lm_adapters
+    cfg = read_run_config(run_dir)
+    cfg.init.from_checkpoint, cfg.peft = str(run_dir), PeftConfig()
+    ids = torch.randint(12, 64, (2, 13), generator=torch.Generator().manual_seed(1))
+    stage = assemble(cfg, CPU, SPECIAL)
+    with torch.no_grad():
+        ours, theirs = adapted.language_model(ids), stage.model.language_model(ids)
+    assert float((theirs - ours).norm() / ours.norm()) < 1e-5
+
+
 def test_export_refuses_another_base(trained_lm_adapters, tmp_path, capsys):
     from train import convert
 

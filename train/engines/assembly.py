@@ -174,6 +174,8 @@ def load_init_weights(cfg: Config, model: VisionLanguageModel, layout: StateLayo
         checkpoint, run_dir = resolve_native_checkpoint(given)
     except FileNotFoundError as err:
         raise ConfigError(f"init.from_checkpoint={given}: {err}") from None
+    if read_marker(checkpoint).get("adapters"):
+        return load_merged_adapter_weights(checkpoint, model, layout, log)
     try:
         return load_model_weights(checkpoint, model, layout)
     except CheckpointShapeError as err:
@@ -182,6 +184,22 @@ def load_init_weights(cfg: Config, model: VisionLanguageModel, layout: StateLayo
         hint = f"it was trained with model={trained_as}: " if trained_as else ""
         raise ConfigError(f"init.from_checkpoint={checkpoint} is another model size ({err}); {hint}set the model group "
                           f"(model=...) or model.* sizes it was trained with (now model={cfg.model.name})") from None
+
+
+def load_merged_adapter_weights(checkpoint: Path, model: VisionLanguageModel, layout: StateLayout,
+                                log: Callable[[str], None]) -> list[str]:
+    """The stage hand-off from an adapter run (`peft`): its checkpoint holds adapters, not a model, so
+    its base is rebuilt (that run's own `init.from_checkpoint`, checked against the recorded fingerprint),
+    the adapters merged into it (PEFT's merge) and the merged weights loaded: this stage starts from the
+    model the previous one trained, whether it trains adapters again or the whole model."""
+    from train.engines.native.adapters import load_adapted_model, unload_adapters
+
+    _, adapted, _ = load_adapted_model(checkpoint, log=log)
+    merged = unload_adapters(adapted, merge=True).state_dict()
+    layout.load_model_state(model, merged)
+    log(f"init.from_checkpoint: merged the {read_marker(checkpoint)['adapters']['method']} adapters of {checkpoint} "
+        "into their base")
+    return sorted(read_marker(checkpoint).get("random_parts", []))
 
 
 def is_transformers_dir(path: Path) -> bool:
