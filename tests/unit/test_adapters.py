@@ -5,6 +5,7 @@ base is refused."""
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import pytest
@@ -263,3 +264,21 @@ def test_plan_counts_the_adapters_peft_builds_and_fits_the_12b_stage1_on_one_gpu
     assert "longest context on one GPU" in format_plan(plan)
     with pytest.raises(ConfigError, match="model.impl=native"):
         make_plan(load_plan_config("stage1_image_sft", ["peft=lora"]), "stage1_image_sft")
+
+
+def test_bf16_keeps_the_frozen_base_in_bf16_and_the_adapters_in_fp32(base):
+    from train.config.schema import PrecisionConfig
+
+    cfg = adapter_config(base)
+    cfg.precision = PrecisionConfig(name="bf16")
+    stage = assemble(cfg, CPU, SPECIAL)
+    params = dict(stage.model.named_parameters())
+    base_linear = params["language_model.backbone.layers.2.mixer.up_proj.base_layer.weight"]
+    assert base_linear.dtype == torch.bfloat16 and not base_linear.requires_grad
+    assert params["language_model.backbone.layers.2.mixer.up_proj.lora_A.default.weight"].dtype == torch.float32
+    assert params["language_model.backbone.embeddings.weight"].dtype == torch.float32  # not a linear: kept
+    before = {k: v.clone() for k, v in stage.model.state_dict().items() if not is_adapter_param(k)}
+    losses = train(stage, cfg, range(4))
+    assert all(math.isfinite(loss) for loss in losses) and losses[-1] < losses[0]
+    after = stage.model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items() if not k.startswith("projector."))
