@@ -282,3 +282,13 @@ def test_bf16_keeps_the_frozen_base_in_bf16_and_the_adapters_in_fp32(base):
     assert all(math.isfinite(loss) for loss in losses) and losses[-1] < losses[0]
     after = stage.model.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in before.items() if not k.startswith("projector."))
+
+
+def test_a_stage_whose_trainable_parts_hold_no_target_trains_them_whole(base):
+    """Stage 0 of a `peft=lora` pipeline: the language model is frozen, the projector not targeted."""
+    cfg = adapter_config(base, targets=["attention_qkv"])
+    cfg.trainable.language_model = False
+    stage = assemble(cfg, CPU, SPECIAL, log=lambda message: None)
+    assert stage.adapters is None and not any(is_adapter_param(n) for n, _ in stage.model.named_parameters())
+    trainable = {n for n, p in stage.model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in stage.model.named_parameters() if n.startswith("projector.")}

@@ -99,7 +99,12 @@ def assemble(cfg: Config, info: DistInfo, special_ids: Mapping[str, int], *, tra
         adapters = {"method": cfg.peft.method, "base": cfg.init.from_checkpoint,
                     "base_fingerprint": base_fingerprint(model.state_dict())}
         adapters["modules"] = engine.apply_adapters(model, cfg)
-        layout = TrainableOnlyLayout()
+        if adapters["modules"]:
+            layout = TrainableOnlyLayout()
+        else:  # no targeted linear in a trainable part (Stage 0 trains the projector alone): train as configured
+            (log if info.is_main else _quiet)(f"peft={cfg.peft.method}: peft.targets={cfg.peft.targets} name no linear "
+                                               "of a trainable part; this stage trains its trainable parts whole")
+            adapters = None
     # 3. trainable parts
     apply_trainable(model, cfg.trainable)
     if adapters is not None:

@@ -54,14 +54,13 @@ def lora_config(cfg: PeftConfig, target_modules: list[str]):
 
 def apply_adapters(model: nn.Module, cfg: PeftConfig, trainable: TrainableConfig, seed: int) -> list[str]:
     """Wrap the targeted linears of `model` (a VisionLanguageModel, weights loaded) in PEFT LoRA layers;
-    returns the adapted module names. The adapters' initialisation is drawn from `seed`, so every
-    data-parallel rank starts with the same ones."""
+    returns the adapted module names ([] when no target lies in a trainable part). The adapters'
+    initialisation is drawn from `seed`, so every data-parallel rank starts with the same ones."""
     from peft import inject_adapter_in_model
 
     names = target_module_names(model, cfg, trainable)
-    if not names:
-        raise ValueError(f"peft.targets={cfg.targets} names no linear of a trainable part "
-                         f"(trainable: {[p for p in ADAPTED_PARTS if getattr(trainable, p)]})")
+    if not names:  # e.g. Stage 0 (projector only) of a `peft=lora` pipeline: that stage trains whole
+        return []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         inject_adapter_in_model(lora_config(cfg, names), model, adapter_name=ADAPTER_NAME)
