@@ -19,7 +19,7 @@ UV_FLAGS := $(if $(wildcard $(TORCH_FIND_LINKS)),--find-links $(TORCH_FIND_LINKS
 PIP_QUIET := --quiet --disable-pip-version-check
 # pip's local index mirrors print one harmless "is ignored" line per package: hide only those.
 PIP_FILTER := { grep -v "is ignored: it is neither" || true; }
-IMPORT_CHECK := import torch, hydra, webdataset, braceexpand, decord, av, transformers, tokenizers, megatron.core, triton, matplotlib, lm_eval, tensorboard
+IMPORT_CHECK := import torch, hydra, webdataset, braceexpand, decord, av, transformers, tokenizers, megatron.core, triton, matplotlib, lm_eval, tensorboard, peft
 
 .PHONY: setup smoke test test-latest lock test-gpu bench bench-gpu device-kit clean
 

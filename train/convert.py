@@ -17,6 +17,7 @@ import argparse
 import json
 import re
 import sys
+from pathlib import Path
 
 import torch
 
@@ -60,6 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="tokenizer directory to export with the weights (default: the run's data.tokenizer)")
     to_hf.add_argument("--weights-only", action="store_true",
                        help="write weights and config.json only (no tokenizer, generation or processor config)")
+    adapters = to_hf.add_mutually_exclusive_group()
+    adapters.add_argument("--adapters", action="store_true",
+                          help="a peft=lora|dora run: DST gets the base (with the parts that trained whole) and "
+                               "DST/adapter/ a PEFT adapter directory (PeftModel.from_pretrained, vLLM --enable-lora)")
+    adapters.add_argument("--merge", action="store_true",
+                          help="a peft=lora|dora run: the adapters merged into the base, as full weights")
+    to_hf.add_argument("--base", default=None,
+                       help="with --adapters/--merge: the base the adapters trained on, if not the run's "
+                            "init.from_checkpoint (checked against the fingerprint the checkpoint recorded)")
     to_hf.add_argument("--image-token-id", type=int, default=None,
                        help="vl layout: image_token_id for config.json (default: the source's, if any)")
     composed = sub.add_parser("compose", help="HF language model + HF RADIO vision encoder -> native Stage 0 start")
@@ -73,6 +83,25 @@ def build_parser() -> argparse.ArgumentParser:
     composed.add_argument("--image-size", type=int, default=None,
                           help="tile size in pixels (default: the RADIO config's image_size)")
     return parser
+
+
+def export_adapter_run(args: argparse.Namespace) -> dict:
+    """`native-to-hf --merge | --adapters` of a peft run: its base rebuilt and checked, adapters loaded."""
+    from train.engines.native.adapters import adapter_state, load_adapted_model, unload_adapters
+    from train.hf.peft_adapter import write_peft_adapter
+
+    cfg, model, run_dir = load_adapted_model(Path(args.src), args.base, log=lambda m: print(m, file=sys.stderr))
+    modules = [name for name, module in model.named_modules() if hasattr(module, "lora_A")]
+    peft_state = adapter_state(model) if args.adapters else None
+    state = unload_adapters(model, merge=args.merge).state_dict()
+    summary = native_to_hf(args.src, args.dst, layout=args.layout, dtype=DTYPES[args.dtype],
+                           max_shard_bytes=args.max_shard_size, image_token_id=args.image_token_id,
+                           tokenizer=args.tokenizer, weights_only=args.weights_only, weights=(cfg, state, run_dir))
+    if peft_state is not None:
+        summary["adapter"] = write_peft_adapter(Path(args.dst) / "adapter", peft_state, modules, cfg.peft, args.layout,
+                                                base_model=str(Path(args.dst).resolve()), dtype=DTYPES[args.dtype])
+    summary["merged" if args.merge else "base"] = True
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             summary = compose(args.lm, args.vision, args.dst, seed=args.seed,
                               projector_hidden_size=args.projector_hidden_size,
                               downsample_ratio=args.downsample_ratio, image_size=args.image_size)
+        elif args.adapters or args.merge:
+            summary = export_adapter_run(args)
         else:
             summary = native_to_hf(args.src, args.dst, layout=args.layout, dtype=DTYPES[args.dtype],
                                    max_shard_bytes=args.max_shard_size, image_token_id=args.image_token_id,

@@ -45,3 +45,18 @@ class NativeLayout:
 
     def load_model_state(self, model, state, strict=True):
         set_model_state_dict(model, state, options=StateDictOptions(strict=strict))
+
+
+class TrainableOnlyLayout(NativeLayout):
+    """Adapter training (`peft`): the checkpoint holds the trainable tensors (adapters, the parts that
+    train whole) and their optimizer state, never the frozen base (a few MB instead of the model).
+    Model-only reads and writes (`model_state`) stay whole: the base is loaded before adapters exist."""
+
+    options = StateDictOptions(ignore_frozen_params=True)
+
+    def state(self, model, optimizer):
+        return get_state_dict(model, optimizer, options=self.options)
+
+    def load_state(self, model, optimizer, model_state, optim_state):
+        set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
+                       options=StateDictOptions(ignore_frozen_params=True, strict=False))

@@ -384,6 +384,55 @@ class ParallelConfig:
         return self.tensor_parallel * self.context_parallel * self.pipeline_parallel > 1
 
 
+# The linear layers an adapter can target, by role -> the native module names holding them (the last
+# name component; the projector's are `projector.proj.0/2`). One role list serves every engine: the
+# megatron-core engine's adapters (later) map the same roles onto linear_qkv / linear_proj /
+# linear_fc1 / linear_fc2 / in_proj / out_proj.
+ADAPTER_ROLES = {
+    "attention_qkv": ("q_proj", "k_proj", "v_proj"),
+    "attention_output": ("o_proj",),
+    "mlp_up": ("up_proj",),
+    "mlp_down": ("down_proj",),
+    "mamba_in_proj": ("in_proj",),
+    "mamba_out_proj": ("out_proj",),
+    "projector": ("proj.0", "proj.2"),
+}
+
+
+@dataclass
+class PeftConfig:
+    """Low-rank adapters (`peft=lora|dora`; `peft=none`: full fine-tuning). The language model's and
+    projector's targeted linears get adapters; their base weights stay frozen (no gradients, no
+    optimizer state); the parts `trainable.*` leaves trainable and that hold no adapter train whole."""
+
+    method: Literal["none", "lora", "dora"] = "none"
+    rank: int = 16
+    alpha: float = 32.0  # the update is scaled by alpha / rank (PEFT's `lora_alpha`)
+    dropout: float = 0.0
+    # Roles of ADAPTER_ROLES; Megatron-Bridge's Nemotron-H LoRA recipe targets these four by default.
+    targets: list[str] = field(default_factory=lambda: ["attention_qkv", "attention_output", "mlp_up", "mlp_down"])
+    # PEFT's `init_lora_weights`: true = A Kaiming-uniform, B zeros (the adapted model starts equal to the base).
+    init: Literal["default", "gaussian"] = "default"
+    # compute: the frozen linears' weights are cast to the compute dtype (bf16 under precision=bf16: no
+    # fp32 master copy of what never trains; unchanged under fp32); keep: left as built.
+    base_dtype: Literal["compute", "keep"] = "compute"
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none"
+
+    def validate(self, path: str) -> None:
+        if not self.enabled:
+            return
+        if self.rank < 1:
+            raise ConfigError(f"{path}.rank={self.rank}: set a positive rank (e.g. 16)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"{path}.dropout={self.dropout}: set a probability in [0, 1)")
+        unknown = [t for t in self.targets if t not in ADAPTER_ROLES]
+        if unknown or not self.targets:
+            raise ConfigError(f"{path}.targets={self.targets}: choose roles from {list(ADAPTER_ROLES)}")
+
+
 @dataclass
 class WandbConfig:
     # offline: files under <run dir>/wandb/ (`wandb sync` uploads them later); online: needs
@@ -439,6 +488,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
     # Name of the smoke overlay in use (None for a real run); informational.
     smoke: Optional[str] = None
 
@@ -447,7 +497,7 @@ class Config:
         by `train.config.compose.load_config`: the schema does not know the engines)."""
         if not self.stage:
             raise ConfigError("stage is empty: a recipe must set `stage` to its own name")
-        for name in ("model", "data", "optim", "trainer", "trainable", "init", "parallel", "precision", "eval"):
+        for name in ("model", "data", "optim", "trainer", "trainable", "init", "parallel", "precision", "eval", "peft"):
             getattr(self, name).validate(name)
         self.model.kernels.validate_runtime("model.kernels", self.trainer.device, self.precision)
         if engine_rules is not None:

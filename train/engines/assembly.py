@@ -4,7 +4,10 @@ user: the trainer, `train.plan --measure`, and chat / evaluation (which load tra
     1. model            the engine's language model + the shared vision tower and projector
     2. initial weights  seeded init then `init.from_checkpoint` (native, or a transformers directory
                         converted on the fly), or a trained checkpoint (`weights_from`)
-    3. trainable parts  `trainable.*` (requires_grad); a later pipeline stage drops the media side
+       adapters         `peft`: the engine wraps the targeted linears (on the loaded base, whose
+                        fingerprint the checkpoints record); checkpoints then hold trainable tensors only
+    3. trainable parts  `trainable.*` (requires_grad; a part with adapters trains those only); frozen
+                        linears to the compute dtype under `peft`; a later pipeline stage drops the media side
     4. device
     5. precision        the plugin converts the model (FP8 swaps linears: before the optimizer and DDP)
     6. compile          after the FP8 swap, so the compiled blocks hold the final modules
@@ -28,7 +31,8 @@ import yaml
 from torch import nn
 
 from data_pipelines.training import special_tokens as st
-from train.checkpoint.layout import StateLayout
+from train.checkpoint.files import find_latest, read_marker
+from train.checkpoint.layout import StateLayout, TrainableOnlyLayout
 from train.checkpoint.store import (
     CheckpointShapeError,
     load_model_tensors,
@@ -64,6 +68,8 @@ class Assembled:
     optimizer: torch.optim.Optimizer | None = None
     # Resumed: (the checkpoint, its saved counters); None for a fresh start.
     resumed: tuple[Path, dict] | None = None
+    # `peft`: what the checkpoints record about the adapters and their base (None: full fine-tuning).
+    adapters: dict | None = None
 
 
 def assemble(cfg: Config, info: DistInfo, special_ids: Mapping[str, int], *, train: bool = True,
@@ -90,8 +96,31 @@ def assemble(cfg: Config, info: DistInfo, special_ids: Mapping[str, int], *, tra
         if cfg.init.from_checkpoint:
             random_parts = load_init_weights(cfg, model, layout, log if info.is_main else _quiet)
         check_random_parts(cfg, random_parts)
+    # 2b. adapters, on the loaded base
+    adapters = None
+    if cfg.peft.enabled:
+        if weights_from is not None:
+            raise ConfigError(f"{weights_from} is an adapter run's checkpoint (peft={cfg.peft.method}): export it with "
+                              f"`python -m train.convert native-to-hf --merge` and load the merged weights")
+        from train.engines.native.adapters import base_fingerprint, mark_trainable
+
+        adapters = {"method": cfg.peft.method, "base": cfg.init.from_checkpoint,
+                    "base_fingerprint": base_fingerprint(model.state_dict())}
+        adapters["modules"] = engine.apply_adapters(model, cfg)
+        if adapters["modules"]:
+            layout = TrainableOnlyLayout()
+        else:  # no targeted linear in a trainable part (Stage 0 trains the projector alone): train as configured
+            (log if info.is_main else _quiet)(f"peft={cfg.peft.method}: peft.targets={cfg.peft.targets} name no linear "
+                                               "of a trainable part; this stage trains its trainable parts whole")
+            adapters = None
     # 3. trainable parts
     apply_trainable(model, cfg.trainable)
+    if adapters is not None:
+        mark_trainable(model, cfg.trainable, adapters["modules"])
+        if cfg.peft.base_dtype == "compute" and cfg.precision.resolved_compute_dtype == "bf16":
+            from train.engines.native.adapters import cast_frozen_linears
+
+            cast_frozen_linears(model, torch.bfloat16)
     if not model.language_model.pre_process:
         # A later pipeline stage: the first one runs the media side. Dropped only now, so every rank
         # drew the same initial weights and made the same checks above.
@@ -107,7 +136,7 @@ def assemble(cfg: Config, info: DistInfo, special_ids: Mapping[str, int], *, tra
     # 7. parallelize
     forward_module = engine.parallelize(model, cfg, info)
     assembled = Assembled(engine, model, forward_module, layout, precision,
-                          sorted(set(random_parts) & set(cfg.trainable.frozen)))
+                          sorted(set(random_parts) & set(cfg.trainable.frozen)), adapters=adapters)
     if not train:
         return assembled
     # 8. optimizer
@@ -120,11 +149,30 @@ def assemble(cfg: Config, info: DistInfo, special_ids: Mapping[str, int], *, tra
             "parameters' moments")
     # 9. resume
     if resume_from is not None:
+        if adapters is not None:
+            check_adapter_base(resume_from, adapters)
         precision_state = precision.state_dict()
         assembled.resumed = load_newest_readable(resume_from, model, assembled.optimizer, precision_state, layout)
         if assembled.resumed is not None:
             precision.load_state_dict(precision_state)
     return assembled
+
+
+def check_adapter_base(checkpoints: Path, adapters: dict) -> None:
+    """An adapter checkpoint holds no base: resuming it on another base would train adapters made for
+    one model on another. Refuse unless the base's fingerprint matches the one the checkpoint recorded."""
+    latest = find_latest(checkpoints)
+    if latest is None:
+        return
+    saved = read_marker(latest).get("adapters")
+    if saved is None:
+        raise ConfigError(f"{latest} was written by full fine-tuning (peft=none); this run has peft={adapters['method']}: "
+                          "set peft=none to resume it, or start a new run.dir")
+    if saved.get("base_fingerprint") != adapters["base_fingerprint"]:
+        raise ConfigError(f"{latest} holds adapters trained on another base (init.from_checkpoint={saved.get('base')}, "
+                          f"fingerprint {saved.get('base_fingerprint')}); this run's base "
+                          f"(init.from_checkpoint={adapters['base']}) has fingerprint {adapters['base_fingerprint']}: "
+                          "restore that base, or start a new run.dir")
 
 
 def load_init_weights(cfg: Config, model: VisionLanguageModel, layout: StateLayout,
@@ -139,6 +187,8 @@ def load_init_weights(cfg: Config, model: VisionLanguageModel, layout: StateLayo
         checkpoint, run_dir = resolve_native_checkpoint(given)
     except FileNotFoundError as err:
         raise ConfigError(f"init.from_checkpoint={given}: {err}") from None
+    if read_marker(checkpoint).get("adapters"):
+        return load_merged_adapter_weights(checkpoint, model, layout, log)
     try:
         return load_model_weights(checkpoint, model, layout)
     except CheckpointShapeError as err:
@@ -188,6 +238,22 @@ def size_mismatch_fix(model: ModelConfig, run_dir: Path) -> str:
     if group:
         return f"it was trained with {group}: set it {now}"
     return f"set the model.* sizes it was trained with {now}"
+
+
+def load_merged_adapter_weights(checkpoint: Path, model: VisionLanguageModel, layout: StateLayout,
+                                log: Callable[[str], None]) -> list[str]:
+    """The stage hand-off from an adapter run (`peft`): its checkpoint holds adapters, not a model, so
+    its base is rebuilt (that run's own `init.from_checkpoint`, checked against the recorded fingerprint),
+    the adapters merged into it (PEFT's merge) and the merged weights loaded: this stage starts from the
+    model the previous one trained, whether it trains adapters again or the whole model."""
+    from train.engines.native.adapters import load_adapted_model, unload_adapters
+
+    _, adapted, _ = load_adapted_model(checkpoint, log=log)
+    merged = unload_adapters(adapted, merge=True).state_dict()
+    layout.load_model_state(model, merged)
+    log(f"init.from_checkpoint: merged the {read_marker(checkpoint)['adapters']['method']} adapters of {checkpoint} "
+        "into their base")
+    return sorted(read_marker(checkpoint).get("random_parts", []))
 
 
 def is_transformers_dir(path: Path) -> bool:

@@ -36,6 +36,10 @@ class Engine(Protocol):
     def state_layout(self, model: nn.Module) -> StateLayout:
         """How the model's and optimizer's state reach the (native-layout) checkpoint."""
 
+    def apply_adapters(self, model: nn.Module, cfg: Config) -> list[str]:
+        """`peft` adapters on the loaded model's targeted linears; returns the adapted module names.
+        (Only the native engine has them for now; the mcore engine's rules refuse `peft`.)"""
+
     def build_precision(self, cfg: PrecisionConfig, device: torch.device) -> Precision: ...
 
     def parallelize(self, model: nn.Module, cfg: Config, info: DistInfo) -> nn.Module:

@@ -32,7 +32,7 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor
 
-from train.checkpoint.files import read_run_config, resolve_native_checkpoint, write_run_config
+from train.checkpoint.files import read_marker, read_run_config, resolve_native_checkpoint, write_run_config
 from train.checkpoint.store import CheckpointReadError, read_model_state, write_model_checkpoint
 from train.config.schema import Config, ModelConfig, RunConfig
 from train.hf.config import (
@@ -105,6 +105,11 @@ def write_native(dst: Path, model_cfg: ModelConfig, state: dict[str, Tensor], so
 def read_native(path: Path) -> tuple[Config, dict[str, Tensor], Path]:
     """(config, model tensors in their stored dtypes, run dir) of a run dir, `checkpoints/` or step dir."""
     checkpoint, run_dir = resolve_native_checkpoint(Path(path))
+    adapters = read_marker(checkpoint).get("adapters")
+    if adapters:
+        raise ConversionError(f"{checkpoint} holds {adapters.get('method', 'lora')} adapters and the parts that trained "
+                              "whole, not a model: export it with --merge (merged full weights) or --adapters (the base "
+                              "plus a PEFT adapter directory)")
     try:
         cfg = read_run_config(run_dir)
         state = read_model_state(checkpoint)
@@ -155,13 +160,16 @@ def open_hf_as_native(src: Path) -> Iterator[HFAsNative]:
 
 def native_to_hf(src: Path, dst: Path, layout: Layout = "lm", dtype: torch.dtype | None = None,
                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, image_token_id: int | None = None,
-                 tokenizer: str | Path | None = None, weights_only: bool = False) -> dict:
+                 tokenizer: str | Path | None = None, weights_only: bool = False,
+                 weights: tuple[Config, dict[str, Tensor], Path] | None = None) -> dict:
     """Export a native run/checkpoint dir as an HF directory (`lm`: NemotronHForCausalLM, loadable
     with AutoModelForCausalLM; `vl`: the nemotron_h_omni layout). `dtype` None keeps stored dtypes.
 
     With the weights go the tokenizer, generation config and (vl) processor files (see
-    `train.hf.serving`); `tokenizer` overrides the run's, `weights_only` leaves them out."""
-    cfg, state, run_dir = read_native(src)
+    `train.hf.serving`); `tokenizer` overrides the run's, `weights_only` leaves them out. `weights`:
+    (config, native state, run dir) already in memory (an adapter run's base or merged model) instead
+    of reading `src`'s checkpoint."""
+    cfg, state, run_dir = weights if weights is not None else read_native(src)
     if layout == "vl" and not any(k.startswith("vision_model.") for k in state):
         raise ConversionError(f"{src} holds only language model weights: export it with layout 'lm'")
     source = run_dir / SOURCE_DIR

@@ -138,7 +138,8 @@ class Trainer:
         self.last_val: dict[str, float] = {}
         self.report_plots: dict[str, Path] = {}
         self.checkpointer = Checkpointer(self.ckpt_root, cfg.trainer.keep_last, cfg.trainer.async_save, self.layout,
-                                         marker={"random_parts": stage.random_parts, "max_steps": cfg.trainer.max_steps})
+                                         marker={"random_parts": stage.random_parts, "max_steps": cfg.trainer.max_steps,
+                                                 **({"adapters": stage.adapters} if stage.adapters else {})})
 
     def _note_schedule_change(self, saved_max_steps: int | None) -> None:
         """The schedule spans trainer.max_steps: resuming with another value reshapes the LR from here on."""

@@ -22,6 +22,14 @@ their share of the layers with up to pp micro-batches in flight on the first sta
   loss run `model.loss_chunk_size` rows at a time (recomputed): the final hidden states plus one
   chunk of logits (compute dtype + fp32 upcast + fp32 gradient) are live, never the full logits.
   Worst case for media: every token of a row is an image token (seq_length / tokens_per_tile tiles).
+- Adapters (`peft=lora|dora`, native engine, one replica): the targeted linears of the trainable
+  parts get rank-r A (r x in) and B (out x r) (+ a magnitude per output feature with DoRA); the
+  trainable parameters are the adapters and the trainable parts without adapters. Frozen linear
+  weights are held in the compute dtype (2 B under bf16, no master, no gradient, no optimizer
+  state); other frozen parameters (embeddings, norms, SSM) stay fp32 (4 B). Activations as for full
+  training (backward still runs through every layer; the rank-r adapter outputs are negligible).
+- The longest context on one GPU: the largest `data.seq_length` (a multiple of 1024) whose total
+  fits `ONE_GPU_GIB` with this recipe's settings, printed when the layout is one GPU.
 """
 
 from __future__ import annotations
@@ -36,6 +44,9 @@ from train.engines import resolve_engine
 
 PARTS = ("language_model", "vision_model", "projector")
 GIB = 2**30
+# What one 80 GB GPU (H100 / A100 80GB: 81,559 MiB) leaves for training after the CUDA context and the
+# allocator's fragmentation: the budget `longest context on one GPU` fits.
+ONE_GPU_GIB = 76.0
 
 
 def load_plan_config(config_name: str, overrides: list[str]) -> Config:
@@ -137,14 +148,42 @@ def layout(cfg: Config, world_size: int | None) -> dict:
             else "replicated on every rank of the first pipeline stage (data parallel only)"}
 
 
+def adapter_params(model, cfg: Config) -> dict:
+    """With `peft`: the adapter count, and per part the parameters that stay frozen in an adapted part
+    (its linears' bases and its other parameters)."""
+    from torch import nn
+
+    from train.engines.native.adapters import target_module_names
+
+    names = target_module_names(model, cfg.peft, cfg.trainable)
+    adapters, frozen_linear = 0, {part: 0 for part in PARTS}
+    for name in names:
+        linear = model.get_submodule(name)
+        adapters += cfg.peft.rank * (linear.in_features + linear.out_features)
+        adapters += linear.out_features if cfg.peft.method == "dora" else 0
+    adapted_parts = {name.split(".", 1)[0] for name in names}
+    for part in PARTS:
+        for module in getattr(model, part).modules():
+            frozen = part in adapted_parts or not getattr(cfg.trainable, part)
+            if type(module) is nn.Linear and frozen:
+                frozen_linear[part] += module.weight.numel()
+    return {"adapters": adapters, "adapted_parts": sorted(adapted_parts), "modules": len(names),
+            "frozen_linear": frozen_linear}
+
+
 def make_plan(cfg: Config, recipe: str, world_size: int | None = None) -> dict:
     model = meta_model(cfg.model)
     params = count_parameters(model)
     in_fp8 = fp8_modules(model, cfg)
     flags = {part: getattr(cfg.trainable, part) for part in PARTS}
     total = sum(params.values())
-    trainable = sum(n for part, n in params.items() if flags[part])
     lay = layout(cfg, world_size)
+    if cfg.peft.enabled:
+        if lay["impl"] != "native" or lay["world_size"] != lay["data"]:
+            raise ConfigError(f"peft={cfg.peft.method} runs on the native engine (one GPU or DDP): add "
+                              "model.impl=native parallel=single")
+        return adapter_plan(cfg, recipe, model, params, in_fp8, lay)
+    trainable = sum(n for part, n in params.items() if flags[part])
     # Per GPU: the language model is split over tensor x pipeline ranks; the vision tower and
     # projector are whole on every rank.
     lm_share = 1 / (lay["tensor"] * lay["pipeline"])
@@ -167,7 +206,7 @@ def make_plan(cfg: Config, recipe: str, world_size: int | None = None) -> dict:
         "activations": act_total / GIB,
     }
     memory["total"] = sum(memory.values())
-    return {
+    plan = {
         "recipe": recipe,
         "stage": cfg.stage,
         "model": cfg.model.name,
@@ -195,6 +234,81 @@ def make_plan(cfg: Config, recipe: str, world_size: int | None = None) -> dict:
             "per_gpu": "language model / (tensor x pipeline); vision and projector whole on every rank",
         },
     }
+    if lay["world_size"] == 1:
+        plan["longest_context_one_gpu"] = longest_context(cfg, memory["total"] - memory["activations"])
+    return plan
+
+
+def adapter_plan(cfg: Config, recipe: str, model, params: dict, in_fp8: list[str], lay: dict) -> dict:
+    """`make_plan` with adapters: frozen bases in the compute dtype, state for the trainable tensors only."""
+    flags = {part: getattr(cfg.trainable, part) for part in PARTS}
+    counted = adapter_params(model, cfg)
+    whole = sum(n for part, n in params.items() if flags[part] and part not in counted["adapted_parts"])
+    trainable = counted["adapters"] + whole
+    frozen = sum(params.values()) - whole
+    frozen_linear = sum(counted["frozen_linear"].values())
+    bf16 = cfg.precision.resolved_compute_dtype == "bf16"
+    a = 2 if bf16 and cfg.peft.base_dtype == "compute" else 4
+    per_param = {"weights": 2 if bf16 else 4, "gradients": 4, "optimizer": 12 if bf16 else 8}
+    acts = activation_bytes(cfg)
+    act_total = sum(acts["language_model"].values()) + acts["vision_model"] + acts["projector"]
+    memory = {
+        "weights": (frozen_linear * a + (frozen - frozen_linear) * 4 + trainable * per_param["weights"]) / GIB,
+        "gradients": per_param["gradients"] * trainable / GIB,
+        "optimizer": per_param["optimizer"] * trainable / GIB,
+        "activations": act_total / GIB,
+    }
+    memory["total"] = sum(memory.values())
+    plan = {
+        "recipe": recipe, "stage": cfg.stage, "model": cfg.model.name, "layout": lay,
+        "params": {**params, "total": sum(params.values()), "trainable": trainable},
+        "trainable_parts": flags, "precision": cfg.precision.name, "fp8_modules": in_fp8,
+        "peft": {"method": cfg.peft.method, "rank": cfg.peft.rank, "targets": cfg.peft.targets,
+                 "adapted_modules": counted["modules"], "adapter_params": counted["adapters"],
+                 "trained_whole": whole, "frozen_base_bytes_per_param": a},
+        "memory_gib": memory,
+        "activations_gib": {
+            "language_model": {k: v / GIB for k, v in acts["language_model"].items()},
+            "vision_model": acts["vision_model"] / GIB,
+            "projector": acts["projector"] / GIB,
+        },
+        "assumptions": {
+            "bytes_per_param": {"frozen linear weights": a, "other frozen weights": 4,
+                                "trainable weights": per_param["weights"], "gradients (trainable)": 4,
+                                "optimizer (trainable)": per_param["optimizer"]},
+            "optimizer_states": "fp32 master + Adam m, v" if bf16 else "Adam m, v (weights are the master)",
+            "compute_dtype": cfg.precision.resolved_compute_dtype,
+            "tokens_per_micro_batch": cfg.trainer.micro_batch_size * cfg.data.seq_length,
+            "activation_checkpointing": cfg.model.kernels.activation_checkpointing,
+            "loss_chunk_size": cfg.model.loss_chunk_size,
+            "media": "worst case: every token an image token",
+            "per_gpu": "the whole model on every GPU (native engine, data parallel)",
+        },
+    }
+    plan["longest_context_one_gpu"] = longest_context(cfg, memory["total"] - memory["activations"])
+    return plan
+
+
+def longest_context(cfg: Config, fixed_gib: float, budget_gib: float = ONE_GPU_GIB) -> dict:
+    """The largest `data.seq_length` (a multiple of 1024) whose activations fit beside `fixed_gib`
+    (weights, gradients, optimizer) in `budget_gib`; 0 when the fixed part alone does not fit."""
+    import copy
+
+    def fits(seq: int) -> bool:
+        trial = copy.deepcopy(cfg)
+        trial.data.seq_length = seq
+        acts = activation_bytes(trial)
+        return fixed_gib + (sum(acts["language_model"].values()) + acts["vision_model"] + acts["projector"]) / GIB \
+            <= budget_gib
+
+    low, high = 0, 1024  # in units of 1024 tokens: fits(low * 1024) holds, or low is 0
+    while fits(high * 1024) and high < 2**14:
+        low, high = high, high * 2
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid * 1024) else (low, mid)
+    return {"tokens": low * 1024, "budget_gib": budget_gib,
+            "checkpointing": cfg.model.kernels.activation_checkpointing}
 
 
 def format_plan(plan: dict) -> str:
@@ -219,9 +333,23 @@ def format_plan(plan: dict) -> str:
         names = plan["fp8_modules"]
         rows.append(f"{plan['precision']}: {len(names)} Linear modules in FP8 (plan.json lists them), "
                     f"e.g. {', '.join(names[:3])}")
+    if "peft" in plan:
+        pe = plan["peft"]
+        rows.append(f"{pe['method']} rank {pe['rank']} on {pe['adapted_modules']} linears ({', '.join(pe['targets'])}): "
+                    f"{_short_count(pe['adapter_params'])} adapter params + {_short_count(pe['trained_whole'])} "
+                    f"trained whole; frozen base linears at {pe['frozen_base_bytes_per_param']} B/param, "
+                    "no gradients or optimizer state")
     a = plan["assumptions"]
     rows.append(f"  assumes {a['compute_dtype']} compute, {a['optimizer_states']}, "
                 f"{a['tokens_per_micro_batch']} tokens/micro-batch, checkpointing={a['activation_checkpointing']}")
+    if "longest_context_one_gpu" in plan:
+        lc = plan["longest_context_one_gpu"]
+        if lc["tokens"]:
+            rows.append(f"longest context on one GPU: {lc['tokens']:,} tokens per micro-batch row "
+                        f"({lc['budget_gib']:.0f} GiB usable of 80 GB, checkpointing={lc['checkpointing']})")
+        else:
+            rows.append(f"longest context on one GPU: none (weights, gradients and optimizer alone exceed "
+                        f"{lc['budget_gib']:.0f} GiB)")
     return "\n".join(rows)
 
 

@@ -12,7 +12,7 @@ import importlib
 import torch
 from torch import nn
 
-from train.config.schema import Config, ParallelConfig, PrecisionConfig
+from train.config.schema import Config, ConfigError, ParallelConfig, PrecisionConfig
 from train.engines.mcore import rules
 from train.engines.native.data_parallel import wrap_data_parallel
 from train.parallel.distributed import DistInfo, init_distributed
@@ -44,6 +44,9 @@ class McoreEngine:
         from train.engines.mcore.state import McoreLayout
 
         return McoreLayout(model.language_model)
+
+    def apply_adapters(self, model: nn.Module, cfg: Config) -> list[str]:
+        raise ConfigError(f"peft={cfg.peft.method}: the megatron-core engine has no adapters yet (its rules refuse it)")
 
     def build_precision(self, cfg: PrecisionConfig, device: torch.device) -> Precision:
         # FP8 here is megatron's (TE linears it builds itself); other precisions are the shared plugins.

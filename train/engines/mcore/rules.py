@@ -26,6 +26,12 @@ def validate(cfg: Config) -> None:
     if len(lm.pattern) % par.pipeline_parallel:
         raise ConfigError(f"parallel.pipeline_parallel={par.pipeline_parallel} must divide the "
                           f"{len(lm.pattern)} layers of model.language_model.pattern: each stage takes an equal run")
+    if cfg.peft.enabled:
+        # Megatron-core's tensor-parallel linears need adapters split as their base is split (not PEFT's
+        # layers): not built yet. `peft.targets` already names roles, so they can map onto linear_qkv /
+        # linear_proj / linear_fc1 / linear_fc2 / in_proj / out_proj when they are.
+        raise ConfigError(f"peft={cfg.peft.method} (adapters) runs on the native engine only for now: set "
+                          "model.impl=native (single GPU or DDP), or peft=none for full fine-tuning on megatron-core")
     if par.data_parallel == "fsdp":
         raise ConfigError("model.impl=mcore shards with its own layout: set parallel.data_parallel=ddp")
     _check_fp8(cfg)

@@ -24,6 +24,11 @@ class NativeEngine:
                 f"parallel.tensor_parallel={par.tensor_parallel}, context_parallel={par.context_parallel}, "
                 f"pipeline_parallel={par.pipeline_parallel} need model.impl=mcore (the native engine is data "
                 "parallel only)")
+        if cfg.peft.enabled and par.data_parallel == "fsdp":
+            # FSDP2 shards a block's parameters as one flat group of one dtype: a bf16 frozen base beside
+            # fp32 adapters needs its mixed-dtype handling, not built or tested yet.
+            raise ConfigError(f"peft={cfg.peft.method} runs single-process or with parallel.data_parallel=ddp for "
+                              "now: set parallel=single (or data_parallel=ddp)")
 
     def init_distributed(self, cfg: Config) -> DistInfo:
         return init_distributed(cfg.parallel, cfg.trainer.device)
@@ -33,6 +38,11 @@ class NativeEngine:
 
     def state_layout(self, model: nn.Module) -> StateLayout:
         return NativeLayout()
+
+    def apply_adapters(self, model: nn.Module, cfg: Config) -> list[str]:
+        from train.engines.native.adapters import apply_adapters
+
+        return apply_adapters(model, cfg.peft, cfg.trainable, cfg.seed)
 
     def build_precision(self, cfg: PrecisionConfig, device: torch.device) -> Precision:
         return build_precision(cfg, device)
