@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def export_adapter_run(args: argparse.Namespace) -> dict:
     """`native-to-hf --merge | --adapters` of a peft run: its base rebuilt and checked, adapters loaded."""
-    from train.engines.native.adapters import adapter_state, load_adapted_model, unload_adapters
+    from train.engines.assembly import load_adapted_model
+    from train.engines.native.adapters import adapter_state, unload_adapters
     from train.hf.peft_adapter import write_peft_adapter
 
     cfg, model, run_dir = load_adapted_model(Path(args.src), args.base, log=lambda m: print(m, file=sys.stderr))

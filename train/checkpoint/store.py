@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import Tensor
 from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.tensor import DTensor
 
 from train.checkpoint.files import (  # noqa: F401  (resolve_native_checkpoint: the store's public API too)
@@ -283,6 +284,16 @@ def load_model_weights(path: Path, model: torch.nn.Module, layout: StateLayout =
         dcp.load({"model": state}, checkpoint_id=str(path))
     layout.load_model_state(model, state, strict=False)
     return sorted(set(absent) | set(read_marker(path).get("random_parts", [])))
+
+
+def load_trainable_weights(path: Path, model: torch.nn.Module) -> None:
+    """The trainable tensors of an adapter checkpoint (`peft`: adapters and the parts that trained
+    whole; `TrainableOnlyLayout` wrote them) into `model`, which holds its base already."""
+    options = StateDictOptions(ignore_frozen_params=True)
+    state = get_model_state_dict(model, options=options)
+    with dcp_quietly():
+        dcp.load({"model": state}, checkpoint_id=str(path))
+    set_model_state_dict(model, state, options=StateDictOptions(ignore_frozen_params=True, strict=False))
 
 
 TensorReader = Callable[[str, tuple[slice, ...]], Tensor]

@@ -32,12 +32,13 @@ from torch import nn
 
 from data_pipelines.training import special_tokens as st
 from train.checkpoint.files import find_latest, read_marker
-from train.checkpoint.layout import StateLayout, TrainableOnlyLayout
+from train.checkpoint.layout import NativeLayout, StateLayout, TrainableOnlyLayout
 from train.checkpoint.store import (
     CheckpointShapeError,
     load_model_tensors,
     load_model_weights,
     load_newest_readable,
+    load_trainable_weights,
     resolve_native_checkpoint,
 )
 from train.config.schema import (
@@ -246,7 +247,7 @@ def load_merged_adapter_weights(checkpoint: Path, model: VisionLanguageModel, la
     its base is rebuilt (that run's own `init.from_checkpoint`, checked against the recorded fingerprint),
     the adapters merged into it (PEFT's merge) and the merged weights loaded: this stage starts from the
     model the previous one trained, whether it trains adapters again or the whole model."""
-    from train.engines.native.adapters import load_adapted_model, unload_adapters
+    from train.engines.native.adapters import unload_adapters
 
     _, adapted, _ = load_adapted_model(checkpoint, log=log)
     merged = unload_adapters(adapted, merge=True).state_dict()
@@ -336,3 +337,33 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, shard_over=None) -> torc
     if shard_over is not None:
         return ShardedAdamW(groups, shard_over, **hyper)
     return torch.optim.AdamW(groups, **hyper)
+
+
+def load_adapted_model(src: Path, base: str | None = None, log=print):
+    """(run config, the adapted native model in fp32, run dir) of an adapter run's checkpoint `src` (a run
+    dir, its checkpoints/ or a step dir): its base rebuilt as the run built it (seeded init, then
+    `init.from_checkpoint`, or `base` instead), checked against the fingerprint the checkpoint recorded,
+    the adapters put on and their trained tensors (with the parts that trained whole) loaded."""
+    from train.checkpoint.files import read_marker, read_run_config, resolve_native_checkpoint
+    from train.engines.native.adapters import apply_adapters, base_fingerprint, mark_trainable
+
+    checkpoint, run_dir = resolve_native_checkpoint(Path(src))
+    saved = read_marker(checkpoint).get("adapters")
+    if saved is None:
+        raise ConfigError(f"{checkpoint} holds no adapters (its run had peft=none): export it without --adapters/--merge")
+    cfg = read_run_config(run_dir)
+    if base is not None:
+        cfg.init.from_checkpoint = str(base)
+    model = VisionLanguageModel(cfg.model, image_token_id=0)  # the token id plays no part in the weights
+    model.reset_parameters(cfg.seed)
+    if cfg.init.from_checkpoint:
+        load_init_weights(cfg, model, NativeLayout(), log)
+    found = base_fingerprint(model.state_dict())
+    if found != saved["base_fingerprint"]:
+        raise ConfigError(f"the base (init.from_checkpoint={cfg.init.from_checkpoint}) has fingerprint {found}, but "
+                          f"{checkpoint}'s adapters were trained on {saved.get('base')} (fingerprint "
+                          f"{saved['base_fingerprint']}): pass that base with --base")
+    apply_adapters(model, cfg.peft, cfg.trainable, cfg.seed)
+    mark_trainable(model, cfg.trainable, saved["modules"])
+    load_trainable_weights(checkpoint, model)
+    return cfg, model.eval(), run_dir
