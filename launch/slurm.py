@@ -18,8 +18,10 @@ script exists); `--dry-run` validates all but whether data and checkpoint paths 
 exist only on the cluster); `--no-validate` only composes it.
 Logs go to <run.dir>/logs/<job name>-<job id>.out/.err (appended to across requeues). A run that
 stops for preemption with its state saved writes <run.dir>/logs/.preempted-<job id> ($HVL_PREEMPTED_FILE,
-removed at each start), whichever way Slurm signalled it; the script then requeues the job, unless
-Slurm is requeueing or cancelling it itself. The step runs under `python -m launch.step` (torchrun).
+removed at each start), whichever way Slurm signalled it, and its step exits 0; the script then
+requeues the job, unless Slurm is requeueing or cancelling it itself. The step runs under
+`srun --kill-on-bad-exit=1 python -m launch.step` (torchrun): a node that fails ends the others at
+once, and the job fails without a requeue.
 """
 
 from __future__ import annotations

@@ -10,9 +10,13 @@
 #   every process of the step itself.
 # - SIGTERM to the step and to this shell (`scontrol requeue`, `scancel`, preemption without a
 #   grace time): Slurm is ending the job, and requeues it or not by itself.
-# Every process of the step hears the signal; the trainer saves at its next step boundary and,
-# once the checkpoint is complete, writes $HVL_PREEMPTED_FILE. When that file exists after the
-# step, the run can resume: this script requeues the job unless Slurm is already ending it.
+# Every process of the step hears the signal; the trainer saves at its next step boundary, rank 0
+# writes $HVL_PREEMPTED_FILE once the checkpoint is complete, and every node's launch.step exits 0
+# (not the trainer's 75). So the file, not the exit code, tells a stop from the end of the run:
+# when the step ends with exit 0 and that file, this script requeues the job unless Slurm is
+# already ending it.
+# A crash (a node's step exits non-zero) ends the other nodes at once (srun --kill-on-bad-exit=1)
+# and fails the job without a requeue: a requeued crash would most likely crash again.
 set -euo pipefail
 
 readonly EXIT_PREEMPTED=@@{exit_preempted}
@@ -71,10 +75,10 @@ requeued_by_slurm() {
 }
 
 # launch.step is torchrun, leaving stop signals to the workers and ending in one line, no traceback.
-# --kill-on-bad-exit=0: a node whose torchrun exits first (say, right after a preemption save)
-# must not take down the others while they still write; a crash elsewhere ends them through
-# the collective timeout instead.
-srun --ntasks-per-node=1 --kill-on-bad-exit=0 \
+# --kill-on-bad-exit=1: the first node to fail ends the others (SIGTERM, SIGKILL after KillWait)
+# instead of leaving them in a collective until its timeout. A node stopped for preemption exits
+# 0 (launch.step), so it never ends the others while they still write their part of the checkpoint.
+srun --ntasks-per-node=1 --kill-on-bad-exit=1 \
 @@{srun_options}  @@{python} -m launch.step \
   --nnodes="${SLURM_NNODES}" --nproc-per-node=@@{procs_per_node} \
   --rdzv-backend=c10d --rdzv-endpoint="${MASTER_ADDR}:${MASTER_PORT}" --rdzv-id="${SLURM_JOB_ID}" \
@@ -89,26 +93,25 @@ while :; do
   kill -0 "${step_pid}" 2>/dev/null || break
 done
 
-if (( step_rc == 0 )); then
-  echo "$(date -Is) the step finished"
-  exit 0
-fi
 saved=""
 if [[ -f "${HVL_PREEMPTED_FILE}" ]]; then
   saved=$(<"${HVL_PREEMPTED_FILE}")
   rm -f "${HVL_PREEMPTED_FILE}"
 fi
-# The trainer's own exit code says the same, where torchrun lets it through (launch.step does).
-if [[ -z "${saved}" ]] && (( step_rc == EXIT_PREEMPTED )); then
-  saved="exit ${EXIT_PREEMPTED}"
+if [[ -z "${saved}" ]] && (( step_rc == 0 )); then
+  echo "$(date -Is) the step finished"
+  exit 0
 fi
 if requeued_by_slurm; then
   echo "$(date -Is) the step stopped (${saved:-exit ${step_rc}}); Slurm is requeueing job" \
     "${SLURM_JOB_ID} itself, and it resumes from the latest checkpoint" >&2
   exit 0
 fi
-if [[ -z "${saved}" ]]; then
-  echo "$(date -Is) the step failed with exit code ${step_rc}; not requeueing" >&2
+if (( step_rc != 0 )); then
+  # A marker beside a failure is no reason to requeue: srun ending the other nodes after a crash
+  # signals them with SIGTERM, and a rank still starting up stops "for preemption" on it.
+  echo "$(date -Is) the step failed with exit code ${step_rc}${saved:+ (a rank stopped: ${saved})};" \
+    "not requeueing" >&2
   exit "${step_rc}"
 fi
 if (( got_term && ! got_usr1 )); then

@@ -1,6 +1,10 @@
-"""A one-node CPU Slurm cluster for tests: Debian's munge + slurmctld + slurmd (22.05), started by
-hand (no systemd) under a temporary directory, reached through `SLURM_CONF`. The daemons run in
-the foreground as our children and are stopped by their pids.
+"""A CPU Slurm cluster for tests on this one machine: Debian's munge + slurmctld + one slurmd per
+node (22.05), started by hand (no systemd) under a temporary directory, reached through
+`SLURM_CONF`. The daemons run in the foreground as our children and are stopped by their pids.
+
+Two nodes by default, both this machine: one named as the host, one `localhost` (a second name
+that resolves here, so torchrun's rendezvous reaches whichever is the job's first node), each
+its own slurmd (`slurmd -N`) with its own port, spool directory and log.
 
     cluster = SlurmCluster.start(root)      # raises ClusterUnavailable when it cannot
     subprocess.run(["sbatch", ...], env=cluster.env)
@@ -69,26 +73,31 @@ class SlurmCluster:
     root: Path
     host: str
     env: dict
+    nodes: list[str] = field(default_factory=list)  # node names, the host first
     daemons: list[subprocess.Popen] = field(default_factory=list)
 
     @classmethod
-    def start(cls, root: Path, env: dict | None = None) -> SlurmCluster:
-        """The cluster up and idle; `env` (default: this process's) is what daemons and clients get."""
+    def start(cls, root: Path, env: dict | None = None, nodes: int = 2) -> SlurmCluster:
+        """The cluster up and idle; `env` (default: this process's) is what daemons and clients get.
+        `nodes`: 1 or 2 (fewer when this host is itself called localhost)."""
         ensure_installed()
         root.mkdir(parents=True, exist_ok=True)
         root.chmod(0o755)  # munged runs as `munge` and must reach its own directory below
         host = socket.gethostname().split(".")[0]
+        names = list(dict.fromkeys([host, "localhost"]))[:nodes]
         conf = root / "slurm.conf"
-        cluster = cls(root, host, {**(os.environ if env is None else env), "SLURM_CONF": str(conf)})
+        cluster = cls(root, host, {**(os.environ if env is None else env), "SLURM_CONF": str(conf)}, names)
         try:
             cluster._start_munge()
             conf.write_text(cluster._slurm_conf())
             cluster._spawn(["slurmctld", "-D", "-c", "-f", str(conf)], root / "slurmctld.stdout")
             _wait(lambda: cluster.call("scontrol", "ping").returncode == 0, 30, "slurmctld to answer",
                   [root / "slurmctld.log", root / "slurmctld.stdout"])
-            cluster._spawn(["slurmd", "-D", "-f", str(conf)], root / "slurmd.stdout")
-            _wait(cluster.node_idle, 30, f"node {host} to become idle",
-                  [root / "slurmd.log", root / "slurmd.stdout", root / "slurmctld.log"])
+            for name in names:
+                (root / "spool" / name).mkdir(parents=True, exist_ok=True)
+                cluster._spawn(["slurmd", "-D", "-N", name, "-f", str(conf)], root / f"slurmd-{name}.stdout")
+            _wait(cluster.nodes_idle, 30, f"nodes {','.join(names)} to become idle",
+                  [*(root / f"slurmd-{n}.{ext}" for n in names for ext in ("log", "stdout")), root / "slurmctld.log"])
         except BaseException:
             cluster.stop()
             raise
@@ -129,18 +138,20 @@ class SlurmCluster:
             (r / sub).mkdir(exist_ok=True)
         return "\n".join([
             "ClusterName=hvltest", f"SlurmctldHost={self.host}", "SlurmUser=root",
-            f"SlurmctldPort={_free_port()}", f"SlurmdPort={_free_port()}",
+            f"SlurmctldPort={_free_port()}",
             "AuthType=auth/munge", "CredType=cred/munge", f"AuthInfo=socket={self.socket}",
-            f"StateSaveLocation={r / 'state'}", f"SlurmdSpoolDir={r / 'spool'}",
-            f"SlurmctldPidFile={r / 'slurmctld.pid'}", f"SlurmdPidFile={r / 'slurmd.pid'}",
-            f"SlurmctldLogFile={r / 'slurmctld.log'}", f"SlurmdLogFile={r / 'slurmd.log'}",
+            # %n: each slurmd its own (the node's name).
+            f"StateSaveLocation={r / 'state'}", f"SlurmdSpoolDir={r / 'spool'}/%n",
+            f"SlurmctldPidFile={r / 'slurmctld.pid'}", f"SlurmdPidFile={r / 'slurmd-%n.pid'}",
+            f"SlurmctldLogFile={r / 'slurmctld.log'}", f"SlurmdLogFile={r / 'slurmd-%n.log'}",
             "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "JobAcctGatherType=jobacct_gather/none",
             "AccountingStorageType=accounting_storage/none", "SelectType=select/cons_tres",
             "SelectTypeParameters=CR_Core", "JobRequeue=1", "ReturnToService=2", "MpiDefault=none",
             "SchedulerType=sched/backfill", "KillWait=30", "MinJobAge=600",
             "SlurmctldDebug=info", "SlurmdDebug=info",
-            f"NodeName={self.host} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} RealMemory=1000 State=UNKNOWN",
-            f"PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP",
+            *(f"NodeName={name} NodeAddr=127.0.0.1 Port={_free_port()} CPUs={os.cpu_count()} RealMemory=1000 "
+              "State=UNKNOWN" for name in self.nodes),
+            f"PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE State=UP",
             "",
         ])
 
@@ -150,9 +161,10 @@ class SlurmCluster:
         except subprocess.TimeoutExpired:
             return subprocess.CompletedProcess(cmd, 124, "", f"{cmd[0]} timed out after {timeout} s")
 
-    def node_idle(self) -> bool:
+    def nodes_idle(self) -> bool:
+        """Every node idle."""
         out = self.call("sinfo", "-h", "-N", "-o", "%T").stdout.split()
-        return out == ["idle"]
+        return out == ["idle"] * len(self.nodes)
 
     def job(self, job_id: str) -> dict:
         """`scontrol show job` as a dict (JobState, Restarts, Reason, ...)."""

@@ -1,7 +1,9 @@
-"""`python -m launch.slurm` against a real one-node CPU Slurm cluster (tests/integration/slurm_cluster.py):
-a smoke stage completes; a run stopped by each preemption path (`scancel -s TERM`, `scancel
---signal=USR1 --batch`, `scontrol requeue`) is requeued and resumes with its steps continuing;
-`--pipeline` runs every stage as one job and resumes the stage it was preempted in.
+"""`python -m launch.slurm` against a real two-node CPU Slurm cluster on this machine
+(tests/integration/slurm_cluster.py): a smoke stage completes; a node whose training process dies
+ends the two-node job at once, failed and not requeued; a run stopped by each preemption path
+(`scancel -s TERM`, `scancel --signal=USR1 --batch`, `scontrol requeue`) is requeued and resumes
+with its steps continuing; `--pipeline` runs every stage as one job and resumes the stage it was
+preempted in.
 
 Skipped only where Slurm cannot be installed (not root, no apt-get) or its daemons do not start.
 A requeued job waits in PENDING (BeginTime) for about two minutes; the tests release it at once.
@@ -11,12 +13,14 @@ from __future__ import annotations
 
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.integration.helpers import env, read_metrics
@@ -91,7 +95,7 @@ class Job:
         self.wait_for(requeued, f"requeue {restarts}", timeout=90)
         # slurmd refuses a start within the second its last run was killed ("Job credential revoked");
         # Slurm's own BeginTime delay (about 2 minutes) keeps real jobs clear of that.
-        self.wait_for(self.cluster.node_idle, "the node to be idle again", timeout=60)
+        self.wait_for(self.cluster.nodes_idle, "the nodes to be idle again", timeout=60)
         time.sleep(1.5)
         result = self.cluster.call("scontrol", "update", f"JobId={self.id}", "StartTime=now")
         assert result.returncode == 0, result.stderr
@@ -122,6 +126,49 @@ def test_a_cpu_smoke_stage_completes(cluster):
     assert_quiet(err)
 
 
+def worker(run_dir: Path, rank: int) -> psutil.Process | None:
+    """The training process of global rank `rank` (a child of some node's launch.step), once it runs."""
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if (f"run.dir={run_dir}" in (proc.info["cmdline"] or []) and "launch.step" in proc.parent().cmdline()
+                    and proc.environ().get("RANK") == str(rank)):
+                return proc
+        except (psutil.Error, AttributeError):  # gone meanwhile, or no parent
+            continue
+    return None
+
+
+@pytest.mark.timeout(180)
+def test_a_node_whose_training_process_dies_ends_the_job_at_once(cluster):
+    """srun --kill-on-bad-exit=1: rank 1 dies by SIGKILL (as the OOM killer kills) as it starts, so rank
+    0 on the other node waits for it to join the process group, as it would for 30 minutes (the
+    collective timeout) if srun let it. srun ends that node (SIGTERM, SIGKILL after KillWait) and
+    the job fails with the exit code, not requeued."""
+    if len(cluster.nodes) < 2:
+        pytest.skip("this host is called localhost: no second node name")
+    run_dir = cluster.workdir / "crash"
+    job = Job(cluster, run_dir, "--config-name", "stage3_text_recovery", *SMOKE, "nodes=2", "trainer.max_steps=3")
+    victim = None
+
+    def rank_1_runs() -> bool:
+        nonlocal victim
+        victim = worker(run_dir, 1)
+        return victim is not None
+
+    job.wait_for(rank_1_runs, "rank 1's training process")
+    victim.send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    job.wait_for(lambda: job.info().get("JobState") in ENDED, "the job to end after rank 1 died", timeout=90)
+    print(f"the job ended {time.monotonic() - killed:.1f} s after rank 1 died")
+
+    info = job.info()
+    out, err = job.logs()
+    assert (info["JobState"], info["Restarts"]) == ("FAILED", "0"), f"{info}\n{err[-3000:]}"
+    assert re.search(r"launch\.step: worker rank 1 exited with code -9; exit 137", err), err[-3000:]
+    assert re.search(r"the step failed with exit code \d+.*; not requeueing", err), err[-3000:]
+    assert "requeueing job" not in err and "Traceback" not in err and steps(run_dir) == []
+
+
 PREEMPTIONS = [  # (how, the scancel/scontrol command; job id appended, who requeues)
     ("scancel -s TERM (the step alone, as preemption with a GraceTime)", ["scancel", "-s", "TERM"], "script"),
     ("scancel --signal=USR1 --batch (the time-limit warning)", ["scancel", "--signal=USR1", "--batch"], "script"),
@@ -133,6 +180,7 @@ PREEMPTIONS = [  # (how, the scancel/scontrol command; job id appended, who requ
 def test_every_preemption_path_requeues_and_resumes(cluster):
     max_steps = 20
     run_dir = cluster.workdir / "long"
+    # One node: on two (it passes too) this test takes twice as long on a 2-core machine.
     job = Job(cluster, run_dir, "--config-name", "stage3_text_recovery", *SMOKE, f"trainer.max_steps={max_steps}",
               "trainer.save_every=100")
     saved: list[int] = []

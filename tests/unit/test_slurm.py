@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -237,10 +239,11 @@ FAKE_SRUN = """#!/bin/bash
 printf '%s\\n' "$@" > "$FAKE_LOG/srun.args"
 echo "$HVL_PREEMPTED_FILE" > "$FAKE_LOG/marker.path"
 if [[ "$FAKE_SRUN" == exit:* ]]; then exit "${FAKE_SRUN#exit:}"; fi
-# A step that saved writes the marker; torchrun then reports its workers' stop as exit 1.
+# A step that saved writes the marker, and every node's launch.step exits 0; "saved:N" writes it and
+# exits N (a node failed beside it).
 if [[ "$FAKE_SRUN" == saved:* ]]; then echo "saved step 7" > "$HVL_PREEMPTED_FILE"; exit "${FAKE_SRUN#saved:}"; fi
-trap 'echo USR1 >> "$FAKE_LOG/srun.signals"; echo "saved step 7" > "$HVL_PREEMPTED_FILE"; exit 1' USR1
-trap 'echo TERM >> "$FAKE_LOG/srun.signals"; echo "saved step 7" > "$HVL_PREEMPTED_FILE"; exit 1' TERM
+trap 'echo USR1 >> "$FAKE_LOG/srun.signals"; echo "saved step 7" > "$HVL_PREEMPTED_FILE"; exit 0' USR1
+trap 'echo TERM >> "$FAKE_LOG/srun.signals"; echo "saved step 7" > "$HVL_PREEMPTED_FILE"; exit 0' TERM
 echo $$ > "$FAKE_LOG/srun.pid"
 while :; do sleep 0.02; done
 """
@@ -316,7 +319,7 @@ def test_script_runs_torchrun_with_exact_arguments(slurm_job):
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert (log / "srun.args").read_text().splitlines() == [
-        "--ntasks-per-node=1", "--kill-on-bad-exit=0", "--cpus-per-task=4",  # 4 ranks, no decode workers
+        "--ntasks-per-node=1", "--kill-on-bad-exit=1", "--cpus-per-task=4",  # 4 ranks, no decode workers
         sys.executable, "-m", "launch.step", "--nnodes=2", "--nproc-per-node=4",
         "--rdzv-backend=c10d", "--rdzv-endpoint=gpu-node-07:21234", "--rdzv-id=1234",
         TORCHRUN_SIGNALS, f"--shutdown-timeout={SIGNAL_LEAD_S}",
@@ -324,15 +327,19 @@ def test_script_runs_torchrun_with_exact_arguments(slurm_job):
     ]
     # The marker the trainer writes after a preemption save: one per job id, in the run's logs/.
     assert (log / "marker.path").read_text().strip() == f"{run_dir}/logs/.preempted-1234"
-    assert "start 2 on 2 node(s)" in out and _requeues(log) == []
+    assert "start 2 on 2 node(s)" in out and "the step finished" in out and _requeues(log) == []
 
 
 @pytest.mark.parametrize("srun_mode,rc,requeued,message", [
-    ("saved:1", 0, True, "stopped for preemption (saved step 7); requeueing job 1234"),  # torchrun says 1
-    ("exit:75", 0, True, "stopped for preemption (exit 75); requeueing job 1234"),  # the trainer's own code
+    ("saved:0", 0, True, "stopped for preemption (saved step 7); requeueing job 1234"),
     ("exit:1", 1, False, "the step failed with exit code 1; not requeueing"),
+    # 75 is the trainer's code, which launch.step turns into 0: only the marker says "stopped".
+    ("exit:75", 75, False, "the step failed with exit code 75; not requeueing"),
+    # srun --kill-on-bad-exit=1 ends the other nodes with SIGTERM after a crash; one still starting up
+    # writes the marker then. A crash requeued would crash again.
+    ("saved:137", 137, False, "the step failed with exit code 137 (a rank stopped: saved step 7); not requeueing"),
 ])
-def test_a_saved_stop_requeues_whatever_the_exit_code(slurm_job, srun_mode, rc, requeued, message):
+def test_the_marker_and_exit_0_requeue_a_failure_does_not(slurm_job, srun_mode, rc, requeued, message):
     start, log, run_dir = slurm_job
     proc = start(srun_mode)
     _, err = proc.communicate(timeout=30)
@@ -344,9 +351,9 @@ def test_a_saved_stop_requeues_whatever_the_exit_code(slurm_job, srun_mode, rc, 
 def test_a_marker_left_by_an_earlier_start_does_not_count(slurm_job):
     start, log, run_dir = slurm_job
     (run_dir / "logs" / ".preempted-1234").write_text("saved step 3\n")
-    proc = start("exit:1")
-    _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 1 and _requeues(log) == [], err
+    proc = start("exit:0")
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and "the step finished" in out and _requeues(log) == [], err
 
 
 def test_usr1_is_forwarded_to_the_step_and_requeues(slurm_job):
@@ -407,15 +414,25 @@ def test_a_stop_before_the_first_step_marks_the_run_resumable_once(tmp_path, mon
 
 # --- launch.step: torchrun whose stops are one line each -------------------------------------------
 
+# argv[2]: what every rank does, or one per rank ("75,wait"): exit with a code; "wait" for a stop
+# signal, then exit 75 as the trainer does after its save; "slow": the same, 3 s after the signal (a
+# long teardown); "finalizing": a worker already shutting down, whose SIGTERM handler is gone
+# (Python restores the defaults as it exits).
 WORKER = """import os, signal, sys, time
+modes = sys.argv[2].split(",")
+mode = modes[int(os.environ["RANK"]) % len(modes)]
 stop = []
 for sig in (signal.SIGTERM, signal.SIGUSR1):
     signal.signal(sig, lambda s, f: stop.append(s))
+if mode == "finalizing":
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 open(os.path.join(sys.argv[1], f"ready.{os.environ['RANK']}"), "w").close()
-if sys.argv[2] != "wait":
-    sys.exit(int(sys.argv[2]))
+if mode not in ("wait", "slow", "finalizing"):
+    sys.exit(int(mode))
 for _ in range(600):  # until a stop signal, as the trainer saves at its next step and exits 75
     if stop:
+        time.sleep(3 if mode == "slow" else 0)
         sys.exit(75)
     time.sleep(0.05)
 """
@@ -444,14 +461,92 @@ def _run_step(tmp_path: Path, worker_rc: str, sig: signal.Signals | None):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
-def test_step_leaves_stop_signals_to_the_workers_and_passes_their_code_on(tmp_path, sig):
+def test_step_leaves_stop_signals_to_the_workers_and_exits_0_once_they_stopped(tmp_path, sig):
+    """Under srun --kill-on-bad-exit=1, a node done saving must not end the others: exit 0, not 75."""
     rc, err = _run_step(tmp_path, "wait", sig)
-    assert rc == EXIT_PREEMPTED, err
+    assert rc == 0, err
     assert err.count(f"launch.step: {sig.name}: the workers save and stop") == 1
-    assert "launch.step: worker rank" in err and f"exit {EXIT_PREEMPTED}" in err
+    # Both ranks, or the first alone when torchrun's SIGTERM caught the other one exiting (next test).
+    assert re.search(rf"launch.step: worker rank\(s\) (0, 1|0|1) stopped for preemption \(exit {EXIT_PREEMPTED}\); "
+                     r"exit 0", err), err
     assert "Traceback" not in err and "SignalException" not in err
 
 
+def test_a_worker_killed_by_torchrun_beside_a_stopped_one_is_part_of_the_stop(tmp_path):
+    """Rank 1 stops (75) on the stop signal, and torchrun SIGTERMs rank 0, which is shutting down
+    without a handler left (-15): still a preemption stop (next test: not without the signal)."""
+    rc, err = _run_step(tmp_path, "finalizing,wait", signal.SIGUSR1)
+    assert rc == 0 and "worker rank(s) 1 stopped for preemption (exit 75); exit 0" in err, err
+
+
 def test_step_reports_a_failed_worker_in_one_line(tmp_path):
-    rc, err = _run_step(tmp_path, "3", None)
-    assert rc == 3 and "exited with code 3" in err and "Traceback" not in err, err
+    """Rank 1 exits 75 with no stop signal to this node, and torchrun SIGTERMs rank 0 (-15): maybe a
+    crash (the OOM killer's SIGKILL looks alike), so no exit 0, and rank 0's end is the cause."""
+    rc, err = _run_step(tmp_path, "finalizing,75", None)
+    assert rc == 128 + signal.SIGTERM and "Traceback" not in err, err
+    assert "launch.step: worker rank 0 exited with code -15 (also rank 1: 75); exit 143" in err
+
+
+
+
+def _signal_step(proc: subprocess.Popen, sig: signal.Signals) -> None:
+    for pid in [proc.pid, *(c.pid for c in psutil.Process(proc.pid).children())]:
+        os.kill(pid, sig)
+
+
+def test_a_node_still_stopping_when_the_rendezvous_host_ends_exits_0(tmp_path):
+    """Two nodes' launch.step on one c10d rendezvous, hosted by the first. After a stop signal the
+    first node's worker exits at once, the second's 3 s later (a long teardown): the first torchrun
+    ends, taking the rendezvous store along, while the second still waits; it too must exit 0, or
+    srun would count a bad exit and the job would not be requeued."""
+    (tmp_path / "worker.py").write_text(WORKER)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    nodes = []
+    for node, (is_host, mode) in enumerate([(1, "wait"), (0, "slow")]):
+        (tmp_path / str(node)).mkdir()
+        nodes.append(subprocess.Popen(
+            [sys.executable, "-m", "launch.step", "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
+             f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=t", f"--rdzv-conf=is_host={is_host}", TORCHRUN_SIGNALS,
+             "--shutdown-timeout=30", str(tmp_path / "worker.py"), str(tmp_path / str(node)), mode],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))))
+    try:
+        deadline = time.monotonic() + 60
+        while not all(list((tmp_path / str(node)).glob("ready.*")) for node in (0, 1)):
+            assert time.monotonic() < deadline and all(n.poll() is None for n in nodes)
+            time.sleep(0.05)
+        for proc in nodes:
+            _signal_step(proc, signal.SIGUSR1)
+        errs = [proc.communicate(timeout=60)[1] for proc in nodes]
+    finally:
+        for proc in nodes:
+            proc.kill()
+    assert [proc.returncode for proc in nodes] == [0, 0], errs
+    assert "stopped for preemption (exit 75); exit 0" in errs[0]
+    assert "SIGUSR1 noted, then the rendezvous (hosted by the first node) ended" in errs[1]
+    assert "Traceback" not in errs[1]
+
+
+def test_step_stopped_before_its_workers_start_exits_0_with_the_marker(tmp_path):
+    marker = tmp_path / ".preempted-9"
+    proc = subprocess.Popen([sys.executable, "-m", "launch.step", "--standalone", "--nproc-per-node=1",
+                             str(tmp_path / "never_started.py")], stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, HVL_PREEMPTED_FILE=str(marker),
+                                     PYTHONPATH=str(Path(__file__).resolve().parents[2])))
+    try:
+        # Its handler is in place (SigCgt has SIGTERM) while it still imports torch, before any worker.
+        status = Path(f"/proc/{proc.pid}/status")
+        deadline = time.monotonic() + 30
+        while not int(next(line for line in status.read_text().splitlines() if line.startswith("SigCgt:")).split()[1],
+                      16) >> (signal.SIGTERM - 1) & 1:
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "launch.step: SIGTERM before the workers started: stopped (exit 0" in err
+    assert marker.read_text() == "SIGTERM before the workers started: stopped, nothing to save\n"
