@@ -216,21 +216,12 @@ def make_plan(cfg: Config, recipe: str, world_size: int | None = None) -> dict:
         "precision": cfg.precision.name,
         "fp8_modules": in_fp8,
         "memory_gib": memory,
-        "activations_gib": {
-            "language_model": {k: v / GIB for k, v in acts["language_model"].items()},
-            "vision_model": acts["vision_model"] / GIB,
-            "projector": acts["projector"] / GIB,
-        },
+        "activations_gib": _activations_gib(acts),
         "assumptions": {
             "bytes_per_param": {"weights (every param)": per_param["weights"],
                                 "gradients (trainable)": per_param["gradients"],
                                 "optimizer (trainable)": per_param["optimizer"]},
-            "optimizer_states": "fp32 master + Adam m, v" if bf16 else "Adam m, v (weights are the master)",
-            "compute_dtype": cfg.precision.resolved_compute_dtype,
-            "tokens_per_micro_batch": cfg.trainer.micro_batch_size * cfg.data.seq_length,
-            "activation_checkpointing": cfg.model.kernels.activation_checkpointing,
-            "loss_chunk_size": cfg.model.loss_chunk_size,
-            "media": "worst case: every token an image token",
+            **_shared_assumptions(cfg, bf16),
             "per_gpu": "language model / (tensor x pipeline); vision and projector whole on every rank",
         },
     }
@@ -267,26 +258,32 @@ def adapter_plan(cfg: Config, recipe: str, model, params: dict, in_fp8: list[str
                  "adapted_modules": counted["modules"], "adapter_params": counted["adapters"],
                  "trained_whole": whole, "frozen_base_bytes_per_param": a},
         "memory_gib": memory,
-        "activations_gib": {
-            "language_model": {k: v / GIB for k, v in acts["language_model"].items()},
-            "vision_model": acts["vision_model"] / GIB,
-            "projector": acts["projector"] / GIB,
-        },
+        "activations_gib": _activations_gib(acts),
         "assumptions": {
             "bytes_per_param": {"frozen linear weights": a, "other frozen weights": 4,
                                 "trainable weights": per_param["weights"], "gradients (trainable)": 4,
                                 "optimizer (trainable)": per_param["optimizer"]},
-            "optimizer_states": "fp32 master + Adam m, v" if bf16 else "Adam m, v (weights are the master)",
-            "compute_dtype": cfg.precision.resolved_compute_dtype,
-            "tokens_per_micro_batch": cfg.trainer.micro_batch_size * cfg.data.seq_length,
-            "activation_checkpointing": cfg.model.kernels.activation_checkpointing,
-            "loss_chunk_size": cfg.model.loss_chunk_size,
-            "media": "worst case: every token an image token",
+            **_shared_assumptions(cfg, bf16),
             "per_gpu": "the whole model on every GPU (native engine, data parallel)",
         },
     }
     plan["longest_context_one_gpu"] = longest_context(cfg, memory["total"] - memory["activations"])
     return plan
+
+
+def _activations_gib(acts: dict) -> dict:
+    return {"language_model": {k: v / GIB for k, v in acts["language_model"].items()},
+            "vision_model": acts["vision_model"] / GIB, "projector": acts["projector"] / GIB}
+
+
+def _shared_assumptions(cfg: Config, bf16: bool) -> dict:
+    """What every plan assumes, with or without adapters."""
+    return {"optimizer_states": "fp32 master + Adam m, v" if bf16 else "Adam m, v (weights are the master)",
+            "compute_dtype": cfg.precision.resolved_compute_dtype,
+            "tokens_per_micro_batch": cfg.trainer.micro_batch_size * cfg.data.seq_length,
+            "activation_checkpointing": cfg.model.kernels.activation_checkpointing,
+            "loss_chunk_size": cfg.model.loss_chunk_size,
+            "media": "worst case: every token an image token"}
 
 
 def longest_context(cfg: Config, fixed_gib: float, budget_gib: float = ONE_GPU_GIB) -> dict:
