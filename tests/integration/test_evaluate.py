@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -103,7 +104,10 @@ def test_missing_or_damaged_checkpoints_fail_clearly(evaluated_stage, project_ro
 def test_stage_end_scores_the_vlm_benchmarks_into_summary_and_reports(evaluated_stage):
     """eval.vlm_tasks ran at the stage's end on the real tiny VLM: the harness's metrics per task in
     summary.json, the results file, the stage report; the pipeline report's benchmark-by-stage table."""
-    from train.report.build import write_pipeline_report
+    import yaml
+
+    from train.config.schema import Config, from_dict
+    from train.loop.pipeline import write_pipeline_summary
 
     tmp, run_dir = evaluated_stage
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -123,7 +127,14 @@ def test_stage_end_scores_the_vlm_benchmarks_into_summary_and_reports(evaluated_
         stage_summary = {**summary, "stage": name}
         stage_summary["vlm_eval"]["results"]["docvqa_val"]["anls,none"] = anls
         (pipeline / name / "summary.json").write_text(json.dumps(stage_summary))
-    page = write_pipeline_report(pipeline).read_text()
+    # The pipeline's summary.json: every benchmark after each stage (it also writes the report).
+    configs = [from_dict(Config, {**yaml.safe_load((pipeline / name / "config.yaml").read_text()),
+                                  "run": {"dir": str(pipeline / name)}}) for name in ("stage1_image_sft", "stage3_text_recovery")]
+    write_pipeline_summary(pipeline, configs, [json.loads((pipeline / c.run.dir / "summary.json").read_text()) for c in configs])
+    benchmarks = json.loads((pipeline / "summary.json").read_text())["benchmarks"]
+    assert benchmarks["vlm docvqa_val anls"] == [{"stage": "stage1_image_sft", "score": 0.25},
+                                                 {"stage": "stage3_text_recovery", "score": 0.75}]
+    page = (pipeline / "report.html").read_text()
     table = page[page.index("<table id='benchmarks'>"):]
     table = table[:table.index("</table>")]
     assert "<th>stage1_image_sft</th><th>stage3_text_recovery</th>" in table
@@ -166,7 +177,13 @@ def test_forced_answers_score_one_and_zero_under_the_harness_metrics(evaluated_s
                 out.append(answers[question][0 if self.right else 1])
             return out
 
-    names, manager = prepare_tasks(VLM_TASKS, tmp / "hub_copies", tmp_path)
+    # The harness's chartqa by its YAML path (the same task the fixture's stage ran by name): only its
+    # directory is indexed, not all of lm-eval's tasks (seconds).
+    import lm_eval.tasks
+
+    chartqa = Path(lm_eval.tasks.__file__).parent / "chartqa" / "chartqa.yaml"
+    names, manager = prepare_tasks([str(chartqa), "docvqa_val"], tmp / "hub_copies", tmp_path)
+    assert names == ["chartqa", "docvqa_val"]
     for right, expected in ((True, 1.0), (False, 0.0)):
         Forced.right = right
         results = run_vlm_harness(Forced(chat=chat_model, batch_size=2), names, manager)["results"]
@@ -203,7 +220,10 @@ def test_vlm_cli_limit_batch_think_and_missing_data(evaluated_stage, project_roo
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     tmp, run_dir = evaluated_stage
     out = tmp / "cli_vlm"
-    code = main(["--ckpt", str(run_dir), "--vlm-tasks", "chartqa", "--data-dir", str(tmp / "hub_copies"),
+    import lm_eval.tasks
+
+    chartqa = Path(lm_eval.tasks.__file__).parent / "chartqa" / "chartqa.yaml"  # (by path: see above)
+    code = main(["--ckpt", str(run_dir), "--vlm-tasks", str(chartqa), "--data-dir", str(tmp / "hub_copies"),
                  "--limit", "2", "--batch-size", "2", "--think", "--max-new-tokens", "2", "--out", str(out)])
     captured = capsys.readouterr()
     assert code == 0, captured.err[-3000:]

@@ -127,17 +127,20 @@ def _builtin_task_index() -> dict:
     return TaskIndex.build([Path(lm_eval.tasks.__file__).parent])
 
 
-def task_manager(include: list[str]):
+def task_manager(include: list[str], names: list[str] = ()):
     """A TaskManager over the harness's tasks plus the task YAML directories `include` (later ones win,
-    as in lm-eval), the built-in index built once per process and shared by every call."""
+    as in lm-eval). The built-in index is built once per process and shared by every call, and not
+    at all where the directories hold every task of `names`."""
     try:
         from lm_eval.tasks import TaskManager
         from lm_eval.tasks._index import TaskIndex
     except ImportError as err:
         raise EvaluationError(f"lm-eval is not installed ({err}): {INSTALL_HINT}") from None
     manager = TaskManager(include_path=None, include_defaults=False)
+    own = TaskIndex.build([Path(p) for p in include])
+    builtin = {} if names and all(name in own for name in names) else _builtin_task_index()
     # TaskManager exposes its index as this dict (its `load` resolves names through it).
-    manager.task_index.update({**_builtin_task_index(), **TaskIndex.build([Path(p) for p in include])})
+    manager.task_index.update({**builtin, **own})
     return manager
 
 
@@ -163,7 +166,7 @@ def run_harness(export: Path, tasks: list[str], out_file: Path, limit: int | Non
         raise EvaluationError(f"lm-eval is not installed ({err}): {INSTALL_HINT}") from None
     names, include = resolve_tasks(tasks)
     offline = _set_offline_mode()
-    manager = task_manager(include)
+    manager = task_manager(include, names)
     unknown = [n for n in names if n not in manager.task_index]
     if unknown:
         raise EvaluationError(f"unknown lm-eval tasks {unknown}: give a harness task name or a task YAML path")

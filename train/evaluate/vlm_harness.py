@@ -109,7 +109,7 @@ def prepare_tasks(tasks: list[str], data_dir: str | Path | None, work: Path):
     data_dir = Path(data_dir) if data_dir else None
     if data_dir is not None and not data_dir.is_dir():
         raise EvaluationError(f"data directory {data_dir} does not exist: give the directory holding the dataset copies")
-    manager = task_manager([str(VLM_TASKS_DIR), *include])
+    manager = task_manager([str(VLM_TASKS_DIR), *include], names)
     local_data_overrides(manager, names, data_dir, offline, work)
     from lm_eval.tasks._index import TaskIndex
 
