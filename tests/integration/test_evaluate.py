@@ -1,16 +1,20 @@
 """`train.evaluate` and `eval.tasks`: the lm-eval harness on a smoke checkpoint, on CPU, over the
-local task in tests/eval_tasks (no hub access); generation scoring; clear errors on bad input."""
+local task in tests/eval_tasks (no hub access); vision-language benchmarks (`--vlm-tasks`, `eval.vlm_tasks`)
+on local Hub-layout copies; generation scoring; clear errors on bad input."""
 
 from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
 from tests.integration.helpers import run_module
+from tests.vlm_replicas import write_replicas
 
 TASK = "tests/eval_tasks/hvl_tiny_choice.yaml"  # relative to the repository root (its data file too)
+VLM_TASKS = ["chartqa", "docvqa_val"]  # the harness's own chartqa; docvqa_val shipped in train/evaluate/vlm_tasks
 
 
 @pytest.fixture(scope="module")
@@ -19,8 +23,14 @@ def evaluated_stage(tmp_path_factory, project_root_dir):
     task's data path resolves; everything it writes goes to the temporary directory)."""
     tmp = tmp_path_factory.mktemp("evaluate")
     run_dir = tmp / "run"
+    # Local copies of two vision-language benchmarks in their Hub layout (tests/vlm_replicas.py): the
+    # stage's end also runs the harness's chartqa and the shipped docvqa_val on the stage's VLM
+    # (the real tiny model, end to end; answers capped at 3 tokens to keep it quick).
+    data_dir = write_replicas(tmp / "hub_copies")
     result = run_module(["train", "--config-name", "stage3_text_recovery", "smoke=cpu", "trainer.max_steps=2",
-                         f"data.synth_dir={tmp / 'synth'}", f"run.dir={run_dir}", f"eval.tasks=[{TASK}]"],
+                         f"data.synth_dir={tmp / 'synth'}", f"run.dir={run_dir}", f"eval.tasks=[{TASK}]",
+                         f"eval.vlm_tasks=[{','.join(VLM_TASKS)}]", f"eval.vlm_data_dir={data_dir}",
+                         "eval.vlm_max_new_tokens=3"],
                         project_root_dir)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return tmp, run_dir
@@ -86,3 +96,158 @@ def test_missing_or_damaged_checkpoints_fail_clearly(evaluated_stage, project_ro
                            project_root_dir)
     assert converted.returncode == 2 and "Traceback" not in converted.stderr, converted.stderr[-2000:]
     assert f"convert error: checkpoint {step} (step 2) cannot be read" in converted.stderr
+
+
+# ------------------------------------------------------------------ vision-language benchmarks
+
+
+def test_stage_end_scores_the_vlm_benchmarks_into_summary_and_reports(evaluated_stage):
+    """eval.vlm_tasks ran at the stage's end on the real tiny VLM: the harness's metrics per task in
+    summary.json, the results file, the stage report; the pipeline report's benchmark-by-stage table."""
+    import yaml
+
+    from train.config.schema import Config, from_dict
+    from train.loop.pipeline import write_pipeline_summary
+
+    tmp, run_dir = evaluated_stage
+    summary = json.loads((run_dir / "summary.json").read_text())
+    scores = summary["vlm_eval"]["results"]
+    assert scores["chartqa"]["sample_len"] == 3 and scores["docvqa_val"]["sample_len"] == 2
+    for value in (scores["chartqa"]["relaxed_accuracy,none"], scores["docvqa_val"]["anls,none"]):
+        assert 0.0 <= value <= 1.0
+    saved = json.loads((run_dir / "eval" / "vlm_eval_step_0000002.json").read_text())
+    assert saved["results"]["docvqa_val"] == scores["docvqa_val"] and saved["think"] is False
+    assert len(saved["examples"]["chartqa"]) == 3  # (target, answer) pairs, for a look
+    assert "vlm docvqa_val anls" in (run_dir / "report.html").read_text()
+    # A pipeline of two stages (this one twice, the second with other scores): one row per benchmark,
+    # one column per stage, next to the forgetting curve.
+    pipeline = tmp / "pipeline"
+    for name, anls in (("stage1_image_sft", 0.25), ("stage3_text_recovery", 0.75)):
+        shutil.copytree(run_dir, pipeline / name, ignore=shutil.ignore_patterns("eval", "checkpoints", "report*"))
+        stage_summary = {**summary, "stage": name}
+        stage_summary["vlm_eval"]["results"]["docvqa_val"]["anls,none"] = anls
+        (pipeline / name / "summary.json").write_text(json.dumps(stage_summary))
+    # The pipeline's summary.json: every benchmark after each stage (it also writes the report).
+    configs = [from_dict(Config, {**yaml.safe_load((pipeline / name / "config.yaml").read_text()),
+                                  "run": {"dir": str(pipeline / name)}}) for name in ("stage1_image_sft", "stage3_text_recovery")]
+    write_pipeline_summary(pipeline, configs, [json.loads((pipeline / c.run.dir / "summary.json").read_text()) for c in configs])
+    benchmarks = json.loads((pipeline / "summary.json").read_text())["benchmarks"]
+    assert benchmarks["vlm docvqa_val anls"] == [{"stage": "stage1_image_sft", "score": 0.25},
+                                                 {"stage": "stage3_text_recovery", "score": 0.75}]
+    page = (pipeline / "report.html").read_text()
+    table = page[page.index("<table id='benchmarks'>"):]
+    table = table[:table.index("</table>")]
+    assert "<th>stage1_image_sft</th><th>stage3_text_recovery</th>" in table
+    assert "<tr><th>vlm docvqa_val anls</th><td>0.2500</td><td>0.7500</td></tr>" in table
+    assert "lm-eval hvl_tiny_choice acc" in table
+
+
+@pytest.fixture(scope="module")
+def chat_model(evaluated_stage):
+    from train.chat.session import load_chat_model
+
+    return load_chat_model(evaluated_stage[1])
+
+
+def test_forced_answers_score_one_and_zero_under_the_harness_metrics(evaluated_stage, chat_model, monkeypatch,
+                                                                      tmp_path):
+    """The harness's task definitions, unchanged, on the local copies: our model wrapped at its
+    generation boundary (prompts built by training's preprocessing, tiles from the real images) and
+    forced to answer right scores 1.0 on every metric, forced wrong 0.0."""
+    from tests.vlm_replicas import CHARTQA_ROWS, DOCVQA_ROWS
+    from train.evaluate.vlm_harness import prepare_tasks, run_vlm_harness
+    from train.evaluate.vlm_model import HybridVLM
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    tmp, _ = evaluated_stage
+    answers = {q: ("Final Answer: " + a[0], "Final Answer: no") for q, a in CHARTQA_ROWS}
+    answers |= {q: (a[-1], "zzzz") for q, a in DOCVQA_ROWS}
+    image_token = chat_model.model.image_token_id
+
+    class Forced(HybridVLM):
+        right = True
+
+        def generate_batch(self, prompts, max_new_tokens):
+            out = []
+            for ids, tiles in prompts:
+                assert tiles.shape[0] >= 1 and image_token in ids  # the image went through training's tiling
+                text = self.chat.tokenizer.hf.decode(ids)
+                question = next(q for q in answers if q in text)
+                out.append(answers[question][0 if self.right else 1])
+            return out
+
+    # The harness's chartqa by its YAML path (the same task the fixture's stage ran by name): only its
+    # directory is indexed, not all of lm-eval's tasks (seconds).
+    import lm_eval.tasks
+
+    chartqa = Path(lm_eval.tasks.__file__).parent / "chartqa" / "chartqa.yaml"
+    names, manager = prepare_tasks([str(chartqa), "docvqa_val"], tmp / "hub_copies", tmp_path)
+    assert names == ["chartqa", "docvqa_val"]
+    for right, expected in ((True, 1.0), (False, 0.0)):
+        Forced.right = right
+        results = run_vlm_harness(Forced(chat=chat_model, batch_size=2), names, manager)["results"]
+        assert results["docvqa_val"]["anls,none"] == expected
+        for metric in ("exact_match,none", "relaxed_accuracy,none", "anywhere_accuracy,none"):
+            assert results["chartqa"][metric] == expected, (metric, results["chartqa"])
+
+
+def test_batched_generation_is_each_prompt_alone(chat_model):
+    """Prompts of equal token length decode together exactly as each decodes alone."""
+    import torch
+
+    from tests.vlm_replicas import _png
+    from train.chat.generate import greedy_batch, greedy_tokens
+    from train.chat.session import build_prompt
+
+    prompts = [build_prompt("<image>Which colour is the bar?", [_png(96, 64, i, c)], [], False, "", chat_model.cfg,
+                            chat_model.tokenizer) for i, c in enumerate("AB")]
+    assert len(prompts[0][0]) == len(prompts[1][0])
+    lm = chat_model.model.language_model
+    with torch.no_grad():
+        embeds = chat_model.model.embed_inputs(torch.tensor([p[0] for p in prompts]), torch.cat([p[1] for p in prompts]))
+        together = greedy_batch(lm, embeds, 5)
+        alone = [list(greedy_tokens(lm, embeds[i:i + 1], 5)) for i in range(2)]
+    assert together == alone and all(len(row) == 5 for row in together)
+
+
+def test_vlm_cli_limit_batch_think_and_missing_data(evaluated_stage, project_root_dir, monkeypatch, capsys):
+    """`train.evaluate --vlm-tasks` with --limit, --batch-size, --think; a task whose local copy is
+    missing fails in one line that names the path looked for."""
+    from train.evaluate.__main__ import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    tmp, run_dir = evaluated_stage
+    out = tmp / "cli_vlm"
+    import lm_eval.tasks
+
+    chartqa = Path(lm_eval.tasks.__file__).parent / "chartqa" / "chartqa.yaml"  # (by path: see above)
+    code = main(["--ckpt", str(run_dir), "--vlm-tasks", str(chartqa), "--data-dir", str(tmp / "hub_copies"),
+                 "--limit", "2", "--batch-size", "2", "--think", "--max-new-tokens", "2", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-3000:]
+    printed = json.loads(captured.out)["vlm_eval"]
+    assert printed["think"] is True and printed["results"]["chartqa"]["sample_len"] == 2
+    assert json.loads((out / "vlm_eval_step_0000002_think.json").read_text())["think"] is True
+
+    empty = tmp / "no_copies"
+    empty.mkdir()
+    code = main(["--ckpt", str(run_dir), "--vlm-tasks", "docvqa_val", "--data-dir", str(empty)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("evaluate error: docvqa_val: its data is not present locally: "
+                                            f"looked for {empty / 'lmms-lab' / 'DocVQA'}"), err
+    assert not any("Traceback" in line for line in err)
+
+
+def test_anls_is_the_docvqa_metric():
+    import importlib.util
+
+    from train.evaluate.vlm_harness import VLM_TASKS_DIR
+
+    spec = importlib.util.spec_from_file_location("anls", VLM_TASKS_DIR / "anls.py")
+    anls = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(anls)
+    assert anls.anls("J. Smth", ["J. Smith"]) == 1 - 1 / 8  # one edit in eight characters
+    assert anls.anls(" j.  SMITH ", ["nobody", "J. Smith"]) == 1.0  # case and spacing ignored, best reference
+    assert anls.anls("Jones", ["J. Smith"]) == 0.0  # below the 0.5 threshold

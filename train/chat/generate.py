@@ -15,7 +15,7 @@ from torch import Tensor
 
 from train.model.language_model import HybridLanguageModel
 
-__all__ = ["greedy_tokens"]
+__all__ = ["greedy_batch", "greedy_tokens"]
 
 
 def greedy_tokens(lm: HybridLanguageModel, embeds: Tensor, max_new_tokens: int,
@@ -36,3 +36,30 @@ def greedy_tokens(lm: HybridLanguageModel, embeds: Tensor, max_new_tokens: int,
         yield int(token)
         if i + 1 < max_new_tokens:
             logits = lm.decode_step(token, cache)
+
+
+def greedy_batch(lm: HybridLanguageModel, embeds: Tensor, max_new_tokens: int,
+                 stop_ids: Iterable[int] = ()) -> list[list[int]]:
+    """The greedy continuations of B prompts of equal length (embeds (B, L, D)) decoded together:
+    one prefill and one decode step per token for the whole batch, each row ending at its first
+    stop token (not included) or after `max_new_tokens`. Rows of equal length need no padding, so
+    every row is exactly what `greedy_tokens` gives it alone."""
+    stop = set(stop_ids)
+    rows = embeds.shape[0]
+    out: list[list[int]] = [[] for _ in range(rows)]
+    if max_new_tokens <= 0:
+        return out
+    done = [False] * rows
+    logits, cache = lm.prefill(embeds, embeds.shape[1] + max_new_tokens - 1)
+    for i in range(max_new_tokens):
+        tokens = logits.argmax(dim=-1)  # (B,)
+        for row, token in enumerate(tokens.tolist()):
+            if not done[row]:
+                if token in stop:
+                    done[row] = True
+                else:
+                    out[row].append(token)
+        if all(done) or i + 1 == max_new_tokens:
+            break
+        logits = lm.decode_step(tokens, cache)  # finished rows keep decoding; their tokens are ignored
+    return out

@@ -463,14 +463,29 @@ class EvalConfig:
 
     # EleutherAI lm-eval task names or task YAML paths; results in summary.json and <run dir>/eval/.
     tasks: list[str] = field(default_factory=list)
-    limit: Optional[int] = None  # documents per task (None: all)
+    limit: Optional[int] = None  # documents per task (None: all), for tasks and vlm_tasks
+    # Vision-language lm-eval tasks (chartqa, mmmu_val, docvqa_val, ...) on the stage's VLM, prompted
+    # as training prompts (`train.evaluate --vlm-tasks`); results in summary.json ("vlm_eval") and
+    # the reports' benchmark-by-stage table.
+    vlm_tasks: list[str] = field(default_factory=list)
+    vlm_data_dir: Optional[str] = None  # local copies of the tasks' Hub datasets at DIR/<repo id> (offline)
+    vlm_think: bool = False  # reasoning mode (/think) for the vlm tasks
+    vlm_batch_size: int = 1  # prompts of equal token length decoded together
+    vlm_max_new_tokens: Optional[int] = None  # a cap on every task's answer length (None: each task's own)
 
     def validate(self, path: str) -> None:
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"{path}.limit={self.limit}: set a positive count or null")
-        for task in self.tasks:
+        for task in self.tasks + self.vlm_tasks:
             if task.endswith((".yaml", ".yml")) and not Path(task).is_file():
                 raise ConfigError(f"{path}.tasks: task file {task} does not exist")
+        if self.vlm_data_dir is not None and not Path(self.vlm_data_dir).is_dir():
+            raise ConfigError(f"{path}.vlm_data_dir={self.vlm_data_dir}: no such directory (it holds the local "
+                              "copies of the vlm tasks' datasets, at DIR/<hub repo id>)")
+        if self.vlm_batch_size < 1:
+            raise ConfigError(f"{path}.vlm_batch_size={self.vlm_batch_size}: set a positive count")
+        if self.vlm_max_new_tokens is not None and self.vlm_max_new_tokens < 1:
+            raise ConfigError(f"{path}.vlm_max_new_tokens={self.vlm_max_new_tokens}: set a positive count or null")
 
 
 @dataclass

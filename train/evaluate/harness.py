@@ -12,8 +12,9 @@ in the local cache is skipped with one line saying so, while the other tasks run
 
 from __future__ import annotations
 
-import logging
+import functools
 import json
+import logging
 import os
 import shutil
 import socket
@@ -117,6 +118,32 @@ def _in_local_cache(repo: str) -> bool:
     return hub.is_dir() or (datasets_cache / repo.replace("/", "___")).is_dir()
 
 
+@functools.lru_cache(maxsize=1)
+def _builtin_task_index() -> dict:
+    """The harness's own task index (every YAML under lm_eval/tasks: seconds to build), once per process."""
+    import lm_eval.tasks
+    from lm_eval.tasks._index import TaskIndex  # the index TaskManager builds; public only through it
+
+    return TaskIndex.build([Path(lm_eval.tasks.__file__).parent])
+
+
+def task_manager(include: list[str], names: list[str] = ()):
+    """A TaskManager over the harness's tasks plus the task YAML directories `include` (later ones win,
+    as in lm-eval). The built-in index is built once per process and shared by every call, and not
+    at all where the directories hold every task of `names`."""
+    try:
+        from lm_eval.tasks import TaskManager
+        from lm_eval.tasks._index import TaskIndex
+    except ImportError as err:
+        raise EvaluationError(f"lm-eval is not installed ({err}): {INSTALL_HINT}") from None
+    manager = TaskManager(include_path=None, include_defaults=False)
+    own = TaskIndex.build([Path(p) for p in include])
+    builtin = {} if names and all(name in own for name in names) else _builtin_task_index()
+    # TaskManager exposes its index as this dict (its `load` resolves names through it).
+    manager.task_index.update({**builtin, **own})
+    return manager
+
+
 def export_for_harness(checkpoint: Path, out: Path, tokenizer: str | None = None) -> Path:
     """The checkpoint's language model as an HF directory under `out` (reused when already there)."""
     step_dir, _ = resolve_native_checkpoint(Path(checkpoint))
@@ -135,13 +162,12 @@ def run_harness(export: Path, tasks: list[str], out_file: Path, limit: int | Non
     """Run the harness on `export`; writes its results JSON to `out_file` and returns it."""
     try:
         import lm_eval
-        from lm_eval.tasks import TaskManager
     except ImportError as err:
         raise EvaluationError(f"lm-eval is not installed ({err}): {INSTALL_HINT}") from None
     names, include = resolve_tasks(tasks)
     offline = _set_offline_mode()
-    manager = TaskManager(include_path=include or None)
-    unknown = [n for n in names if n not in manager.all_tasks]
+    manager = task_manager(include, names)
+    unknown = [n for n in names if n not in manager.task_index]
     if unknown:
         raise EvaluationError(f"unknown lm-eval tasks {unknown}: give a harness task name or a task YAML path")
     skipped = {}

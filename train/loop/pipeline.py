@@ -93,12 +93,20 @@ def write_pipeline_summary(root: Path, configs: list[Config], summaries: list[di
     from train.report.build import forgetting_curve, read_stage, write_pipeline_report
 
     curve = forgetting_curve([read_stage(Path(cfg.run.dir)) for cfg in configs])
+    from train.report.benchmarks import benchmark_table
+
+    stages, table = benchmark_table([(s.get("stage", cfg.stage), s) for cfg, s in zip(configs, summaries)])
     summary = {"stages": summaries, "forgetting": {source: [{"stage": stage, "loss": loss} for stage, loss in zip(*points)]
-                                                   for source, points in curve.items()}}
+                                                   for source, points in curve.items()},
+               # benchmark by stage: what each stage bought and cost on eval.tasks / eval.vlm_tasks
+               "benchmarks": {row: [{"stage": stage, "score": score} for stage, score in zip(stages, scores)
+                                    if score is not None] for row, scores in table.items()}}
     (root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     for source, points in summary["forgetting"].items():
         print(f"=== forgetting monitor {source}: " + " -> ".join(f"{p['stage']} {p['loss']:.4f}" for p in points),
               flush=True)
+    for row, points in summary["benchmarks"].items():
+        print(f"=== benchmark {row}: " + " -> ".join(f"{p['stage']} {p['score']:.4f}" for p in points), flush=True)
     try:
         print(f"=== report: {write_pipeline_report(root)}", flush=True)
     except Exception as err:  # the stages are trained and saved; a plot problem must not hide that

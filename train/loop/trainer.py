@@ -322,6 +322,7 @@ def _train_stage(cfg: Config, preemption: PreemptionHandler | None) -> dict:
         if info.is_main:
             print(f"[{cfg.stage}] {threads} intra-op thread{'s' if threads > 1 else ''} per process ({why})", flush=True)
             prepare_data_files(cfg)
+            check_stage_benchmarks(cfg)
         barrier()  # the other ranks wait for rank 0's data files
         run_dir = Path(cfg.run.dir)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -337,21 +338,54 @@ def _train_stage(cfg: Config, preemption: PreemptionHandler | None) -> dict:
         if own_handler:
             preemption.uninstall()
         shutdown()
-    if cfg.eval.tasks and info.is_main:
+    if (cfg.eval.tasks or cfg.eval.vlm_tasks) and info.is_main:
         summary = run_stage_benchmarks(cfg, summary)
     return summary
 
 
-def run_stage_benchmarks(cfg: Config, summary: dict) -> dict:
-    """`eval.tasks` on the stage's final checkpoint (rank 0, after training): results in
-    summary.json and <run dir>/eval/."""
-    from train.evaluate.harness import evaluate_checkpoint
+def check_stage_benchmarks(cfg: Config) -> None:
+    """Before training: every `eval.vlm_tasks` task is known and its data present locally, so a
+    stage does not train for hours to fail at its end (the harness's task index, built here, is
+    reused there)."""
+    if cfg.eval.vlm_tasks:
+        import tempfile
 
+        from train.evaluate.harness import EvaluationError
+        from train.evaluate.vlm_harness import prepare_tasks
+
+        with tempfile.TemporaryDirectory(prefix="vlm_tasks_") as work:
+            try:
+                prepare_tasks(cfg.eval.vlm_tasks, cfg.eval.vlm_data_dir, Path(work))
+            except EvaluationError as err:
+                raise ConfigError(f"eval.vlm_tasks: {err}") from None
+
+
+def run_stage_benchmarks(cfg: Config, summary: dict) -> dict:
+    """`eval.tasks` and `eval.vlm_tasks` on the stage's final checkpoint (rank 0, after training):
+    results in summary.json ("lm_eval", "vlm_eval") and <run dir>/eval/."""
     run_dir = Path(cfg.run.dir)
-    print(f"[{cfg.stage}] lm-eval: {', '.join(cfg.eval.tasks)} on {summary['checkpoint']}", flush=True)
-    out_file, report = evaluate_checkpoint(Path(summary["checkpoint"]), cfg.eval.tasks, run_dir / "eval",
-                                           limit=cfg.eval.limit, device="cuda" if torch.cuda.is_available() else "cpu")
-    summary = {**summary, "lm_eval": {"file": str(out_file), "results": report.get("results", {}),
-                                     "skipped": report.get("skipped", {})}}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.eval.tasks:
+        from train.evaluate.harness import evaluate_checkpoint
+
+        print(f"[{cfg.stage}] lm-eval: {', '.join(cfg.eval.tasks)} on {summary['checkpoint']}", flush=True)
+        out_file, report = evaluate_checkpoint(Path(summary["checkpoint"]), cfg.eval.tasks, run_dir / "eval",
+                                               limit=cfg.eval.limit, device=device)
+        summary = {**summary, "lm_eval": {"file": str(out_file), "results": report.get("results", {}),
+                                         "skipped": report.get("skipped", {})}}
+    if cfg.eval.vlm_tasks:
+        from train.evaluate.vlm_harness import evaluate_checkpoint_vlm
+
+        e = cfg.eval
+        print(f"[{cfg.stage}] vision-language benchmarks: {', '.join(e.vlm_tasks)} on {summary['checkpoint']}", flush=True)
+        out_file, report = evaluate_checkpoint_vlm(Path(summary["checkpoint"]), e.vlm_tasks, run_dir / "eval",
+                                                   data_dir=e.vlm_data_dir, limit=e.limit, batch_size=e.vlm_batch_size,
+                                                   think=e.vlm_think, max_gen_toks=e.vlm_max_new_tokens, device=device)
+        summary = {**summary, "vlm_eval": {"file": str(out_file), "results": report.get("results", {}),
+                                          "think": e.vlm_think}}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    try:  # the stage report again, now with the scores
+        write_stage_report(run_dir)
+    except Exception as err:  # as in Trainer._write_report: a plot problem must not fail a finished stage
+        print(f"[{cfg.stage}] warning: report.html not rewritten ({type(err).__name__}: {err})", flush=True)
     return summary

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from train.checkpoint.files import complete_checkpoints
+from train.report.benchmarks import benchmark_table, stage_scores
 
 PLOTS_DIR = "report"
 DPI = 90  # 576 px wide plots
@@ -302,9 +303,7 @@ def _stage_section(run: StageRun, plots: dict[str, str], relative: str) -> str:
     monitors = {m.get("name") for m in _stage_config(run).get("data", {}).get("monitor_sources") or []}
     facts += [(f"{'forgetting monitor' if k.split('/')[0] in monitors else 'held-out'} {k}",
                f"{v:.4f}" if isinstance(v, float) else v) for k, v in val.items()]
-    for task, metrics in (s.get("lm_eval") or {}).get("results", {}).items():
-        facts += [(f"lm-eval {task} {name.split(',')[0]}", f"{value:.4f}") for name, value in metrics.items()
-                  if isinstance(value, float) and "stderr" not in name]
+    facts += [(row, f"{value:.4f}") for row, value in stage_scores(s).items()]
     checkpoints = ", ".join(run.checkpoints) or "none yet"
     return (f"<section class='stage' id='{html.escape(run.name)}'><h2>{html.escape(run.name)}</h2>"
             f"{_table(facts + [('checkpoints', checkpoints)])}{_figures(plots, relative)}</section>")
@@ -332,6 +331,18 @@ def write_stage_report(directory: Path) -> tuple[Path, dict[str, Path]]:
     return page, {title: out / file for title, file in plots.items()}
 
 
+def _benchmarks_section(runs: list[StageRun]) -> str:
+    """The benchmark-by-stage table (rows: benchmark and metric; columns: stages), next to the
+    forgetting curve; empty where no stage ran benchmarks."""
+    stages, rows = benchmark_table([(run.name, run.summary or {}) for run in runs])
+    if not rows:
+        return ""
+    head = "".join(f"<th>{html.escape(name)}</th>" for name in ["benchmark", *stages])
+    body = "".join("<tr><th>" + html.escape(row) + "</th>" + "".join(
+        f"<td>{'' if v is None else f'{v:.4f}'}</td>" for v in values) + "</tr>" for row, values in rows.items())
+    return f"<h3>Benchmarks after each stage</h3><table id='benchmarks'><tr>{head}</tr>{body}</table>"
+
+
 def write_pipeline_report(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     runs = [read_stage(d) for d in stage_dirs(run_dir)]
@@ -354,7 +365,7 @@ def write_pipeline_report(run_dir: Path) -> Path:
     sections = [_stage_section(run, stage_plots(run, run.directory / PLOTS_DIR), f"{run.directory.name}/{PLOTS_DIR}/")
                 for run in runs]
     body = (f"<section id='forgetting'><h2>Across stages</h2>{_table(rows) if rows else '<p>no monitor sources</p>'}"
-            f"{_figures(top, f'{PLOTS_DIR}/')}</section>" + "".join(sections))
+            f"{_benchmarks_section(runs)}{_figures(top, f'{PLOTS_DIR}/')}</section>" + "".join(sections))
     return _write(run_dir / "report.html", _page(f"{run_dir.name} pipeline report", body))
 
 
