@@ -32,7 +32,7 @@ from torch import nn
 
 from data_pipelines.training import special_tokens as st
 from train.checkpoint.files import find_latest, read_marker
-from train.checkpoint.layout import NativeLayout, StateLayout, TrainableOnlyLayout
+from train.checkpoint.layout import NativeLayout, StateLayout
 from train.checkpoint.store import (
     CheckpointShapeError,
     load_model_tensors,
@@ -103,13 +103,13 @@ def assemble(cfg: Config, info: DistInfo, special_ids: Mapping[str, int], *, tra
         if weights_from is not None:
             raise ConfigError(f"{weights_from} is an adapter run's checkpoint (peft={cfg.peft.method}): export it with "
                               f"`python -m train.convert native-to-hf --merge` and load the merged weights")
-        from train.engines.native.adapters import base_fingerprint, mark_trainable
+        from train.engines.native.adapters import mark_trainable
 
         adapters = {"method": cfg.peft.method, "base": cfg.init.from_checkpoint,
-                    "base_fingerprint": base_fingerprint(model.state_dict())}
+                    "base_fingerprint": engine.base_fingerprint(model)}
         adapters["modules"] = engine.apply_adapters(model, cfg)
         if adapters["modules"]:
-            layout = TrainableOnlyLayout()
+            layout = engine.adapter_layout(model)
         else:  # no targeted linear in a trainable part (Stage 0 trains the projector alone): train as configured
             (log if info.is_main else _quiet)(f"peft={cfg.peft.method}: peft.targets={cfg.peft.targets} name no linear "
                                                "of a trainable part; this stage trains its trainable parts whole")

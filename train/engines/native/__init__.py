@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from train.checkpoint.layout import NativeLayout, StateLayout
+from train.checkpoint.layout import NativeLayout, StateLayout, TrainableOnlyLayout
 from train.config.schema import Config, ConfigError, ParallelConfig, PrecisionConfig
 from train.engines.native.data_parallel import wrap_data_parallel
 from train.parallel.distributed import DistInfo, init_distributed
@@ -43,6 +43,14 @@ class NativeEngine:
         from train.engines.native.adapters import apply_adapters
 
         return apply_adapters(model, cfg.peft, cfg.trainable, cfg.seed)
+
+    def base_fingerprint(self, model: nn.Module) -> str:
+        from train.engines.native.adapters import base_fingerprint
+
+        return base_fingerprint(model.state_dict())
+
+    def adapter_layout(self, model: nn.Module) -> StateLayout:
+        return TrainableOnlyLayout()
 
     def build_precision(self, cfg: PrecisionConfig, device: torch.device) -> Precision:
         return build_precision(cfg, device)
