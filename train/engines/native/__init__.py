@@ -24,11 +24,6 @@ class NativeEngine:
                 f"parallel.tensor_parallel={par.tensor_parallel}, context_parallel={par.context_parallel}, "
                 f"pipeline_parallel={par.pipeline_parallel} need model.impl=mcore (the native engine is data "
                 "parallel only)")
-        if cfg.peft.enabled and par.data_parallel == "fsdp":
-            # FSDP2 shards a block's parameters as one flat group of one dtype: a bf16 frozen base beside
-            # fp32 adapters needs its mixed-dtype handling, not built or tested yet.
-            raise ConfigError(f"peft={cfg.peft.method} runs single-process or with parallel.data_parallel=ddp for "
-                              "now: set parallel=single (or data_parallel=ddp)")
 
     def init_distributed(self, cfg: Config) -> DistInfo:
         return init_distributed(cfg.parallel, cfg.trainer.device)
