@@ -234,6 +234,27 @@ def test_next_stage_starts_from_the_adapted_model(trained_lm_adapters):
     assert float((theirs - ours).norm() / ours.norm()) < 1e-5
 
 
+def test_chat_evaluation_and_the_api_load_an_adapter_checkpoint_merged(trained_lm_adapters):
+    """chat and `train.evaluate --generation` (the assembly with `weights_from`), lm-eval's export and
+    `train.api.load_language_model` take an adapter run's checkpoint: its base with the adapters merged."""
+    from train.api import load_language_model
+    from train.checkpoint.files import read_run_config
+    from train.evaluate.harness import merged_if_adapters
+
+    run_dir, adapted, _ = trained_lm_adapters
+    checkpoint = find_latest(run_dir / "checkpoints")
+    ids = torch.randint(12, 64, (2, 13), generator=torch.Generator().manual_seed(2))
+    chat = assemble(read_run_config(run_dir), CPU, SPECIAL, train=False, weights_from=checkpoint)
+    assert chat.adapters is None and not any(is_adapter_param(n) for n, _ in chat.model.named_parameters())
+    with torch.no_grad():
+        ours = adapted.language_model(ids)
+        for theirs in (chat.model.language_model(ids), load_language_model(run_dir)(ids)):
+            assert float((theirs - ours).norm() / ours.norm()) < 1e-5
+    _, merged, _ = merged_if_adapters(checkpoint)
+    assert torch.equal(merged["language_model.backbone.layers.1.mixer.up_proj.weight"],
+                       chat.model.state_dict()["language_model.backbone.layers.1.mixer.up_proj.weight"])
+
+
 def test_export_refuses_another_base(trained_lm_adapters, tmp_path, capsys):
     from train import convert
 
