@@ -39,6 +39,7 @@ from train.config.schema import ADAPTER_ROLES, PeftConfig
 from train.engines.mcore import weights
 from train.engines.mcore.model import McoreLanguageModel
 from train.engines.native.adapters import fingerprint_entry, fingerprint_of, initial_lora_a
+from train.hf.mapping import language_model_tensors
 
 NATIVE_PREFIX = "language_model."
 
@@ -144,7 +145,8 @@ def apply_lm_adapters(lm: McoreLanguageModel, cfg: PeftConfig, seed: int) -> lis
             qkv = (groups, lm.cfg.num_attention_heads // lm.cfg.num_key_value_heads, lm.cfg.head_dim)
             assert [r.qkv for r in rows] == ["q", "k", "v"], rows
         ParallelLora(base, kind, branches, cfg.alpha / cfg.rank, lm, qkv)
-    return adapted
+    order = {NATIVE_PREFIX + t.name.removesuffix(".weight"): i for i, t in enumerate(language_model_tensors(lm.cfg.pattern))}
+    return sorted(adapted, key=order.__getitem__)  # the native model's order, as its list is
 
 
 def native_shape(row, lm: McoreLanguageModel) -> tuple[int, int]:
