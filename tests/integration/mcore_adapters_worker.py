@@ -2,7 +2,7 @@
 native engine, through the one assembly and the real train step.
 
 Every rank assembles the same adapter stage twice from the same native base checkpoint: on megatron-
-core at the launched layout (`modes`: "plain" and/or "sp", sequence parallelism) and on the native
+core at the launched layout (`modes`: "plain" or "sp", sequence parallelism; "+dora": DoRA) and on the native
 engine (PEFT's layers, in-process, no process group). Both train the same batches; each rank writes,
 per mode, the largest relative differences it sees (losses, adapter gradients and weights joined over
 the tensor-parallel ranks under PEFT's names), whether the frozen base stayed bit-identical, whether a
@@ -53,12 +53,12 @@ SPECIAL = {st.IMG_CONTEXT: 10}
 CPU = DistInfo(0, 1, 0, torch.device("cpu"))
 
 
-def config(base: str, impl: str, tensor: int = 1, sequence_parallel: bool = False) -> Config:
+def config(base: str, impl: str, tensor: int = 1, sequence_parallel: bool = False, method: str = "lora") -> Config:
     model = ModelConfig(language_model=LM)
     model.impl = impl
     # The language model alone trains (Stage 3's parts): the batches are text, the projector would see none.
     return Config(trainable=TrainableConfig(projector=False), stage="t", model=model, init=InitConfig(from_checkpoint=base),
-                  peft=PeftConfig(method="lora", rank=4, alpha=8.0, targets=ROLES),
+                  peft=PeftConfig(method=method, rank=4, alpha=8.0, targets=ROLES),
                   parallel=ParallelConfig(tensor_parallel=tensor, sequence_parallel=sequence_parallel),
                   # A large eps: Adam's first steps would otherwise turn float noise in near-zero
                   # gradients (B starts at zero) into whole-lr steps of either sign.
@@ -99,10 +99,11 @@ def frozen(stage) -> dict[str, torch.Tensor]:
 
 
 def check_mode(base: str, out: Path, mode: str, info: DistInfo, tensor: int) -> dict:
-    cfg = config(base, "mcore", tensor, mode == "sp")
+    layout, _, method = mode.partition("+")
+    cfg = config(base, "mcore", tensor, layout == "sp", method or "lora")
     resolve_engine("mcore").validate(cfg)
     stage = assemble(cfg, info, SPECIAL)
-    native_cfg = config(base, "native")
+    native_cfg = config(base, "native", method=method or "lora")
     native = assemble(native_cfg, CPU, SPECIAL)
     result = {"fingerprint": stage.adapters["base_fingerprint"] == native.adapters["base_fingerprint"],
               "modules": sorted(stage.adapters["modules"]) == sorted(native.adapters["modules"]),
@@ -119,7 +120,7 @@ def check_mode(base: str, out: Path, mode: str, info: DistInfo, tensor: int) -> 
         torch.equal(base_before[k], after[k]) for k in after)
 
     # Resume: an adapter checkpoint at step 3, then two more steps either way.
-    run_dir = out / f"run_{mode}"
+    run_dir = out / f"run_{layout}_{cfg.peft.method}"
     root = run_dir / "checkpoints"
     Checkpointer(root, 1, layout=stage.layout, marker={"adapters": stage.adapters}).save(
         3, stage.model, stage.optimizer, {"step": 3})

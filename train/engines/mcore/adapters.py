@@ -48,57 +48,90 @@ class ParallelLora(nn.Module):
     """The adapters of one megatron linear (one per branch: q, k, v of linear_qkv, else `all`), added
     to its output by a forward hook, so the base module and its parameter names stay megatron's."""
 
-    def __init__(self, base: nn.Module, parallel_kind: str, branches: dict[str, tuple[Tensor, Tensor]],
-                 scale: float, lm: McoreLanguageModel, qkv_groups: tuple[int, int, int] | None):
-        """`branches`: {branch: (this rank's A, this rank's B)}; `qkv_groups`: (local KV groups, q heads
-        per group, head dim) of a fused linear_qkv."""
+    def __init__(self, base: nn.Module, parallel_kind: str, branches: dict[str, dict[str, Tensor]],
+                 scale: float, lm: McoreLanguageModel, qkv_groups: int | None):
+        """`branches`: {branch: {"A": this rank's A, "B": its B}} (DoRA: + "magnitude_vector", set here
+        from the base weight); `qkv_groups`: the KV groups this rank holds of a fused linear_qkv."""
         super().__init__()
         self.parallel_kind, self.scale, self.qkv_groups = parallel_kind, scale, qkv_groups
         self.tp_group, self.sequence_parallel = lm.tp_group, lm.sequence_parallel
+        self.local_heads = weights.local_heads(lm.cfg, lm.tp_size)
         self.branches = list(branches)
-        # On the base linear, so the names read `<linear>.lora_A.<branch>` (weights' adapter names).
-        base.lora_A = nn.ParameterDict({b: nn.Parameter(a) for b, (a, _) in branches.items()})
-        base.lora_B = nn.ParameterDict({b: nn.Parameter(bb) for b, (_, bb) in branches.items()})
+        factors = list(next(iter(branches.values())))
+        self.dora = "magnitude_vector" in factors
         column = parallel_kind == "column"
-        for b in self.branches:
-            split, whole = (base.lora_B[b], base.lora_A[b]) if column else (base.lora_A[b], base.lora_B[b])
-            set_tensor_model_parallel_attributes(split, is_parallel=True, dim=0 if column else 1, stride=1)
-            # Partial per rank under sequence parallelism: A of a column base (it saw the rank's tokens
-            # only), B of a row base (it sees the reduce-scattered slice).
-            setattr(whole, "sequence_parallel", self.sequence_parallel)
+        for factor in factors:
+            # On the base linear, so the names read `<linear>.lora_A.<branch>` (weights' adapter names).
+            params = nn.ParameterDict({b: nn.Parameter(t[factor]) for b, t in branches.items()})
+            setattr(base, f"lora_{factor}", params)
+            for param in params.values():
+                # A column base splits B (and DoRA's magnitude) along its rows, a row base A along its
+                # input; the whole factor's gradient is partial per rank under sequence parallelism (A
+                # of a column base sees the rank's tokens, B of a row base the reduce-scattered slice).
+                if (factor == "A") != column:
+                    set_tensor_model_parallel_attributes(param, is_parallel=True, dim=0 if column else 1, stride=1)
+                else:
+                    setattr(param, "sequence_parallel", self.sequence_parallel)
         self.base = [base]  # not a submodule: the adapters' parameters live on the base
+        if self.dora:  # PEFT's start: the magnitude is the base's row norm (B is zero)
+            with torch.no_grad():
+                for b, norm in zip(self.branches, self.weight_norms(base)):
+                    base.lora_magnitude_vector[b].copy_(norm)
         base.register_forward_hook(self._add_update)
 
     def _add_update(self, module: nn.Module, args: tuple, output: tuple) -> tuple:
         (x,) = args[:1]  # (T or T / tp under SP, B, in or in / tp): what the base linear received
-        out, bias = output
-        delta = self.column_update(module, x) if self.parallel_kind == "column" else self.row_update(module, x)
-        return out + delta.to(out.dtype), bias
+        out, bias = output  # (T or T / tp, B, out / tp or out): no bias in this model
+        lora = self.column_lora(module, x) if self.parallel_kind == "column" else self.row_lora(module, x)
+        if not self.dora:
+            return out + (lora * self.scale).to(out.dtype), bias
+        # DoRA as PEFT computes it: the magnitude over the (detached) row norm of W + scale B A.
+        magnitude = self.in_base_layout([module.lora_magnitude_vector[b] for b in self.branches])
+        norm_scale = magnitude / self.in_base_layout(self.weight_norms(module)).detach()
+        update = (norm_scale - 1) * out + norm_scale * lora * self.scale
+        return out + update.to(out.dtype), bias
 
-    def column_update(self, base: nn.Module, x: Tensor) -> Tensor:
+    def in_base_layout(self, parts: list[Tensor]) -> Tensor:
+        """Per-branch tensors (..., out_b) -> the base's output layout (..., out / tp): the one part,
+        or q, k, v interleaved per KV group as megatron lays out linear_qkv [q heads | k | v]."""
+        if self.qkv_groups is None:
+            (part,) = parts
+            return part
+        return torch.cat([p.reshape(*p.shape[:-1], self.qkv_groups, -1) for p in parts], dim=-1).flatten(-2)
+
+    def column_lora(self, base: nn.Module, x: Tensor) -> Tensor:
         a = torch.cat([base.lora_A[b] for b in self.branches])  # (branches * r, in): one matmul for q, k, v
         h = x @ a.t().to(x.dtype)  # (T_local, B, branches * r)
         if self.sequence_parallel:  # every rank's tokens: (T, B, branches * r)
             h = tensor_parallel.gather_from_sequence_parallel_region(h, group=self.tp_group)
         else:  # whole on every rank; its gradient summed over the ranks' B shards
             h = tensor_parallel.copy_to_tensor_model_parallel_region(h, group=self.tp_group)
-        parts = [hb @ base.lora_B[b].t().to(hb.dtype) for b, hb in zip(self.branches, h.chunk(len(self.branches), -1))]
-        if self.qkv_groups is None:
-            (update,) = parts
-            return update * self.scale  # (T, B, out / tp)
-        groups, per_group, head_dim = self.qkv_groups
-        q, k, v = (p.reshape(*p.shape[:2], groups, -1) for p in parts)  # (T, B, groups, heads * head_dim)
-        assert q.shape[-1] == per_group * head_dim and k.shape[-1] == head_dim
-        return torch.cat([q, k, v], dim=-1).flatten(2) * self.scale  # megatron's [q | k | v] per group
+        return self.in_base_layout([hb @ base.lora_B[b].t().to(hb.dtype)
+                                    for b, hb in zip(self.branches, h.chunk(len(self.branches), -1))])
 
-    def row_update(self, base: nn.Module, x: Tensor) -> Tensor:
+    def row_lora(self, base: nn.Module, x: Tensor) -> Tensor:
         (b,) = self.branches
         h = x @ base.lora_A[b].t().to(x.dtype)  # (T, B, r): this rank's input features' share
         if self.sequence_parallel:  # summed over the ranks, each keeping its slice of the sequence
             h = tensor_parallel.reduce_scatter_to_sequence_parallel_region(h, group=self.tp_group)
         else:
             h = tensor_parallel.reduce_from_tensor_model_parallel_region(h, group=self.tp_group)
-        return (h @ base.lora_B[b].t().to(h.dtype)) * self.scale  # (T or T / tp, B, out)
+        return h @ base.lora_B[b].t().to(h.dtype)  # (T or T / tp, B, out)
+
+    @torch.no_grad()
+    def weight_norms(self, base: nn.Module) -> list[Tensor]:
+        """Per branch, this rank's share of DoRA's row norms of W + scale B A (PEFT's
+        `get_weight_norm`): a column base holds whole rows; a row base sums its columns' squares
+        over the ranks."""
+        w = base.weight.float()
+        if self.parallel_kind == "row":
+            (b,) = self.branches
+            squares = (w + self.scale * (base.lora_B[b] @ base.lora_A[b]).float()).square().sum(dim=1)
+            torch.distributed.all_reduce(squares, group=self.tp_group)
+            return [squares.sqrt()]
+        rows = weights.qkv_rows(w, self.local_heads) if self.qkv_groups else {"all": w}
+        return [torch.linalg.norm(rows[b] + self.scale * (base.lora_B[b] @ base.lora_A[b]).float(), dim=1)
+                for b in self.branches]
 
 
 def targeted_linears(lm: McoreLanguageModel, targets: list[str]) -> dict[str, list]:
@@ -133,18 +166,18 @@ def apply_lm_adapters(lm: McoreLanguageModel, cfg: PeftConfig, seed: int) -> lis
             native = NATIVE_PREFIX + row.name.removesuffix(".weight")
             out_features, in_features = native_shape(row, lm)
             param = f"{megatron.removesuffix('.weight')}.lora_%s.{weights.adapter_branch(row)}"
-            a = initial_lora_a(native, cfg.rank, in_features, cfg.init, seed)
-            b = torch.zeros(out_features, cfg.rank)
-            branches[weights.adapter_branch(row)] = tuple(
-                weights.shard(full, weights.tp_rule(param % factor, lm.cfg), lm.tp_rank, lm.tp_size)
-                .to(device=base.weight.device, dtype=dtype) for factor, full in (("A", a), ("B", b)))
+            whole = {"A": initial_lora_a(native, cfg.rank, in_features, cfg.init, seed),
+                     "B": torch.zeros(out_features, cfg.rank)}
+            if cfg.method == "dora":  # set from the base weight by ParallelLora
+                whole["magnitude_vector"] = torch.zeros(out_features)
+            branches[weights.adapter_branch(row)] = {
+                factor: weights.shard(full, weights.tp_rule(param % factor, lm.cfg), lm.tp_rank, lm.tp_size)
+                .to(device=base.weight.device, dtype=dtype) for factor, full in whole.items()}
             adapted.append(native)
-        qkv = None
         if rows[0].qkv:
-            groups = lm.cfg.num_key_value_heads // lm.tp_size
-            qkv = (groups, lm.cfg.num_attention_heads // lm.cfg.num_key_value_heads, lm.cfg.head_dim)
             assert [r.qkv for r in rows] == ["q", "k", "v"], rows
-        ParallelLora(base, kind, branches, cfg.alpha / cfg.rank, lm, qkv)
+        qkv_groups = lm.cfg.num_key_value_heads // lm.tp_size if rows[0].qkv else None
+        ParallelLora(base, kind, branches, cfg.alpha / cfg.rank, lm, qkv_groups)
     order = {NATIVE_PREFIX + t.name.removesuffix(".weight"): i for i, t in enumerate(language_model_tensors(lm.cfg.pattern))}
     return sorted(adapted, key=order.__getitem__)  # the native model's order, as its list is
 

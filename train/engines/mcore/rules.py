@@ -59,9 +59,6 @@ def _check_adapters(cfg: Config) -> None:
     """LoRA on megatron's tensor-parallel linears is ours (`train.engines.mcore.adapters`): what it
     does not do yet is refused here, naming what to set."""
     peft, par = cfg.peft, cfg.parallel
-    if peft.method == "dora":
-        raise ConfigError("peft=dora on model.impl=mcore: DoRA's per-row weight norm over a row-parallel linear's "
-                          "split input is not built; use peft=lora, or model.impl=native for DoRA")
     if peft.dropout > 0:
         raise ConfigError(f"peft.dropout={peft.dropout} on model.impl=mcore: adapter dropout would need the same mask "
                           "on every tensor-parallel rank, which is not built; set peft.dropout=0")

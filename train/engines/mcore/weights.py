@@ -27,8 +27,9 @@ from train.config.schema import LanguageModelConfig
 from train.hf.mapping import LMTensor, language_model_tensors, lora_factor_split, part_sizes
 
 PEFT_ADAPTER = "default"  # PEFT's adapter name in native tensor names (`train.engines.native.adapters`)
-_MEGATRON_ADAPTER = re.compile(r"(?P<linear>.+)\.lora_(?P<factor>[AB])\.(?P<branch>all|q|k|v)")
-_NATIVE_ADAPTER = re.compile(rf"(?P<linear>.+)\.lora_(?P<factor>[AB])\.{PEFT_ADAPTER}\.weight")
+# LoRA's A and B, DoRA's magnitude_vector.
+_MEGATRON_ADAPTER = re.compile(r"(?P<linear>.+)\.lora_(?P<factor>A|B|magnitude_vector)\.(?P<branch>all|q|k|v)")
+_NATIVE_ADAPTER = re.compile(rf"(?P<linear>.+)\.lora_(?P<factor>A|B|magnitude_vector)\.{PEFT_ADAPTER}\.weight")
 
 
 def adapter_branch(row: LMTensor) -> str:
@@ -188,7 +189,7 @@ def native_pieces(name: str, local: Tensor, lm: LanguageModelConfig, rank: int, 
         return _pieces(adapter, rule, local, rank, size)
     holders = _by_megatron(lm.pattern)[name]
     if holders[0].qkv:  # rank r holds whole KV groups: a block of each of q, k, v
-        local = _qkv_from_megatron(local, _local_heads(lm, size))
+        local = _qkv_from_megatron(local, local_heads(lm, size))
         return {h.name: ((local[h.qkv].shape[0] * size, local[h.qkv].shape[1]),
                          [((rank * local[h.qkv].shape[0], 0), local[h.qkv])]) for h in holders}
     (native,) = (h.name for h in holders)
@@ -222,7 +223,7 @@ def assemble_local(name: str, chunks: dict[str, list[Tensor]], lm: LanguageModel
     holders = _by_megatron(lm.pattern).get(name)  # None: an adapter factor, one native tensor
     if holders and holders[0].qkv:
         qkv = {h.qkv: chunks[h.name][0] for h in holders}
-        return _qkv_to_megatron(qkv["q"], qkv["k"], qkv["v"], _local_heads(lm, size))
+        return _qkv_to_megatron(qkv["q"], qkv["k"], qkv["v"], local_heads(lm, size))
     (pieces,) = chunks.values()
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
@@ -241,7 +242,12 @@ def _by_megatron(pattern: str) -> dict[str, list[LMTensor]]:
     return out
 
 
-def _local_heads(lm: LanguageModelConfig, size: int) -> LanguageModelConfig:
+def qkv_rows(local: Tensor, heads: LanguageModelConfig) -> dict[str, Tensor]:
+    """This rank's linear_qkv rows (local_out, in) split into its q, k, v rows (`heads`: `local_heads`)."""
+    return _qkv_from_megatron(local, heads)
+
+
+def local_heads(lm: LanguageModelConfig, size: int) -> LanguageModelConfig:
     """The attention heads one of `size` tensor-parallel ranks holds: whole KV groups."""
     return replace(lm, num_attention_heads=lm.num_attention_heads // size,
                    num_key_value_heads=lm.num_key_value_heads // size)
