@@ -2,7 +2,7 @@
 native engine, through the one assembly and the real train step.
 
 Every rank assembles the same adapter stage twice from the same native base checkpoint: on megatron-
-core at the launched layout (`modes`: "plain" or "sp", sequence parallelism; "+dora": DoRA) and on the native
+core at the launched layout (`modes`: "plain" or "sp", sequence parallelism; "+dora": DoRA; "+bf16": bf16) and on the native
 engine (PEFT's layers, in-process, no process group). Both train the same batches; each rank writes,
 per mode, the largest relative differences it sees (losses, adapter gradients and weights joined over
 the tensor-parallel ranks under PEFT's names), whether the frozen base stayed bit-identical, whether a
@@ -99,15 +99,20 @@ def frozen(stage) -> dict[str, torch.Tensor]:
 
 
 def check_mode(base: str, out: Path, mode: str, info: DistInfo, tensor: int) -> dict:
-    layout, _, method = mode.partition("+")
-    cfg = config(base, "mcore", tensor, layout == "sp", method or "lora")
+    layout, *options = mode.split("+")
+    method = "dora" if "dora" in options else "lora"
+    cfg, native_cfg = config(base, "mcore", tensor, layout == "sp", method), config(base, "native", method=method)
+    if "bf16" in options:  # the frozen linears cast to bf16 (peft.base_dtype=compute), the adapters fp32
+        cfg.precision.name = native_cfg.precision.name = "bf16"
     resolve_engine("mcore").validate(cfg)
     stage = assemble(cfg, info, SPECIAL)
-    native_cfg = config(base, "native", method=method or "lora")
     native = assemble(native_cfg, CPU, SPECIAL)
     result = {"fingerprint": stage.adapters["base_fingerprint"] == native.adapters["base_fingerprint"],
               "modules": sorted(stage.adapters["modules"]) == sorted(native.adapters["modules"]),
-              "init": relative(mcore_adapters(stage), native_adapters(native.model))}
+              "init": relative(mcore_adapters(stage), native_adapters(native.model)),
+              "dtypes": sorted({str(p.dtype) for n, p in stage.model.language_model.named_parameters()
+                                if n.endswith(("linear_qkv.weight", "linear_fc2.weight", "in_proj.weight"))
+                                or ".lora_" in n})}
     base_before = frozen(stage)
     losses = train(stage, cfg, info, range(3))
     expected = train(native, native_cfg, CPU, range(3))
@@ -120,7 +125,7 @@ def check_mode(base: str, out: Path, mode: str, info: DistInfo, tensor: int) -> 
         torch.equal(base_before[k], after[k]) for k in after)
 
     # Resume: an adapter checkpoint at step 3, then two more steps either way.
-    run_dir = out / f"run_{layout}_{cfg.peft.method}"
+    run_dir = out / f"run_{mode}"
     root = run_dir / "checkpoints"
     Checkpointer(root, 1, layout=stage.layout, marker={"adapters": stage.adapters}).save(
         3, stage.model, stage.optimizer, {"step": 3})

@@ -19,7 +19,7 @@ from train.model.vlm import VisionLanguageModel
 WORKER = str(Path(__file__).with_name("mcore_adapters_worker.py"))
 
 
-@pytest.mark.parametrize("tensor,modes", [(1, "plain"), (2, "plain,sp,sp+dora")])
+@pytest.mark.parametrize("tensor,modes", [(1, "plain,plain+bf16"), (2, "plain,sp,sp+dora")])
 def test_mcore_adapters_equal_native_adapters(tmp_path, tensor, modes):
     cfg = ModelConfig(language_model=LM)
     model = VisionLanguageModel(cfg, image_token_id=10)
@@ -36,7 +36,11 @@ def test_mcore_adapters_equal_native_adapters(tmp_path, tensor, modes):
             # The same adapters at the start: bit for bit (DoRA's magnitude, a row norm, summed over ranks).
             assert r["init"] < (1e-6 if "dora" in mode else 1e-12), (mode, r)
             assert r["trained"] > 1e-3, (mode, r)  # B moved off zero: the comparison below means something
-            for what in ("loss", "grads", "adapters"):
-                assert r[what] < 1e-5, (mode, what, r)
+            if "bf16" in mode:  # the frozen linears in bf16 beside fp32 adapters, on both engines
+                assert r["dtypes"] == ["torch.bfloat16", "torch.float32"] and r["loss"] < 1e-3, (mode, r)
+            else:
+                assert r["dtypes"] == ["torch.float32"], (mode, r)
+                for what in ("loss", "grads", "adapters"):
+                    assert r[what] < 1e-5, (mode, what, r)
             assert r["base_identical"] and r["resumed"], (mode, r)
             assert r["read_as_native"] == 0.0, (mode, r)

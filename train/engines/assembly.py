@@ -120,9 +120,7 @@ def assemble(cfg: Config, info: DistInfo, special_ids: Mapping[str, int], *, tra
     if adapters is not None:
         mark_trainable(model, cfg.trainable, adapters["modules"])
         if cfg.peft.base_dtype == "compute" and cfg.precision.resolved_compute_dtype == "bf16":
-            from train.engines.native.adapters import cast_frozen_linears
-
-            cast_frozen_linears(model, torch.bfloat16)
+            engine.cast_frozen_base(model, torch.bfloat16)
     if not model.language_model.pre_process:
         # A later pipeline stage: the first one runs the media side. Dropped only now, so every rank
         # drew the same initial weights and made the same checks above.

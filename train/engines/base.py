@@ -46,6 +46,9 @@ class Engine(Protocol):
     def adapter_layout(self, model: nn.Module) -> StateLayout:
         """The layout of an adapter run's checkpoints: trainable tensors only, native names."""
 
+    def cast_frozen_base(self, model: nn.Module, dtype: torch.dtype) -> None:
+        """`peft.base_dtype=compute`: the frozen linears' weights to the compute dtype."""
+
     def build_precision(self, cfg: PrecisionConfig, device: torch.device) -> Precision: ...
 
     def parallelize(self, model: nn.Module, cfg: Config, info: DistInfo) -> nn.Module:

@@ -211,3 +211,19 @@ def base_fingerprint(model: nn.Module) -> str:
         for native, tensor in weights.megatron_to_native(whole, lm.cfg).items():
             entries[NATIVE_PREFIX + native] = fingerprint_entry(NATIVE_PREFIX + native, tensor)
     return fingerprint_of(entries)
+
+
+# The language model's linears in megatron's layers (the embedding and the vocabulary-parallel head
+# stay: the loss reads the head's weight directly).
+PARALLEL_LINEARS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "in_proj", "out_proj")
+
+
+@torch.no_grad()
+def cast_frozen_parallel_linears(lm: McoreLanguageModel, dtype: torch.dtype) -> None:
+    """`peft.base_dtype=compute`: the frozen weights of megatron's linears to `dtype`, as the native
+    engine's `cast_frozen_linears` does (no fp32 copy of what never trains); their adapters keep theirs
+    (each product runs in the input's dtype)."""
+    for name, module in lm.model.named_modules():
+        weight = module._parameters.get("weight")
+        if name.rsplit(".", 1)[-1] in PARALLEL_LINEARS and weight is not None and not weight.requires_grad:
+            weight.data = weight.data.to(dtype)

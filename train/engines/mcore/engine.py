@@ -67,6 +67,13 @@ class McoreEngine:
 
         return McoreLayout(model.language_model, trainable_only=True)
 
+    def cast_frozen_base(self, model: nn.Module, dtype: torch.dtype) -> None:
+        from train.engines.mcore.adapters import cast_frozen_parallel_linears
+        from train.engines.native.adapters import cast_frozen_linears
+
+        cast_frozen_linears(model, dtype)  # the vision tower's and projector's
+        cast_frozen_parallel_linears(model.language_model, dtype)
+
     def build_precision(self, cfg: PrecisionConfig, device: torch.device) -> Precision:
         # FP8 here is megatron's (TE linears it builds itself); other precisions are the shared plugins.
         return build_precision(cfg, device,

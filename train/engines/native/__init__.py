@@ -47,6 +47,11 @@ class NativeEngine:
     def adapter_layout(self, model: nn.Module) -> StateLayout:
         return TrainableOnlyLayout()
 
+    def cast_frozen_base(self, model: nn.Module, dtype: torch.dtype) -> None:
+        from train.engines.native.adapters import cast_frozen_linears
+
+        cast_frozen_linears(model, dtype)
+
     def build_precision(self, cfg: PrecisionConfig, device: torch.device) -> Precision:
         return build_precision(cfg, device)
 
