@@ -1,5 +1,5 @@
-"""torchrun worker: LoRA on the megatron-core engine at a tensor-parallel layout equals LoRA on the
-native engine, through the one assembly and the real train step.
+"""torchrun worker: adapters on the megatron-core engine at a tensor / context-parallel layout equal the
+native engine's (PEFT), through the one assembly and the real train step.
 
 Every rank assembles the same adapter stage twice from the same native base checkpoint: on megatron-
 core at the launched layout (`modes`: "plain" or "sp", sequence parallelism; "+dora": DoRA; "+bf16": bf16) and on the native
@@ -53,13 +53,15 @@ SPECIAL = {st.IMG_CONTEXT: 10}
 CPU = DistInfo(0, 1, 0, torch.device("cpu"))
 
 
-def config(base: str, impl: str, tensor: int = 1, sequence_parallel: bool = False, method: str = "lora") -> Config:
+def config(base: str, impl: str, tensor: int = 1, sequence_parallel: bool = False, method: str = "lora",
+           context: int = 1) -> Config:
     model = ModelConfig(language_model=LM)
     model.impl = impl
     # The language model alone trains (Stage 3's parts): the batches are text, the projector would see none.
     return Config(trainable=TrainableConfig(projector=False), stage="t", model=model, init=InitConfig(from_checkpoint=base),
                   peft=PeftConfig(method=method, rank=4, alpha=8.0, targets=ROLES),
-                  parallel=ParallelConfig(tensor_parallel=tensor, sequence_parallel=sequence_parallel),
+                  parallel=ParallelConfig(tensor_parallel=tensor, context_parallel=context,
+                                          sequence_parallel=sequence_parallel),
                   # A large eps: Adam's first steps would otherwise turn float noise in near-zero
                   # gradients (B starts at zero) into whole-lr steps of either sign.
                   optim=OptimConfig(lr=1e-2, eps=1e-3, warmup_steps=0, schedule="constant", clip_grad=1.0),
@@ -98,10 +100,11 @@ def frozen(stage) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in stage.model.named_parameters() if not p.requires_grad}
 
 
-def check_mode(base: str, out: Path, mode: str, info: DistInfo, tensor: int) -> dict:
+def check_mode(base: str, out: Path, mode: str, info: DistInfo, tensor: int, context: int) -> dict:
     layout, *options = mode.split("+")
     method = "dora" if "dora" in options else "lora"
-    cfg, native_cfg = config(base, "mcore", tensor, layout == "sp", method), config(base, "native", method=method)
+    cfg = config(base, "mcore", tensor, layout == "sp", method, context)
+    native_cfg = config(base, "native", method=method)
     if "bf16" in options:  # the frozen linears cast to bf16 (peft.base_dtype=compute), the adapters fp32
         cfg.precision.name = native_cfg.precision.name = "bf16"
     resolve_engine("mcore").validate(cfg)
@@ -142,14 +145,14 @@ def check_mode(base: str, out: Path, mode: str, info: DistInfo, tensor: int) -> 
     return result
 
 
-def main(out: str, base: str, tensor: int, modes: list[str]) -> None:
-    cfg = config(base, "mcore", tensor)
+def main(out: str, base: str, tensor: int, modes: list[str], context: int = 1) -> None:
+    cfg = config(base, "mcore", tensor, context=context)
     info = resolve_engine("mcore").init_distributed(cfg)
-    results = {mode: check_mode(base, Path(out), mode, info, tensor) for mode in modes}
+    results = {mode: check_mode(base, Path(out), mode, info, tensor, context) for mode in modes}
     with open(f"{out}/result.{info.rank}.json", "w") as f:
         json.dump(results, f)
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4].split(","))
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4].split(","), *map(int, sys.argv[5:6]))
