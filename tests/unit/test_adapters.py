@@ -289,8 +289,12 @@ def test_plan_counts_the_adapters_peft_builds_and_fits_the_12b_stage1_on_one_gpu
     assert plan["memory_gib"]["optimizer"] < 4  # full fine-tuning: ~140 GiB of Adam state
     assert plan["longest_context_one_gpu"]["tokens"] >= 16384
     assert "longest context on one GPU" in format_plan(plan)
-    with pytest.raises(ConfigError, match="model.impl=native"):
-        make_plan(load_plan_config("stage1_image_sft", ["peft=lora"]), "stage1_image_sft")
+    # The recipe's own layout (megatron-core, TP=4): each GPU holds a quarter of the language model.
+    split = make_plan(load_plan_config("stage1_image_sft", ["peft=lora"]), "stage1_image_sft")
+    assert split["layout"]["impl"] == "mcore" and split["layout"]["tensor"] == 4
+    assert split["peft"]["adapter_params"] == plan["peft"]["adapter_params"]
+    assert plan["memory_gib"]["weights"] / 4 < split["memory_gib"]["weights"] < plan["memory_gib"]["weights"] / 2
+    assert "longest_context_one_gpu" not in split
 
 
 def test_bf16_keeps_the_frozen_base_in_bf16_and_the_adapters_in_fp32(base):
