@@ -1,12 +1,14 @@
-"""torchrun worker: adapters on the megatron-core engine at a tensor / context-parallel layout equal the
-native engine's (PEFT), through the one assembly and the real train step.
+"""torchrun worker: adapters on the megatron-core engine at a tensor / context / pipeline-parallel
+layout equal the native engine's (PEFT), through the one assembly and the real train step.
 
-Every rank assembles the same adapter stage twice from the same native base checkpoint: on megatron-
-core at the launched layout (`modes`: "plain" or "sp", sequence parallelism; "+dora": DoRA; "+bf16": bf16) and on the native
-engine (PEFT's layers, in-process, no process group). Both train the same batches; each rank writes,
-per mode, the largest relative differences it sees (losses, adapter gradients and weights joined over
-the tensor-parallel ranks under PEFT's names), whether the frozen base stayed bit-identical, whether a
-run resumed from an adapter checkpoint repeats the uninterrupted losses exactly, and whether that
+`worker.py OUT BASE TENSOR MODES [CONTEXT [PIPELINE]]`; a mode is "plain" or "sp" (sequence
+parallelism), with "+dora" (DoRA instead of LoRA) or "+bf16" (bf16, the frozen linears cast). Every
+rank assembles the same adapter stage twice from the same native base checkpoint: on megatron-core
+at the launched layout and on the native engine (PEFT's layers, in-process, no process group). Both
+train the same batches; each rank writes, per mode, the largest relative differences it sees
+(losses, adapter gradients and weights joined over the tensor-parallel ranks under PEFT's names; a
+pipeline stage compares its own), whether the frozen base stayed bit-identical, whether a run
+resumed from an adapter checkpoint repeats the uninterrupted losses exactly, and whether that
 checkpoint, read as a native adapter run (`load_adapted_model`: what `train.convert --adapters /
 --merge` and the stage hand-off read), holds exactly the adapters megatron trained.
 """
@@ -44,8 +46,8 @@ from train.loop.train_module import TrainModule
 from train.parallel.distributed import DistInfo
 from tests.unit.test_train_module import sample
 
-# Every role's linear at TP=2: KV groups, Mamba groups and heads split in two.
-LM = LanguageModelConfig(pattern="M*-", hidden_size=32, vocab_size=64, num_attention_heads=4, num_key_value_heads=2,
+# Every role's linear at TP=2 (KV groups, Mamba groups and heads split in two); two layers per stage at PP=2.
+LM = LanguageModelConfig(pattern="M*-M", hidden_size=32, vocab_size=64, num_attention_heads=4, num_key_value_heads=2,
                          head_dim=8, mamba_num_heads=4, mamba_head_dim=8, ssm_state_size=8, n_groups=2,
                          chunk_size=8, mlp_hidden_size=48)
 ROLES = ["attention_qkv", "attention_output", "mlp_up", "mlp_down", "mamba_in_proj", "mamba_out_proj"]
@@ -54,14 +56,14 @@ CPU = DistInfo(0, 1, 0, torch.device("cpu"))
 
 
 def config(base: str, impl: str, tensor: int = 1, sequence_parallel: bool = False, method: str = "lora",
-           context: int = 1) -> Config:
+           context: int = 1, pipeline: int = 1) -> Config:
     model = ModelConfig(language_model=LM)
     model.impl = impl
     # The language model alone trains (Stage 3's parts): the batches are text, the projector would see none.
     return Config(trainable=TrainableConfig(projector=False), stage="t", model=model, init=InitConfig(from_checkpoint=base),
                   peft=PeftConfig(method=method, rank=4, alpha=8.0, targets=ROLES),
                   parallel=ParallelConfig(tensor_parallel=tensor, context_parallel=context,
-                                          sequence_parallel=sequence_parallel),
+                                          pipeline_parallel=pipeline, sequence_parallel=sequence_parallel),
                   # A large eps: Adam's first steps would otherwise turn float noise in near-zero
                   # gradients (B starts at zero) into whole-lr steps of either sign.
                   optim=OptimConfig(lr=1e-2, eps=1e-3, warmup_steps=0, schedule="constant", clip_grad=1.0),
@@ -73,7 +75,8 @@ def batches():
 
 
 def train(stage, cfg: Config, info: DistInfo, steps: range) -> list[float]:
-    module = TrainModule(stage.forward_module, stage.optimizer, cfg, info, stage.precision)
+    module = TrainModule(stage.forward_module, stage.optimizer, cfg, info, stage.precision,
+                         stage.engine.step_schedule(stage.forward_module, info, stage.precision))
     data = batches()
     return [module.train_step(data[step % len(data)], step).loss for step in steps]
 
@@ -92,7 +95,8 @@ def native_adapters(model, what: str = "data") -> dict[str, torch.Tensor]:
 
 
 def relative(got: dict, expected: dict) -> float:
-    assert got.keys() == expected.keys(), sorted(set(got) ^ set(expected))[:4]
+    """Over the tensors `got` holds: all of `expected`'s, or a pipeline stage's share of them."""
+    assert got and set(got) <= set(expected), sorted(set(got) - set(expected))[:4]
     return max(float((got[k] - expected[k]).abs().max() / expected[k].abs().max().clamp(min=1e-12)) for k in got)
 
 
@@ -100,10 +104,11 @@ def frozen(stage) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in stage.model.named_parameters() if not p.requires_grad}
 
 
-def check_mode(base: str, out: Path, mode: str, info: DistInfo, tensor: int, context: int) -> dict:
+def check_mode(base: str, out: Path, mode: str, info: DistInfo, layout_sizes: tuple[int, int, int]) -> dict:
+    tensor, context, pipeline = layout_sizes
     layout, *options = mode.split("+")
     method = "dora" if "dora" in options else "lora"
-    cfg = config(base, "mcore", tensor, layout == "sp", method, context)
+    cfg = config(base, "mcore", tensor, layout == "sp", method, context, pipeline)
     native_cfg = config(base, "native", method=method)
     if "bf16" in options:  # the frozen linears cast to bf16 (peft.base_dtype=compute), the adapters fp32
         cfg.precision.name = native_cfg.precision.name = "bf16"
@@ -113,6 +118,8 @@ def check_mode(base: str, out: Path, mode: str, info: DistInfo, tensor: int, con
     result = {"fingerprint": stage.adapters["base_fingerprint"] == native.adapters["base_fingerprint"],
               "modules": sorted(stage.adapters["modules"]) == sorted(native.adapters["modules"]),
               "init": relative(mcore_adapters(stage), native_adapters(native.model)),
+              # This pipeline stage's adapter tensors, of the native model's.
+              "tensors": [len(mcore_adapters(stage)), len(native_adapters(native.model))],
               "dtypes": sorted({str(p.dtype) for n, p in stage.model.language_model.named_parameters()
                                 if n.endswith(("linear_qkv.weight", "linear_fc2.weight", "in_proj.weight"))
                                 or ".lora_" in n})}
@@ -141,18 +148,18 @@ def check_mode(base: str, out: Path, mode: str, info: DistInfo, tensor: int, con
         write_run_config(run_dir, to_dict(cfg))
     dist.barrier()
     _, adapted, _ = load_adapted_model(root / "step_0000003", log=lambda _: None)
-    result["read_as_native"] = relative(native_adapters(adapted), saved)
+    result["read_as_native"] = relative(saved, native_adapters(adapted))
     return result
 
 
-def main(out: str, base: str, tensor: int, modes: list[str], context: int = 1) -> None:
-    cfg = config(base, "mcore", tensor, context=context)
+def main(out: str, base: str, tensor: int, modes: list[str], context: int = 1, pipeline: int = 1) -> None:
+    cfg = config(base, "mcore", tensor, context=context, pipeline=pipeline)
     info = resolve_engine("mcore").init_distributed(cfg)
-    results = {mode: check_mode(base, Path(out), mode, info, tensor, context) for mode in modes}
+    results = {mode: check_mode(base, Path(out), mode, info, (tensor, context, pipeline)) for mode in modes}
     with open(f"{out}/result.{info.rank}.json", "w") as f:
         json.dump(results, f)
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4].split(","), *map(int, sys.argv[5:6]))
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4].split(","), *map(int, sys.argv[5:7]))

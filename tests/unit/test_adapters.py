@@ -146,10 +146,6 @@ def test_config_rules():
     bad.model.impl = "mcore"
     with pytest.raises(ConfigError, match="peft.dropout=0"):
         rules.validate(bad)
-    cfg.parallel.pipeline_parallel = 2
-    with pytest.raises(ConfigError, match="pipeline_parallel=1"):
-        rules.validate(cfg)
-    cfg.parallel.pipeline_parallel = 1
     cfg.model.impl, cfg.parallel.data_parallel = "native", "fsdp"
     ENGINE.validate(cfg)  # FSDP2 with adapters: tests/integration/test_data_parallel.py
 

@@ -178,6 +178,10 @@ def apply_lm_adapters(lm: McoreLanguageModel, cfg: PeftConfig, seed: int) -> lis
             assert [r.qkv for r in rows] == ["q", "k", "v"], rows
         qkv_groups = lm.cfg.num_key_value_heads // lm.tp_size if rows[0].qkv else None
         ParallelLora(base, kind, branches, cfg.alpha / cfg.rank, lm, qkv_groups)
+    if lm.pp_size > 1:  # every stage's: the checkpoint marker lists the whole model's
+        stages: list[list[str]] = [[] for _ in range(lm.pp_size)]
+        torch.distributed.all_gather_object(stages, adapted, group=lm.pp_group)
+        adapted = [name for stage in stages for name in stage]
     order = {NATIVE_PREFIX + t.name.removesuffix(".weight"): i for i, t in enumerate(language_model_tensors(lm.cfg.pattern))}
     return sorted(adapted, key=order.__getitem__)  # the native model's order, as its list is
 
@@ -200,7 +204,9 @@ def native_shape(row, lm: McoreLanguageModel) -> tuple[int, int]:
 def base_fingerprint(model: nn.Module) -> str:
     """The native engine's `base_fingerprint` of this model's native-layout weights: each megatron
     tensor joined over the tensor-parallel ranks in turn (a collective: every rank, same order), taken
-    and let go; the vision tower and projector are native modules already."""
+    and let go; the vision tower and projector are native modules already. Pipeline stages each take
+    their layers' entries and exchange them (a few KB per tensor), so every rank has the whole
+    model's fingerprint."""
     lm: McoreLanguageModel = model.language_model
     entries = {name: fingerprint_entry(name, t) for name, t in model.state_dict().items()
                if not name.startswith(NATIVE_PREFIX) and ".lora_" not in name}
@@ -210,6 +216,10 @@ def base_fingerprint(model: nn.Module) -> str:
         whole = lm.gather_local({name: param})
         for native, tensor in weights.megatron_to_native(whole, lm.cfg).items():
             entries[NATIVE_PREFIX + native] = fingerprint_entry(NATIVE_PREFIX + native, tensor)
+    if lm.pp_size > 1:
+        stages: list[dict] = [{} for _ in range(lm.pp_size)]
+        torch.distributed.all_gather_object(stages, entries, group=lm.pp_group)
+        entries = {name: entry for stage in stages for name, entry in stage.items()}
     return fingerprint_of(entries)
 
 

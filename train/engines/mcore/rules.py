@@ -58,14 +58,10 @@ def validate(cfg: Config) -> None:
 def _check_adapters(cfg: Config) -> None:
     """LoRA on megatron's tensor-parallel linears is ours (`train.engines.mcore.adapters`): what it
     does not do yet is refused here, naming what to set."""
-    peft, par = cfg.peft, cfg.parallel
+    peft = cfg.peft
     if peft.dropout > 0:
         raise ConfigError(f"peft.dropout={peft.dropout} on model.impl=mcore: adapter dropout would need the same mask "
                           "on every tensor-parallel rank, which is not built; set peft.dropout=0")
-    if par.pipeline_parallel > 1:
-        raise ConfigError(f"peft={peft.method} with parallel.pipeline_parallel={par.pipeline_parallel}: the base "
-                          "fingerprint of a model split into pipeline stages is not built; set "
-                          "parallel.pipeline_parallel=1 (tensor, sequence and context parallelism take adapters)")
 
 
 def _check_fp8(cfg: Config) -> None:
