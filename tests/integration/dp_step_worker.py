@@ -1,8 +1,8 @@
 """One optimizer step of a tiny model on fixed micro-batches, under 1 or 2 ranks (DDP or FSDP2).
 
 Run by tests/integration/test_data_parallel.py: `python dp_step_worker.py OUT ddp|fsdp|ddp+lora|fsdp+lora`
-(alone or under torchrun; `+lora`: LoRA adapters on a bf16 base, built by the assembly). Rank r of W takes micro-batches r*(4/W) .. ; rank 0 writes loss, grad norm and
-the full updated parameters to OUT.
+(alone or under torchrun; `+lora`: LoRA adapters on a bf16 base, built by the assembly). Rank r of W
+takes micro-batches r*(4/W) .. ; rank 0 writes loss, grad norm and the full updated parameters to OUT.
 """
 
 from __future__ import annotations

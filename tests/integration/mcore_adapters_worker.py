@@ -60,7 +60,8 @@ def config(base: str, impl: str, tensor: int = 1, sequence_parallel: bool = Fals
     model = ModelConfig(language_model=LM)
     model.impl = impl
     # The language model alone trains (Stage 3's parts): the batches are text, the projector would see none.
-    return Config(trainable=TrainableConfig(projector=False), stage="t", model=model, init=InitConfig(from_checkpoint=base),
+    return Config(stage="t", model=model, init=InitConfig(from_checkpoint=base),
+                  trainable=TrainableConfig(projector=False),
                   peft=PeftConfig(method=method, rank=4, alpha=8.0, targets=ROLES),
                   parallel=ParallelConfig(tensor_parallel=tensor, context_parallel=context,
                                           pipeline_parallel=pipeline, sequence_parallel=sequence_parallel),

@@ -138,7 +138,7 @@ def targeted_linears(lm: McoreLanguageModel, targets: list[str]) -> dict[str, li
     """{megatron module name (this stage's): the mapping rows of the native linears it holds that a
     role of `targets` names} — q, k and v for linear_qkv, one row elsewhere."""
     suffixes = {s for role in targets for s in ADAPTER_ROLES[role]}
-    rows_of = weights._by_megatron(lm.cfg.pattern)
+    rows_of = weights.megatron_rows(lm.cfg)
     out = {}
     for name, module in lm.model.named_modules():
         if "weight" not in module._parameters:
@@ -182,7 +182,8 @@ def apply_lm_adapters(lm: McoreLanguageModel, cfg: PeftConfig, seed: int) -> lis
         stages: list[list[str]] = [[] for _ in range(lm.pp_size)]
         torch.distributed.all_gather_object(stages, adapted, group=lm.pp_group)
         adapted = [name for stage in stages for name in stage]
-    order = {NATIVE_PREFIX + t.name.removesuffix(".weight"): i for i, t in enumerate(language_model_tensors(lm.cfg.pattern))}
+    order = {NATIVE_PREFIX + t.name.removesuffix(".weight"): i
+             for i, t in enumerate(language_model_tensors(lm.cfg.pattern))}
     return sorted(adapted, key=order.__getitem__)  # the native model's order, as its list is
 
 

@@ -37,6 +37,11 @@ def adapter_branch(row: LMTensor) -> str:
     return row.qkv or "all"
 
 
+def megatron_rows(lm: LanguageModelConfig) -> dict[str, list[LMTensor]]:
+    """{megatron parameter: the mapping rows of the native tensors it holds (q, k, v for linear_qkv)}."""
+    return _by_megatron(lm.pattern)
+
+
 def adapter_native_name(name: str, lm: LanguageModelConfig) -> str | None:
     """A megatron adapter parameter (`<linear>.lora_A.<branch>`) -> PEFT's native name; None otherwise."""
     match = _MEGATRON_ADAPTER.fullmatch(name)
