@@ -24,8 +24,9 @@ if _WORKERS > 1:
 SLOW_FILES = {
     "test_slurm_cluster.py": 190, "test_stage_resume.py": 150, "test_distributed_resume.py": 140,
     "test_readme_lines.py": 140, "test_distributed_optimizer.py": 130, "test_mcore_parallel.py": 120,
-    "test_smoke_pipeline.py": 120, "test_mcore_pipeline.py": 95, "test_data_parallel.py": 90,
-    "test_evaluate.py": 80, "test_mcore_training.py": 75, "test_chat.py": 60, "test_processes.py": 60,
+    "test_smoke_pipeline.py": 120, "test_data_parallel.py": 100, "test_mcore_pipeline.py": 95,
+    "test_evaluate.py": 80, "test_mcore_training.py": 75, "test_mcore_adapters.py": 65, "test_chat.py": 60,
+    "test_processes.py": 60,
     "test_parallel_groups.py": 60, "test_fp8_stage.py": 55, "test_adapters.py": 50, "test_preemption.py": 50,
     "test_triton_interpreter_parity.py": 45, "test_bad_input.py": 40, "test_compose.py": 40,
     "test_samples_and_packing.py": 40, "test_validation_ranks.py": 30, "test_stops.py": 25,

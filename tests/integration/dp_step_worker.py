@@ -1,8 +1,8 @@
 """One optimizer step of a tiny model on fixed micro-batches, under 1 or 2 ranks (DDP or FSDP2).
 
-Run by tests/integration/test_data_parallel.py: `python dp_step_worker.py OUT ddp|fsdp|ddp+lora` (alone
-or under torchrun; `ddp+lora`: LoRA adapters, built by the assembly). Rank r of W takes micro-batches r*(4/W) .. ; rank 0 writes loss, grad norm and
-the full updated parameters to OUT.
+Run by tests/integration/test_data_parallel.py: `python dp_step_worker.py OUT ddp|fsdp|ddp+lora|fsdp+lora`
+(alone or under torchrun; `+lora`: LoRA adapters on a bf16 base, built by the assembly). Rank r of W
+takes micro-batches r*(4/W) .. ; rank 0 writes loss, grad norm and the full updated parameters to OUT.
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ def main(out: str, mode: str) -> None:
         cfg.peft = PeftConfig(method=adapters, rank=4, alpha=8.0,
                               targets=["attention_qkv", "attention_output", "mlp_up", "mlp_down", "mamba_in_proj"])
         cfg.trainer.device, cfg.init.allow_random = "cpu", ["vision_model"]
+        cfg.precision.name = "bf16"  # peft.base_dtype=compute: frozen linears in bf16, adapters in fp32
         stage = assemble(cfg, info, {IMG_CONTEXT: 10})
         model, forward, optimizer = stage.model, stage.forward_module, stage.optimizer
     else:

@@ -141,11 +141,13 @@ def test_config_rules():
 
     cfg = Config(stage="t", peft=PeftConfig(method="lora"))
     cfg.model.impl = "mcore"
-    with pytest.raises(ConfigError, match="native engine only"):
-        rules.validate(cfg)
+    rules.validate(cfg)  # LoRA on megatron-core: tests/integration/test_mcore_adapters.py
+    bad = Config(stage="t", peft=PeftConfig(method="dora", dropout=0.1))
+    bad.model.impl = "mcore"
+    with pytest.raises(ConfigError, match="peft.dropout=0"):
+        rules.validate(bad)
     cfg.model.impl, cfg.parallel.data_parallel = "native", "fsdp"
-    with pytest.raises(ConfigError, match="data_parallel=ddp"):
-        ENGINE.validate(cfg)
+    ENGINE.validate(cfg)  # FSDP2 with adapters: tests/integration/test_data_parallel.py
 
 
 @pytest.fixture(scope="module")
@@ -227,6 +229,27 @@ def test_next_stage_starts_from_the_adapted_model(trained_lm_adapters):
     assert float((theirs - ours).norm() / ours.norm()) < 1e-5
 
 
+def test_chat_evaluation_and_the_api_load_an_adapter_checkpoint_merged(trained_lm_adapters):
+    """chat and `train.evaluate --generation` (the assembly with `weights_from`), lm-eval's export and
+    `train.api.load_language_model` take an adapter run's checkpoint: its base with the adapters merged."""
+    from train.api import load_language_model
+    from train.checkpoint.files import read_run_config
+    from train.evaluate.harness import merged_if_adapters
+
+    run_dir, adapted, _ = trained_lm_adapters
+    checkpoint = find_latest(run_dir / "checkpoints")
+    ids = torch.randint(12, 64, (2, 13), generator=torch.Generator().manual_seed(2))
+    chat = assemble(read_run_config(run_dir), CPU, SPECIAL, train=False, weights_from=checkpoint)
+    assert chat.adapters is None and not any(is_adapter_param(n) for n, _ in chat.model.named_parameters())
+    with torch.no_grad():
+        ours = adapted.language_model(ids)
+        for theirs in (chat.model.language_model(ids), load_language_model(run_dir)(ids)):
+            assert float((theirs - ours).norm() / ours.norm()) < 1e-5
+    _, merged, _ = merged_if_adapters(checkpoint)
+    assert torch.equal(merged["language_model.backbone.layers.1.mixer.up_proj.weight"],
+                       chat.model.state_dict()["language_model.backbone.layers.1.mixer.up_proj.weight"])
+
+
 def test_export_refuses_another_base(trained_lm_adapters, tmp_path, capsys):
     from train import convert
 
@@ -262,8 +285,12 @@ def test_plan_counts_the_adapters_peft_builds_and_fits_the_12b_stage1_on_one_gpu
     assert plan["memory_gib"]["optimizer"] < 4  # full fine-tuning: ~140 GiB of Adam state
     assert plan["longest_context_one_gpu"]["tokens"] >= 16384
     assert "longest context on one GPU" in format_plan(plan)
-    with pytest.raises(ConfigError, match="model.impl=native"):
-        make_plan(load_plan_config("stage1_image_sft", ["peft=lora"]), "stage1_image_sft")
+    # The recipe's own layout (megatron-core, TP=4): each GPU holds a quarter of the language model.
+    split = make_plan(load_plan_config("stage1_image_sft", ["peft=lora"]), "stage1_image_sft")
+    assert split["layout"]["impl"] == "mcore" and split["layout"]["tensor"] == 4
+    assert split["peft"]["adapter_params"] == plan["peft"]["adapter_params"]
+    assert plan["memory_gib"]["weights"] / 4 < split["memory_gib"]["weights"] < plan["memory_gib"]["weights"] / 2
+    assert "longest_context_one_gpu" not in split
 
 
 def test_bf16_keeps_the_frozen_base_in_bf16_and_the_adapters_in_fp32(base):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from train.checkpoint.files import read_run_config, resolve_native_checkpoint
+from train.checkpoint.files import read_marker, read_run_config, resolve_native_checkpoint
 from train.checkpoint.store import read_model_state
 from train.model.language_model import HybridLanguageModel
 
@@ -17,6 +17,14 @@ def load_language_model(path: str | Path) -> HybridLanguageModel:
     if (path / "config.json").exists():
         return _load_hf_language_model(path)
     checkpoint, run_dir = resolve_native_checkpoint(path)
+    if read_marker(checkpoint).get("adapters"):  # an adapter run's: its base with the adapters merged, in memory
+        from train.engines.assembly import merged_adapter_weights
+
+        cfg, state, _ = merged_adapter_weights(checkpoint, log=lambda _: None)
+        model = HybridLanguageModel(cfg.model.language_model)
+        model.load_state_dict({k.removeprefix("language_model."): v for k, v in state.items()
+                               if k.startswith("language_model.")})
+        return model.eval()
     cfg = read_run_config(run_dir)
     model = HybridLanguageModel(cfg.model.language_model)
     # Load only the language model's keys out of the full VLM checkpoint.

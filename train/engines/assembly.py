@@ -32,7 +32,7 @@ from torch import nn
 
 from data_pipelines.training import special_tokens as st
 from train.checkpoint.files import find_latest, read_marker
-from train.checkpoint.layout import NativeLayout, StateLayout, TrainableOnlyLayout
+from train.checkpoint.layout import NativeLayout, StateLayout
 from train.checkpoint.store import (
     CheckpointShapeError,
     load_model_tensors,
@@ -89,7 +89,11 @@ def assemble(cfg: Config, info: DistInfo, special_ids: Mapping[str, int], *, tra
     layout = engine.state_layout(model)
     # 2. initial weights
     if weights_from is not None:
-        load_model_weights(weights_from, model, layout)
+        if read_marker(weights_from).get("adapters"):  # an adapter run's: its base with the adapters merged
+            _, merged, _ = merged_adapter_weights(weights_from, log=log if info.is_main else _quiet)
+            layout.load_model_state(model, merged)
+        else:
+            load_model_weights(weights_from, model, layout)
         random_parts: list[str] = []
     else:
         model.reset_parameters(cfg.seed)
@@ -97,19 +101,16 @@ def assemble(cfg: Config, info: DistInfo, special_ids: Mapping[str, int], *, tra
         if cfg.init.from_checkpoint:
             random_parts = load_init_weights(cfg, model, layout, log if info.is_main else _quiet)
         check_random_parts(cfg, random_parts)
-    # 2b. adapters, on the loaded base
+    # 2b. adapters, on the loaded base (trained weights to use, `weights_from`, come merged: none to put on)
     adapters = None
-    if cfg.peft.enabled:
-        if weights_from is not None:
-            raise ConfigError(f"{weights_from} is an adapter run's checkpoint (peft={cfg.peft.method}): export it with "
-                              f"`python -m train.convert native-to-hf --merge` and load the merged weights")
-        from train.engines.native.adapters import base_fingerprint, mark_trainable
+    if cfg.peft.enabled and weights_from is None:
+        from train.engines.native.adapters import mark_trainable
 
         adapters = {"method": cfg.peft.method, "base": cfg.init.from_checkpoint,
-                    "base_fingerprint": base_fingerprint(model.state_dict())}
+                    "base_fingerprint": engine.base_fingerprint(model)}
         adapters["modules"] = engine.apply_adapters(model, cfg)
         if adapters["modules"]:
-            layout = TrainableOnlyLayout()
+            layout = engine.adapter_layout(model)
         else:  # no targeted linear in a trainable part (Stage 0 trains the projector alone): train as configured
             (log if info.is_main else _quiet)(f"peft={cfg.peft.method}: peft.targets={cfg.peft.targets} name no linear "
                                                "of a trainable part; this stage trains its trainable parts whole")
@@ -119,9 +120,7 @@ def assemble(cfg: Config, info: DistInfo, special_ids: Mapping[str, int], *, tra
     if adapters is not None:
         mark_trainable(model, cfg.trainable, adapters["modules"])
         if cfg.peft.base_dtype == "compute" and cfg.precision.resolved_compute_dtype == "bf16":
-            from train.engines.native.adapters import cast_frozen_linears
-
-            cast_frozen_linears(model, torch.bfloat16)
+            engine.cast_frozen_base(model, torch.bfloat16)
     if not model.language_model.pre_process:
         # A later pipeline stage: the first one runs the media side. Dropped only now, so every rank
         # drew the same initial weights and made the same checks above.
@@ -247,14 +246,22 @@ def load_merged_adapter_weights(checkpoint: Path, model: VisionLanguageModel, la
     its base is rebuilt (that run's own `init.from_checkpoint`, checked against the recorded fingerprint),
     the adapters merged into it (PEFT's merge) and the merged weights loaded: this stage starts from the
     model the previous one trained, whether it trains adapters again or the whole model."""
-    from train.engines.native.adapters import unload_adapters
-
-    _, adapted, _ = load_adapted_model(checkpoint, log=log)
-    merged = unload_adapters(adapted, merge=True).state_dict()
+    _, merged, _ = merged_adapter_weights(checkpoint, log=log)
     layout.load_model_state(model, merged)
     log(f"init.from_checkpoint: merged the {read_marker(checkpoint)['adapters']['method']} adapters of {checkpoint} "
         "into their base")
     return sorted(read_marker(checkpoint).get("random_parts", []))
+
+
+def merged_adapter_weights(checkpoint: Path, base: str | None = None, log: Callable[[str], None] = print
+                           ) -> tuple[Config, dict[str, torch.Tensor], Path]:
+    """(run config, native state, run dir) of an adapter run's checkpoint with its adapters merged into
+    its base in memory (`load_adapted_model`, PEFT's merge): the model that run trained, for the stage
+    hand-off, chat, evaluation and `train.api`, whichever engine wrote the adapters."""
+    from train.engines.native.adapters import unload_adapters
+
+    cfg, adapted, run_dir = load_adapted_model(checkpoint, base, log=log)
+    return cfg, unload_adapters(adapted, merge=True).state_dict(), run_dir
 
 
 def is_transformers_dir(path: Path) -> bool:

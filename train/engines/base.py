@@ -37,8 +37,17 @@ class Engine(Protocol):
         """How the model's and optimizer's state reach the (native-layout) checkpoint."""
 
     def apply_adapters(self, model: nn.Module, cfg: Config) -> list[str]:
-        """`peft` adapters on the loaded model's targeted linears; returns the adapted module names.
-        (Only the native engine has them for now; the mcore engine's rules refuse `peft`.)"""
+        """`peft` adapters on the loaded model's targeted linears; returns the adapted module names
+        (native spelling, whatever the engine)."""
+
+    def base_fingerprint(self, model: nn.Module) -> str:
+        """`train.engines.native.adapters.base_fingerprint` of the model's native-layout weights."""
+
+    def adapter_layout(self, model: nn.Module) -> StateLayout:
+        """The layout of an adapter run's checkpoints: trainable tensors only, native names."""
+
+    def cast_frozen_base(self, model: nn.Module, dtype: torch.dtype) -> None:
+        """`peft.base_dtype=compute`: the frozen linears' weights to the compute dtype."""
 
     def build_precision(self, cfg: PrecisionConfig, device: torch.device) -> Precision: ...
 

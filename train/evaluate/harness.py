@@ -24,7 +24,8 @@ from pathlib import Path
 
 import yaml
 
-from train.checkpoint.files import resolve_native_checkpoint
+from train.checkpoint.files import read_marker, resolve_native_checkpoint
+from train.config.schema import ConfigError
 from train.hf.conversion import native_to_hf
 from train.hf.errors import ConversionError
 
@@ -150,11 +151,21 @@ def export_for_harness(checkpoint: Path, out: Path, tokenizer: str | None = None
     export = out / f"hf_{step_dir.name}"
     if not (export / "config.json").exists():
         try:
-            native_to_hf(step_dir, export, layout="lm", tokenizer=tokenizer)
-        except ConversionError as err:  # a damaged checkpoint among them: leave no half export behind
+            native_to_hf(step_dir, export, layout="lm", tokenizer=tokenizer, weights=merged_if_adapters(step_dir))
+        except (ConversionError, ConfigError) as err:  # a damaged checkpoint, a missing base: no half export
             shutil.rmtree(export, ignore_errors=True)
             raise EvaluationError(str(err)) from None
     return export
+
+
+def merged_if_adapters(step_dir: Path):
+    """An adapter run's checkpoint holds no model: its base with the adapters merged, in memory
+    (`train.engines.assembly.merged_adapter_weights`); None for a checkpoint that holds its model."""
+    if not read_marker(step_dir).get("adapters"):
+        return None
+    from train.engines.assembly import merged_adapter_weights
+
+    return merged_adapter_weights(step_dir, log=lambda message: print(message, file=sys.stderr))
 
 
 def run_harness(export: Path, tasks: list[str], out_file: Path, limit: int | None = None, batch_size: int = 1,

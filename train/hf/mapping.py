@@ -104,6 +104,18 @@ LANGUAGE_MODEL = (
 _LM_NAMES = re.compile("|".join(re.escape(row.name).replace(r"\*", r"\d+") for row in LANGUAGE_MODEL))
 
 
+def lora_factor_split(split: tuple, factor: str) -> tuple:
+    """The tensor-parallel layout of a LoRA factor ("A", "B", or DoRA's "magnitude_vector", one per
+    output row, laid out as B) on a linear whose weight is laid out as `split`: the factor sharing the
+    split dimension is split the same way, the other is whole on every rank. A column-parallel base
+    (output rows split, or a run of parts each split: Mamba's in_proj) splits B [out, r] as itself and
+    keeps A [r, in] whole; a row-parallel base (input columns split) splits A along its input and
+    keeps B whole. So TP ranks' adapters join into the native ones bit-exactly."""
+    if split == ROW:
+        return ROW if factor == "A" else REPLICATED
+    return REPLICATED if factor == "A" else split
+
+
 @functools.lru_cache(maxsize=8)
 def language_model_tensors(pattern: str) -> tuple[LMTensor, ...]:
     """Every tensor of a language model with this layer pattern: its rows with `*` made the layer

@@ -156,19 +156,22 @@ def adapter_params(model, cfg: Config) -> dict:
     from train.engines.native.adapters import target_module_names
 
     names = target_module_names(model, cfg.peft, cfg.trainable)
-    adapters, frozen_linear = 0, {part: 0 for part in PARTS}
+    by_part, frozen_linear = {part: 0 for part in PARTS}, {part: 0 for part in PARTS}
     for name in names:
         linear = model.get_submodule(name)
-        adapters += cfg.peft.rank * (linear.in_features + linear.out_features)
-        adapters += linear.out_features if cfg.peft.method == "dora" else 0
+        part = name.split(".", 1)[0]
+        by_part[part] += cfg.peft.rank * (linear.in_features + linear.out_features)
+        by_part[part] += linear.out_features if cfg.peft.method == "dora" else 0
     adapted_parts = {name.split(".", 1)[0] for name in names}
     for part in PARTS:
-        for module in getattr(model, part).modules():
+        for name, module in getattr(model, part).named_modules():
             frozen = part in adapted_parts or not getattr(cfg.trainable, part)
-            if type(module) is nn.Linear and frozen:
+            # megatron-core casts its layers' linears, not its vocabulary-parallel head (`cast_frozen_base`).
+            kept = cfg.model.impl == "mcore" and name == "lm_head"
+            if type(module) is nn.Linear and frozen and not kept:
                 frozen_linear[part] += module.weight.numel()
-    return {"adapters": adapters, "adapted_parts": sorted(adapted_parts), "modules": len(names),
-            "frozen_linear": frozen_linear}
+    return {"adapters": sum(by_part.values()), "adapters_by_part": by_part, "adapted_parts": sorted(adapted_parts),
+            "modules": len(names), "frozen_linear": frozen_linear}
 
 
 def make_plan(cfg: Config, recipe: str, world_size: int | None = None) -> dict:
@@ -179,9 +182,6 @@ def make_plan(cfg: Config, recipe: str, world_size: int | None = None) -> dict:
     total = sum(params.values())
     lay = layout(cfg, world_size)
     if cfg.peft.enabled:
-        if lay["impl"] != "native" or lay["world_size"] != lay["data"]:
-            raise ConfigError(f"peft={cfg.peft.method} runs on the native engine (one GPU or DDP): add "
-                              "model.impl=native parallel=single")
         return adapter_plan(cfg, recipe, model, params, in_fp8, lay)
     trainable = sum(n for part, n in params.items() if flags[part])
     # Per GPU: the language model is split over tensor x pipeline ranks; the vision tower and
@@ -231,32 +231,39 @@ def make_plan(cfg: Config, recipe: str, world_size: int | None = None) -> dict:
 
 
 def adapter_plan(cfg: Config, recipe: str, model, params: dict, in_fp8: list[str], lay: dict) -> dict:
-    """`make_plan` with adapters: frozen bases in the compute dtype, state for the trainable tensors only."""
+    """`make_plan` with adapters: frozen bases in the compute dtype, state for the trainable tensors
+    only; per GPU, the language model's share (its base and, approximately, its adapters: megatron-core
+    splits B of a column-parallel linear and A of a row-parallel one) is 1 / (tensor x pipeline)."""
     flags = {part: getattr(cfg.trainable, part) for part in PARTS}
     counted = adapter_params(model, cfg)
-    whole = sum(n for part, n in params.items() if flags[part] and part not in counted["adapted_parts"])
-    trainable = counted["adapters"] + whole
-    frozen = sum(params.values()) - whole
-    frozen_linear = sum(counted["frozen_linear"].values())
+    trained_whole = {p: params[p] if flags[p] and p not in counted["adapted_parts"] else 0 for p in PARTS}
+    trainable = {p: counted["adapters_by_part"][p] + trained_whole[p] for p in PARTS}
+    frozen = {p: params[p] - trained_whole[p] for p in PARTS}
+    share = {p: 1 / (lay["tensor"] * lay["pipeline"]) if p == "language_model" else 1 for p in PARTS}
     bf16 = cfg.precision.resolved_compute_dtype == "bf16"
     a = 2 if bf16 and cfg.peft.base_dtype == "compute" else 4
     per_param = {"weights": 2 if bf16 else 4, "gradients": 4, "optimizer": 12 if bf16 else 8}
     acts = activation_bytes(cfg)
     act_total = sum(acts["language_model"].values()) + acts["vision_model"] + acts["projector"]
+    held_trainable = sum(trainable[p] * share[p] for p in PARTS)
+    fl = counted["frozen_linear"]
     memory = {
-        "weights": (frozen_linear * a + (frozen - frozen_linear) * 4 + trainable * per_param["weights"]) / GIB,
-        "gradients": per_param["gradients"] * trainable / GIB,
-        "optimizer": per_param["optimizer"] * trainable / GIB,
+        "weights": sum(share[p] * (fl[p] * a + (frozen[p] - fl[p]) * 4 + trainable[p] * per_param["weights"])
+                       for p in PARTS) / GIB,
+        "gradients": per_param["gradients"] * held_trainable / GIB,
+        "optimizer": per_param["optimizer"] * held_trainable / GIB,
         "activations": act_total / GIB,
     }
     memory["total"] = sum(memory.values())
+    per_gpu = ("the whole model on every GPU (native engine, data parallel)" if lay["impl"] == "native" else
+               "language model and its adapters / (tensor x pipeline); vision and projector whole on every rank")
     plan = {
         "recipe": recipe, "stage": cfg.stage, "model": cfg.model.name, "layout": lay,
-        "params": {**params, "total": sum(params.values()), "trainable": trainable},
+        "params": {**params, "total": sum(params.values()), "trainable": sum(trainable.values())},
         "trainable_parts": flags, "precision": cfg.precision.name, "fp8_modules": in_fp8,
         "peft": {"method": cfg.peft.method, "rank": cfg.peft.rank, "targets": cfg.peft.targets,
                  "adapted_modules": counted["modules"], "adapter_params": counted["adapters"],
-                 "trained_whole": whole, "frozen_base_bytes_per_param": a},
+                 "trained_whole": sum(trained_whole.values()), "frozen_base_bytes_per_param": a},
         "memory_gib": memory,
         "activations_gib": _activations_gib(acts),
         "assumptions": {
@@ -264,10 +271,11 @@ def adapter_plan(cfg: Config, recipe: str, model, params: dict, in_fp8: list[str
                                 "trainable weights": per_param["weights"], "gradients (trainable)": 4,
                                 "optimizer (trainable)": per_param["optimizer"]},
             **_shared_assumptions(cfg, bf16),
-            "per_gpu": "the whole model on every GPU (native engine, data parallel)",
+            "per_gpu": per_gpu,
         },
     }
-    plan["longest_context_one_gpu"] = longest_context(cfg, memory["total"] - memory["activations"])
+    if lay["tensor"] * lay["context"] * lay["pipeline"] == 1:  # the whole model on each GPU
+        plan["longest_context_one_gpu"] = longest_context(cfg, memory["total"] - memory["activations"])
     return plan
 
 

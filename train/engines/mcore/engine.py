@@ -12,7 +12,7 @@ import importlib
 import torch
 from torch import nn
 
-from train.config.schema import Config, ConfigError, ParallelConfig, PrecisionConfig
+from train.config.schema import Config, ParallelConfig, PrecisionConfig
 from train.engines.mcore import rules
 from train.engines.native.data_parallel import wrap_data_parallel
 from train.parallel.distributed import DistInfo, init_distributed
@@ -46,7 +46,33 @@ class McoreEngine:
         return McoreLayout(model.language_model)
 
     def apply_adapters(self, model: nn.Module, cfg: Config) -> list[str]:
-        raise ConfigError(f"peft={cfg.peft.method}: the megatron-core engine has no adapters yet (its rules refuse it)")
+        """LoRA on megatron's tensor-parallel linears (hand-written: `adapters`); a projector that
+        `peft.targets` names is a native module and takes PEFT's layers, as on the native engine."""
+        from dataclasses import replace
+
+        from train.engines.mcore.adapters import apply_lm_adapters
+        from train.engines.native.adapters import apply_adapters
+
+        adapted = apply_lm_adapters(model.language_model, cfg.peft, cfg.seed) if cfg.trainable.language_model else []
+        projector_only = replace(cfg.trainable, language_model=False)
+        return adapted + apply_adapters(model, cfg.peft, projector_only, cfg.seed)
+
+    def base_fingerprint(self, model: nn.Module) -> str:
+        from train.engines.mcore.adapters import base_fingerprint
+
+        return base_fingerprint(model)
+
+    def adapter_layout(self, model: nn.Module):
+        from train.engines.mcore.state import McoreLayout
+
+        return McoreLayout(model.language_model, trainable_only=True)
+
+    def cast_frozen_base(self, model: nn.Module, dtype: torch.dtype) -> None:
+        from train.engines.mcore.adapters import cast_frozen_parallel_linears
+        from train.engines.native.adapters import cast_frozen_linears
+
+        cast_frozen_linears(model, dtype)  # the vision tower's and projector's
+        cast_frozen_parallel_linears(model.language_model, dtype)
 
     def build_precision(self, cfg: PrecisionConfig, device: torch.device) -> Precision:
         # FP8 here is megatron's (TE linears it builds itself); other precisions are the shared plugins.

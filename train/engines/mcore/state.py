@@ -10,6 +10,10 @@ Nothing is joined in memory: each rank writes its own chunks of the native tenso
 layout wrote them. Optimizer state (AdamW's moments) is laid out as its parameters and goes the
 same way; the scalar step counts, equal for every parameter an optimizer updates, are carried over
 by value.
+
+With adapters (`peft`, `trainable_only`) the training state holds the trainable tensors only, as
+`TrainableOnlyLayout` does on the native engine: the adapters under PEFT's native names and whole
+shapes (`weights` maps them), whatever tensor-parallel layout wrote them.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.distributed._shard.metadata import ShardMetadata
 from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, init_from_local_shards
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from train.checkpoint.layout import NativeLayout
 from train.engines.mcore import weights
@@ -29,9 +33,11 @@ NATIVE = "language_model."
 
 
 class McoreLayout:
-    def __init__(self, language_model: McoreLanguageModel):
+    def __init__(self, language_model: McoreLanguageModel, trainable_only: bool = False):
         self.lm = language_model
         self.native = NativeLayout()
+        # Adapters: the frozen base stays out of the training state (model-only reads stay whole).
+        self.options = StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only)
 
     # -- one {name: tensor} state: megatron shards <-> native chunks --------------------------------
     def _to_native(self, state: dict) -> dict:
@@ -74,7 +80,7 @@ class McoreLayout:
 
     # -- weights and optimizer ----------------------------------------------------------------------
     def state(self, model, optimizer):
-        model_state, optim_state = get_state_dict(model, optimizer)
+        model_state, optim_state = get_state_dict(model, optimizer, options=self.options)
         states = optim_state["state"]
         native_states = {k: v for k, v in states.items() if not k.startswith(OURS)}
         for field, values in _fields(states).items():
@@ -96,7 +102,7 @@ class McoreLayout:
         return self._to_native(model_state), {"state": native_states, "param_groups": groups}
 
     def load_state(self, model, optimizer, model_state, optim_state):
-        local_model, local_optim = get_state_dict(model, optimizer)  # this rank's names, shapes and groups
+        local_model, local_optim = get_state_dict(model, optimizer, options=self.options)  # names, shapes, groups
         states = {k: v for k, v in optim_state["state"].items() if not k.startswith(NATIVE) or k.startswith(OURS)}
         for field, values in _fields(local_optim["state"]).items():
             if all(v.ndim == 0 for v in values.values()):
@@ -109,7 +115,8 @@ class McoreLayout:
                 states.setdefault(key, {})[field] = tensor
         set_state_dict(model, optimizer,
                        model_state_dict={**_extra_state_slots(model), **self._from_native(model_state, local_model)},
-                       optim_state_dict={"state": states, "param_groups": local_optim["param_groups"]})
+                       optim_state_dict={"state": states, "param_groups": local_optim["param_groups"]},
+                       options=self.options)
 
 
 def _ours(state: dict) -> list[str]:

@@ -6,11 +6,17 @@ converter reads too). This module carries it out: renames, q/k/v fused into `lin
 [q heads of the group | k | v] (megatron's layout), and the splits (`tp_rule`: whole, along a dim, or
 a run of parts each split, as Mamba's in_proj [z | x | B | C | dt]). Every conversion is a
 permutation of whole tensors: round trips are bit-exact.
+
+LoRA adapters (`train.engines.mcore.adapters`) are named after the linear they adapt:
+`<megatron linear>.lora_A.<branch>` (branch `q` / `k` / `v` on the fused linear_qkv, one adapter per
+native projection; `all` elsewhere) is PEFT's `<native linear>.lora_A.default.weight`, laid out over
+the ranks by `train.hf.mapping.lora_factor_split` of the linear's own layout.
 """
 
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import replace
 from typing import Literal
 
@@ -18,7 +24,40 @@ import torch
 from torch import Tensor
 
 from train.config.schema import LanguageModelConfig
-from train.hf.mapping import LMTensor, language_model_tensors, part_sizes
+from train.hf.mapping import LMTensor, language_model_tensors, lora_factor_split, part_sizes
+
+PEFT_ADAPTER = "default"  # PEFT's adapter name in native tensor names (`train.engines.native.adapters`)
+# LoRA's A and B, DoRA's magnitude_vector.
+_MEGATRON_ADAPTER = re.compile(r"(?P<linear>.+)\.lora_(?P<factor>A|B|magnitude_vector)\.(?P<branch>all|q|k|v)")
+_NATIVE_ADAPTER = re.compile(rf"(?P<linear>.+)\.lora_(?P<factor>A|B|magnitude_vector)\.{PEFT_ADAPTER}\.weight")
+
+
+def adapter_branch(row: LMTensor) -> str:
+    """The key of a native linear's adapter inside its megatron linear: q / k / v of linear_qkv, else all."""
+    return row.qkv or "all"
+
+
+def megatron_rows(lm: LanguageModelConfig) -> dict[str, list[LMTensor]]:
+    """{megatron parameter: the mapping rows of the native tensors it holds (q, k, v for linear_qkv)}."""
+    return _by_megatron(lm.pattern)
+
+
+def adapter_native_name(name: str, lm: LanguageModelConfig) -> str | None:
+    """A megatron adapter parameter (`<linear>.lora_A.<branch>`) -> PEFT's native name; None otherwise."""
+    match = _MEGATRON_ADAPTER.fullmatch(name)
+    if match is None:
+        return None
+    (row,) = [r for r in _by_megatron(lm.pattern)[match["linear"] + ".weight"] if adapter_branch(r) == match["branch"]]
+    return f"{row.name.removesuffix('.weight')}.lora_{match['factor']}.{PEFT_ADAPTER}.weight"
+
+
+def adapter_megatron_name(native_name: str, lm: LanguageModelConfig) -> str | None:
+    """PEFT's native adapter name -> the megatron adapter parameter; None for other tensors."""
+    match = _NATIVE_ADAPTER.fullmatch(native_name)
+    if match is None:
+        return None
+    row = _by_native(lm.pattern)[match["linear"] + ".weight"]
+    return f"{row.megatron.removesuffix('.weight')}.lora_{match['factor']}.{adapter_branch(row)}"
 
 
 def _qkv_to_megatron(q: Tensor, k: Tensor, v: Tensor, lm: LanguageModelConfig) -> Tensor:
@@ -72,6 +111,9 @@ def megatron_to_native(state: dict[str, Tensor], lm: LanguageModelConfig) -> dic
 
 def megatron_name(native_name: str, lm: LanguageModelConfig) -> str:
     """The megatron parameter a native parameter lives in (q, k and v all live in `linear_qkv`)."""
+    adapter = adapter_megatron_name(native_name, lm)
+    if adapter is not None:
+        return adapter
     return _by_native(lm.pattern)[native_name].megatron
 
 
@@ -80,7 +122,10 @@ Rule = tuple[Literal["whole"]] | tuple[Literal["split"], int] | tuple[Literal["p
 
 def tp_rule(name: str, lm: LanguageModelConfig) -> Rule:
     """How megatron parameter `name` is laid out over the tensor-parallel ranks (the table's split,
-    with a Mamba layer's part sizes)."""
+    with a Mamba layer's part sizes; an adapter factor's from its linear's)."""
+    adapter = _MEGATRON_ADAPTER.fullmatch(name)
+    if adapter is not None:
+        return lora_factor_split(tp_rule(adapter["linear"] + ".weight", lm), adapter["factor"])
     holders = _by_megatron(lm.pattern).get(name)
     if not holders:
         raise KeyError(f"no tensor-parallel rule for megatron parameter {name}")
@@ -144,12 +189,21 @@ def native_pieces(name: str, local: Tensor, lm: LanguageModelConfig, rank: int, 
     [(offset, chunk), ...])}. What a checkpoint writes per rank, so nothing is joined in memory;
     `assemble_local` is the inverse."""
     rule = tp_rule(name, lm)
+    adapter = adapter_native_name(name, lm)
+    if adapter is not None:
+        return _pieces(adapter, rule, local, rank, size)
     holders = _by_megatron(lm.pattern)[name]
     if holders[0].qkv:  # rank r holds whole KV groups: a block of each of q, k, v
-        local = _qkv_from_megatron(local, _local_heads(lm, size))
+        local = _qkv_from_megatron(local, local_heads(lm, size))
         return {h.name: ((local[h.qkv].shape[0] * size, local[h.qkv].shape[1]),
                          [((rank * local[h.qkv].shape[0], 0), local[h.qkv])]) for h in holders}
     (native,) = (h.name for h in holders)
+    return _pieces(native, rule, local, rank, size)
+
+
+def _pieces(native: str, rule: Rule, local: Tensor, rank: int, size: int
+            ) -> dict[str, tuple[tuple[int, ...], list[Piece]]]:
+    """A tensor split by `rule` (not a fused q/k/v): rank `rank`'s chunks of the native tensor."""
     if rule[0] == "whole":
         return {native: (tuple(local.shape), [((0,) * local.ndim, local)])}
     if rule[0] == "split":
@@ -171,10 +225,10 @@ def native_pieces(name: str, local: Tensor, lm: LanguageModelConfig, rank: int, 
 
 def assemble_local(name: str, chunks: dict[str, list[Tensor]], lm: LanguageModelConfig, size: int) -> Tensor:
     """This rank's megatron tensor `name` from its native chunks, in `native_pieces` order."""
-    holders = _by_megatron(lm.pattern)[name]
-    if holders[0].qkv:
+    holders = _by_megatron(lm.pattern).get(name)  # None: an adapter factor, one native tensor
+    if holders and holders[0].qkv:
         qkv = {h.qkv: chunks[h.name][0] for h in holders}
-        return _qkv_to_megatron(qkv["q"], qkv["k"], qkv["v"], _local_heads(lm, size))
+        return _qkv_to_megatron(qkv["q"], qkv["k"], qkv["v"], local_heads(lm, size))
     (pieces,) = chunks.values()
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
@@ -193,7 +247,12 @@ def _by_megatron(pattern: str) -> dict[str, list[LMTensor]]:
     return out
 
 
-def _local_heads(lm: LanguageModelConfig, size: int) -> LanguageModelConfig:
+def qkv_rows(local: Tensor, heads: LanguageModelConfig) -> dict[str, Tensor]:
+    """This rank's linear_qkv rows (local_out, in) split into its q, k, v rows (`heads`: `local_heads`)."""
+    return _qkv_from_megatron(local, heads)
+
+
+def local_heads(lm: LanguageModelConfig, size: int) -> LanguageModelConfig:
     """The attention heads one of `size` tensor-parallel ranks holds: whole KV groups."""
     return replace(lm, num_attention_heads=lm.num_attention_heads // size,
                    num_key_value_heads=lm.num_key_value_heads // size)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from train.checkpoint.layout import NativeLayout, StateLayout
+from train.checkpoint.layout import NativeLayout, StateLayout, TrainableOnlyLayout
 from train.config.schema import Config, ConfigError, ParallelConfig, PrecisionConfig
 from train.engines.native.data_parallel import wrap_data_parallel
 from train.parallel.distributed import DistInfo, init_distributed
@@ -24,11 +24,6 @@ class NativeEngine:
                 f"parallel.tensor_parallel={par.tensor_parallel}, context_parallel={par.context_parallel}, "
                 f"pipeline_parallel={par.pipeline_parallel} need model.impl=mcore (the native engine is data "
                 "parallel only)")
-        if cfg.peft.enabled and par.data_parallel == "fsdp":
-            # FSDP2 shards a block's parameters as one flat group of one dtype: a bf16 frozen base beside
-            # fp32 adapters needs its mixed-dtype handling, not built or tested yet.
-            raise ConfigError(f"peft={cfg.peft.method} runs single-process or with parallel.data_parallel=ddp for "
-                              "now: set parallel=single (or data_parallel=ddp)")
 
     def init_distributed(self, cfg: Config) -> DistInfo:
         return init_distributed(cfg.parallel, cfg.trainer.device)
@@ -43,6 +38,19 @@ class NativeEngine:
         from train.engines.native.adapters import apply_adapters
 
         return apply_adapters(model, cfg.peft, cfg.trainable, cfg.seed)
+
+    def base_fingerprint(self, model: nn.Module) -> str:
+        from train.engines.native.adapters import base_fingerprint
+
+        return base_fingerprint(model.state_dict())
+
+    def adapter_layout(self, model: nn.Module) -> StateLayout:
+        return TrainableOnlyLayout()
+
+    def cast_frozen_base(self, model: nn.Module, dtype: torch.dtype) -> None:
+        from train.engines.native.adapters import cast_frozen_linears
+
+        cast_frozen_linears(model, dtype)
 
     def build_precision(self, cfg: PrecisionConfig, device: torch.device) -> Precision:
         return build_precision(cfg, device)

@@ -15,6 +15,7 @@ wrong; both refuse instead.
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 
 import torch
@@ -64,7 +65,35 @@ def apply_adapters(model: nn.Module, cfg: PeftConfig, trainable: TrainableConfig
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         inject_adapter_in_model(lora_config(cfg, names), model, adapter_name=ADAPTER_NAME)
+    redraw_lora_a(model, cfg, seed)
     return names
+
+
+def initial_lora_a(module_name: str, rank: int, in_features: int, init: str, seed: int) -> torch.Tensor:
+    """The whole initial A (rank, in_features) of the adapter on `module_name` (its name in the
+    vision-language model, native spelling): PEFT's distributions (`init=default`: Kaiming-uniform
+    with a=sqrt(5); `gaussian`: normal with std 1/rank), drawn from a generator seeded by the run's
+    seed and the module's name. Each adapter's draw depends on nothing else (not on which other
+    linears are adapted, nor in what order, nor how a tensor-parallel engine splits it), so the
+    native engine and megatron-core at any TP start from the same adapters. B starts at zero."""
+    key = int.from_bytes(hashlib.sha256(f"{seed}/{module_name}".encode()).digest()[:8], "little") & (2**63 - 1)
+    generator = torch.Generator().manual_seed(key)
+    weight = torch.empty(rank, in_features)
+    if init == "gaussian":
+        return torch.nn.init.normal_(weight, std=1 / rank, generator=generator)
+    return torch.nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)
+
+
+@torch.no_grad()
+def redraw_lora_a(model: nn.Module, cfg: PeftConfig, seed: int) -> None:
+    """Replace PEFT's draws of every A by `initial_lora_a` (same distribution; PEFT's depend on its
+    order of injection and its version). DoRA's magnitude, computed from W + B A with B zero, stays."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and ADAPTER_NAME in module.lora_A:
+            weight = module.lora_A[ADAPTER_NAME].weight
+            weight.copy_(initial_lora_a(name, cfg.rank, weight.shape[1], cfg.init, seed))
 
 
 def mark_trainable(model: nn.Module, trainable: TrainableConfig, adapted: list[str]) -> None:
@@ -92,16 +121,24 @@ def base_fingerprint(state: dict[str, torch.Tensor]) -> str:
     """A short identity of the base weights: names, shapes, dtypes, and per tensor an fp64 sum and a
     strided sample of its values (hashing every byte of a 12B base would take minutes at each start).
     Any retrained or re-converted base changes it."""
+    return fingerprint_of({name: fingerprint_entry(name, tensor) for name, tensor in state.items()
+                           if not is_adapter_param(name) and isinstance(tensor, torch.Tensor)})
+
+
+def fingerprint_entry(name: str, tensor: torch.Tensor) -> bytes:
+    """One whole tensor's share of `base_fingerprint` (an engine holding shards joins each tensor,
+    takes its entry and lets it go: the whole model is never in memory at once)."""
+    flat = tensor.detach().reshape(-1)
+    stride = max(1, flat.numel() // 4096)
+    sample = flat[::stride].float().cpu()
+    return f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|{flat.double().sum().item():.17g}|".encode() + \
+        sample.numpy().tobytes()
+
+
+def fingerprint_of(entries: dict[str, bytes]) -> str:
     digest = hashlib.sha256()
-    for name in sorted(state):
-        tensor = state[name]
-        if is_adapter_param(name) or not isinstance(tensor, torch.Tensor):
-            continue
-        flat = tensor.detach().reshape(-1)
-        stride = max(1, flat.numel() // 4096)
-        sample = flat[::stride].float().cpu()
-        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|{flat.double().sum().item():.17g}|".encode())
-        digest.update(sample.numpy().tobytes())
+    for name in sorted(entries):
+        digest.update(entries[name])
     return digest.hexdigest()[:32]
 
 
