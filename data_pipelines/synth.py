@@ -52,8 +52,12 @@ HELDOUT_SEED_OFFSET = 1_000_003
 # The smoke forgetting monitor's own held-out code-reasoning text (`<root>/heldout/monitor`), apart
 # from the `heldout/text` validation shards: a third seed, so its loss is a number of its own.
 MONITOR_NUM, MONITOR_SEED_OFFSET = 16, 2_000_003
+# The image scenes written as text (`<root>/described_image`), the smoke LM's pre-training data:
+# a fourth seed, so none of them is a scene of the image shards. Not a training kind of any stage.
+DESCRIBED_NUM, DESCRIBED_SEED_OFFSET = 2048, 3_000_003
 # Bump when the generated content changes, so stale embedded data is regenerated.
-SYNTH_VERSION = 3  # 2: /no_think generation prompt opens `<think></think>`; held-out shards. 3: monitor shards
+SYNTH_VERSION = 4  # 2: /no_think generation prompt opens `<think></think>`; held-out shards. 3: monitor shards.
+# 4: described_image shards
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -325,6 +329,23 @@ def build_image_sample(rng: random.Random) -> SynthSample:
     turns[0] = Turn(f"{IMAGE_PLACEHOLDER}\n{first.question}", first.answer, first.reasoning)
     image = encode_image(render_scene(scene, rng), rng)
     return SynthSample(_conversation(rng, turns, reasoning_prob=0.25), images=[image])
+
+
+def build_described_image_sample(rng: random.Random) -> SynthSample:
+    """An image sample's conversation with the scene written out as text where the image would be.
+
+    Text only: what the smoke pipeline's language model is pre-trained on before Stage 0 (as the
+    real recipe's LM is trained before it), so the LM learns to answer from a scene described far
+    back in its context, and the Stage 0 projector has something to learn to write into."""
+    scene = random_scene(rng)
+    candidates = _image_turns(scene, rng)
+    if rng.random() < 0.33:
+        turns = [candidates[0]]
+    else:
+        turns = rng.sample(candidates[1:], 2 if rng.random() < 0.25 else 1)
+    first = turns[0]
+    turns[0] = Turn(f"{scene.description()}\n{first.question}", first.answer, first.reasoning)
+    return SynthSample(_conversation(rng, turns, reasoning_prob=0.25))
 
 
 # ---------------------------------------------------------------------------------------
@@ -675,6 +696,7 @@ SAMPLE_BUILDERS: dict[str, Callable[[random.Random], SynthSample]] = {
     "video": build_video_sample,
     "multi_image": build_multi_image_sample,
     "text": build_text_sample,
+    "described_image": build_described_image_sample,
 }
 
 
@@ -729,13 +751,14 @@ def write_synthetic_shards(out_dir: Path, kind: str, num: int, seed: int,
 class EmbeddedData:
     root: Path
     shard_dirs: dict[str, Path]  # kind -> directory of .tar shards
+    described_dir: Path  # the image scenes as text: the smoke LM's pre-training data (train.loop.embedded_lm)
     tokenizer_dir: Path
     heldout_dirs: dict[str, Path]  # kind -> held-out shards (never trained on)
     monitor_dir: Path  # held-out code-reasoning text of the smoke forgetting monitor (never trained on)
 
 
 def _embedded_layout(root: Path) -> EmbeddedData:
-    return EmbeddedData(root, {kind: root / kind for kind in KINDS}, root / "tokenizer",
+    return EmbeddedData(root, {kind: root / kind for kind in KINDS}, root / "described_image", root / "tokenizer",
                         {kind: root / "heldout" / kind for kind in KINDS}, root / "heldout" / "monitor")
 
 
@@ -774,6 +797,10 @@ def _generate_embedded(staging: Path, num_per_kind: dict[str, int], seed: int,
         records.extend(kind_records)
         print(f"[synth] {kind}: {len(kind_records)} samples "
               f"({time.perf_counter() - start:.1f}s)", flush=True)
+    start = time.perf_counter()
+    # Other seeds than the image shards': other scenes, so the LM is not pre-trained on Stage 0's answers.
+    write_synthetic_shards(layout.described_dir, "described_image", DESCRIBED_NUM, seed + DESCRIBED_SEED_OFFSET)
+    print(f"[synth] described_image: {DESCRIBED_NUM} samples ({time.perf_counter() - start:.1f}s)", flush=True)
     start = time.perf_counter()
     for kind in KINDS:  # held out: neither trained on nor seen by the tokenizer
         write_synthetic_shards(layout.heldout_dirs[kind], kind, HELDOUT_NUM_PER_KIND[kind], seed + HELDOUT_SEED_OFFSET)

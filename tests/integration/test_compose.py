@@ -153,7 +153,7 @@ def test_compose_then_stage0_then_export_match_transformers(released, tmp_path, 
 def test_a_frozen_part_left_random_stops_the_stage(tmp_path):
     """Stage 0 freezes the LM and ViT: without weights for them it refuses, naming the fix."""
     result = run_module(["train", "--config-name", "stage0_projector_warmup", "smoke=cpu", "trainer.max_steps=1",
-                         "init.allow_random=[vision_model]", "run.dir=runs/s0"], tmp_path)
+                         "init.allow_random=[vision_model]", "init.embedded_lm=false", "run.dir=runs/s0"], tmp_path)
     assert result.returncode != 0
     message = result.stderr
     assert "trainable.language_model=false but no init.from_checkpoint loads them" in message

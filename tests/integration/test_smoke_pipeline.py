@@ -43,9 +43,32 @@ def test_loss_falls_in_every_stage(pipeline_run, stage):
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
 
 
+def embedded_lm_checkpoint(root):
+    """What the smoke Stage 0 started from: the LM pre-trained on the embedded data, named in its config."""
+    from pathlib import Path
+
+    import yaml
+
+    from train.checkpoint.store import find_latest
+
+    given = yaml.safe_load((root / STAGES[0] / "config.yaml").read_text())["init"]["from_checkpoint"]
+    assert Path(given).parent.name == "lm" and Path(given).parent.parent.name == "synth_data", given
+    return find_latest(Path(given) / "checkpoints")
+
+
+def test_stage0_projector_warmup_learns_into_a_pretrained_lm(pipeline_run):
+    """The smoke Stage 0 starts from a language model pre-trained on the scenes written as text, so the
+    projector has a reader: the loss falls (a random frozen LM sat at ln(vocab) = 6.93 throughout)."""
+    _, root, _ = pipeline_run
+    losses = [m["loss"] for m in read_metrics(root / STAGES[0])]
+    assert max(losses) < 2.0  # far below ln(1024): the LM was trained before the stage
+    first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
+    assert last < 0.9 * first, (first, last)
+
+
 def test_stage0_trains_only_the_projector(pipeline_run):
     cwd, root, _ = pipeline_run
-    initial = load_stage_model(root / STAGES[0], checkpoint=False)  # seeded init, what stage 0 started from
+    initial = load_stage_model(root / STAGES[0], checkpoint=embedded_lm_checkpoint(root))  # what stage 0 started from
     final = load_stage_model(root / STAGES[0])
     assert same(state_of(initial.language_model), state_of(final.language_model))
     assert same(state_of(initial.vision_model), state_of(final.vision_model))

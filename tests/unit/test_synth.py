@@ -302,3 +302,23 @@ def test_cli_writes_shards(tmp_path: Path) -> None:
                 "--samples-per-shard", "2"])
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"shard-00000{i}.tar" for i in range(3)]
     assert len(read_samples(tmp_path)) == 5
+
+
+def test_described_scenes_are_image_conversations_with_the_scene_as_text(tmp_path: Path) -> None:
+    """The smoke LM's pre-training text: each user turn carries the scene written out where the image
+    would be, and the answers are the image sample's (derived from that scene)."""
+    data = synth.ensure_embedded_data(tmp_path / "embedded", {"image": 2, "video": 1, "multi_image": 1, "text": 2},
+                                      seed=0, vocab_size=400)
+    records = [json.loads(tar.extractfile(member).read()) for shard in sorted(data.described_dir.glob("shard-*.tar"))
+               for tar in [tarfile.open(shard)] for member in tar.getmembers()]
+    assert len(records) == synth.DESCRIBED_NUM and {r["source"] for r in records} == {"synth_described_image"}
+    for record in records[:50]:
+        first_user = record["messages"][1]["content"]
+        assert "<image>" not in first_user and " background with " in first_user
+    for index in range(20):  # an answer names only what the description says
+        sample = synth.build_sample("described_image", 0, index)
+        description, _ = sample.messages[1]["content"].split("\n", 1)
+        answer = sample.messages[2]["content"].rsplit("\n", 1)[-1]
+        named = [word for word in (*synth.COLOURS, *synth.SHAPES) if word in answer.lower().split(" ")
+                 or f"{word}." in answer.lower() or f"{word}," in answer.lower()]
+        assert all(word in description for word in named), (description, answer)

@@ -258,6 +258,10 @@ class InitConfig:
     # Frozen parts allowed to stay at their random initialisation (smoke runs, ablations). Any other
     # frozen part whose weights were never loaded stops the stage before it trains.
     allow_random: list[str] = field(default_factory=list)
+    # Smoke runs (data.synth_dir set): a stage that freezes the language model and names no
+    # init.from_checkpoint starts it from the one pre-trained on the embedded data, built and cached
+    # with it (train.loop.embedded_lm), as the real Stage 0 starts from a trained LM.
+    embedded_lm: bool = False
 
     def validate(self, path: str) -> None:
         if self.from_checkpoint and paths_checked() and not Path(self.from_checkpoint).is_dir():

@@ -27,6 +27,7 @@ from train.config.schema import Config, ConfigError
 from train.engines import resolve_engine
 from train.evaluate.heldout import Validator
 from train.engines.assembly import assemble
+from train.loop import embedded_lm
 from train.loop.callbacks import (
     Callback,
     Checkpointing,
@@ -52,6 +53,15 @@ def prepare_data_files(cfg: Config) -> None:
     from data_pipelines.synth import ensure_embedded_data
 
     ensure_embedded_data(Path(cfg.data.synth_dir), seed=0, vocab_size=cfg.model.language_model.vocab_size)
+    if embedded_lm.applies(cfg):
+        embedded_lm.ensure_embedded_lm(cfg)
+
+
+def use_embedded_lm(cfg: Config) -> None:
+    """`init.embedded_lm`: the stage starts from the smoke LM rank 0 built in `prepare_data_files` (every
+    rank computes the same directory), named in init.from_checkpoint so config.yaml says where it came from."""
+    if embedded_lm.applies(cfg):
+        cfg.init.from_checkpoint = str(embedded_lm.embedded_lm_dir(cfg))
 
 
 def build_data(cfg: Config, tokenizer: Tokenizer, info: DistInfo) -> PackedBatchStream:
@@ -324,6 +334,7 @@ def _train_stage(cfg: Config, preemption: PreemptionHandler | None) -> dict:
             prepare_data_files(cfg)
             check_stage_benchmarks(cfg)
         barrier()  # the other ranks wait for rank 0's data files
+        use_embedded_lm(cfg)
         run_dir = Path(cfg.run.dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         if info.is_main:
