@@ -193,22 +193,36 @@ def test_forced_answers_score_one_and_zero_under_the_harness_metrics(evaluated_s
 
 
 def test_batched_generation_is_each_prompt_alone(chat_model):
-    """Prompts of equal token length decode together exactly as each decodes alone."""
+    """Prompts of different token lengths (one image tiled, one not; a text-only one) decode together
+    exactly as each decodes alone: no row sees another's length or padding."""
     import torch
 
     from tests.vlm_replicas import _png
     from train.chat.generate import greedy_batch, greedy_tokens
     from train.chat.session import build_prompt
+    from train.model.language_model import stack_caches
 
-    prompts = [build_prompt("<image>Which colour is the bar?", [_png(96, 64, i, c)], [], False, "", chat_model.cfg,
-                            chat_model.tokenizer) for i, c in enumerate("AB")]
-    assert len(prompts[0][0]) == len(prompts[1][0])
+    questions = [("<image>Which colour is the bar?", [_png(96, 64, 0, "A")]),
+                 ("<image>Which colour is the bar?", [_png(192, 64, 1, "B")]),
+                 ("How many shapes are there?", [])]
+    prompts = [build_prompt(q, images, [], False, "", chat_model.cfg, chat_model.tokenizer) for q, images in questions]
+    assert len({len(ids) for ids, _ in prompts}) == 3
     lm = chat_model.model.language_model
     with torch.no_grad():
-        embeds = chat_model.model.embed_inputs(torch.tensor([p[0] for p in prompts]), torch.cat([p[1] for p in prompts]))
-        together = greedy_batch(lm, embeds, 5)
-        alone = [list(greedy_tokens(lm, embeds[i:i + 1], 5)) for i in range(2)]
-    assert together == alone and all(len(row) == 5 for row in together)
+        embeds = [chat_model.model.embed_inputs(torch.tensor([ids]), tiles) for ids, tiles in prompts]
+        together = greedy_batch(lm, embeds, 6)
+        alone = [list(greedy_tokens(lm, e, 6)) for e in embeds]
+        # The logits too, not only their argmax: two decode steps of the stacked cache against each alone.
+        capacity = max(e.shape[1] for e in embeds) + 2
+        stacked = stack_caches([lm.prefill(e, capacity)[1] for e in embeds])
+        caches = [lm.prefill(e, capacity)[1] for e in embeds]
+        for step in range(2):
+            tokens = torch.tensor([row[step] for row in alone])
+            batched_logits = lm.decode_step(tokens, stacked)
+            for row, cache in enumerate(caches):
+                torch.testing.assert_close(batched_logits[row:row + 1], lm.decode_step(tokens[row:row + 1], cache),
+                                           rtol=1e-5, atol=1e-5)
+    assert together == alone and all(len(row) == 6 for row in together)
 
 
 def test_vlm_cli_limit_batch_think_and_missing_data(evaluated_stage, project_root_dir, monkeypatch, capsys):

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from typing import Iterable, Iterator
 
+import torch
 from torch import Tensor
 
-from train.model.language_model import HybridLanguageModel
+from train.model.language_model import HybridLanguageModel, stack_caches
 
 __all__ = ["greedy_batch", "greedy_tokens"]
 
@@ -38,19 +39,22 @@ def greedy_tokens(lm: HybridLanguageModel, embeds: Tensor, max_new_tokens: int,
             logits = lm.decode_step(token, cache)
 
 
-def greedy_batch(lm: HybridLanguageModel, embeds: Tensor, max_new_tokens: int,
+def greedy_batch(lm: HybridLanguageModel, prompts: list[Tensor], max_new_tokens: int,
                  stop_ids: Iterable[int] = ()) -> list[list[int]]:
-    """The greedy continuations of B prompts of equal length (embeds (B, L, D)) decoded together:
-    one prefill and one decode step per token for the whole batch, each row ending at its first
-    stop token (not included) or after `max_new_tokens`. Rows of equal length need no padding, so
-    every row is exactly what `greedy_tokens` gives it alone."""
+    """The greedy continuations of several prompts (each embeds (1, L_i, D), lengths may differ)
+    decoded together: each prompt is prefilled alone, their caches stacked (`stack_caches`: every row
+    keeps its own length, nothing is padded), then one decode step per token for the whole batch,
+    each row ending at its first stop token (not included) or after `max_new_tokens`. Every row is
+    what `greedy_tokens` gives its prompt alone."""
     stop = set(stop_ids)
-    rows = embeds.shape[0]
-    out: list[list[int]] = [[] for _ in range(rows)]
-    if max_new_tokens <= 0:
+    out: list[list[int]] = [[] for _ in prompts]
+    if max_new_tokens <= 0 or not prompts:
         return out
-    done = [False] * rows
-    logits, cache = lm.prefill(embeds, embeds.shape[1] + max_new_tokens - 1)
+    capacity = max(p.shape[1] for p in prompts) + max_new_tokens - 1
+    prefilled = [lm.prefill(p, capacity) for p in prompts]
+    logits = torch.cat([logit for logit, _ in prefilled])  # (B, V)
+    cache = stack_caches([c for _, c in prefilled])
+    done = [False] * len(prompts)
     for i in range(max_new_tokens):
         tokens = logits.argmax(dim=-1)  # (B,)
         for row, token in enumerate(tokens.tolist()):

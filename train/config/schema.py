@@ -474,7 +474,7 @@ class EvalConfig:
     vlm_tasks: list[str] = field(default_factory=list)
     vlm_data_dir: Optional[str] = None  # local copies of the tasks' Hub datasets at DIR/<repo id> (offline)
     vlm_think: bool = False  # reasoning mode (/think) for the vlm tasks
-    vlm_batch_size: int = 1  # prompts of equal token length decoded together
+    vlm_batch_size: int = 1  # prompts decoded together (any lengths: none is padded)
     vlm_max_new_tokens: Optional[int] = None  # a cap on every task's answer length (None: each task's own)
 
     def validate(self, path: str) -> None:

@@ -5,8 +5,8 @@ The harness hands a multimodal `generate_until` request as (context, generation 
 placeholder, which is also training's). Each request is prompted exactly as `train.chat` prompts
 (`build_prompt`: training's chat template, InternVL tiling + thumbnail, `/think` or `/no_think`,
 the empty think pair of reasoning-off answers), so the model sees the layout it was trained on.
-Requests whose prompts have the same token length are decoded together (`greedy_batch`, up to
-`batch_size` rows): rows of equal length need no padding, which a Mamba state cannot ignore.
+Requests are decoded together, up to `batch_size` rows (`greedy_batch`): each prompt is prefilled
+alone and the rows keep their own lengths, so none is padded (a Mamba state cannot skip padding).
 
 The answer handed back to the task is the text after the think block (the task's own answer
 extraction and metric then run unchanged), cut at the task's stop strings.
@@ -24,6 +24,7 @@ import re
 from collections import defaultdict
 
 import torch
+from tqdm import tqdm
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
@@ -92,11 +93,10 @@ class HybridVLM(LM):
         return build_prompt(context, images, videos, self.think, "", self.chat.cfg, self.chat.tokenizer)
 
     def generate_batch(self, prompts: list[tuple[list[int], torch.Tensor]], max_new_tokens: int) -> list[str]:
-        """Greedy answers (raw text, think block included) of prompts of equal token length."""
-        ids = torch.tensor([p[0] for p in prompts], device=self._device)  # (B, L)
-        tiles = torch.cat([p[1] for p in prompts]).to(self._device)  # all rows' tiles, in row order
+        """Greedy answers (raw text, think block included) of prompts decoded together."""
         with torch.no_grad():
-            embeds = self.chat.model.embed_inputs(ids, tiles)
+            embeds = [self.chat.model.embed_inputs(torch.tensor([ids], device=self._device), tiles.to(self._device))
+                      for ids, tiles in prompts]  # each (1, L_i, D)
             rows = greedy_batch(self.chat.model.language_model, embeds, max_new_tokens, self.stop_ids)
         return [self.chat.tokenizer.hf.decode(tokens, skip_special_tokens=False) for tokens in rows]
 
@@ -110,17 +110,21 @@ class HybridVLM(LM):
                 limit = min(limit, self.max_gen_toks)
             until = gen_kwargs.get("until") or []
             prepared.append((self.prompt(context, visuals), limit, [until] if isinstance(until, str) else list(until)))
-        # Batches: same prompt length and same answer cap, at most batch_size rows each.
-        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
-        for i, ((ids, _), limit, _) in enumerate(prepared):
-            groups[(len(ids), limit)].append(i)
+        # Batches: same answer cap, at most batch_size rows each, prompts of similar length together
+        # (a decode step attends over the batch's longest row).
+        groups: dict[int, list[int]] = defaultdict(list)
+        for i in sorted(range(len(prepared)), key=lambda i: len(prepared[i][0][0])):
+            groups[prepared[i][1]].append(i)
         answers: list[str | None] = [None] * len(prepared)
-        for (_, limit), members in groups.items():
+        progress = tqdm(total=len(prepared), desc=MODEL_NAME, disable=disable_tqdm)
+        for limit, members in groups.items():
             for start in range(0, len(members), self.batch_size):
                 chunk = members[start:start + self.batch_size]
                 for i, text in zip(chunk, self.generate_batch([prepared[i][0] for i in chunk], limit)):
                     answers[i] = answer_text(text, prepared[i][2])
                     self.cache_hook.add_partial("generate_until", requests[i].args[:2], answers[i])
+                progress.update(len(chunk))
+        progress.close()
         return answers
 
     # -------------------------------------------------------------- not served here

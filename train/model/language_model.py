@@ -11,7 +11,9 @@ Inference lives on the modules too (as mamba's modules own their cache): every m
 advance it by one token (`step`). Prefill is the training forward itself, so a mixer is written
 once; `step` uses the torch step twins of the ops (`causal_conv1d_update_ref`, `ssd_step_ref`,
 `attention_with_kv_cache_ref`), so a new token costs O(1) in Mamba layers and O(t) in attention
-layers. Caches hold one sample per row (unpacked prompts).
+layers. Caches hold one sample per row (unpacked prompts); prompts of different lengths, prefilled
+one by one, decode together once their caches are stacked (`stack_caches`): each row keeps its own
+length, so no row ever sees padding (a Mamba state could not skip it).
 """
 
 from __future__ import annotations
@@ -49,8 +51,39 @@ LayerCache = MambaCache | AttentionCache | None  # None: MLP layers remember not
 @dataclass
 class InferenceCache:
     layers: list[LayerCache]  # one per layer
-    length: int  # tokens consumed so far
+    length: int  # tokens consumed so far (the longest row's, in a ragged batch)
     capacity: int  # tokens the attention buffers hold
+    # (B,) tokens consumed by each row where rows differ (a ragged batch, `stack_caches`); None: all `length`.
+    lengths: Tensor | None = None
+
+
+def stack_caches(caches: list[InferenceCache]) -> InferenceCache:
+    """The rows of several caches (prompts of different lengths, each prefilled alone with the same
+    capacity) as one batch that decodes together: Mamba states stacked, each row's keys and values
+    where its prompt left them, and its own length, so attention reads only that row's entries."""
+    capacity = caches[0].capacity
+    if any(c.capacity != capacity for c in caches):
+        raise ValueError(f"caches stack only at one capacity, got {sorted({c.capacity for c in caches})}")
+    layers: list[LayerCache] = []
+    for parts in zip(*(c.layers for c in caches)):
+        if isinstance(parts[0], MambaCache):
+            layers.append(MambaCache(torch.cat([p.conv for p in parts]), torch.cat([p.ssm for p in parts])))
+        elif isinstance(parts[0], AttentionCache):
+            layers.append(AttentionCache(torch.cat([p.keys for p in parts]), torch.cat([p.values for p in parts])))
+        else:
+            layers.append(None)
+    lengths = torch.cat([c.lengths if c.lengths is not None else torch.full((batch_rows(c),), c.length)
+                         for c in caches])  # (B,)
+    return InferenceCache(layers, int(lengths.max()), capacity, lengths)
+
+
+def batch_rows(cache: InferenceCache) -> int:
+    for layer in cache.layers:
+        if isinstance(layer, MambaCache):
+            return layer.conv.shape[0]
+        if isinstance(layer, AttentionCache):
+            return layer.keys.shape[0]
+    raise ValueError("a cache without Mamba or attention layers has no rows")
 
 
 class RMSNorm(nn.Module):
@@ -157,8 +190,8 @@ class Mamba2Mixer(nn.Module):
         """(B, L, D) -> (B, L, D); with `cache`, prefill (see `mamba_mix`)."""
         return self.out_proj(mamba_mix(self, self.in_proj(hidden), seq_idx, cache))
 
-    def step(self, hidden: Tensor, cache: MambaCache, position: int) -> Tensor:
-        """One token per row (B, D) -> (B, D); advances `cache` in place."""
+    def step(self, hidden: Tensor, cache: MambaCache, position: int | Tensor) -> Tensor:
+        """One token per row (B, D) -> (B, D); advances `cache` in place (the state is the position)."""
         b = hidden.shape[0]
         z, xbc, dt = torch.split(self.in_proj(hidden), [self.inner, self.conv_dim, self.num_heads], dim=-1)
         xbc, cache.conv = causal_conv1d_update_ref(xbc, cache.conv, self.conv1d.weight.squeeze(1), self.conv1d.bias,
@@ -205,13 +238,21 @@ class Attention(nn.Module):
         out = self.kernels.attention(q, k, v, cu_seqlens, causal=True)  # (b*l, heads, head_dim)
         return self.o_proj(out.reshape(b, l, -1))
 
-    def step(self, hidden: Tensor, cache: AttentionCache, position: int) -> Tensor:
-        """One token per row (B, D) at `position` -> (B, D); writes its keys and values into `cache`."""
+    def step(self, hidden: Tensor, cache: AttentionCache, position: int | Tensor) -> Tensor:
+        """One token per row (B, D) at `position` (every row's, or (B,) each row's own in a ragged
+        batch) -> (B, D); writes its keys and values into `cache`."""
         b = hidden.shape[0]
         q = self.q_proj(hidden).reshape(b, self.heads, self.head_dim)
-        cache.keys[:, position] = self.k_proj(hidden).reshape(b, self.kv_heads, self.head_dim)
-        cache.values[:, position] = self.v_proj(hidden).reshape(b, self.kv_heads, self.head_dim)
-        out = attention_with_kv_cache_ref(q, cache.keys[:, :position + 1], cache.values[:, :position + 1])
+        k = self.k_proj(hidden).reshape(b, self.kv_heads, self.head_dim)
+        v = self.v_proj(hidden).reshape(b, self.kv_heads, self.head_dim)
+        if isinstance(position, int):
+            cache.keys[:, position], cache.values[:, position] = k, v
+            out = attention_with_kv_cache_ref(q, cache.keys[:, :position + 1], cache.values[:, :position + 1])
+        else:  # row i attends to its first position[i] + 1 entries only
+            rows = torch.arange(b, device=position.device)
+            cache.keys[rows, position], cache.values[rows, position] = k, v
+            end = int(position.max()) + 1
+            out = attention_with_kv_cache_ref(q, cache.keys[:, :end], cache.values[:, :end], cache_seqlens=position + 1)
         return self.o_proj(out.reshape(b, -1))  # out: (b, heads, head_dim)
 
 
@@ -228,7 +269,7 @@ class SquaredReluMLP(nn.Module):
     def forward(self, hidden: Tensor, seq_idx: Tensor | None, cu_seqlens: Tensor, cache: None = None) -> Tensor:
         return self.down_proj(squared_relu(self.up_proj(hidden)))
 
-    def step(self, hidden: Tensor, cache: None, position: int) -> Tensor:
+    def step(self, hidden: Tensor, cache: None, position: int | Tensor) -> Tensor:
         return self.forward(hidden, None, None)
 
 
@@ -247,7 +288,7 @@ class HybridBlock(nn.Module):
     def forward(self, hidden: Tensor, seq_idx: Tensor | None, cu_seqlens: Tensor, cache: LayerCache = None) -> Tensor:
         return hidden + self.mixer(self.norm(hidden), seq_idx, cu_seqlens, cache)
 
-    def step(self, hidden: Tensor, cache: LayerCache, position: int) -> Tensor:
+    def step(self, hidden: Tensor, cache: LayerCache, position: int | Tensor) -> Tensor:
         return hidden + self.mixer.step(self.norm(hidden), cache, position)
 
 
@@ -280,9 +321,12 @@ class Backbone(nn.Module):
         if cache.length >= cache.capacity:
             raise ValueError(f"the cache is full ({cache.capacity} tokens): prefill with a larger capacity")
         hidden = embeds
+        position = cache.length if cache.lengths is None else cache.lengths.to(embeds.device)
         for layer, layer_cache in zip(self.layers, cache.layers):
-            hidden = layer.step(hidden, layer_cache, cache.length)
+            hidden = layer.step(hidden, layer_cache, position)
         cache.length += 1
+        if cache.lengths is not None:
+            cache.lengths = position + 1
         return self.norm_f(hidden)
 
 
