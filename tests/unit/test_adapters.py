@@ -146,6 +146,10 @@ def test_config_rules():
     bad.model.impl = "mcore"
     with pytest.raises(ConfigError, match="peft.dropout=0"):
         rules.validate(bad)
+    bad = Config(stage="t", peft=PeftConfig(method="lora", handoff="carry"))
+    bad.model.impl = "mcore"
+    with pytest.raises(ConfigError, match="peft.handoff=merge"):
+        rules.validate(bad)
     cfg.model.impl, cfg.parallel.data_parallel = "native", "fsdp"
     ENGINE.validate(cfg)  # FSDP2 with adapters: tests/integration/test_data_parallel.py
 
@@ -250,6 +254,51 @@ def test_chat_evaluation_and_the_api_load_an_adapter_checkpoint_merged(trained_l
                        chat.model.state_dict()["language_model.backbone.layers.1.mixer.up_proj.weight"])
 
 
+def test_carried_adapters_train_on_over_the_same_base_and_export_as_one_adapter(trained_lm_adapters, tmp_path):
+    """peft.handoff=carry: the next stage keeps the previous stage's base (same fingerprint, nothing
+    merged) and starts from its adapters, trains them on, and exports as one PEFT adapter over that
+    base; another rank is refused."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from train import convert
+    from train.checkpoint.files import read_marker, read_run_config, write_run_config
+    from train.config.schema import to_dict
+    from train.engines.native.adapters import adapter_state
+
+    run_dir, adapted, _ = trained_lm_adapters
+    cfg = read_run_config(run_dir)
+    cfg.init.from_checkpoint, cfg.peft.handoff, cfg.run.dir = str(run_dir), "carry", str(tmp_path / "next")
+    stage = assemble(cfg, CPU, SPECIAL)
+    before = read_marker(find_latest(run_dir / "checkpoints"))["adapters"]
+    assert stage.adapters["base_fingerprint"] == before["base_fingerprint"]  # the base, not a merged model
+    carried = {k: v.clone() for k, v in adapter_state(stage.model).items()}
+    previous = adapter_state(adapted)
+    assert carried.keys() == previous.keys() and all(torch.equal(carried[k], previous[k]) for k in carried)
+    ids = torch.randint(12, 64, (2, 13), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.allclose(stage.model.language_model(ids), adapted.language_model(ids), rtol=1e-5, atol=1e-6)
+
+    train(stage, cfg, range(2))  # trained on: the adapters move on from where they were
+    trained = adapter_state(stage.model)
+    assert any(not torch.equal(trained[k], carried[k]) for k in carried)
+    next_dir = tmp_path / "next"
+    next_dir.mkdir()
+    write_run_config(next_dir, to_dict(cfg))
+    Checkpointer(next_dir / "checkpoints", 1, layout=stage.layout, marker={"adapters": stage.adapters}).save(
+        2, stage.model, stage.optimizer, {"step": 2})
+    out = tmp_path / "exported"
+    assert convert.main(["native-to-hf", "--src", str(next_dir), "--dst", str(out), "--adapters", "--weights-only"]) == 0
+    hf = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32), out / "adapter").eval()
+    with torch.no_grad():
+        ours, theirs = stage.model.eval().language_model(ids), hf(input_ids=ids, use_cache=False).logits
+    assert float((theirs - ours).norm() / ours.norm()) < 1e-4
+
+    cfg.peft.rank = 8
+    with pytest.raises(ConfigError, match="peft.rank=8 here, 4 there"):
+        assemble(cfg, CPU, SPECIAL)
+
+
 def test_export_refuses_another_base(trained_lm_adapters, tmp_path, capsys):
     from train import convert
 
@@ -319,3 +368,13 @@ def test_a_stage_whose_trainable_parts_hold_no_target_trains_them_whole(base):
     assert stage.adapters is None and not any(is_adapter_param(n) for n, _ in stage.model.named_parameters())
     trainable = {n for n, p in stage.model.named_parameters() if p.requires_grad}
     assert trainable == {n for n, _ in stage.model.named_parameters() if n.startswith("projector.")}
+
+
+def test_the_smoke_language_model_is_pre_trained_without_adapters():
+    """`peft=lora` on a smoke pipeline is for its stages: the embedded LM Stage 0 starts from (cached
+    under a key without peft) is trained whole, so its checkpoint holds plain linears."""
+    from train.loop.embedded_lm import pretraining_config
+
+    cfg = Config(stage="t", peft=PeftConfig(method="lora"))
+    cfg.data.synth_dir = "runs/synth_data"
+    assert not pretraining_config(cfg).peft.enabled and cfg.peft.enabled

@@ -343,6 +343,21 @@ def _local_pieces(key: str, value) -> list[tuple[tuple[slice, ...], Tensor]]:
     return [(tuple(slice(None) for _ in value.shape), value)]
 
 
+def load_adapter_tensors(path: Path, model: torch.nn.Module, is_adapter: Callable[[str], bool]) -> list[str]:
+    """The adapters of checkpoint `path` (an adapter run's) into `model`'s adapters of the same names
+    (`peft.handoff=carry`); returns the names of `model`'s adapters the checkpoint does not hold (they
+    keep their fresh initialisation). Parts that trained whole are not read: the base holds them."""
+    state = {k: v for k, v in get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True)).items()
+             if is_adapter(k)}
+    saved = _saved_model_entries(path)
+    held = {k: v for k, v in state.items() if k in saved}
+    if held:
+        with dcp_quietly():
+            dcp.load({"model": held}, checkpoint_id=str(path))
+        set_model_state_dict(model, held, options=StateDictOptions(ignore_frozen_params=True, strict=False))
+    return sorted(set(state) - set(held))
+
+
 def _saved_model_entries(path: Path) -> dict:
     """{native name: DCP storage metadata (`.size`, `.properties.dtype` for a tensor)} of a checkpoint's model."""
     with dcp_quietly():

@@ -420,6 +420,11 @@ class PeftConfig:
     # compute: the frozen linears' weights are cast to the compute dtype (bf16 under precision=bf16: no
     # fp32 master copy of what never trains; unchanged under fp32); keep: left as built.
     base_dtype: Literal["compute", "keep"] = "compute"
+    # How this stage takes an adapter run's checkpoint as init.from_checkpoint (the pipeline's hand-off):
+    # merge: PEFT's merge into that run's base, then new adapters (or full training) on the merged model;
+    # carry: the same base (with the parts that trained whole), that run's adapters trained on, so the
+    # last stage leaves one adapter over the original base (what a LoRA server loads beside it).
+    handoff: Literal["merge", "carry"] = "merge"
 
     @property
     def enabled(self) -> bool:

@@ -36,6 +36,7 @@ from train.checkpoint.layout import NativeLayout, StateLayout
 from train.checkpoint.store import (
     CheckpointShapeError,
     load_model_tensors,
+    load_adapter_tensors,
     load_model_weights,
     load_newest_readable,
     load_trainable_weights,
@@ -104,14 +105,24 @@ def assemble(cfg: Config, info: DistInfo, special_ids: Mapping[str, int], *, tra
     # 2b. adapters, on the loaded base (trained weights to use, `weights_from`, come merged: none to put on)
     adapters = None
     if cfg.peft.enabled and weights_from is None:
-        from train.engines.native.adapters import mark_trainable
+        from train.engines.native.adapters import is_adapter_param, mark_trainable
 
         adapters = {"method": cfg.peft.method, "base": cfg.init.from_checkpoint,
                     "base_fingerprint": engine.base_fingerprint(model)}
         adapters["modules"] = engine.apply_adapters(model, cfg)
         if adapters["modules"]:
             layout = engine.adapter_layout(model)
+            carried_from = carried_adapters(cfg)
+            if carried_from is not None:  # the previous stage's adapters, not fresh ones
+                fresh = load_adapter_tensors(carried_from, model, is_adapter_param)
+                if fresh:
+                    (log if info.is_main else _quiet)(f"peft.handoff=carry: {len(fresh)} adapter tensors of this stage's "
+                                                       f"targets are not in {carried_from} and start fresh")
         else:  # no targeted linear in a trainable part (Stage 0 trains the projector alone): train as configured
+            if carried_adapters(cfg) is not None:
+                raise ConfigError(f"peft.handoff=carry: this stage's trainable parts hold none of peft.targets="
+                                  f"{cfg.peft.targets}, so {cfg.init.from_checkpoint}'s adapters would be dropped: "
+                                  "set peft.handoff=merge")
             (log if info.is_main else _quiet)(f"peft={cfg.peft.method}: peft.targets={cfg.peft.targets} name no linear "
                                                "of a trainable part; this stage trains its trainable parts whole")
             adapters = None
@@ -188,6 +199,8 @@ def load_init_weights(cfg: Config, model: VisionLanguageModel, layout: StateLayo
     except FileNotFoundError as err:
         raise ConfigError(f"init.from_checkpoint={given}: {err}") from None
     if read_marker(checkpoint).get("adapters"):
+        if carried_adapters(cfg) is not None:
+            return load_carried_base(checkpoint, model, layout, log)
         return load_merged_adapter_weights(checkpoint, model, layout, log)
     try:
         return load_model_weights(checkpoint, model, layout)
@@ -250,6 +263,42 @@ def load_merged_adapter_weights(checkpoint: Path, model: VisionLanguageModel, la
     layout.load_model_state(model, merged)
     log(f"init.from_checkpoint: merged the {read_marker(checkpoint)['adapters']['method']} adapters of {checkpoint} "
         "into their base")
+    return sorted(read_marker(checkpoint).get("random_parts", []))
+
+
+def carried_adapters(cfg: Config) -> Path | None:
+    """The adapter checkpoint whose adapters this stage trains on (`peft.handoff=carry` with
+    init.from_checkpoint naming an adapter run), or None. That run's method, rank and alpha must be
+    this stage's: its adapters are loaded as they are."""
+    if not (cfg.peft.enabled and cfg.peft.handoff == "carry" and cfg.init.from_checkpoint):
+        return None
+    given = Path(cfg.init.from_checkpoint)
+    if is_transformers_dir(given):
+        return None
+    checkpoint, run_dir = resolve_native_checkpoint(given)
+    if not read_marker(checkpoint).get("adapters"):
+        return None
+    from train.checkpoint.files import read_run_config
+
+    theirs = read_run_config(run_dir).peft
+    differ = [f"peft.{f}={getattr(cfg.peft, f)!r} here, {getattr(theirs, f)!r} there" for f in ("method", "rank", "alpha")
+              if getattr(cfg.peft, f) != getattr(theirs, f)]
+    if differ:
+        raise ConfigError(f"peft.handoff=carry: {checkpoint}'s adapters are another shape ({'; '.join(differ)}): set "
+                          "those fields to its values, or peft.handoff=merge")
+    return checkpoint
+
+
+def load_carried_base(checkpoint: Path, model: VisionLanguageModel, layout: StateLayout,
+                      log: Callable[[str], None]) -> list[str]:
+    """`peft.handoff=carry`: the base an adapter run trained on, with the parts it trained whole (the
+    projector of Stage 1), unmerged; its adapters are put on in the assembly's step 2b."""
+    from train.engines.native.adapters import unload_adapters
+
+    _, adapted, _ = load_adapted_model(checkpoint, log=_quiet)  # (earlier stages' carries: one line is enough)
+    layout.load_model_state(model, unload_adapters(adapted, merge=False).state_dict())
+    log(f"init.from_checkpoint: the base of {checkpoint}, its {read_marker(checkpoint)['adapters']['method']} adapters "
+        "carried on (peft.handoff=carry)")
     return sorted(read_marker(checkpoint).get("random_parts", []))
 
 

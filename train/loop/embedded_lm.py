@@ -35,7 +35,7 @@ from data_pipelines.training.loader import build_batch_stream
 from data_pipelines.training.samples import Tokenizer
 from train.checkpoint.files import find_latest
 from train.checkpoint.store import write_model_checkpoint
-from train.config.schema import MODEL_PARTS, Config, InitConfig, TrainableConfig
+from train.config.schema import MODEL_PARTS, Config, InitConfig, PeftConfig, TrainableConfig
 
 # The pre-training run: short rows (one or two described scenes each), a high learning rate.
 STEPS = 400
@@ -78,6 +78,7 @@ def pretraining_config(cfg: Config) -> Config:
     pre = copy.deepcopy(cfg)
     root = Path(cfg.data.synth_dir)
     pre.init = InitConfig(allow_random=list(MODEL_PARTS))
+    pre.peft = PeftConfig()  # the LM itself trains (a stage's `peft=lora` is for the stages)
     pre.trainable = TrainableConfig(language_model=True, vision_model=False, projector=False)
     pre.data.sources = [SourceConfig(name=f"synth_{kind}", path=str(root / kind), weight=weight)
                         for kind, weight in WEIGHTS.items()]
