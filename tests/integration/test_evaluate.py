@@ -225,6 +225,35 @@ def test_batched_generation_is_each_prompt_alone(chat_model):
     assert together == alone and all(len(row) == 6 for row in together)
 
 
+def test_a_video_request_is_prompted_as_training_prompts_a_video(chat_model):
+    """A harness request carrying "video" (an MP4) goes through training's frame sampling and frame
+    labels, and its answer is what the chat's own generation gives that prompt."""
+    import random
+
+    import torch
+    from lm_eval.api.instance import Instance
+
+    from data_pipelines.synth import encode_mp4, random_motion, render_motion
+    from data_pipelines.training import special_tokens as st
+    from data_pipelines.training.conversation import frame_label
+    from train.chat.generate import greedy_tokens
+    from train.evaluate.vlm_model import HybridVLM, answer_text
+
+    motion = random_motion(random.Random(0))
+    video = encode_mp4(render_motion(motion), motion.width, motion.height, motion.fps)
+    context, visuals = f"{st.VIDEO_PLACEHOLDER}\nWhich way does the shape move?", {"video": [video]}
+    model = HybridVLM.from_chat(chat_model)
+    ids, tiles = model.prompt(context, visuals)
+    frame_ids = chat_model.tokenizer.encode(frame_label(0, 0.0))  # the first frame's label, as training writes it
+    assert tiles.shape[0] >= 2 and any(ids[i:i + len(frame_ids)] == frame_ids for i in range(len(ids)))
+    request = Instance("generate_until", {}, (context, {"until": [], "max_gen_toks": 5}, visuals), 0)
+    (answer,) = model.generate_until([request], disable_tqdm=True)
+    with torch.no_grad():
+        embeds = chat_model.model.embed_inputs(torch.tensor([ids]), tiles)
+        alone = list(greedy_tokens(chat_model.model.language_model, embeds, 5, model.stop_ids))
+    assert answer == answer_text(chat_model.tokenizer.hf.decode(alone, skip_special_tokens=False), [])
+
+
 def test_vlm_cli_limit_batch_think_and_missing_data(evaluated_stage, project_root_dir, monkeypatch, capsys):
     """`train.evaluate --vlm-tasks` with --limit, --batch-size, --think; a task whose local copy is
     missing fails in one line that names the path looked for."""
