@@ -52,3 +52,26 @@ def test_mcore_adapters_equal_native_adapters(tmp_path, tensor, context, pipelin
                     assert r[what] < 1e-5, (mode, what, r)
             assert r["base_identical"] and r["resumed"], (mode, r)
             assert r["read_as_native"] == 0.0, (mode, r)
+
+
+def test_stage_hand_off_from_an_adapter_run_merged_or_carried_on_tp2_equals_native(tmp_path):
+    """The next stage after a TP=2 adapter run, on megatron-core at TP=2: merging its adapters into
+    the base (weights cut per rank from the merged model) and carrying them on (`peft.handoff=carry`)
+    take the same steps as the native engine's hand-offs."""
+    stage = ["train", "--config-name", "stage3_text_recovery", "smoke=cpu", "peft=lora", "optim.schedule=constant",
+             "logger.progress_bar=false", "trainer.max_steps=2"]
+    tp2 = ["torch.distributed.run", "--nproc-per-node", "2", "-m", *stage, "model.impl=mcore",
+           "parallel.tensor_parallel=2"]
+    first = tmp_path / "first"
+
+    def run(args: list[str], run_dir: Path, *overrides: str) -> list[float]:
+        result = run_module([*args, f"run.dir={run_dir}", *overrides], tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+    run(tp2, first)
+    for handoff in ("merge", "carry"):
+        after = [f"init.from_checkpoint={first}", f"peft.handoff={handoff}"]
+        got = run(tp2, tmp_path / f"tp2_{handoff}", *after)
+        expected = run(stage, tmp_path / f"native_{handoff}", *after)
+        assert got == pytest.approx(expected, rel=1e-5), (handoff, got, expected)

@@ -146,10 +146,6 @@ def test_config_rules():
     bad.model.impl = "mcore"
     with pytest.raises(ConfigError, match="peft.dropout=0"):
         rules.validate(bad)
-    bad = Config(stage="t", peft=PeftConfig(method="lora", handoff="carry"))
-    bad.model.impl = "mcore"
-    with pytest.raises(ConfigError, match="peft.handoff=merge"):
-        rules.validate(bad)
     cfg.model.impl, cfg.parallel.data_parallel = "native", "fsdp"
     ENGINE.validate(cfg)  # FSDP2 with adapters: tests/integration/test_data_parallel.py
 

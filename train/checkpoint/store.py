@@ -343,18 +343,20 @@ def _local_pieces(key: str, value) -> list[tuple[tuple[slice, ...], Tensor]]:
     return [(tuple(slice(None) for _ in value.shape), value)]
 
 
-def load_adapter_tensors(path: Path, model: torch.nn.Module, is_adapter: Callable[[str], bool]) -> list[str]:
-    """The adapters of checkpoint `path` (an adapter run's) into `model`'s adapters of the same names
-    (`peft.handoff=carry`); returns the names of `model`'s adapters the checkpoint does not hold (they
-    keep their fresh initialisation). Parts that trained whole are not read: the base holds them."""
-    state = {k: v for k, v in get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True)).items()
-             if is_adapter(k)}
+def load_adapter_tensors(path: Path, model: torch.nn.Module, layout: StateLayout,
+                         is_adapter: Callable[[str], bool]) -> list[str]:
+    """The adapters of checkpoint `path` (an adapter run's, written by either engine: PEFT's native
+    names, whole tensors) into `model`'s adapters of the same names, each rank reading the chunks its
+    layout holds (`peft.handoff=carry`); returns the names of `model`'s adapters the checkpoint does
+    not hold (they keep their fresh initialisation). Parts that trained whole are not read: the base
+    holds them."""
+    state = {k: v for k, v in layout.model_state(model).items() if is_adapter(k)}
     saved = _saved_model_entries(path)
     held = {k: v for k, v in state.items() if k in saved}
     if held:
         with dcp_quietly():
             dcp.load({"model": held}, checkpoint_id=str(path))
-        set_model_state_dict(model, held, options=StateDictOptions(ignore_frozen_params=True, strict=False))
+        layout.load_model_state(model, held, strict=False)
     return sorted(set(state) - set(held))
 
 

@@ -114,7 +114,7 @@ def assemble(cfg: Config, info: DistInfo, special_ids: Mapping[str, int], *, tra
             layout = engine.adapter_layout(model)
             carried_from = carried_adapters(cfg)
             if carried_from is not None:  # the previous stage's adapters, not fresh ones
-                fresh = load_adapter_tensors(carried_from, model, is_adapter_param)
+                fresh = load_adapter_tensors(carried_from, model, layout, is_adapter_param)
                 if fresh:
                     (log if info.is_main else _quiet)(f"peft.handoff=carry: {len(fresh)} adapter tensors of this stage's "
                                                        f"targets are not in {carried_from} and start fresh")

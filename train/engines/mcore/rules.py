@@ -59,9 +59,6 @@ def _check_adapters(cfg: Config) -> None:
     """LoRA on megatron's tensor-parallel linears is ours (`train.engines.mcore.adapters`): what it
     does not do yet is refused here, naming what to set."""
     peft = cfg.peft
-    if peft.handoff == "carry":
-        raise ConfigError("peft.handoff=carry on model.impl=mcore: carried adapters are loaded on the native engine only "
-                          "for now; set peft.handoff=merge, or model.impl=native")
     if peft.dropout > 0:
         raise ConfigError(f"peft.dropout={peft.dropout} on model.impl=mcore: adapter dropout would need the same mask "
                           "on every tensor-parallel rank, which is not built; set peft.dropout=0")

@@ -57,7 +57,7 @@ class McoreLayout:
             pieces = weights.native_pieces(name, local[key], self.lm.cfg, self.lm.tp_rank, self.lm.tp_size)
             if not all(NATIVE + native in loaded for native in pieces):
                 continue  # a part the checkpoint does not hold (see load_model_weights)
-            chunks = {native: _local_chunks(loaded[NATIVE + native]) for native in pieces}
+            chunks = {native: _local_chunks(loaded[NATIVE + native], *pieces[native]) for native in pieces}
             out[key] = weights.assemble_local(name, chunks, self.lm.cfg, self.lm.tp_size)
         return out
 
@@ -132,10 +132,15 @@ def _fields(states: dict[str, dict]) -> dict[str, dict[str, Tensor]]:
     return out
 
 
-def _local_chunks(value) -> list[Tensor]:
+def _local_chunks(value, whole_shape: tuple[int, ...], pieces: list) -> list[Tensor]:
+    """This rank's chunks of a loaded native tensor: a ShardedTensor's local shards (what DCP filled),
+    or the same chunks cut from a whole tensor (weights merged or converted in memory, the stage
+    hand-off from an adapter run)."""
     if isinstance(value, ShardedTensor):
         return [shard.tensor for shard in value.local_shards()]
-    return [value]
+    if tuple(value.shape) != tuple(whole_shape):
+        return [value]
+    return [value[tuple(slice(o, o + n) for o, n in zip(offset, chunk.shape))] for offset, chunk in pieces]
 
 
 def _extra_state_slots(model: torch.nn.Module) -> dict:
