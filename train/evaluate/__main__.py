@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--think", action="store_true", help="vlm tasks: reasoning mode on (/think; default /no_think)")
     parser.add_argument("--limit", type=int, default=None, help="lm-eval: at most this many documents per task")
     parser.add_argument("--batch-size", type=int, default=1,
-                        help="lm-eval batch size (default 1); vlm tasks: prompts of equal length decoded together")
+                        help="lm-eval batch size (default 1); vlm tasks: prompts decoded together")
     parser.add_argument("--device", default="cpu", help="lm-eval device, e.g. cuda:0 (default cpu)")
     parser.add_argument("--dtype", default="float32", help="lm-eval model dtype (default float32)")
     parser.add_argument("--generation", nargs="*", type=parse_source, default=None, metavar="NAME=PATH",
