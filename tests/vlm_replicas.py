@@ -9,6 +9,10 @@ as encoded bytes), with a handful of rows whose answers the tests know.
 - lmms-lab/DocVQA: configs DocVQA and InfographicVQA, splits validation/test in
   <config>/<split>-*.parquet; columns questionId, question, question_types, image, docId,
   ucsf_document_id, ucsf_document_page_no, answers, data_split.
+- MMMU/MMMU: one config per subject (here Art), splits dev/validation/test in
+  <Subject>/<split>-*.parquet; columns id, question, options (a Python list's repr), explanation,
+  image_1 .. image_7 (Image, None where unused), img_type, answer (a letter), topic_difficulty,
+  question_type, subfield. Questions and options name their images as `<image N>`.
 """
 
 from __future__ import annotations
@@ -23,6 +27,10 @@ CHARTQA_ROWS = [("What is the value of the blue bar?", ["42"]), ("Which bar is t
                 ("How many bars are there?", ["3"])]
 DOCVQA_ROWS = [("What is the date on the letter?", ["March 3, 1975", "3/3/1975"]),
                ("Who signed the form?", ["J. Smith"])]
+# (question, options, answer letter, images the question and options refer to); the second names
+# one image twice, as real MMMU rows do (the harness then passes it twice).
+MMMU_ROWS = [("Which painting style is shown in <image 1>?", ["Cubism", "Impressionism", "Baroque"], "A", 1),
+             ("Which of <image 1> and <image 2> is older?", ["<image 1>", "<image 2>"], "B", 2)]
 
 
 def _png(width: int, height: int, seed: int, text: str) -> bytes:
@@ -84,8 +92,32 @@ def write_docvqa(root: Path) -> Path:
     return repo
 
 
+def write_mmmu(root: Path) -> Path:
+    from datasets import Dataset, Features, Image as ImageFeature, Value
+
+    repo = root / "MMMU" / "MMMU"
+    (repo / "Art").mkdir(parents=True, exist_ok=True)
+    images = [f"image_{i}" for i in range(1, 8)]
+    features = Features({"id": Value("string"), "question": Value("string"), "options": Value("string"),
+                         "explanation": Value("string"), **{name: ImageFeature() for name in images},
+                         "img_type": Value("string"), "answer": Value("string"), "topic_difficulty": Value("string"),
+                         "question_type": Value("string"), "subfield": Value("string")})
+    for split in ("dev", "validation", "test"):
+        data = {"id": [f"{split}_Art_{i + 1}" for i in range(len(MMMU_ROWS))], "question": [r[0] for r in MMMU_ROWS],
+                "options": [repr(r[1]) for r in MMMU_ROWS], "explanation": [""] * len(MMMU_ROWS),
+                **{name: [{"bytes": _png(80 + 24 * n, 72, n, f"ART{n}"), "path": None} if n < r[3] else None
+                          for r in MMMU_ROWS] for n, name in enumerate(images)},
+                "img_type": ["['Paintings']"] * len(MMMU_ROWS), "answer": [r[2] if split != "test" else "?" for r in MMMU_ROWS],
+                "topic_difficulty": ["Easy"] * len(MMMU_ROWS), "question_type": ["multiple-choice"] * len(MMMU_ROWS),
+                "subfield": ["Art History"] * len(MMMU_ROWS)}
+        Dataset.from_dict(data, features=features).to_parquet(str(repo / "Art" / f"{split}-00000-of-00001.parquet"))
+    _write_readme(repo, [("Art", {s: f"Art/{s}-*" for s in ("dev", "validation", "test")})])
+    return repo
+
+
 def write_replicas(root: Path) -> Path:
-    """Both replicas under `root` (the --data-dir to give); returns root."""
+    """The replicas under `root` (the --data-dir to give); returns root."""
     write_chartqa(root)
     write_docvqa(root)
+    write_mmmu(root)
     return root

@@ -154,7 +154,8 @@ def test_forced_answers_score_one_and_zero_under_the_harness_metrics(evaluated_s
     """The harness's task definitions, unchanged, on the local copies: our model wrapped at its
     generation boundary (prompts built by training's preprocessing, tiles from the real images) and
     forced to answer right scores 1.0 on every metric, forced wrong 0.0."""
-    from tests.vlm_replicas import CHARTQA_ROWS, DOCVQA_ROWS
+    from data_pipelines.training import special_tokens as st
+    from tests.vlm_replicas import CHARTQA_ROWS, DOCVQA_ROWS, MMMU_ROWS
     from train.evaluate.vlm_harness import prepare_tasks, run_vlm_harness
     from train.evaluate.vlm_model import HybridVLM
 
@@ -163,7 +164,11 @@ def test_forced_answers_score_one_and_zero_under_the_harness_metrics(evaluated_s
     tmp, _ = evaluated_stage
     answers = {q: ("Final Answer: " + a[0], "Final Answer: no") for q, a in CHARTQA_ROWS}
     answers |= {q: (a[-1], "zzzz") for q, a in DOCVQA_ROWS}
+    other = {"A": "B", "B": "A"}
+    answers |= {q.split("<image 1>")[0]: (f"({letter})", f"({other[letter]})") for q, _, letter, _ in MMMU_ROWS}
+    images_of = {q.split("<image 1>")[0]: count for q, _, _, count in MMMU_ROWS}
     image_token = chat_model.model.image_token_id
+    img_start = chat_model.tokenizer.special_ids[st.IMG_START]
 
     class Forced(HybridVLM):
         right = True
@@ -174,6 +179,10 @@ def test_forced_answers_score_one_and_zero_under_the_harness_metrics(evaluated_s
                 assert tiles.shape[0] >= 1 and image_token in ids  # the image went through training's tiling
                 text = self.chat.tokenizer.hf.decode(ids)
                 question = next(q for q in answers if q in text)
+                # MMMU: every `<image N>` the question and options name is an image in the prompt
+                # (the second row names both in its question and again as its options: 4).
+                if question in images_of:
+                    assert ids.count(img_start) == {1: 1, 2: 4}[images_of[question]], (question, ids.count(img_start))
                 out.append(answers[question][0 if self.right else 1])
             return out
 
@@ -181,13 +190,15 @@ def test_forced_answers_score_one_and_zero_under_the_harness_metrics(evaluated_s
     # directory is indexed, not all of lm-eval's tasks (seconds).
     import lm_eval.tasks
 
-    chartqa = Path(lm_eval.tasks.__file__).parent / "chartqa" / "chartqa.yaml"
-    names, manager = prepare_tasks([str(chartqa), "docvqa_val"], tmp / "hub_copies", tmp_path)
-    assert names == ["chartqa", "docvqa_val"]
+    tasks_dir = Path(lm_eval.tasks.__file__).parent
+    names, manager = prepare_tasks([str(tasks_dir / "chartqa" / "chartqa.yaml"), "docvqa_val",
+                                    str(tasks_dir / "mmmu" / "mmmu_art.yaml")], tmp / "hub_copies", tmp_path)
+    assert names == ["chartqa", "docvqa_val", "mmmu_val_art"]
     for right, expected in ((True, 1.0), (False, 0.0)):
         Forced.right = right
         results = run_vlm_harness(Forced(chat=chat_model, batch_size=2), names, manager)["results"]
         assert results["docvqa_val"]["anls,none"] == expected
+        assert results["mmmu_val_art"]["acc,none"] == expected
         for metric in ("exact_match,none", "relaxed_accuracy,none", "anywhere_accuracy,none"):
             assert results["chartqa"][metric] == expected, (metric, results["chartqa"])
 
