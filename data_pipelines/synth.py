@@ -317,14 +317,19 @@ def _image_turns(scene: Scene, rng: random.Random) -> list[Turn]:
     return turns
 
 
-def build_image_sample(rng: random.Random) -> SynthSample:
-    """One image; a third are captions, a quarter are two-turn conversations."""
+def _sampled_image_turns(rng: random.Random) -> tuple[Scene, list[Turn]]:
+    """A scene and the turns of one conversation about it: a third are captions, a quarter of the
+    rest two-turn conversations."""
     scene = random_scene(rng)
     candidates = _image_turns(scene, rng)
     if rng.random() < 0.33:
-        turns = [candidates[0]]
-    else:
-        turns = rng.sample(candidates[1:], 2 if rng.random() < 0.25 else 1)
+        return scene, [candidates[0]]
+    return scene, rng.sample(candidates[1:], 2 if rng.random() < 0.25 else 1)
+
+
+def build_image_sample(rng: random.Random) -> SynthSample:
+    """One image and a conversation about it."""
+    scene, turns = _sampled_image_turns(rng)
     first = turns[0]
     turns[0] = Turn(f"{IMAGE_PLACEHOLDER}\n{first.question}", first.answer, first.reasoning)
     image = encode_image(render_scene(scene, rng), rng)
@@ -337,12 +342,7 @@ def build_described_image_sample(rng: random.Random) -> SynthSample:
     Text only: what the smoke pipeline's language model is pre-trained on before Stage 0 (as the
     real recipe's LM is trained before it), so the LM learns to answer from a scene described far
     back in its context, and the Stage 0 projector has something to learn to write into."""
-    scene = random_scene(rng)
-    candidates = _image_turns(scene, rng)
-    if rng.random() < 0.33:
-        turns = [candidates[0]]
-    else:
-        turns = rng.sample(candidates[1:], 2 if rng.random() < 0.25 else 1)
+    scene, turns = _sampled_image_turns(rng)
     first = turns[0]
     turns[0] = Turn(f"{scene.description()}\n{first.question}", first.answer, first.reasoning)
     return SynthSample(_conversation(rng, turns, reasoning_prob=0.25))
