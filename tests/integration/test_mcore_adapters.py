@@ -55,9 +55,10 @@ def test_mcore_adapters_equal_native_adapters(tmp_path, tensor, context, pipelin
 
 
 def test_stage_hand_off_from_an_adapter_run_merged_or_carried_on_tp2_equals_native(tmp_path):
-    """The next stage after a TP=2 adapter run, on megatron-core at TP=2: merging its adapters into
-    the base (weights cut per rank from the merged model) and carrying them on (`peft.handoff=carry`)
-    take the same steps as the native engine's hand-offs."""
+    """The next stage after an adapter run, on megatron-core at TP=2: merging its adapters into the
+    base (weights cut per rank from the merged model) and carrying them on (`peft.handoff=carry`) take
+    the same steps as the native engine's hand-offs. (The first run's engine does not matter: both
+    write PEFT's tensors under native names, test_mcore_adapters_equal_native_adapters.)"""
     stage = ["train", "--config-name", "stage3_text_recovery", "smoke=cpu", "peft=lora", "optim.schedule=constant",
              "logger.progress_bar=false", "trainer.max_steps=2"]
     tp2 = ["torch.distributed.run", "--nproc-per-node", "2", "-m", *stage, "model.impl=mcore",
@@ -69,7 +70,7 @@ def test_stage_hand_off_from_an_adapter_run_merged_or_carried_on_tp2_equals_nati
         assert result.returncode == 0, result.stderr[-3000:]
         return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
-    run(tp2, first)
+    run(stage, first)
     for handoff in ("merge", "carry"):
         after = [f"init.from_checkpoint={first}", f"peft.handoff={handoff}"]
         got = run(tp2, tmp_path / f"tp2_{handoff}", *after)

@@ -211,7 +211,9 @@ def test_every_preemption_path_requeues_and_resumes(cluster):
 def test_pipeline_job_resumes_the_stage_it_was_preempted_in(cluster):
     root = cluster.workdir / "pipeline"
     stage = root / "stage2_video_sft"
-    job = Job(cluster, root, "--pipeline", *SMOKE, "trainer.max_steps=8")
+    # Stage 0 on the random LM: the smoke LM's pre-training (test_smoke_pipeline covers it) is ~20 s
+    # this test is not about.
+    job = Job(cluster, root, "--pipeline", *SMOKE, "trainer.max_steps=8", "init.embedded_lm=false")
     job.wait_for(lambda: steps(stage), "stage 2's first step", timeout=180)
     job.signal("scancel", "-s", "TERM")
     job.wait_requeued(1)
