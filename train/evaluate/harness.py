@@ -78,10 +78,10 @@ def resolve_tasks(tasks: list[str]) -> tuple[list[str], list[str]]:
 
 
 # Builders that read local files (`data_files`), not a hub repository.
-_LOCAL_BUILDERS = {"json", "csv", "parquet", "text", "arrow"}
+LOCAL_BUILDERS = {"json", "csv", "parquet", "text", "arrow"}
 
 
-def _set_offline_mode() -> bool:
+def set_offline_mode() -> bool:
     """Whether the hub is out of reach (HF_HUB_OFFLINE as set, else a 3-second probe); sets the
     offline switches of huggingface_hub and datasets accordingly, so nothing waits on retries."""
     if "HF_HUB_OFFLINE" not in os.environ:
@@ -106,12 +106,12 @@ def _hub_dataset(entry) -> str | None:
     """The hub repository a harness task reads its data from, or None (local files, or a group)."""
     config = getattr(entry, "cfg", None) or {}
     path = config.get("dataset_path")
-    if not isinstance(path, str) or path in _LOCAL_BUILDERS or Path(path).exists():
+    if not isinstance(path, str) or path in LOCAL_BUILDERS or Path(path).exists():
         return None
     return path
 
 
-def _in_local_cache(repo: str) -> bool:
+def in_local_cache(repo: str) -> bool:
     from huggingface_hub import constants
 
     hub = Path(constants.HF_HUB_CACHE) / f"datasets--{repo.replace('/', '--')}"
@@ -176,7 +176,7 @@ def run_harness(export: Path, tasks: list[str], out_file: Path, limit: int | Non
     except ImportError as err:
         raise EvaluationError(f"lm-eval is not installed ({err}): {INSTALL_HINT}") from None
     names, include = resolve_tasks(tasks)
-    offline = _set_offline_mode()
+    offline = set_offline_mode()
     manager = task_manager(include, names)
     unknown = [n for n in names if n not in manager.task_index]
     if unknown:
@@ -185,7 +185,7 @@ def run_harness(export: Path, tasks: list[str], out_file: Path, limit: int | Non
     if offline:
         for name in names:
             repo = _hub_dataset(manager.task_index.get(name))
-            if repo and not _in_local_cache(repo):
+            if repo and not in_local_cache(repo):
                 skipped[name] = (f"its data ({repo}) is on the Hugging Face Hub, not in the local cache, and this "
                                  "machine is offline (HF_HUB_OFFLINE=1): download it where there is network, or "
                                  "point the task's dataset_path at a local copy")

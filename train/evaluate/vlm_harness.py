@@ -26,9 +26,9 @@ import yaml
 
 from train.evaluate.harness import (
     EvaluationError,
-    _LOCAL_BUILDERS,
-    _in_local_cache,
-    _set_offline_mode,
+    LOCAL_BUILDERS,
+    in_local_cache,
+    set_offline_mode,
     resolve_tasks,
     task_manager,
 )
@@ -72,10 +72,10 @@ def local_data_overrides(manager, names: list[str], data_dir: Path | None, offli
         for leaf in leaf_tasks(manager, name):
             entry = manager.task_index[leaf]
             repo = (entry.cfg or {}).get("dataset_path")
-            if not isinstance(repo, str) or repo in _LOCAL_BUILDERS or Path(repo).exists():
+            if not isinstance(repo, str) or repo in LOCAL_BUILDERS or Path(repo).exists():
                 continue  # local files already (a builder with data_files, or a path)
             if data_dir is None:
-                if offline and not _in_local_cache(repo):
+                if offline and not in_local_cache(repo):
                     raise EvaluationError(
                         f"{leaf}: its data ({repo}) is not present locally: looked for {hub_cache_dir(repo)} "
                         f"(offline, no --data-dir); download the repository and pass --data-dir DIR holding DIR/{repo}")
@@ -105,7 +105,7 @@ def prepare_tasks(tasks: list[str], data_dir: str | Path | None, work: Path):
     """(task names, a TaskManager that reads each task's data from its local copy). Fails here,
     before any model loads, where a task is unknown or its data is not present locally."""
     names, include = resolve_tasks(tasks)
-    offline = _set_offline_mode()
+    offline = set_offline_mode()
     data_dir = Path(data_dir) if data_dir else None
     if data_dir is not None and not data_dir.is_dir():
         raise EvaluationError(f"data directory {data_dir} does not exist: give the directory holding the dataset copies")

@@ -129,7 +129,7 @@ class ParallelLora(nn.Module):
             squares = (w + self.scale * (base.lora_B[b] @ base.lora_A[b]).float()).square().sum(dim=1)
             torch.distributed.all_reduce(squares, group=self.tp_group)
             return [squares.sqrt()]
-        rows = weights.qkv_rows(w, self.local_heads) if self.qkv_groups else {"all": w}
+        rows = weights.qkv_from_megatron(w, self.local_heads) if self.qkv_groups else {"all": w}
         return [torch.linalg.norm(rows[b] + self.scale * (base.lora_B[b] @ base.lora_A[b]).float(), dim=1)
                 for b in self.branches]
 

@@ -69,7 +69,8 @@ def _qkv_to_megatron(q: Tensor, k: Tensor, v: Tensor, lm: LanguageModelConfig) -
                      dim=1).reshape(-1, d)
 
 
-def _qkv_from_megatron(w: Tensor, lm: LanguageModelConfig) -> dict[str, Tensor]:
+def qkv_from_megatron(w: Tensor, lm: LanguageModelConfig) -> dict[str, Tensor]:
+    """A linear_qkv weight (rows of `lm`'s KV groups: [q heads | k | v] each) split into its q, k, v rows."""
     groups, hd = lm.num_key_value_heads, lm.head_dim
     per_group = lm.num_attention_heads // groups
     d = w.shape[1]
@@ -104,7 +105,7 @@ def megatron_to_native(state: dict[str, Tensor], lm: LanguageModelConfig) -> dic
     unfused: dict[str, dict[str, Tensor]] = {}
     for t in (t for t in tensors if t.qkv):
         if t.megatron not in unfused:
-            unfused[t.megatron] = _qkv_from_megatron(state[t.megatron], lm)
+            unfused[t.megatron] = qkv_from_megatron(state[t.megatron], lm)
         out[t.name] = unfused[t.megatron][t.qkv]
     return out
 
@@ -194,7 +195,7 @@ def native_pieces(name: str, local: Tensor, lm: LanguageModelConfig, rank: int, 
         return _pieces(adapter, rule, local, rank, size)
     holders = _by_megatron(lm.pattern)[name]
     if holders[0].qkv:  # rank r holds whole KV groups: a block of each of q, k, v
-        local = _qkv_from_megatron(local, local_heads(lm, size))
+        local = qkv_from_megatron(local, local_heads(lm, size))
         return {h.name: ((local[h.qkv].shape[0] * size, local[h.qkv].shape[1]),
                          [((rank * local[h.qkv].shape[0], 0), local[h.qkv])]) for h in holders}
     (native,) = (h.name for h in holders)
@@ -245,11 +246,6 @@ def _by_megatron(pattern: str) -> dict[str, list[LMTensor]]:
     for t in language_model_tensors(pattern):
         out.setdefault(t.megatron, []).append(t)
     return out
-
-
-def qkv_rows(local: Tensor, heads: LanguageModelConfig) -> dict[str, Tensor]:
-    """This rank's linear_qkv rows (local_out, in) split into its q, k, v rows (`heads`: `local_heads`)."""
-    return _qkv_from_megatron(local, heads)
 
 
 def local_heads(lm: LanguageModelConfig, size: int) -> LanguageModelConfig:
